@@ -1,0 +1,126 @@
+"""The write pipelines: inputs -> merge -> base, then each task -> sparse delta -> store."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .fft import FFTOptions, check_finite, write_task
+from .merging import get_method, mergeable
+from .names import check_task_name
+from .progress import bar
+from .sources import Checkpoint, open_checkpoint
+from .store import Store
+from .writer import StoreWriter, write_base
+
+
+def selector(include: str | None, exclude: str | None) -> Callable[[str], bool]:
+    """Which tensor names are merged and sparsified: re.search(include) and not re.search(exclude)."""
+    pats = []
+    for flag, pat in (("--include", include), ("--exclude", exclude)):
+        try:
+            pats.append(re.compile(pat) if pat else None)
+        except re.error as e:
+            raise InputError(f"{flag} {pat!r} is not a valid regular expression: {e}") from None
+    inc, exc = pats
+    return lambda n: (inc is None or inc.search(n) is not None) and (exc is None or exc.search(n) is None)
+
+
+def _source_info(ck: Checkpoint) -> dict[str, Any]:
+    return {"path": os.path.abspath(ck.path), "fingerprint": ck.fingerprint()}
+
+
+def build(store: str, pretrained: str, tasks: Mapping[str, str], *, merge: str = "task-arithmetic",
+          keep: float = 0.1, granularity: str = "global", value_dtype: str | None = None,
+          include: str | None = None, exclude: str | None = None,
+          storage_options: Mapping[str, Any] | None = None, progress: bool = False,
+          **merge_options: Any) -> Store:
+    """Make a new store: merge the task models into one base, then store each task's sparse delta.
+
+    >>> store = modelstore.build("out/store", "bert-base", {"sst2": "ft/sst2", "mnli": "ft/mnli"}, keep=0.1)
+
+    `merge="none"` stores θ0 as the base (Post-Pruning). Options of the merge method
+    (e.g. `lam=0.3` for task-arithmetic) are passed as keywords.
+    """
+    opts = FFTOptions(keep, granularity, value_dtype)
+    opts.validate()
+    for name in tasks:
+        check_task_name(name)
+    selected = selector(include, exclude)
+    method = get_method(merge, **merge_options)
+    base_ck = open_checkpoint(pretrained)
+    task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
+    w = StoreWriter(store, storage_options, create=True)
+    base_id = "pretrained" if merge == "none" else "merged"
+    srcs = list(task_cks.values())
+    names = [n for n in base_ck.names() if selected(n) and mergeable(
+        base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in set(s.names()) else None for s in srcs])]
+    if merge != "none" and not srcs:
+        raise InputError(f"merge method {merge!r} needs at least one --task; use `modelstore init` for a base only")
+    method.prepare(base_ck, srcs, names)
+    merged = set(names)
+
+    def base_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for n in bar(base_ck.names(), "base", progress):
+            t0 = base_ck.get(n)
+            check_finite(t0, f"pretrained tensor {n!r}")
+            if n in merged and merge != "none":
+                ts = []
+                for tname, s in task_cks.items():
+                    t = s.get(n)
+                    check_finite(t, f"task {tname!r} tensor {n!r}")
+                    ts.append(t.to(torch.float32))
+                t0 = method.merge(n, t0.to(torch.float32), ts).to(t0.dtype)
+            yield n, t0
+
+    specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
+    write_base(w, base_id, specs, base_tensors(), {
+        "kind": base_id, "merge": method.parameters(), "merged_tasks": list(tasks) if merge != "none" else [],
+        "selection": {"include": include, "exclude": exclude},
+        "source": _source_info(base_ck), "config_json": base_ck.config_json,
+    })
+    stored = w.reopen("a").stored_base(base_id)
+    for name, ck in task_cks.items():
+        write_task(w, name, ck, base_id, stored, selected, opts, source_info=_source_info(ck),
+                   full_bytes=ck.nbytes(), progress=progress)
+    return w.reopen("r")
+
+
+def init(store: str, pretrained: str, *, storage_options: Mapping[str, Any] | None = None,
+         progress: bool = False) -> Store:
+    """Make a store that holds only the pre-trained θ0 (for Post-Pruning or LoRA tasks added later)."""
+    return build(store, pretrained, {}, merge="none", storage_options=storage_options, progress=progress)
+
+
+def add_task(store: str, name: str, path: str, *, keep: float = 0.1, granularity: str = "global",
+             value_dtype: str | None = None, base: str | None = None, overwrite: bool = False,
+             storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
+    """Add one fully fine-tuned task to an existing store against its current base.
+
+    The base and the other tasks are not rewritten. `base` picks "merged" or
+    "pretrained" when the store has both (default: merged if present).
+    """
+    opts = FFTOptions(keep, granularity, value_dtype)
+    opts.validate()
+    w = StoreWriter(store, storage_options)
+    w.check_new_task(name, overwrite)
+    bases = w.manifest["bases"]
+    base_id = base or ("merged" if "merged" in bases else "pretrained")
+    if base_id not in bases:
+        raise InputError(f"{store} has no {base_id} base; it has: {', '.join(bases) or 'none'}")
+    sel = bases[base_id].get("selection", {})
+    ck = open_checkpoint(path)
+    stored = w.reopen("a").stored_base(base_id)
+    write_task(w, name, ck, base_id, stored, selector(sel.get("include"), sel.get("exclude")), opts,
+               source_info=_source_info(ck), full_bytes=ck.nbytes(), overwrite=overwrite, progress=progress)
+    return w.reopen("r")
+
+
+def remove_task(store: str, name: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove a task: its manifest entry first, then its arrays."""
+    StoreWriter(store, storage_options).remove_task(name)

@@ -1,0 +1,65 @@
+"""Mapping between torch dtypes and the names/encodings the store format uses.
+
+Zarr v3 has no bfloat16, so bf16 tensors are kept as their uint16 bit patterns and
+the logical dtype is recorded next to them (spec/FORMAT.md, "Data types").
+"""
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+_BY_NAME = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAME = {v: k for k, v in _BY_NAME.items()}
+# How each logical dtype is laid out in a zarr array (bit-identical reinterpretation).
+_STORAGE = {"bfloat16": "uint16"}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Name of a torch dtype in the store format."""
+    try:
+        return _NAME[dtype]
+    except KeyError:
+        raise InputError(f"tensors of dtype {dtype} are not supported; convert the checkpoint to a float dtype") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Torch dtype of a store-format dtype name."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise InputError(f"unknown dtype {name!r}; expected one of {', '.join(_BY_NAME)}") from None
+
+
+def storage_dtype(name: str) -> str:
+    """Numpy/zarr dtype used to hold values of logical dtype `name`."""
+    return _STORAGE.get(name, name)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a CPU tensor in its storage dtype (bf16 -> uint16 bits)."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    """Tensor of logical dtype `name` from its storage array (uint16 bits -> bf16)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if name == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t

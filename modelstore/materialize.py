@@ -1,0 +1,51 @@
+"""Rebuild a task's full weights on the target device: base + scatter(indices, values).
+
+Everything after the read happens on `device`: the gap-encoded indices are
+cumulated there and the values scattered there, so a GPU load moves only the
+compressed task payload over the bus once the base is resident.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dtypes
+from .errors import InputError
+from .store import Store, arrays_of
+
+
+def materialize(store: Store, task: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Full state dict of `task` on `device` (see spec/FORMAT.md, "Reading a task")."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating dtype, not {dtype}")
+    e = store.entry(task)
+    what = f"task {task!r}"
+    base = store.base(e["base"], device)
+    g, table = store._table(e["path"], e["table_sha256"], what)
+    names = sorted({a for t in table if t["count"] for a in arrays_of(t)})
+    value_dtype = e["params"]["value_dtype"]
+    flats = {a: torch.from_numpy(store._read_flat(g, a, table, what)).to(device) for a in names}
+    gaps = flats.get("indices")
+    if gaps is not None:
+        gaps = gaps.to(torch.int64)
+    out: dict[str, torch.Tensor] = {}
+    for t in table:
+        orig = dtypes.torch_dtype(t["dtype"])
+        want = dtype if dtype is not None and orig.is_floating_point else orig
+        s, c = t["start"], t["count"]
+        if t["kind"] == "sparse":
+            b = base[t["name"]]
+            if c == 0:
+                out[t["name"]] = b.to(want, copy=True)
+                continue
+            flat = b.reshape(-1).to(torch.float32, copy=True)
+            flat.index_add_(0, torch.cumsum(gaps[s:s + c], 0), _logical(flats["values"][s:s + c], value_dtype).float())
+            out[t["name"]] = flat.view(t["shape"]).to(want)
+        else:
+            flat = _logical(flats[t["array"]][s:s + c], t["dtype"])
+            out[t["name"]] = flat.view(t["shape"]).to(want, copy=True)
+    return out
+
+
+def _logical(flat: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    return flat.view(torch.bfloat16) if dtype_name == "bfloat16" else flat

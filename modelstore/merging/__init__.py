@@ -1,0 +1,43 @@
+"""Merge methods that make the shared base θ* of a store (see registry.py for the list)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..sources import DictSource
+from .base import MergeMethod
+from .registry import METHODS, get_method, method_names
+
+__all__ = ["MergeMethod", "METHODS", "get_method", "method_names", "merge", "mergeable"]
+
+
+def mergeable(shape0: tuple[int, ...], dtype0: torch.dtype, task_shapes: Sequence[tuple[int, ...] | None]) -> bool:
+    """A tensor is merged when it is floating point and every task has it with θ0's shape."""
+    return dtype0.is_floating_point and all(s == shape0 for s in task_shapes)
+
+
+def merge(method: str, pretrained: Mapping[str, torch.Tensor], tasks: Sequence[Mapping[str, torch.Tensor]],
+          **options: Any) -> dict[str, torch.Tensor]:
+    """Merge in-memory state dicts into θ*, returned in θ0's dtypes.
+
+    >>> theta = modelstore.merge("task-arithmetic", sd0, [sd1, sd2], lam=0.3)
+
+    Tensors that are not floating point, or that some task lacks or has in another
+    shape, are returned as θ0's.
+    """
+    if not tasks:
+        raise InputError("merge needs at least one task model")
+    m = get_method(method, **options)
+    src0, srcs = DictSource(pretrained), [DictSource(t) for t in tasks]
+    names = [n for n in src0.names()
+             if mergeable(src0.shape(n), src0.dtype(n), [s.shape(n) if n in t else None for s, t in zip(srcs, tasks)])]
+    m.prepare(src0, srcs, names)
+    out = dict(pretrained)
+    for n in names:
+        merged = m.merge(n, src0.get(n).float(), [s.get(n).float() for s in srcs])
+        out[n] = merged.to(pretrained[n].dtype)
+    return out

@@ -1,0 +1,49 @@
+"""The interface every merge method implements.
+
+A method turns the pre-trained tensor and the T task tensors of one name into the
+merged tensor θ*, in float32, one name at a time, so memory stays about
+(T + 2) x the largest tensor. Methods that need a whole-model view (e.g. TIES with
+global trimming) do it in `prepare`, which may stream over all tensors first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InputError
+from ..sources import TensorSource
+
+
+class MergeMethod:
+    """Base class: subclasses set `name`, `option_defaults` and implement `merge`."""
+
+    name: ClassVar[str]
+    option_defaults: ClassVar[dict[str, Any]] = {}
+    #: Options holding per-task statistics (not recorded in the store, only their presence).
+    data_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **options: Any):
+        unknown = set(options) - set(self.option_defaults) - set(self.data_options)
+        if unknown:
+            known = ", ".join(sorted([*self.option_defaults, *self.data_options])) or "none"
+            raise InputError(f"merge method {self.name!r} has no option {', '.join(sorted(unknown))}; its options: {known}")
+        self.options = {**self.option_defaults, **{k: v for k, v in options.items() if k in self.option_defaults}}
+        self.data = {k: options.get(k) for k in self.data_options}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check options; raise InputError with a one-line message."""
+
+    def parameters(self) -> dict[str, Any]:
+        """The options that define the merge, recorded in the store."""
+        return {"method": self.name, **self.options}
+
+    def prepare(self, pretrained: TensorSource, tasks: Sequence[TensorSource], names: Sequence[str]) -> None:
+        """Optional whole-model pass before `merge` is called for each of `names`."""
+
+    def merge(self, name: str, base: torch.Tensor, tasks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """θ* for tensor `name` from θ0 (`base`) and the task tensors, all float32, same shape."""
+        raise NotImplementedError

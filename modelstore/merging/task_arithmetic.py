@@ -1,0 +1,21 @@
+"""Task-Arithmetic (Ilharco et al., 2023): θ* = θ0 + λ·Σt(θt − θ0)."""
+
+import torch
+
+from ..errors import InputError
+from .base import MergeMethod
+
+
+class TaskArithmetic(MergeMethod):
+    name = "task-arithmetic"
+    option_defaults = {"lam": 0.3}
+
+    def validate(self) -> None:
+        if not isinstance(self.options["lam"], (int, float)) or not torch.isfinite(torch.tensor(float(self.options["lam"]))):
+            raise InputError(f"--lambda must be a finite number, got {self.options['lam']!r}")
+
+    def merge(self, name, base, tasks):
+        out = base.clone()
+        for t in tasks:
+            out.add_(t - base, alpha=float(self.options["lam"]))
+        return out

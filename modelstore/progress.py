@@ -1,0 +1,20 @@
+"""Progress bars on a terminal, silence when piped."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import click
+
+T = TypeVar("T")
+
+
+def bar(items: Iterable[T], label: str, enabled: bool, length: int | None = None) -> Iterator[T]:
+    """Iterate `items`, drawing a bar on stderr only when `enabled` and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield from items
+        return
+    with click.progressbar(items, label=label, length=length, file=sys.stderr, show_pos=True) as it:
+        yield from it

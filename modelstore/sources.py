@@ -1,0 +1,201 @@
+"""Read model checkpoints one tensor at a time.
+
+A source never loads a whole model: safetensors files are opened lazily and
+PyTorch state-dict files are memory-mapped (`torch.load(mmap=True,
+weights_only=True)`), so building a store from a checkpoint larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from .errors import InputError
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class TensorSource(Protocol):
+    """What every reader of named tensors offers (checkpoints, in-memory dicts, store bases)."""
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class DictSource:
+    """A TensorSource over an in-memory state dict."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._t = dict(tensors)
+
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._t[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._t[name]
+
+
+class Checkpoint:
+    """A model checkpoint on local disk: HF directory, safetensors file(s) or a state-dict file."""
+
+    def __init__(self, path: str, files: list[str], config_json: str | None):
+        self.path = path
+        self.files = files
+        self.config_json = config_json
+        self._where: dict[str, int] = {}
+        self._handles: dict[int, object] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for i, f in enumerate(files):
+            if f.endswith(".safetensors"):
+                for name, (shape, dtype) in _safetensors_header(f).items():
+                    self._add(name, i, shape, dtype)
+            else:
+                sd = self._pickle(i)
+                for name, t in sd.items():
+                    if not isinstance(t, torch.Tensor):
+                        raise InputError(f"{f}: entry {name!r} is not a tensor; give a plain state dict")
+                    self._add(name, i, tuple(t.shape), t.dtype)
+
+    def _add(self, name: str, i: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        if name in self._where:
+            raise InputError(f"{self.path}: tensor {name!r} appears in two shards; the checkpoint is inconsistent")
+        self._where[name] = i
+        self._meta[name] = (shape, dtype)
+
+    def _pickle(self, i: int) -> dict:
+        if i not in self._handles:
+            f = self.files[i]
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many types for bad pickles
+                raise InputError(f"{f}: not a loadable PyTorch state dict ({type(e).__name__}); "
+                                 "only weights_only files are read, convert it to safetensors") from None
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            if not isinstance(sd, dict):
+                raise InputError(f"{f}: holds a {type(sd).__name__}, not a state dict")
+            self._handles[i] = sd
+        return self._handles[i]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        i = self._where[name]
+        f = self.files[i]
+        if f.endswith(".safetensors"):
+            if i not in self._handles:
+                self._handles[i] = safe_open(f, framework="pt")
+            return self._handles[i].get_tensor(name)
+        return self._pickle(i)[name]
+
+    def nbytes(self) -> int:
+        """Bytes the tensors take uncompressed: the size of a full copy of the model."""
+        return sum(math.prod(s) * d.itemsize for s, d in self._meta.values())
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the input: sha256 over file names, sizes and safetensors headers
+        (whole contents for pickle files, which are small or rare)."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(os.path.basename(f).encode() + b"\0" + str(os.path.getsize(f)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                if f.endswith(".safetensors"):
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    h.update(fh.read(n))
+                else:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+        return "sha256:" + h.hexdigest()
+
+
+
+def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dt = _ST_DTYPES.get(info.get("dtype"))
+        if dt is None:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
+        out[name] = (tuple(info["shape"]), dt)
+    return out
+
+
+def _shards(index_path: str) -> list[str]:
+    try:
+        with open(index_path) as fh:
+            weight_map = json.load(fh)["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{index_path}: not a valid shard index ({e})") from None
+    root = os.path.dirname(index_path)
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise InputError(f"{index_path}: shard path {shard!r} leaves the model directory")
+        full = os.path.join(root, shard)
+        if not os.path.isfile(full):
+            raise InputError(f"{index_path}: shard {shard} is missing")
+        files.append(full)
+    return files
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Open an HF model directory, a .safetensors file or a .bin/.pt state-dict file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "adapter_config.json")):
+            raise InputError(f"{path} is a PEFT adapter, not a full model; add it with --lora")
+        config = None
+        if os.path.isfile(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as fh:
+                config = fh.read()
+        for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                              ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+            if os.path.isfile(os.path.join(path, single)):
+                return Checkpoint(path, [os.path.join(path, single)], config)
+            if os.path.isfile(os.path.join(path, index)):
+                return Checkpoint(path, _shards(os.path.join(path, index)), config)
+        raise InputError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file or directory")
+    if path.endswith(".safetensors"):
+        return Checkpoint(path, [path], None)
+    if path.endswith(_PICKLE_SUFFIXES):
+        return Checkpoint(path, [path], None)
+    raise InputError(f"{path}: unknown checkpoint type; give an HF model directory, a .safetensors file or a .bin/.pt state dict")
