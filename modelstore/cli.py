@@ -1,0 +1,273 @@
+"""The `modelstore` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from . import build as _build
+from .dtypes import VALUE_DTYPES
+from .errors import InputError, ModelStoreError
+from .fft import GRANULARITIES
+from .merging import method_names
+from .store import Store, open_store
+
+
+def _errors(fn: Callable) -> Callable:
+    """Turn modelstore errors into one-line messages and exit codes instead of tracebacks."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ModelStoreError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing partial was committed; earlier tasks are intact.", err=True)
+            sys.exit(130)
+
+    return run
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key or not val:
+            raise InputError(f"{flag} takes NAME=VALUE, got {v!r}")
+        if key in out:
+            raise InputError(f"{flag} names {key!r} twice")
+        out[key] = val
+    return out
+
+
+def _storage_options(ctx: click.Context) -> dict[str, Any] | None:
+    return ctx.obj.get("storage_options") or None
+
+
+def _open(ctx: click.Context, store: str) -> Store:
+    return open_store(store, storage_options=_storage_options(ctx))
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _emit(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for the store location (e.g. endpoint_url=...); JSON values allowed. "
+                   "Also read as a JSON object from $MODELSTORE_STORAGE_OPTIONS.")
+@click.version_option(package_name="modelstore")
+@click.pass_context
+@_errors
+def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
+    """Keep many fine-tuned models of one pre-trained model as one base plus small task deltas."""
+    opts: dict[str, Any] = {}
+    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
+    if env:
+        try:
+            opts.update(json.loads(env))
+        except ValueError:
+            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object") from None
+    for k, v in _pairs(storage_option, "--storage-option").items():
+        try:
+            opts[k] = json.loads(v)
+        except ValueError:
+            opts[k] = v
+    ctx.obj = {"storage_options": opts}
+
+
+def _fft_options(f: Callable) -> Callable:
+    f = click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default=None,
+                     help="dtype of stored delta values [default: bfloat16 for bf16 models, else float16]")(f)
+    f = click.option("--granularity", type=click.Choice(GRANULARITIES), default="global", show_default=True,
+                     help="top-m% over the whole model or within each tensor")(f)
+    f = click.option("--keep", type=float, default=0.1, show_default=True,
+                     help="fraction m of delta entries kept per task, in (0, 1]")(f)
+    return f
+
+
+@main.command()
+@click.argument("store")
+@click.option("--pretrained", required=True, help="pre-trained model: HF directory, .safetensors or .bin/.pt")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=PATH", help="a fully fine-tuned task model (repeat)")
+@click.option("--merge", type=click.Choice(method_names()), default="task-arithmetic", show_default=True,
+              help="how the shared base θ* is made; 'none' is Post-Pruning (θ* = θ0)")
+@click.option("--lambda", "lam", type=float, default=None, help="task-arithmetic scaling λ [default: 0.3]")
+@_fft_options
+@click.option("--include", default=None, metavar="REGEX", help="only tensors whose name matches are merged and sparsified")
+@click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
+@click.pass_context
+@_errors
+def build(ctx: click.Context, store: str, pretrained: str, tasks: tuple[str, ...], merge: str, lam: float | None,
+          keep: float, granularity: str, value_dtype: str | None, include: str | None, exclude: str | None) -> None:
+    """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT)."""
+    task_paths = _pairs(tasks, "--task")
+    if not task_paths:
+        raise InputError("build needs at least one --task NAME=PATH; use `modelstore init` for a base-only store")
+    options = {"lam": lam} if lam is not None else {}
+    if lam is not None and merge != "task-arithmetic":
+        raise InputError(f"--lambda applies to task-arithmetic, not {merge}")
+    s = _build.build(store, pretrained, task_paths, merge=merge, keep=keep, granularity=granularity,
+                     value_dtype=value_dtype, include=include, exclude=exclude,
+                     storage_options=_storage_options(ctx), progress=True, **options)
+    info = s.info()
+    click.echo(f"built {store}: {len(info['tasks'])} tasks, {_human(info['bytes'])} on disk "
+               f"({_ratio(info['ratio'])} of the full checkpoints)")
+
+
+def _ratio(r: float | None) -> str:
+    return "-" if r is None else f"{100 * r:.1f}%"
+
+
+@main.command()
+@click.argument("store")
+@click.option("--pretrained", required=True, help="pre-trained model: HF directory, .safetensors or .bin/.pt")
+@click.pass_context
+@_errors
+def init(ctx: click.Context, store: str, pretrained: str) -> None:
+    """Create a STORE holding only the pre-trained model (tasks are added later)."""
+    _build.init(store, pretrained, storage_options=_storage_options(ctx), progress=True)
+    click.echo(f"created {store}")
+
+
+@main.command("add-task")
+@click.argument("store")
+@click.argument("name")
+@click.argument("path")
+@_fft_options
+@click.option("--base", type=click.Choice(["merged", "pretrained"]), default=None,
+              help="base the delta is taken against [default: merged if the store has one]")
+@click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
+@click.pass_context
+@_errors
+def add_task(ctx: click.Context, store: str, name: str, path: str, keep: float, granularity: str,
+             value_dtype: str | None, base: str | None, overwrite: bool) -> None:
+    """Add the fine-tuned model at PATH to STORE as task NAME (base and other tasks untouched)."""
+    s = _build.add_task(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype,
+                        base=base, overwrite=overwrite, storage_options=_storage_options(ctx), progress=True)
+    e = s.info(name)
+    click.echo(f"added {name}: {e['kept']} of {e['total']} entries kept, {_human(e['bytes'])} "
+               f"({_ratio(e['ratio'])} of the full checkpoint)")
+
+
+def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"],
+            "keep": e["params"].get("keep"), "kept": e.get("kept"), "bytes": e["bytes"],
+            "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
+
+
+@main.command("ls")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def ls(ctx: click.Context, store: str, as_json: bool) -> None:
+    """List the tasks of STORE."""
+    s = _open(ctx, store)
+    rows = [_row(t, s.info(t)) for t in s.tasks()]
+    if as_json:
+        _emit(rows)
+        return
+    click.echo(f"{'task':24} {'method':14} {'keep':>6} {'kept':>12} {'bytes':>10} {'ratio':>7}")
+    for r in rows:
+        click.echo(f"{r['task']:24} {r['method']:14} {r['keep'] if r['keep'] is not None else '-':>6} "
+                   f"{r['kept'] if r['kept'] is not None else '-':>12} {_human(r['bytes']):>10} {_ratio(r['ratio']):>7}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("task", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> None:
+    """Show STORE (or one TASK of it): method, parameters, kept entries, bytes on disk."""
+    s = _open(ctx, store)
+    data = s.info(task)
+    if as_json:
+        _emit(data)
+        return
+    if task is None:
+        click.echo(f"store {store} (format v{data['format_version']}): {len(data['tasks'])} tasks")
+        for b, e in data["bases"].items():
+            click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {_human(e['bytes'])}")
+        click.echo(f"  tasks: {_human(data['task_bytes'])}; total {_human(data['bytes'])} against "
+                   f"{_human(data['full_bytes'])} of full checkpoints ({_ratio(data['ratio'])})")
+        return
+    click.echo(f"task {task}: {data['method']} on the {data['base']} base")
+    for k, v in data["params"].items():
+        click.echo(f"  {k}: {v}")
+    if data.get("total"):
+        click.echo(f"  kept: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
+    click.echo(f"  bytes on disk: {_human(data['bytes'])} ({_ratio(data['ratio'])} of {_human(data['full_bytes'])})")
+    click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
+
+
+@main.command("rm")
+@click.argument("store")
+@click.argument("task")
+@click.pass_context
+@_errors
+def rm(ctx: click.Context, store: str, task: str) -> None:
+    """Remove TASK from STORE."""
+    _build.remove_task(store, task, storage_options=_storage_options(ctx))
+    click.echo(f"removed {task}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("task")
+@click.argument("out")
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
+              help="hf: full weights as model.safetensors + config.json")
+@click.pass_context
+@_errors
+def export(ctx: click.Context, store: str, task: str, out: str, fmt: str) -> None:
+    """Write TASK of STORE to directory OUT (loads with transformers' from_pretrained)."""
+    from .export import export_hf
+    files = export_hf(_open(ctx, store), task, out)
+    click.echo(f"wrote {', '.join(files)} to {out}")
+
+
+@main.command()
+@click.argument("store")
+@click.argument("task")
+@click.option("--original", required=True, help="the task's original checkpoint")
+@click.option("--max-rel-error", type=float, default=0.05, show_default=True,
+              help="exit with status 1 when the overall relative error is above this")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def verify(ctx: click.Context, store: str, task: str, original: str, max_rel_error: float, as_json: bool) -> None:
+    """Compare TASK's stored weights with its original checkpoint (relative Frobenius error)."""
+    from .verify import verify as run
+    r = run(_open(ctx, store), task, original)
+    r["max_rel_error"] = max_rel_error
+    r["ok"] = r["rel_error"] <= max_rel_error
+    if as_json:
+        _emit(r)
+    else:
+        worst = r["worst_tensor"]
+        click.echo(f"task {task}: relative error {r['rel_error']:.3e} overall, worst tensor {worst} "
+                   f"{r['tensors'][worst]:.3e}; kept fraction {r['kept_fraction']:.4f}")
+        click.echo("OK" if r["ok"] else f"FAILED: above --max-rel-error {max_rel_error}")
+    if not r["ok"]:
+        sys.exit(1)

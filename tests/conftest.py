@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny real transformers models saved as checkpoints, and a numpy reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(1)
+
+
+def tiny_bert_config(**kw):
+    from transformers import BertConfig
+    cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               vocab_size=97, max_position_embeddings=24, type_vocab_size=2)
+    cfg.update(kw)
+    return BertConfig(**cfg)
+
+
+def finetuned_copy(sd0: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """A fake fine-tune: dense small noise plus a few large changes, like real task vectors."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd0.items():
+        if not v.dtype.is_floating_point:
+            out[k] = v.clone()
+            continue
+        d = torch.randn(v.shape, generator=g) * scale * 0.1
+        big = torch.rand(v.shape, generator=g) < 0.05
+        d[big] += torch.randn(int(big.sum()), generator=g) * scale
+        out[k] = (v.float() + d).to(v.dtype)
+    return out
+
+
+def save_hf(model_cls, cfg, sd: dict[str, torch.Tensor], path: str) -> str:
+    m = model_cls(cfg)
+    m.load_state_dict(sd, strict=True)
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_models(tmp_path_factory) -> dict:
+    """A pre-trained tiny BertModel and three fine-tuned copies, saved as HF directories."""
+    from transformers import BertModel
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bert")
+    cfg = tiny_bert_config()
+    m0 = BertModel(cfg)
+    sd0 = {k: v.detach().clone() for k, v in m0.state_dict().items()}
+    pre = save_hf(BertModel, cfg, sd0, str(root / "pre"))
+    tasks, sds = {}, {}
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        sds[name] = finetuned_copy(sd0, seed=10 + i)
+        tasks[name] = save_hf(BertModel, cfg, sds[name], str(root / name))
+    from safetensors.torch import load_file
+    # what from_pretrained/save_pretrained actually wrote (tied or dropped tensors included)
+    sd0 = load_file(os.path.join(pre, "model.safetensors"))
+    sds = {n: load_file(os.path.join(p, "model.safetensors")) for n, p in tasks.items()}
+    return {"cfg": cfg, "pre": pre, "tasks": tasks, "sd0": sd0, "sds": sds, "root": root}
+
+
+# ---- independent numpy reference of PERU-FFT (spec/FORMAT.md semantics) --------------------------
+
+def np_f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).numpy()
+
+
+def ref_topk_global(us: list[np.ndarray], keep: float) -> list[np.ndarray]:
+    """Brute force: sort all |u| by (-|u|, global index), keep the first round(m·N), drop zeros."""
+    flat = np.concatenate([u.reshape(-1) for u in us]) if us else np.zeros(0, np.float32)
+    k = int(np.floor(keep * flat.size + 0.5))
+    order = np.lexsort((np.arange(flat.size), -np.abs(flat)))[:k]
+    order = order[flat[order] != 0]
+    mask = np.zeros(flat.size, bool)
+    mask[order] = True
+    out, off = [], 0
+    for u in us:
+        out.append(mask[off:off + u.size].reshape(u.shape))
+        off += u.size
+    return out
+
+
+def ref_reconstruct(base: np.ndarray, u: np.ndarray, mask: np.ndarray, value_dtype=np.float16) -> np.ndarray:
+    vals = np.where(mask, u, 0).astype(value_dtype).astype(np.float32)
+    return base.astype(np.float32) + vals

@@ -1,0 +1,208 @@
+"""Store behaviour: commits, crash safety, checksums, format versions, inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import modelstore
+from modelstore import layout
+from conftest import finetuned_copy
+
+
+@pytest.fixture()
+def store2(bert_models, tmp_path):
+    tasks = bert_models["tasks"]
+    url = str(tmp_path / "s")
+    modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
+    return url
+
+
+def test_add_task_keeps_base_and_others_untouched(bert_models, store2):
+    before = modelstore.open(store2)
+    alpha = before.load("alpha")
+    base_path = before.manifest["bases"]["merged"]["path"]
+    s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"], keep=0.2)
+    assert s.tasks() == ["alpha", "beta", "gamma"]
+    assert s.manifest["bases"]["merged"]["path"] == base_path
+    assert s.manifest["tasks"]["alpha"] == before.manifest["tasks"]["alpha"]
+    assert all(torch.equal(v, alpha[k]) for k, v in s.load("alpha").items())
+    assert s.info("gamma")["params"]["keep"] == 0.2
+    with pytest.raises(modelstore.TaskExistsError, match="--overwrite"):
+        modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"])
+    old_path = s.manifest["tasks"]["gamma"]["path"]
+    s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["alpha"], overwrite=True)
+    assert not os.path.exists(os.path.join(store2, old_path))
+    assert all(torch.equal(v, alpha[k]) for k, v in s.load("gamma").items())  # same source, same keep
+
+
+def test_interrupted_write_leaves_no_partial_task(bert_models, store2, monkeypatch):
+    calls = {"n": 0}
+    real = layout.FlatWriter.append
+
+    def flaky(self, a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, a)
+
+    monkeypatch.setattr(layout.FlatWriter, "append", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"])
+    monkeypatch.setattr(layout.FlatWriter, "append", real)
+    s = modelstore.open(store2)
+    assert s.tasks() == ["alpha", "beta"]
+    assert os.listdir(os.path.join(store2, "tasks", "gamma"))  # the orphan is there, unreferenced
+    assert set(s.load("alpha")) == set(bert_models["sd0"])
+    s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"])
+    assert s.tasks() == ["alpha", "beta", "gamma"]
+    left = sorted(set(os.listdir(os.path.join(store2, "tasks", "gamma"))) - {"zarr.json"})
+    assert left == [os.path.basename(s.manifest["tasks"]["gamma"]["path"])]
+
+
+def test_corrupted_chunk_is_detected_and_named(store2):
+    s = modelstore.open(store2)
+    vals = os.path.join(store2, s.manifest["tasks"]["beta"]["path"], "values", "c", "0")
+    blob = bytearray(open(vals, "rb").read())
+    blob[len(blob) // 2] ^= 0x40
+    open(vals, "wb").write(blob)
+    s = modelstore.open(store2)
+    with pytest.raises(modelstore.CorruptStoreError, match=r"task 'beta'.*values.*tensor \w+"):
+        s.load("beta")
+    s.load("alpha")  # other tasks still load
+
+
+def test_tampered_table_is_detected(store2):
+    s = modelstore.open(store2)
+    meta = os.path.join(store2, s.manifest["tasks"]["alpha"]["path"], "zarr.json")
+    doc = json.load(open(meta))
+    doc["attributes"]["tensors"][0]["count"] += 1
+    json.dump(doc, open(meta, "w"))
+    with pytest.raises(modelstore.CorruptStoreError, match="alpha"):
+        modelstore.open(store2).load("alpha")
+
+
+def test_not_a_store_and_newer_version(tmp_path, store2):
+    with pytest.raises(modelstore.StoreNotFoundError, match="not a modelstore store"):
+        modelstore.open(str(tmp_path / "nothing"))
+    m = json.load(open(os.path.join(store2, "manifest.json")))
+    m["version"] = 99
+    json.dump(m, open(os.path.join(store2, "manifest.json"), "w"))
+    with pytest.raises(modelstore.FormatVersionError, match="upgrade modelstore"):
+        modelstore.open(store2)
+
+
+def test_remove_task(store2):
+    s = modelstore.open(store2)
+    path = s.manifest["tasks"]["alpha"]["path"]
+    modelstore.remove_task(store2, "alpha")
+    s = modelstore.open(store2)
+    assert s.tasks() == ["beta"] and not os.path.exists(os.path.join(store2, path))
+    with pytest.raises(modelstore.TaskNotFoundError, match="no task 'alpha'"):
+        s.load("alpha")
+
+
+def test_memory_url_and_env_default(bert_models, monkeypatch):
+    url = "memory://modelstore-test/s1"
+    s = modelstore.build(url, bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]}, keep=1.0,
+                         value_dtype="float32")
+    monkeypatch.setenv("MODELSTORE_URL", url)
+    sd = modelstore.load("alpha")
+    want = bert_models["sds"]["alpha"]
+    assert all(torch.allclose(sd[k].float(), want[k].float(), atol=1e-6) for k in want)
+    assert s.info()["tasks"] == ["alpha"]
+
+
+def test_load_into_module(bert_models, store2):
+    from transformers import BertModel
+    m = BertModel(bert_models["cfg"])
+    s = modelstore.open(store2)
+    s.load_into(m, "alpha")
+    sd = s.load("alpha")
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items() if k in sd)
+    m.encoder.layer[0].attention.self.query.weight = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(modelstore.InputError, match="does not fit"):
+        s.load_into(m, "alpha")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def test_input_formats_sharded_safetensors_and_torch_bin(bert_models, tmp_path):
+    sd0, sd1 = bert_models["sd0"], bert_models["sds"]["alpha"]
+    names = sorted(sd1)
+    half = len(names) // 2
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    save_file({k: sd1[k].contiguous() for k in names[:half]}, str(shard_dir / "model-00001-of-00002.safetensors"))
+    save_file({k: sd1[k].contiguous() for k in names[half:]}, str(shard_dir / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(names)}
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(shard_dir / "model.safetensors.index.json", "w"))
+    torch.save(sd1, str(tmp_path / "t.bin"))
+    save_file({k: v.contiguous() for k, v in sd0.items()}, str(tmp_path / "pre.safetensors"))
+    s = modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"),
+                         {"sharded": str(shard_dir), "bin": str(tmp_path / "t.bin"), "hf": bert_models["tasks"]["alpha"]},
+                         merge="none", keep=1.0, value_dtype="float32")
+    for t in ("sharded", "bin", "hf"):
+        got = s.load(t)
+        assert all(torch.allclose(got[k], sd1[k], atol=1e-6, rtol=0) for k in sd1), t
+
+
+class Payload:
+    """An arbitrary class: unpickling it would run code from the file."""
+
+
+def test_pickle_that_is_not_weights_only_is_refused(tmp_path, bert_models):
+    torch.save({"w": torch.zeros(2), "obj": Payload()}, str(tmp_path / "evil.bin"))
+    with pytest.raises(modelstore.InputError, match="weights_only"):
+        modelstore.build(str(tmp_path / "s"), str(tmp_path / "evil.bin"), {})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"keep": 0.0}, "--keep"), ({"keep": 1.5}, "--keep"), ({"granularity": "row"}, "--granularity"),
+    ({"value_dtype": "int8"}, "--value-dtype"), ({"include": "("}, "regular expression"),
+    ({"merge": "magic"}, "unknown merge method"),
+])
+def test_bad_options(bert_models, tmp_path, bad, match):
+    with pytest.raises(modelstore.InputError, match=match):
+        modelstore.build(str(tmp_path / "s"), bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]}, **bad)
+    assert not os.path.exists(tmp_path / "s" / "manifest.json")
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "../x", "a b", "x" * 200, ".hidden"])
+def test_bad_task_names(bert_models, tmp_path, name):
+    with pytest.raises(modelstore.InputError, match="invalid task name"):
+        modelstore.build(str(tmp_path / "s"), bert_models["pre"], {name: bert_models["tasks"]["alpha"]})
+
+
+def test_nan_and_missing_tensors_are_refused(bert_models, tmp_path):
+    sd = dict(bert_models["sds"]["alpha"])
+    k = "encoder.layer.0.attention.self.query.weight"
+    bad = dict(sd)
+    bad[k] = sd[k].clone()
+    bad[k][0, 0] = float("nan")
+    save_file({n: v.contiguous() for n, v in bad.items()}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(modelstore.InputError, match=f"task 'x' tensor '{k}' has NaN or Inf"):
+        modelstore.build(str(tmp_path / "s1"), bert_models["pre"], {"x": str(tmp_path / "nan.safetensors")})
+    missing = {n: v.contiguous() for n, v in sd.items() if n != k}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    s = modelstore.init(str(tmp_path / "s2"), bert_models["pre"])
+    with pytest.raises(modelstore.InputError, match=f"lacks tensor '{k}'"):
+        modelstore.add_task(str(tmp_path / "s2"), "x", str(tmp_path / "missing.safetensors"))
+    assert modelstore.open(str(tmp_path / "s2")).tasks() == []
+
+
+def test_build_refuses_existing_store(store2, bert_models):
+    with pytest.raises(modelstore.InputError, match="already holds a store"):
+        modelstore.build(store2, bert_models["pre"], {"x": bert_models["tasks"]["alpha"]})
+
+
+def test_fp16_overflow_is_refused(tmp_path):
+    save_file({"w": torch.zeros(4)}, str(tmp_path / "pre.safetensors"))
+    save_file({"w": torch.tensor([1e6, 0, 0, 0])}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(modelstore.InputError, match="float32"):
+        modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"), {"t": str(tmp_path / "t.safetensors")},
+                         merge="none", keep=1.0)
