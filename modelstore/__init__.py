@@ -5,7 +5,7 @@
 >>> sd = modelstore.open("store").load("sst2", device="cuda")
 """
 
-from .build import add_task, build, init, remove_task
+from .pipeline import add_task, build, init, remove_task
 from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError, StoreNotFoundError,
                      TaskExistsError, TaskNotFoundError)
 from .merging import merge

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from . import build as _build
+from . import pipeline
 from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
 from .fft import GRANULARITIES
@@ -125,7 +125,7 @@ def build(ctx: click.Context, store: str, pretrained: str, tasks: tuple[str, ...
     options = {"lam": lam} if lam is not None else {}
     if lam is not None and merge != "task-arithmetic":
         raise InputError(f"--lambda applies to task-arithmetic, not {merge}")
-    s = _build.build(store, pretrained, task_paths, merge=merge, keep=keep, granularity=granularity,
+    s = pipeline.build(store, pretrained, task_paths, merge=merge, keep=keep, granularity=granularity,
                      value_dtype=value_dtype, include=include, exclude=exclude,
                      storage_options=_storage_options(ctx), progress=True, **options)
     info = s.info()
@@ -144,7 +144,7 @@ def _ratio(r: float | None) -> str:
 @_errors
 def init(ctx: click.Context, store: str, pretrained: str) -> None:
     """Create a STORE holding only the pre-trained model (tasks are added later)."""
-    _build.init(store, pretrained, storage_options=_storage_options(ctx), progress=True)
+    pipeline.init(store, pretrained, storage_options=_storage_options(ctx), progress=True)
     click.echo(f"created {store}")
 
 
@@ -161,7 +161,7 @@ def init(ctx: click.Context, store: str, pretrained: str) -> None:
 def add_task(ctx: click.Context, store: str, name: str, path: str, keep: float, granularity: str,
              value_dtype: str | None, base: str | None, overwrite: bool) -> None:
     """Add the fine-tuned model at PATH to STORE as task NAME (base and other tasks untouched)."""
-    s = _build.add_task(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype,
+    s = pipeline.add_task(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype,
                         base=base, overwrite=overwrite, storage_options=_storage_options(ctx), progress=True)
     e = s.info(name)
     click.echo(f"added {name}: {e['kept']} of {e['total']} entries kept, {_human(e['bytes'])} "
@@ -228,7 +228,7 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
 @_errors
 def rm(ctx: click.Context, store: str, task: str) -> None:
     """Remove TASK from STORE."""
-    _build.remove_task(store, task, storage_options=_storage_options(ctx))
+    pipeline.remove_task(store, task, storage_options=_storage_options(ctx))
     click.echo(f"removed {task}")
 
 

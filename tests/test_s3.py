@@ -1,0 +1,57 @@
+"""A store on S3: moto's real S3 HTTP server on 127.0.0.1, started by the tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import modelstore
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                 region_name="us-east-1").create_bucket(Bucket="models")
+    opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    yield opts
+    server.stop()
+
+
+def test_build_add_load_on_s3(s3, bert_models):
+    url = "s3://models/store1"
+    t = bert_models["tasks"]
+    s = modelstore.build(url, bert_models["pre"], {"alpha": t["alpha"], "beta": t["beta"]}, keep=0.1,
+                         storage_options=s3)
+    local = modelstore.build(str(bert_models["root"] / "s3-twin"), bert_models["pre"],
+                             {"alpha": t["alpha"], "beta": t["beta"]}, keep=0.1)
+    got, want = s.load("alpha"), local.load("alpha")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    modelstore.add_task(url, "gamma", t["gamma"], storage_options=s3)
+    s = modelstore.open(url, storage_options=s3)
+    assert s.tasks() == ["alpha", "beta", "gamma"]
+    assert set(s.load("gamma")) == set(bert_models["sd0"])
+    modelstore.remove_task(url, "beta", storage_options=s3)
+    assert modelstore.open(url, storage_options=s3).tasks() == ["alpha", "gamma"]
+
+
+def test_cli_on_s3(s3, bert_models, monkeypatch):
+    from click.testing import CliRunner
+    from modelstore.cli import main
+    monkeypatch.setenv("MODELSTORE_STORAGE_OPTIONS", json.dumps(s3))
+    r = CliRunner().invoke(main, ["build", "s3://models/store2", "--pretrained", bert_models["pre"],
+                                  "--task", f"alpha={bert_models['tasks']['alpha']}"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["ls", "s3://models/store2", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["task"] == "alpha"
+    r = CliRunner().invoke(main, ["ls", "s3://models/nothing-here"])
+    assert r.exit_code == 1 and "not a modelstore store" in r.output
