@@ -61,6 +61,10 @@ def plan(task: str, base: StoredBase, src: TensorSource, selected: Callable[[str
         sparse = (selected(name) and src.shape(name) == base.shape(name)
                   and src.dtype(name).is_floating_point and base.dtype(name).is_floating_point)
         out.append((name, "sparse" if sparse else "dense"))
+    reshaped = [n for n, kind in out if kind == "dense" and selected(n) and src.shape(n) != base.shape(n)]
+    if reshaped and 2 * len(reshaped) > len(out):
+        raise InputError(f"task {task!r}: {len(reshaped)} of {len(out)} tensors differ in shape from the base "
+                         f"(e.g. {reshaped[0]!r}); is it a fine-tune of this pre-trained model?")
     known = set(base.names())
     out += [(n, "dense") for n in src.names() if n not in known]
     return out

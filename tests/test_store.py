@@ -195,6 +195,16 @@ def test_nan_and_missing_tensors_are_refused(bert_models, tmp_path):
     assert modelstore.open(str(tmp_path / "s2")).tasks() == []
 
 
+def test_other_architecture_is_refused(bert_models, tmp_path):
+    from transformers import BertModel
+    from conftest import tiny_bert_config
+    other = BertModel(tiny_bert_config(hidden_size=48, intermediate_size=96))
+    other.save_pretrained(str(tmp_path / "other"))
+    modelstore.init(str(tmp_path / "s"), bert_models["pre"])
+    with pytest.raises(modelstore.InputError, match="differ in shape from the base"):
+        modelstore.add_task(str(tmp_path / "s"), "x", str(tmp_path / "other"))
+
+
 def test_build_refuses_existing_store(store2, bert_models):
     with pytest.raises(modelstore.InputError, match="already holds a store"):
         modelstore.build(store2, bert_models["pre"], {"x": bert_models["tasks"]["alpha"]})
