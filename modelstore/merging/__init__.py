@@ -10,9 +10,9 @@ import torch
 from ..errors import InputError
 from ..sources import DictSource
 from .base import MergeMethod
-from .registry import METHODS, get_method, method_names
+from .registry import METHODS, get_method, method_class, method_names
 
-__all__ = ["MergeMethod", "METHODS", "get_method", "method_names", "merge", "mergeable"]
+__all__ = ["MergeMethod", "METHODS", "get_method", "method_class", "method_names", "merge", "mergeable"]
 
 
 def mergeable(shape0: tuple[int, ...], dtype0: torch.dtype, task_shapes: Sequence[tuple[int, ...] | None]) -> bool:
@@ -25,9 +25,11 @@ def merge(method: str, pretrained: Mapping[str, torch.Tensor], tasks: Sequence[M
     """Merge in-memory state dicts into θ*, returned in θ0's dtypes.
 
     >>> theta = modelstore.merge("task-arithmetic", sd0, [sd1, sd2], lam=0.3)
+    >>> theta = modelstore.merge("ties", sd0, [sd1, sd2], density=0.2, lam=1.0)
+    >>> theta = modelstore.merge("regmean", sd0, [sd1, sd2], grams=[g1, g2])  # from modelstore.stats.gram
 
     Tensors that are not floating point, or that some task lacks or has in another
-    shape, are returned as θ0's.
+    shape, are returned as θ0's. Methods and options: docs/merging.md.
     """
     if not tasks:
         raise InputError("merge needs at least one task model")
@@ -38,6 +40,6 @@ def merge(method: str, pretrained: Mapping[str, torch.Tensor], tasks: Sequence[M
     m.prepare(src0, srcs, names)
     out = dict(pretrained)
     for n in names:
-        merged = m.merge(n, src0.get(n).float(), [s.get(n).float() for s in srcs])
+        merged = m.merge(n, src0.get(n).detach().float(), [s.get(n).detach().float() for s in srcs])
         out[n] = merged.to(pretrained[n].dtype)
     return out

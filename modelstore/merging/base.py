@@ -8,6 +8,7 @@ global trimming) do it in `prepare`, which may stream over all tensors first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -36,6 +37,22 @@ class MergeMethod:
 
     def validate(self) -> None:
         """Check options; raise InputError with a one-line message."""
+
+    def check_number(self, key: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False) -> None:
+        """Option `key` must be a finite number in [low, high] (or (low, high] with `low_open`)."""
+        v = self.options[key]
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+              and (v > low if low_open else v >= low) and v <= high)
+        if not ok:
+            where = "a finite number" if math.isinf(low) and math.isinf(high) else \
+                f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
+            raise InputError(f"merge option {key} of {self.name!r} must be {where}, got {v!r}")
+
+    def check_choice(self, key: str, choices: Sequence[str]) -> None:
+        """Option `key` must be one of `choices`."""
+        if self.options[key] not in choices:
+            raise InputError(f"merge option {key} of {self.name!r} must be one of {', '.join(choices)}, "
+                             f"got {self.options[key]!r}")
 
     def parameters(self) -> dict[str, Any]:
         """The options that define the merge, recorded in the store."""

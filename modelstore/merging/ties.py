@@ -1,0 +1,108 @@
+"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean; θ* = θ0 + λ·merged delta.
+
+Matches `peft.utils.merge_utils.ties` with unit weights by default: each task vector
+vt = θt − θ0 keeps its k = int(density·numel) largest magnitudes per tensor, the sign
+of each entry is elected from the trimmed vectors ("total": sign of their sum,
+"frequency": sign of the count of positive minus negative entries; 0 elects +), and
+the merged delta is the mean of the trimmed entries that agree with the elected sign
+(divided by the number that agree, at least 1).
+
+`granularity="global"` trims with one threshold per task over all merged tensors, as
+the paper's reference code does on the flattened model; the threshold is found in
+`prepare` by streaming over the checkpoints (modelstore.selection). Ties in magnitude
+at the threshold go to the lowest index (tensor order, then position); exact zeros are
+never kept, which changes nothing as they add nothing and cast no vote.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..selection import Cut, find_cut, magnitude_bits
+from ..sources import TensorSource
+from .base import MergeMethod
+
+MAJORITY_SIGNS = ("total", "frequency")
+GRANULARITIES = ("per-tensor", "global")
+
+
+class Ties(MergeMethod):
+    name = "ties"
+    option_defaults = {"density": 0.2, "lam": 1.0, "majority_sign": "total", "granularity": "per-tensor"}
+    #: Per task: global threshold bits and, per tensor name, how many entries equal to it are kept.
+    _global: list[tuple[int, dict[str, int]]] | None = None
+
+    def validate(self) -> None:
+        self.check_number("density", 0.0, 1.0, low_open=True)
+        self.check_number("lam")
+        self.check_choice("majority_sign", MAJORITY_SIGNS)
+        self.check_choice("granularity", GRANULARITIES)
+
+    def prepare(self, pretrained: TensorSource, tasks: Sequence[TensorSource], names: Sequence[str]) -> None:
+        if self.options["granularity"] == "global":
+            k = int(self.options["density"] * sum(math.prod(pretrained.shape(n)) for n in names))
+            self._global = [_global_cut(pretrained, t, names, k) for t in tasks]
+        else:
+            self._global = None
+
+    def merge(self, name, base, tasks):
+        frequency = self.options["majority_sign"] == "frequency"
+        cuts: list[Cut] = []
+        votes = torch.zeros_like(base)
+        for trimmed in self._trimmed(name, base, tasks, cuts):
+            votes += trimmed.sign() if frequency else trimmed
+        elected = torch.where(votes >= 0, 1.0, -1.0)
+        del votes
+        total, agreeing = torch.zeros_like(base), torch.zeros_like(base)
+        for trimmed in self._trimmed(name, base, tasks, cuts):
+            agree = trimmed.sign() == elected
+            total += torch.where(agree, trimmed, 0.0)
+            agreeing += agree
+        return base + float(self.options["lam"]) * (total / agreeing.clamp(min=1.0))
+
+    def _trimmed(self, name: str, base: torch.Tensor, tasks: Sequence[torch.Tensor],
+                 cuts: list[Cut]) -> Iterator[torch.Tensor]:
+        """Each task's delta with the entries outside its cut zeroed; the first pass fills `cuts`.
+
+        Deltas are recomputed on the second pass rather than kept, so memory stays a few
+        tensors whatever the number of tasks.
+        """
+        for i, t in enumerate(tasks):
+            delta = (t - base).reshape(-1)
+            bits = magnitude_bits(delta.numpy())
+            if i == len(cuts):
+                cuts.append(self._cut(name, i, bits))
+            keep = torch.from_numpy(cuts[i].selector()(bits))
+            trimmed = torch.zeros_like(delta)
+            trimmed[keep] = delta[keep]
+            yield trimmed.view_as(base)
+
+    def _cut(self, name: str, task: int, bits: np.ndarray) -> Cut:
+        if self._global is not None:
+            threshold, ties = self._global[task]
+            return Cut(threshold, ties.get(name, 0))
+        return find_cut(int(self.options["density"] * bits.size), lambda: [bits])
+
+
+def _global_cut(pretrained: TensorSource, task: TensorSource, names: Sequence[str],
+                k: int) -> tuple[int, dict[str, int]]:
+    """One task's global threshold, and how many entries equal to it each tensor keeps (lowest index first)."""
+    def bits():
+        for n in names:
+            yield n, magnitude_bits((task.get(n).float() - pretrained.get(n).float()).numpy())
+
+    cut = find_cut(k, lambda: (b for _, b in bits()))
+    ties, remaining = {}, cut.ties
+    if remaining:
+        for n, b in bits():
+            take = min(int(np.count_nonzero(b == cut.threshold)), remaining)
+            if take:
+                ties[n] = take
+                remaining -= take
+            if not remaining:
+                break
+    return cut.threshold, ties
