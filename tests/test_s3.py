@@ -55,3 +55,30 @@ def test_cli_on_s3(s3, bert_models, monkeypatch):
     assert r.exit_code == 0 and json.loads(r.output)[0]["task"] == "alpha"
     r = CliRunner().invoke(main, ["ls", "s3://models/nothing-here"])
     assert r.exit_code == 1 and "not a modelstore store" in r.output
+
+
+def test_loading_a_task_takes_few_requests(s3, bert_models):
+    """Opening a store and loading a second task costs a handful of GETs, whatever the tensor count."""
+    import io
+    import logging
+    t = bert_models["tasks"]
+    modelstore.build("s3://models/store3", bert_models["pre"], {"alpha": t["alpha"], "beta": t["beta"]},
+                     storage_options=s3)
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    log = logging.getLogger("werkzeug")
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        s = modelstore.open("s3://models/store3", storage_options=s3)
+        s.load("alpha")
+        before = buf.getvalue().count("HTTP/1.1")
+        sd = s.load("beta")
+        second = [line for line in buf.getvalue().splitlines()[before:] if "HTTP/1.1" in line]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+    assert len(sd) > 30
+    # task group + (metadata + one chunk) for indices and for values
+    assert len(second) <= 5, second
