@@ -10,6 +10,7 @@ floating point) are written dense unless they equal the base.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from .writer import StoreWriter
 GRANULARITIES = ("global", "per-tensor")
 #: Deltas of a task are kept in memory between the selection passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
-CACHE_BYTES = 1 << 30
+CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 1 << 30))
 _VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 

@@ -8,6 +8,7 @@ Every figure is reported next to a baseline measured in the same process:
 - the exact streaming radix top-k against numpy partition and torch.topk over the same deltas.
 
     python -m tools.bench_store --params 50e6 --tasks 3 --keep 0.1
+    MODELSTORE_DELTA_CACHE_BYTES=0 python -m tools.bench_store   # fully streaming selection
 """
 
 from __future__ import annotations
@@ -48,6 +49,34 @@ def synthetic(root: str, params: float, tasks: int, dtype: torch.dtype) -> tuple
     return f"{root}/pre.safetensors", paths
 
 
+class PeakAnon:
+    """Peak anonymous memory (RssAnon: not the mmap'd checkpoint pages) while a block runs."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def timed(fn, repeat: int = 1):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -80,14 +109,20 @@ def main() -> None:
         t_build, store = timed(lambda: modelstore.build(f"{root}/store", pre, tasks, keep=a.keep))
         r["build_s"] = t_build
         r["build_per_task_vs_copy"] = t_build / (a.tasks + 1) / r["baseline_copy_s"]
-        t_add, _ = timed(lambda: modelstore.add_task(f"{root}/store", "extra", tasks["task0"], keep=a.keep))
+        import gc
+        gc.collect()
+        before = rss_anon()
+        with PeakAnon() as peak:
+            t_add, _ = timed(lambda: modelstore.add_task(f"{root}/store", "extra", tasks["task0"], keep=a.keep))
         r["add_task_s"] = t_add
+        r["add_task_extra_anon_bytes"] = peak.peak - before
+        r["add_task_extra_anon_vs_full"] = (peak.peak - before) / full_bytes
         r["add_task_vs_copy"] = t_add / r["baseline_copy_s"]
 
         s = modelstore.open(f"{root}/store")
         r["load_cold_s"], _ = timed(lambda: modelstore.open(f"{root}/store").load("task0"))
         s.load("task0")
-        r["load_warm_s"], _ = timed(lambda: s.load("task1"), 3)
+        r["load_warm_s"], _ = timed(lambda: s.load("extra"), 3)
         r["load_warm_vs_load_full"] = r["load_warm_s"] / r["baseline_load_full_s"]
         r["load_cold_vs_load_full"] = r["load_cold_s"] / r["baseline_load_full_s"]
         info = s.info("task0")
