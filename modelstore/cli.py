@@ -15,7 +15,7 @@ from . import pipeline
 from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
 from .fft import GRANULARITIES
-from .merging import method_names
+from .merging import method_class, method_names
 from .store import Store, open_store
 
 
@@ -110,24 +110,46 @@ def _fft_options(f: Callable) -> Callable:
 @click.option("--task", "tasks", multiple=True, metavar="NAME=PATH", help="a fully fine-tuned task model (repeat)")
 @click.option("--merge", type=click.Choice(method_names()), default="task-arithmetic", show_default=True,
               help="how the shared base θ* is made; 'none' is Post-Pruning (θ* = θ0)")
-@click.option("--lambda", "lam", type=float, default=None, help="task-arithmetic scaling λ [default: 0.3]")
+@click.option("--lambda", "lam", type=float, default=None,
+              help="scale λ of the merged task vectors (task-arithmetic: 0.3, ties: 1.0)")
+@click.option("--density", type=float, default=None, help="ties: fraction of each task vector kept by trimming [0.2]")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="ties: how the sign of each entry is elected [total]")
+@click.option("--ties-granularity", type=click.Choice(["per-tensor", "global"]), default=None,
+              help="ties: trim each tensor on its own or the whole model at once [per-tensor]")
+@click.option("--alpha", type=float, default=None, help="regmean: scale of the Gram matrices' off-diagonals [0.9]")
+@click.option("--eps", type=float, default=None, help="fisher: floor of the Fisher values [1e-6]")
+@click.option("--stats", "stats", multiple=True, metavar="TASK=PATH",
+              help="fisher/regmean: the task's statistics file from modelstore.stats (repeat per task)")
 @_fft_options
 @click.option("--include", default=None, metavar="REGEX", help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
 @click.pass_context
 @_errors
 def build(ctx: click.Context, store: str, pretrained: str, tasks: tuple[str, ...], merge: str, lam: float | None,
-          keep: float, granularity: str, value_dtype: str | None, include: str | None, exclude: str | None) -> None:
-    """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT)."""
+          density: float | None, majority_sign: str | None, ties_granularity: str | None, alpha: float | None,
+          eps: float | None, stats: tuple[str, ...], keep: float, granularity: str, value_dtype: str | None,
+          include: str | None, exclude: str | None) -> None:
+    """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT).
+
+    The merge method makes the shared base; docs/merging.md describes each one's options.
+    """
     task_paths = _pairs(tasks, "--task")
     if not task_paths:
         raise InputError("build needs at least one --task NAME=PATH; use `modelstore init` for a base-only store")
-    options = {"lam": lam} if lam is not None else {}
-    if lam is not None and merge != "task-arithmetic":
-        raise InputError(f"--lambda applies to task-arithmetic, not {merge}")
+    given = {"lam": (lam, "--lambda"), "density": (density, "--density"),
+             "majority_sign": (majority_sign, "--majority-sign"), "granularity": (ties_granularity, "--ties-granularity"),
+             "alpha": (alpha, "--alpha"), "eps": (eps, "--eps")}
+    accepted = method_class(merge).option_defaults
+    options = {}
+    for key, (value, flag) in given.items():
+        if value is not None:
+            if key not in accepted:
+                raise InputError(f"{flag} does not apply to --merge {merge}")
+            options[key] = value
     s = pipeline.build(store, pretrained, task_paths, merge=merge, keep=keep, granularity=granularity,
-                     value_dtype=value_dtype, include=include, exclude=exclude,
-                     storage_options=_storage_options(ctx), progress=True, **options)
+                       value_dtype=value_dtype, include=include, exclude=exclude, stats=_pairs(stats, "--stats"),
+                       merge_options=options, storage_options=_storage_options(ctx), progress=True)
     info = s.info()
     click.echo(f"built {store}: {len(info['tasks'])} tasks, {_human(info['bytes'])} on disk "
                f"({_ratio(info['ratio'])} of the full checkpoints)")

@@ -11,7 +11,7 @@ import torch
 
 from .errors import InputError
 from .fft import FFTOptions, check_finite, write_task
-from .merging import get_method, mergeable
+from .merging import get_method, mergeable, method_class
 from .names import check_task_name
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
@@ -31,28 +31,46 @@ def selector(include: str | None, exclude: str | None) -> Callable[[str], bool]:
     return lambda n: (inc is None or inc.search(n) is not None) and (exc is None or exc.search(n) is None)
 
 
+def _stats_option(merge: str, tasks: Mapping[str, str], stats: Mapping[str, str] | None) -> dict[str, Any]:
+    """Per-task statistics files as the method's data option (`fishers` / `grams`), in task order."""
+    if not stats:
+        return {}
+    wanted = method_class(merge).data_options
+    if not wanted:
+        raise InputError(f"merge method {merge!r} uses no statistics; drop --stats")
+    unknown = sorted(set(stats) - set(tasks))
+    if unknown:
+        raise InputError(f"--stats names {unknown[0]!r}, which is not a --task")
+    missing = [t for t in tasks if t not in stats]
+    if missing:
+        raise InputError(f"merge method {merge!r} needs statistics for every task; --stats lacks {missing[0]!r}")
+    return {wanted[0]: [stats[t] for t in tasks]}
+
+
 def _source_info(ck: Checkpoint) -> dict[str, Any]:
     return {"path": os.path.abspath(ck.path), "fingerprint": ck.fingerprint()}
 
 
 def build(store: str, pretrained: str, tasks: Mapping[str, str], *, merge: str = "task-arithmetic",
           keep: float = 0.1, granularity: str = "global", value_dtype: str | None = None,
-          include: str | None = None, exclude: str | None = None,
-          storage_options: Mapping[str, Any] | None = None, progress: bool = False,
-          **merge_options: Any) -> Store:
+          include: str | None = None, exclude: str | None = None, stats: Mapping[str, str] | None = None,
+          merge_options: Mapping[str, Any] | None = None, storage_options: Mapping[str, Any] | None = None,
+          progress: bool = False, **options: Any) -> Store:
     """Make a new store: merge the task models into one base, then store each task's sparse delta.
 
     >>> store = modelstore.build("out/store", "bert-base", {"sst2": "ft/sst2", "mnli": "ft/mnli"}, keep=0.1)
 
-    `merge="none"` stores θ0 as the base (Post-Pruning). Options of the merge method
-    (e.g. `lam=0.3` for task-arithmetic) are passed as keywords.
+    `merge="none"` stores θ0 as the base (Post-Pruning). Options of the merge method go in
+    `merge_options` or, when they do not collide with build's own (e.g. `lam=0.3`), as keywords;
+    `granularity` is the top-k granularity of the deltas, TIES' own is `merge_options={"granularity": ...}`.
+    `stats` maps each task to its statistics file for `fisher` / `regmean` (see docs/merging.md).
     """
     opts = FFTOptions(keep, granularity, value_dtype)
     opts.validate()
     for name in tasks:
         check_task_name(name)
     selected = selector(include, exclude)
-    method = get_method(merge, **merge_options)
+    method = get_method(merge, **{**(merge_options or {}), **options, **_stats_option(merge, tasks, stats)})
     base_ck = open_checkpoint(pretrained)
     task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
     w = StoreWriter(store, storage_options, create=True)
