@@ -5,7 +5,7 @@
 >>> sd = modelstore.open("store").load("sst2", device="cuda")
 """
 
-from .pipeline import add_task, build, init, remove_task
+from .pipeline import add_lora_task, add_task, build, init, remove_task
 from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError, StoreNotFoundError,
                      TaskExistsError, TaskNotFoundError)
 from .merging import merge
@@ -15,7 +15,7 @@ from .store import open_store as open  # noqa: A004
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "load", "build", "add_task", "init", "remove_task", "merge", "Store",
+    "open", "load", "build", "add_task", "add_lora_task", "init", "remove_task", "merge", "Store",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
     "TaskExistsError", "CorruptStoreError",
 ]

@@ -173,26 +173,52 @@ def init(ctx: click.Context, store: str, pretrained: str) -> None:
 @main.command("add-task")
 @click.argument("store")
 @click.argument("name")
-@click.argument("path")
+@click.argument("path", required=False)
 @_fft_options
 @click.option("--base", type=click.Choice(["merged", "pretrained"]), default=None,
               help="base the delta is taken against [default: merged if the store has one]")
+@click.option("--lora", "lora", default=None, metavar="ADAPTER_DIR",
+              help="add a PEFT LoRA adapter (PERU-LoRA) instead of a full model PATH")
+@click.option("--rank", type=int, default=None, help="LoRA: keep rank q of each update [default: 16]")
+@click.option("--energy", type=float, default=None,
+              help="LoRA: per module, the smallest q keeping this fraction of the squared Frobenius norm")
+@click.option("--pretrained", default=None,
+              help="LoRA: the pre-trained model, needed once if the store keeps no θ0 (built with a merge)")
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
 @click.pass_context
 @_errors
-def add_task(ctx: click.Context, store: str, name: str, path: str, keep: float, granularity: str,
-             value_dtype: str | None, base: str | None, overwrite: bool) -> None:
-    """Add the fine-tuned model at PATH to STORE as task NAME (base and other tasks untouched)."""
+def add_task(ctx: click.Context, store: str, name: str, path: str | None, keep: float, granularity: str,
+             value_dtype: str | None, base: str | None, lora: str | None, rank: int | None, energy: float | None,
+             pretrained: str | None, overwrite: bool) -> None:
+    """Add the fine-tuned model at PATH (or --lora ADAPTER_DIR) to STORE as task NAME.
+
+    The base and the other tasks are not rewritten.
+    """
+    if (path is None) == (lora is None):
+        raise InputError("give either a fine-tuned model PATH or --lora ADAPTER_DIR")
+    so = _storage_options(ctx)
+    if lora is not None:
+        s = pipeline.add_lora_task(store, name, lora, rank=rank, energy=energy, pretrained=pretrained,
+                                   overwrite=overwrite, storage_options=so, progress=True)
+        e = s.info(name)
+        click.echo(f"added {name}: LoRA q {e['params']['q_min']}..{e['params']['q_max']} (adapter r "
+                   f"{e['params']['r_max']}), {_human(e['bytes'])} ({_ratio(e['ratio'])} of the adapter), "
+                   f"max relative error {e['params']['max_rel_error']:.3g}")
+        return
+    if rank is not None or energy is not None or pretrained is not None:
+        raise InputError("--rank, --energy and --pretrained apply to --lora tasks")
     s = pipeline.add_task(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype,
-                        base=base, overwrite=overwrite, storage_options=_storage_options(ctx), progress=True)
+                          base=base, overwrite=overwrite, storage_options=so, progress=True)
     e = s.info(name)
     click.echo(f"added {name}: {e['kept']} of {e['total']} entries kept, {_human(e['bytes'])} "
                f"({_ratio(e['ratio'])} of the full checkpoint)")
 
 
 def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
+    p = e["params"]
+    q = None if e["kind"] != "lora" else (p["q_max"] if p["q_min"] == p["q_max"] else f"{p['q_min']}-{p['q_max']}")
     return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"],
-            "keep": e["params"].get("keep"), "kept": e.get("kept"), "bytes": e["bytes"],
+            "keep": p.get("keep"), "q": q, "kept": e.get("kept"), "bytes": e["bytes"],
             "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
 
 
@@ -208,9 +234,10 @@ def ls(ctx: click.Context, store: str, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
-    click.echo(f"{'task':24} {'method':14} {'keep':>6} {'kept':>12} {'bytes':>10} {'ratio':>7}")
+    click.echo(f"{'task':24} {'method':14} {'keep/q':>7} {'kept':>12} {'bytes':>10} {'ratio':>7}")
     for r in rows:
-        click.echo(f"{r['task']:24} {r['method']:14} {r['keep'] if r['keep'] is not None else '-':>6} "
+        setting = r["keep"] if r["keep"] is not None else r["q"]
+        click.echo(f"{r['task']:24} {r['method']:14} {setting if setting is not None else '-':>7} "
                    f"{r['kept'] if r['kept'] is not None else '-':>12} {_human(r['bytes']):>10} {_ratio(r['ratio']):>7}")
 
 
@@ -238,8 +265,10 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
     for k, v in data["params"].items():
         click.echo(f"  {k}: {v}")
     if data.get("total"):
-        click.echo(f"  kept: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
-    click.echo(f"  bytes on disk: {_human(data['bytes'])} ({_ratio(data['ratio'])} of {_human(data['full_bytes'])})")
+        what = "numbers stored (original adapter)" if data["kind"] == "lora" else "entries kept"
+        click.echo(f"  {what}: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
+    of = "the adapter" if data["kind"] == "lora" else "the full checkpoint"
+    click.echo(f"  bytes on disk: {_human(data['bytes'])} ({_ratio(data['ratio'])} of {of}, {_human(data['full_bytes'])})")
     click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
 
 
@@ -258,14 +287,14 @@ def rm(ctx: click.Context, store: str, task: str) -> None:
 @click.argument("store")
 @click.argument("task")
 @click.argument("out")
-@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="hf: full weights as model.safetensors + config.json")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+              help="hf: full weights as model.safetensors + config.json; peft: a rank-q PEFT adapter (LoRA tasks)")
 @click.pass_context
 @_errors
 def export(ctx: click.Context, store: str, task: str, out: str, fmt: str) -> None:
-    """Write TASK of STORE to directory OUT (loads with transformers' from_pretrained)."""
-    from .export import export_hf
-    files = export_hf(_open(ctx, store), task, out)
+    """Write TASK of STORE to directory OUT (from_pretrained / PeftModel.from_pretrained load it)."""
+    from .export import export_hf, export_peft
+    files = (export_hf if fmt == "hf" else export_peft)(_open(ctx, store), task, out)
     click.echo(f"wrote {', '.join(files)} to {out}")
 
 

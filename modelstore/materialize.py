@@ -19,6 +19,9 @@ def materialize(store: Store, task: str, device: torch.device, dtype: torch.dtyp
     if dtype is not None and not dtype.is_floating_point:
         raise InputError(f"dtype must be a floating dtype, not {dtype}")
     e = store.entry(task)
+    if e["kind"] == "lora":
+        from .lora.task import materialize_lora
+        return materialize_lora(store, task, device, dtype)
     what = f"task {task!r}"
     base = store.base(e["base"], device)
     g, table = store._table(e["path"], e["table_sha256"], what)

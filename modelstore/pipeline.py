@@ -51,6 +51,14 @@ def _source_info(ck: Checkpoint) -> dict[str, Any]:
     return {"path": os.path.abspath(ck.path), "fingerprint": ck.fingerprint()}
 
 
+def _base_info(ck: Checkpoint, kind: str, merge: dict[str, Any], merged_tasks: list[str],
+               include: str | None, exclude: str | None) -> dict[str, Any]:
+    """Manifest fields of a base made from pre-trained checkpoint `ck` (spec: BASE ENTRY)."""
+    return {"kind": kind, "merge": merge, "merged_tasks": merged_tasks,
+            "selection": {"include": include, "exclude": exclude}, "source": _source_info(ck),
+            "config_json": ck.config_json}
+
+
 def build(store: str, pretrained: str, tasks: Mapping[str, str], *, merge: str = "task-arithmetic",
           keep: float = 0.1, granularity: str = "global", value_dtype: str | None = None,
           include: str | None = None, exclude: str | None = None, stats: Mapping[str, str] | None = None,
@@ -97,11 +105,8 @@ def build(store: str, pretrained: str, tasks: Mapping[str, str], *, merge: str =
             yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
-    write_base(w, base_id, specs, base_tensors(), {
-        "kind": base_id, "merge": method.parameters(), "merged_tasks": list(tasks) if merge != "none" else [],
-        "selection": {"include": include, "exclude": exclude},
-        "source": _source_info(base_ck), "config_json": base_ck.config_json,
-    })
+    write_base(w, base_id, specs, base_tensors(), _base_info(base_ck, base_id, method.parameters(),
+                                                             list(tasks) if merge != "none" else [], include, exclude))
     stored = w.reopen("a").stored_base(base_id)
     for name, ck in task_cks.items():
         write_task(w, name, ck, base_id, stored, selected, opts, source_info=_source_info(ck),
@@ -137,6 +142,53 @@ def add_task(store: str, name: str, path: str, *, keep: float = 0.1, granularity
     write_task(w, name, ck, base_id, stored, selector(sel.get("include"), sel.get("exclude")), opts,
                source_info=_source_info(ck), full_bytes=ck.nbytes(), overwrite=overwrite, progress=progress)
     return w.reopen("r")
+
+
+def add_lora_task(store: str, name: str, adapter: str, *, rank: int | None = None, energy: float | None = None,
+                  pretrained: str | None = None, overwrite: bool = False,
+                  storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
+    """Add a PEFT LoRA adapter as task `name`: rank-q SVD factors of each update, on θ0 (PERU-LoRA).
+
+    `rank=q` (default 16) or `energy=E` (per module, the smallest q keeping a fraction E of the
+    squared Frobenius norm). A store without θ0 (built with a merge) needs `pretrained` once: it
+    is checked against the fingerprint of the model the store was built from and stored.
+    """
+    from .lora.task import check_rank_energy, write_lora_task
+    rank, energy = check_rank_energy(rank, energy)
+    w = StoreWriter(store, storage_options)
+    w.check_new_task(name, overwrite)
+    if "pretrained" not in w.manifest["bases"]:
+        if pretrained is None:
+            raise InputError(f"{store} keeps no pre-trained base (θ0), which LoRA tasks sit on; "
+                             "pass --pretrained PATH (the model this store was built from) once")
+        _add_pretrained_base(w, pretrained, progress)
+    stored = w.reopen("a").stored_base("pretrained")
+    write_lora_task(w, name, adapter, stored, rank=rank, energy=energy, overwrite=overwrite, progress=progress,
+                    source_info={"path": os.path.abspath(adapter), "fingerprint": _adapter_fingerprint(adapter)})
+    return w.reopen("r")
+
+
+def _add_pretrained_base(w: StoreWriter, path: str, progress: bool) -> None:
+    ck = open_checkpoint(path)
+    want = next(iter(w.manifest["bases"].values()), {}).get("source", {}).get("fingerprint")
+    got = ck.fingerprint()
+    if want is not None and want != got:
+        raise InputError(f"{path} is not the pre-trained model this store was built from (fingerprint differs)")
+    write_base(w, "pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
+               ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
+               _base_info(ck, "pretrained", {"method": "none"}, [], None, None))
+
+
+def _adapter_fingerprint(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        full = os.path.join(path, f)
+        if os.path.isfile(full):
+            with open(full, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def remove_task(store: str, name: str, *, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -233,13 +233,20 @@ class Store:
         return self._bases[key]
 
     def load(self, task: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             **kwargs: Any) -> dict[str, torch.Tensor]:
+             merged: bool = True) -> Any:
         """The full weights of `task` as a state dict on `device`.
 
         `dtype=None` keeps each tensor's original dtype; a float dtype casts floating tensors.
+        For a LoRA task, `merged=False` returns its factors instead (a `StoredAdapter`:
+        low-rank updates U·diag(S)·Vᵀ and whole tensors), to serve the base unmerged.
         """
         from .materialize import materialize
-        return materialize(self, task, torch.device(device), dtype, **kwargs)
+        if not merged:
+            if self.entry(task)["kind"] != "lora":
+                raise InputError(f"task {task!r} is not a LoRA task; merged=False applies to LoRA tasks only")
+            from .lora.task import read_adapter_task
+            return read_adapter_task(self, task, torch.device(device))
+        return materialize(self, task, torch.device(device), dtype)
 
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
         """Copy `task`'s weights into `model` in place, on the model's device (strict by default)."""
