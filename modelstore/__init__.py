@@ -8,6 +8,7 @@
 from .pipeline import add_lora_task, add_task, build, init, remove_task
 from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError, StoreNotFoundError,
                      TaskExistsError, TaskNotFoundError)
+from . import stats
 from .merging import merge
 from .store import Store, load
 from .store import open_store as open  # noqa: A004
