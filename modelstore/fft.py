@@ -20,7 +20,7 @@ import torch
 
 from . import dtypes
 from .errors import InputError
-from .layout import FlatWriter, array_nbytes
+from .layout import FlatWriter, array_nbytes, close_all
 from .progress import bar
 from .selection import Cut, find_cut, kept_count, magnitude_bits
 from .sources import TensorSource
@@ -174,8 +174,7 @@ def write_task(w: StoreWriter, name: str, src: TensorSource, base_id: str, base:
             table.append({"name": n, "kind": "dense", "array": f"dense.{d}", "shape": shape, "dtype": d,
                           "start": start, "count": t.numel()})
             dense_count += 1
-    for fw in (idx_w, val_w, *dense_w.values()):
-        fw.close()
+    arrays = close_all([idx_w, val_w, *dense_w.values()])
     g.attrs["tensors"] = table
     merge = w.manifest["bases"][base_id].get("merge", {})
     entry = {
@@ -184,7 +183,7 @@ def write_task(w: StoreWriter, name: str, src: TensorSource, base_id: str, base:
         "params": {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
                    "index_dtype": index_dtype, "merge": merge},
         "source": source_info, "kept": kept, "total": total, "tensors": len(table), "dense_tensors": dense_count,
-        "bytes": array_nbytes(g), "full_bytes": full_bytes, "table_sha256": table_digest(table),
+        "bytes": array_nbytes(g), "full_bytes": full_bytes, "table_sha256": table_digest(table), "arrays": arrays,
     }
     w.commit_task(name, entry)
     return entry

@@ -7,6 +7,10 @@ requests however many tensors the model has.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
@@ -34,12 +38,16 @@ class FlatWriter:
     def __init__(self, group: zarr.Group, name: str, dtype: str, capacity: int, kind: str = "values"):
         self.dtype = np.dtype(dtype)
         self.chunk = max(1, min(CHUNK_ELEMENTS, capacity))
+        # every chunk is written, even all-zero ones, so a missing chunk is always damage
         self.array = group.create_array(
             name, shape=(capacity,), chunks=(self.chunk,), dtype=self.dtype,
             compressors=compressors(kind, self.dtype.itemsize), fill_value=0,
+            config={"write_empty_chunks": True},
         )
+        self.name = name
         self.capacity = capacity
         self.written = 0
+        self.crc32 = 0
         self._buf = np.empty(self.chunk, dtype=self.dtype)
         self._fill = 0
 
@@ -49,6 +57,7 @@ class FlatWriter:
         a = np.ascontiguousarray(a, dtype=self.dtype).reshape(-1)
         if start + a.size > self.capacity:
             raise AssertionError("FlatWriter capacity exceeded")
+        self.crc32 = zlib.crc32(memoryview(a).cast("B"), self.crc32) if a.size else self.crc32
         pos = 0
         while pos < a.size:
             take = min(self.chunk - self._fill, a.size - pos)
@@ -71,6 +80,16 @@ class FlatWriter:
         if self.written != self.capacity:
             self.array.resize((self.written,))
         return self.written
+
+
+def close_all(writers: Iterable[FlatWriter]) -> dict[str, dict[str, Any]]:
+    """Close `writers`; return what the manifest records per array: element count and CRC-32
+    of its little-endian content, so a reader can tell a missing or altered chunk."""
+    return {w.name: {"count": w.close(), "crc32": w.crc32} for w in writers}
+
+
+def content_crc32(a: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
 
 
 def array_nbytes(group: zarr.Group) -> int:

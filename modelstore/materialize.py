@@ -11,7 +11,7 @@ import torch
 
 from . import dtypes
 from .errors import InputError
-from .store import Store, arrays_of
+from .store import Store
 
 
 def materialize(store: Store, task: str, device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -24,10 +24,9 @@ def materialize(store: Store, task: str, device: torch.device, dtype: torch.dtyp
         return materialize_lora(store, task, device, dtype)
     what = f"task {task!r}"
     base = store.base(e["base"], device)
-    g, table = store._table(e["path"], e["table_sha256"], what)
-    names = sorted({a for t in table if t["count"] for a in arrays_of(t)})
+    flats = store.read_payload(e, what, device)
+    table = flats.table
     value_dtype = e["params"]["value_dtype"]
-    flats = {a: torch.from_numpy(store._read_flat(g, a, table, what)).to(device) for a in names}
     gaps = flats.get("indices")
     if gaps is not None:
         gaps = gaps.to(torch.int64)

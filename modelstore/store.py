@@ -24,7 +24,7 @@ import zarr
 from . import dtypes
 from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
                      StoreNotFoundError, TaskNotFoundError)
-from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, content_crc32
 from .names import check_task_name
 
 
@@ -202,6 +202,20 @@ class Store:
                     "re-add this task or restore the store") from None
         raise CorruptStoreError(f"{what}: array '{array}' could not be read")
 
+    def read_payload(self, entry: dict[str, Any], what: str, device: torch.device) -> Payload:
+        """Every non-empty flat array of a base or task, checked against the manifest, on `device`."""
+        g, table = self._table(entry["path"], entry["table_sha256"], what)
+        names = sorted({a for t in table if t["count"] for a in arrays_of(t)})
+        out = Payload(table)
+        for a in names:
+            flat = self._read_flat(g, a, table, what)
+            want = entry.get("arrays", {}).get(a)
+            if want is not None and (flat.size != want["count"] or content_crc32(flat) != want["crc32"]):
+                raise CorruptStoreError(f"{what}: array '{a}' does not match the checksum recorded in the manifest "
+                                        f"(a chunk is missing or was replaced); re-add it or restore the store")
+            out[a] = torch.from_numpy(flat).to(device)
+        return out
+
     def stored_base(self, base_id: str) -> StoredBase:
         """The base as a TensorSource read tensor by tensor (bounded memory, for writers)."""
         b = self._base_entry(base_id)
@@ -219,12 +233,9 @@ class Store:
         device = torch.device(device)
         key = (base_id, str(device))
         if key not in self._bases:
-            b = self._base_entry(base_id)
-            g, table = self._table(b["path"], b["table_sha256"], f"base {base_id!r}")
-            flats = {a: torch.from_numpy(self._read_flat(g, a, table, f"base {base_id!r}")).to(device)
-                     for a in sorted({e["array"] for e in table})}
+            flats = self.read_payload(self._base_entry(base_id), f"base {base_id!r}", device)
             out = {}
-            for e in table:
+            for e in flats.table:
                 flat = flats[e["array"]][e["start"]:e["start"] + e["count"]]
                 if e["dtype"] == "bfloat16":
                     flat = flat.view(torch.bfloat16)
@@ -259,6 +270,14 @@ class Store:
             first = str(e).strip().splitlines()
             raise InputError(f"task {task!r} does not fit this model: {' '.join(l.strip() for l in first[:3])}") from None
         return model
+
+
+class Payload(dict):
+    """Flat arrays of one base or task by name, with the tensor table that indexes them."""
+
+    def __init__(self, table: list[dict[str, Any]]):
+        super().__init__()
+        self.table = table
 
 
 class StoredBase:

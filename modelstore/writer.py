@@ -16,7 +16,7 @@ import zarr
 
 from . import dtypes
 from .errors import InputError, ModelStoreError, StoreNotFoundError, TaskExistsError
-from .layout import MANIFEST, FlatWriter, array_nbytes
+from .layout import MANIFEST, FlatWriter, array_nbytes, close_all
 from .names import check_task_name
 from .store import Location, Store, check_manifest, new_manifest, table_digest, _now
 
@@ -106,10 +106,9 @@ def write_base(w: StoreWriter, base_id: str, specs: list[tuple[str, tuple[int, .
         start = writers[d].append(dtypes.to_numpy(t))
         table.append({"name": name, "kind": "dense", "array": f"data.{d}", "shape": list(t.shape),
                       "dtype": d, "start": start, "count": t.numel()})
-    for fw in writers.values():
-        fw.close()
+    arrays = close_all(writers.values())
     g.attrs["tensors"] = table
-    entry = {**entry, "path": rel, "tensors": len(table), "table_sha256": table_digest(table),
+    entry = {**entry, "path": rel, "tensors": len(table), "table_sha256": table_digest(table), "arrays": arrays,
              "bytes": array_nbytes(g), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
              "created": _now()}
     w.commit_base(base_id, entry)

@@ -216,3 +216,25 @@ def test_fp16_overflow_is_refused(tmp_path):
     with pytest.raises(modelstore.InputError, match="float32"):
         modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"), {"t": str(tmp_path / "t.safetensors")},
                          merge="none", keep=1.0)
+
+
+def test_missing_or_swapped_chunk_is_detected(bert_models, tmp_path):
+    import shutil
+    url = str(tmp_path / "s")
+    t = bert_models["tasks"]
+    s = modelstore.build(url, bert_models["pre"], {"alpha": t["alpha"], "beta": t["beta"]}, keep=0.1)
+    a, b = (os.path.join(url, s.manifest["tasks"][n]["path"], "values", "c", "0") for n in ("alpha", "beta"))
+    saved = tmp_path / "chunk"
+    shutil.copy(a, saved)
+    shutil.copy(b, a)  # a valid chunk (its crc32c holds) in the wrong place
+    with pytest.raises(modelstore.CorruptStoreError, match="task 'alpha': array 'values' does not match"):
+        modelstore.open(url).load("alpha")
+    os.remove(a)  # zarr would read a missing chunk as zeros
+    with pytest.raises(modelstore.CorruptStoreError, match="task 'alpha'"):
+        modelstore.open(url).load("alpha")
+    shutil.copy(saved, a)
+    modelstore.open(url).load("alpha")
+    base_chunk = os.path.join(url, s.manifest["bases"]["merged"]["path"], "data.float32", "c", "0")
+    os.remove(base_chunk)
+    with pytest.raises(modelstore.CorruptStoreError, match="base 'merged'"):
+        modelstore.open(url).load("beta")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import dtypes
-from ..layout import FlatWriter, array_nbytes
+from ..layout import FlatWriter, array_nbytes, close_all
 from ..progress import bar
 from ..store import Store, StoredBase, table_digest
 from ..writer import StoreWriter
@@ -81,8 +81,7 @@ def write_lora_task(w: StoreWriter, name: str, adapter_dir: str, base: StoredBas
                       "shape": list(s.tensor.shape), "dtype": d, "start": start, "count": s.tensor.numel()})
         stored += s.tensor.numel()
         original += s.tensor.numel()
-    for f in (fw, *dense_w.values()):
-        f.close()
+    arrays = close_all([fw, *dense_w.values()])
     g.attrs["tensors"] = table
     ranks = [e["rank"] for e in table if e["kind"] == "lowrank"]
     entry = {
@@ -93,7 +92,7 @@ def write_lora_task(w: StoreWriter, name: str, adapter_dir: str, base: StoredBas
                    "max_rel_error": worst},
         "adapter_config": adapter.config, "source": source_info, "kept": stored, "total": original,
         "tensors": len(table), "dense_tensors": len(adapter.saved), "bytes": array_nbytes(g),
-        "full_bytes": _adapter_bytes(adapter_dir), "table_sha256": table_digest(table),
+        "full_bytes": _adapter_bytes(adapter_dir), "table_sha256": table_digest(table), "arrays": arrays,
     }
     w.commit_task(name, entry)
     return entry
@@ -102,12 +101,9 @@ def write_lora_task(w: StoreWriter, name: str, adapter_dir: str, base: StoredBas
 def read_adapter_task(store: Store, task: str, device: torch.device) -> StoredAdapter:
     """The stored factors of LoRA task `task` on `device` (no dense product is formed)."""
     e = store.entry(task)
-    what = f"task {task!r}"
-    g, table = store._table(e["path"], e["table_sha256"], what)
-    flats = {a: torch.from_numpy(store._read_flat(g, a, table, what)).to(device)
-             for a in sorted({t["array"] for t in table if t["count"]})}
+    flats = store.read_payload(e, f"task {task!r}", device)
     updates, tensors, peft = {}, {}, {}
-    for t in table:
+    for t in flats.table:
         flat = flats.get(t["array"])
         seg = flat[t["start"]:t["start"] + t["count"]] if flat is not None else None
         if t["kind"] == "lowrank":
