@@ -81,15 +81,16 @@ def build(store: str, pretrained: str, tasks: Mapping[str, str], *, merge: str =
     method = get_method(merge, **{**(merge_options or {}), **options, **_stats_option(merge, tasks, stats)})
     base_ck = open_checkpoint(pretrained)
     task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
-    w = StoreWriter(store, storage_options, create=True)
     base_id = "pretrained" if merge == "none" else "merged"
     srcs = list(task_cks.values())
-    names = [n for n in base_ck.names() if selected(n) and mergeable(
-        base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in set(s.names()) else None for s in srcs])]
     if merge != "none" and not srcs:
         raise InputError(f"merge method {merge!r} needs at least one --task; use `modelstore init` for a base only")
+    have = [set(s.names()) for s in srcs]
+    names = [n for n in base_ck.names() if selected(n) and mergeable(
+        base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in h else None for s, h in zip(srcs, have)])]
     method.prepare(base_ck, srcs, names)
     merged = set(names)
+    w = StoreWriter(store, storage_options, create=True)
 
     def base_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for n in bar(base_ck.names(), "base", progress):
