@@ -22,7 +22,7 @@ from . import dtypes
 from .errors import InputError
 from .layout import FlatWriter, array_nbytes, close_all
 from .progress import bar
-from .selection import Cut, find_cut, kept_count, magnitude_bits
+from .selection import find_cut, kept_count, magnitude_bits
 from .sources import TensorSource
 from .store import StoredBase, table_digest
 from .writer import StoreWriter
@@ -189,4 +189,4 @@ def write_task(w: StoreWriter, name: str, src: TensorSource, base_id: str, base:
     return entry
 
 
-__all__ = ["FFTOptions", "write_task", "plan", "Cut"]
+__all__ = ["FFTOptions", "write_task", "plan"]
