@@ -172,6 +172,9 @@ class Store:
             return zarr.open_group(self.loc.zstore, path=rel, mode="r")
         except FileNotFoundError:  # zarr's GroupNotFoundError is one
             raise CorruptStoreError(f"{self.url}: {rel} is listed in the manifest but missing; the store is damaged") from None
+        except (ValueError, KeyError, TypeError) as e:  # unreadable zarr.json
+            raise CorruptStoreError(f"{self.url}: the metadata of {rel} is unreadable ({type(e).__name__}); "
+                                    "the store is damaged") from None
 
     def _table(self, rel: str, digest: str, what: str) -> tuple[zarr.Group, list[dict[str, Any]]]:
         g = self._group(rel)

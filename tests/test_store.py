@@ -86,6 +86,14 @@ def test_tampered_table_is_detected(store2):
         modelstore.open(store2).load("alpha")
 
 
+def test_garbled_group_metadata_is_a_clear_error(store2):
+    s = modelstore.open(store2)
+    with open(os.path.join(store2, s.manifest["tasks"]["alpha"]["path"], "zarr.json"), "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(modelstore.CorruptStoreError, match="unreadable"):
+        modelstore.open(store2).load("alpha")
+
+
 def test_not_a_store_and_newer_version(tmp_path, store2):
     with pytest.raises(modelstore.StoreNotFoundError, match="not a modelstore store"):
         modelstore.open(str(tmp_path / "nothing"))
