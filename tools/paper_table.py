@@ -389,6 +389,7 @@ def markdown(results: list[dict[str, Any]], tasks: tuple[str, ...]) -> str:
 def plots(results: list[dict[str, Any]], out: Path) -> None:
     """Average accuracy against m% (Post-Pruning vs PERU-FFT), against q (PERU-LoRA), and against bytes."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -407,7 +408,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> None:
         ax.plot(*series(method), marker="o", label=method)
     line(ax, "FFT", "Single-Task", color="k", ls="--", label="Single-Task")
     line(ax, "FFT", "Task-Arithmetic", color="gray", ls=":", label="Task-Arithmetic")
-    ax.set(xlabel="m (% of each task vector kept)", ylabel="average accuracy (%)", title="Fully fine-tuned")
+    ax.set(xlabel="m (% of all model entries kept per task)", ylabel="average accuracy (%)", title="Fully fine-tuned")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fft_vs_m.png", dpi=120)
@@ -424,6 +425,7 @@ def plots(results: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "lora_vs_q.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # ~17 series: the default 10 colours repeat
     for method in dict.fromkeys(r["method"] for r in results):
         pts = [r for r in results if r["method"] == method]
         for group, marker in (("-", "*"), ("FFT", "o"), ("LoRA", "s")):
@@ -432,6 +434,8 @@ def plots(results: list[dict[str, Any]], out: Path) -> None:
                 ax.plot([r["bytes"] / 1e6 for r in sel], [100 * r["average"] for r in sel], marker=marker, ls="-",
                         label=f"{method} ({group})" if group != "-" else method)  # fmt: skip
     ax.set(xscale="log", xlabel="MB on disk, all tasks", ylabel="average accuracy (%)", title="Accuracy against storage")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # after the scale, which resets it
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
