@@ -117,10 +117,10 @@ class Scorer:
         return self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
     def _embed(self, model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
-        from tools.finetune import _embed
+        from tools.finetune import embed
 
         enc = self._batch(texts)
-        return _embed(model, enc["input_ids"], enc["attention_mask"])
+        return embed(model, enc["input_ids"], enc["attention_mask"])
 
     def accuracy(self, state: dict[str, torch.Tensor], data: Data, batch_size: int = 64) -> float:
         """Fraction of `data` the model with weights `state` classifies right (fp32, eval mode)."""

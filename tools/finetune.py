@@ -40,10 +40,14 @@ from tools.tasks import load_task
 __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_LR",
+    "embed",
+    "encoded",
     "evaluate",
     "finetune",
     "head",
     "load_state_dict",
+    "logits",
+    "model_from_state_dict",
     "pretrained_model",
     "pretrained_path",
     "train",
@@ -103,7 +107,7 @@ def _encode(texts: tuple[str, ...], max_len: int) -> tuple[torch.Tensor, torch.T
     return enc["input_ids"], enc["attention_mask"]
 
 
-def _embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Normalized mean-pooled sentence embeddings, in fp32 whatever autocast computed."""
     hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -115,18 +119,18 @@ def head(task: str) -> torch.Tensor:
     """The task's frozen zero-shot head [classes, 384]: pre-trained embeddings of its class prompts."""
     spec = load_task(task)
     with torch.inference_mode():
-        return _embed(_pretrained(), *_encode(spec.prompts, 64))
+        return embed(_pretrained(), *_encode(spec.prompts, 64))
 
 
 @functools.cache
-def _encoded(task: str, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encoded(task: str, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = load_task(task)
     texts, labels = (spec.train_texts, spec.train_labels) if split == "train" else (spec.test_texts, spec.test_labels)
     return (*_encode(texts, spec.max_len), torch.tensor(labels))
 
 
-def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, task_head: torch.Tensor) -> torch.Tensor:
-    return LOGIT_SCALE * _embed(model, ids, mask) @ task_head.T
+def logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, task_head: torch.Tensor) -> torch.Tensor:
+    return LOGIT_SCALE * embed(model, ids, mask) @ task_head.T
 
 
 # ---------------------------------------------------------------- evaluation
@@ -146,7 +150,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def _model_from_state_dict(state: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state_dict(state: dict[str, torch.Tensor]) -> nn.Module:
     model = pretrained_model()
     buffers = {name for name, _ in model.named_buffers()}
     # Non-persistent buffers (embeddings.position_ids) may sit in a checkpoint; they are not weights.
@@ -170,8 +174,8 @@ def evaluate(
     `limit` evaluates the first `limit` test examples only (for smoke tests)."""
     model = state_dict_or_model
     if isinstance(model, dict):
-        model = _model_from_state_dict(model)
-    ids, mask, labels = _encoded(task, "test")
+        model = model_from_state_dict(model)
+    ids, mask, labels = encoded(task, "test")
     ids, mask, labels = ids[:limit], mask[:limit], labels[:limit]
     task_head = head(task)
     was_training = model.training
@@ -179,7 +183,7 @@ def evaluate(
     correct = 0
     with torch.inference_mode():
         for i in range(0, len(labels), batch_size):
-            pred = _logits(model, ids[i : i + batch_size], mask[i : i + batch_size], task_head).argmax(-1)
+            pred = logits(model, ids[i : i + batch_size], mask[i : i + batch_size], task_head).argmax(-1)
             correct += int((pred == labels[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / len(labels)
@@ -221,7 +225,7 @@ def train(
     AdamW (weight decay 0.1), linear warm-up over 10% of the steps then cosine decay, batch 32,
     bf16 autocast, gradient clipping at 1; `n_train` caps the training examples used."""
     lr = _lr(mode, lr)
-    ids, mask, labels = _encoded(task, "train")
+    ids, mask, labels = encoded(task, "train")
     n = len(labels) if n_train is None else min(n_train, len(labels))
     task_head = head(task)
     model = _trainable(mode, seed)
@@ -244,7 +248,7 @@ def train(
         batch = order[pos : pos + BATCH_SIZE]
         pos += BATCH_SIZE
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(_logits(model, ids[batch], mask[batch], task_head), labels[batch])
+            loss = F.cross_entropy(logits(model, ids[batch], mask[batch], task_head), labels[batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import modelstore
-from tools.finetune import (LORA_RANK, _encoded, _logits, _model_from_state_dict, evaluate, finetune, head, load_state_dict,
+from tools.finetune import (LORA_RANK, encoded, logits, model_from_state_dict, evaluate, finetune, head, load_state_dict,
                             pretrained_path)
 from tools.tasks import TASKS
 
@@ -106,14 +106,14 @@ def lora_full_checkpoints(cfg: Config) -> dict[str, Path]:
 def _nll(task_head: torch.Tensor) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
     def loss(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, label = example
-        return F.cross_entropy(_logits(model, ids, mask, task_head), label)
+        return F.cross_entropy(logits(model, ids, mask, task_head), label)
 
     return loss
 
 
 def _unpadded(task: str, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The first n training examples one at a time, cut to their length so padding never enters a statistic."""
-    ids, mask, labels = _encoded(task, "train")
+    ids, mask, labels = encoded(task, "train")
     for i in range(min(n, len(labels))):
         length = int(mask[i].sum())
         yield ids[i : i + 1, :length], mask[i : i + 1, :length], labels[i : i + 1]
@@ -131,7 +131,7 @@ def statistics(cfg: Config, merge: str, mode: str, ckpts: dict[str, Path], names
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             state = load_file(ck) if ck.is_file() else load_state_dict(ck)
-            model = _model_from_state_dict(state)  # refuses weights that do not fit the encoder
+            model = model_from_state_dict(state)  # refuses weights that do not fit the encoder
             start = time.perf_counter()
             if kind == "fisher":
                 model.requires_grad_(False)
