@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.finetune import evaluate, finetune, load_state_dict, pretrained_model, pretrained_path
-from tools.tasks import TASKS
+from tools.tasks import TASKS, parse_tasks
 
 DEFAULT_TASKS = ("rt", "trump", "healthsrc")
 """Short (32-token) PyPI-shipped tasks with a visible lift over zero-shot."""
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--store", type=Path, default=None, help="store path (default: a temporary dir, removed after)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        p.error(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modelstore-demo-") as tmp:

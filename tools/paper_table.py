@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 import modelstore
 from tools.finetune import (LORA_RANK, encoded, logits, model_from_state_dict, evaluate, finetune, head, load_state_dict,
                             pretrained_path)
-from tools.tasks import TASKS
+from tools.tasks import TASKS, parse_tasks
 
 log = logging.getLogger(__name__)
 
@@ -462,10 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--smoke", action="store_true", help="a quick check of every kind of row (see smoke_config)")
     args = p.parse_args(argv)
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        p.error(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    try:
+        tasks = parse_tasks(args.tasks)
+    except ValueError as e:
+        p.error(str(e))
     cfg = Config(tasks, args.steps, n_stats=args.n_stats, limit=args.limit, cache=args.cache)
     if args.smoke:
         cfg = smoke_config(tasks, args.cache)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TASKS", "PYPI_TASKS", "MissingDataError", "Task", "load_task"]
+__all__ = ["TASKS", "PYPI_TASKS", "MissingDataError", "Task", "load_task", "parse_tasks"]
 
 TEST_SIZE = 1000
 """Test examples per task (a quarter of the data for tasks smaller than 4,000 examples)."""
@@ -390,6 +390,15 @@ _SPECS: dict[str, _Spec] = {
 TASKS: tuple[str, ...] = tuple(_SPECS)
 PYPI_TASKS: tuple[str, ...] = ("rt", "finefood", "healthsrc", "newsrc", "trump")
 """Tasks whose data ship on PyPI (the others need Debian packages)."""
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """Task names from a comma-separated command-line value; ValueError names unknown ones."""
+    tasks = tuple(t for t in text.split(",") if t)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    return tasks
 
 
 @functools.cache
