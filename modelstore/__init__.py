@@ -16,7 +16,7 @@ from .store import open_store as open  # noqa: A004
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "load", "build", "add_task", "add_lora_task", "init", "remove_task", "merge", "Store",
+    "open", "load", "build", "stats", "add_task", "add_lora_task", "init", "remove_task", "merge", "Store",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
     "TaskExistsError", "CorruptStoreError",
 ]

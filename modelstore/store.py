@@ -22,7 +22,7 @@ import torch
 import zarr
 
 from . import dtypes
-from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
+from .errors import (CorruptStoreError, FormatVersionError, InputError,
                      StoreNotFoundError, TaskNotFoundError)
 from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, content_crc32
 from .names import check_task_name
@@ -327,4 +327,4 @@ def load(task: str, store: str | Store | None = None, device: str | torch.device
     return store.load(check_task_name(task), device=device, dtype=dtype)
 
 
-__all__ = ["Store", "open_store", "load", "table_digest", "Location", "ModelStoreError"]
+__all__ = ["Store", "open_store", "load", "table_digest", "Location"]

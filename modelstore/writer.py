@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from . import dtypes
-from .errors import InputError, ModelStoreError, StoreNotFoundError, TaskExistsError
+from .errors import InputError, StoreNotFoundError, TaskExistsError, TaskNotFoundError
 from .layout import MANIFEST, FlatWriter, array_nbytes, close_all
 from .names import check_task_name
 from .store import Location, Store, check_manifest, new_manifest, table_digest, _now
@@ -85,7 +85,6 @@ class StoreWriter:
         check_task_name(name)
         entry = self.manifest["tasks"].pop(name, None)
         if entry is None:
-            from .errors import TaskNotFoundError
             raise TaskNotFoundError(f"{self.url} has no task {name!r}")
         self.commit()
         self.loc.remove_tree(entry["path"])
@@ -116,4 +115,4 @@ def write_base(w: StoreWriter, base_id: str, specs: list[tuple[str, tuple[int, .
 
 
 
-__all__ = ["StoreWriter", "write_base", "ModelStoreError"]
+__all__ = ["StoreWriter", "write_base"]

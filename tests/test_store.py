@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 import modelstore
 from modelstore import layout
-from conftest import finetuned_copy
 
 
 @pytest.fixture()
@@ -197,7 +196,7 @@ def test_nan_and_missing_tensors_are_refused(bert_models, tmp_path):
         modelstore.build(str(tmp_path / "s1"), bert_models["pre"], {"x": str(tmp_path / "nan.safetensors")})
     missing = {n: v.contiguous() for n, v in sd.items() if n != k}
     save_file(missing, str(tmp_path / "missing.safetensors"))
-    s = modelstore.init(str(tmp_path / "s2"), bert_models["pre"])
+    modelstore.init(str(tmp_path / "s2"), bert_models["pre"])
     with pytest.raises(modelstore.InputError, match=f"lacks tensor '{k}'"):
         modelstore.add_task(str(tmp_path / "s2"), "x", str(tmp_path / "missing.safetensors"))
     assert modelstore.open(str(tmp_path / "s2")).tasks() == []
