@@ -63,3 +63,8 @@ def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     if name == "bfloat16":
         t = t.view(torch.bfloat16)
     return t
+
+
+def output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    """What a loaded tensor is cast to: the requested float dtype for float tensors, else its own."""
+    return requested if requested is not None and stored.is_floating_point else stored

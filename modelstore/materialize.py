@@ -32,8 +32,7 @@ def materialize(store: Store, task: str, device: torch.device, dtype: torch.dtyp
         gaps = gaps.to(torch.int64)
     out: dict[str, torch.Tensor] = {}
     for t in table:
-        orig = dtypes.torch_dtype(t["dtype"])
-        want = dtype if dtype is not None and orig.is_floating_point else orig
+        want = dtypes.output_dtype(dtypes.torch_dtype(t["dtype"]), dtype)
         s, c = t["start"], t["count"]
         if t["kind"] == "sparse":
             b = base[t["name"]]

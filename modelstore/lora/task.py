@@ -124,16 +124,15 @@ def materialize_lora(store: Store, task: str, device: torch.device, dtype: torch
     """θ0 + U·diag(S)·Vᵀ for every adapted weight, saved tensors replacing theirs, on `device`."""
     a = read_adapter_task(store, task, device)
     base = store.base("pretrained", device)
-
-    def target(like: torch.dtype) -> torch.dtype:
-        return dtype if dtype is not None and like.is_floating_point else like
-
-    out = {n: b.to(target(b.dtype), copy=True) for n, b in base.items()}
-    for n, low in a.updates.items():
-        b = base[n]
-        out[n] = (b.to(torch.float32) + low.dense(device, torch.float32)).to(target(b.dtype))
+    out = {}
+    for n, b in base.items():
+        if n in a.tensors:
+            continue  # a saved tensor replaces it below
+        low = a.updates.get(n)
+        merged = b if low is None else b.to(torch.float32) + low.dense(device, torch.float32)
+        out[n] = merged.to(dtypes.output_dtype(b.dtype, dtype), copy=low is None)
     for n, t in a.tensors.items():
-        out[n] = t.to(target(t.dtype), copy=True)
+        out[n] = t.to(dtypes.output_dtype(t.dtype, dtype), copy=True)
     return out
 
 
