@@ -30,9 +30,10 @@ def _task_or_skip(name: str):
 def test_loader_split_is_fixed_and_disjoint(name: str) -> None:
     task = _task_or_skip(name)
     assert len(task.classes) == len(task.prompts) >= 2
-    assert 900 <= len(task.test_texts) <= 1000 and len(task.train_texts) >= 2000
+    assert 900 <= len(task.test_texts) <= 1000 and len(task.train_texts) >= 2000 and 450 <= len(task.val_texts) <= 500
     assert set(task.train_labels) == set(task.test_labels) == set(range(len(task.classes)))
-    assert not set(task.train_texts) & set(task.test_texts)
+    train, val, test = set(task.train_texts), set(task.val_texts), set(task.test_texts)
+    assert not train & test and not train & val and not val & test
     again = load_task.__wrapped__(name)  # parse again, bypassing the in-memory cache
     assert again == task
 

@@ -7,8 +7,10 @@ class names or 0-based indices. A model whose stored config is a ``*ForSequenceC
 is scored with its own head; any other encoder with this recipe's zero-shot head (tools.finetune):
 the pre-trained MiniLM's normalized mean-pooled embedding of one prompt per class (--prompts:
 one line per class, in class order; default: the class names), logits = 20 * cosine. The tokenizer
-is the original directory's when it has one, else the pre-trained MiniLM's. PATH is a model
-directory, a .safetensors file, or a PEFT LoRA adapter directory (merged into the pre-trained MiniLM).
+is the original directory's when it has one, else the pre-trained MiniLM's. PATH is anything
+`modelstore add-task` reads (an HF model directory, single or sharded, a .safetensors file, a .bin
+state dict, loaded with weights_only), or a PEFT LoRA adapter directory (merged into the
+pre-trained MiniLM).
 """
 
 from __future__ import annotations
@@ -70,16 +72,15 @@ def read_data(path: Path, classes: list[str] | None) -> Data:
 
 
 def original_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of the original: a model dir, a .safetensors file or a PEFT adapter dir (via tools.finetune)."""
-    from safetensors.torch import load_file
-
+    """Weights of the original, read as modelstore reads a task's checkpoint (a PEFT adapter dir:
+    merged into the pre-trained MiniLM by tools.finetune)."""
+    from modelstore.sources import open_checkpoint
     from tools.finetune import load_state_dict
 
-    if path.is_file() and path.suffix == ".safetensors":
-        return load_file(path)
-    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "adapter_config.json").is_file()):
+    if path.is_dir() and (path / "adapter_config.json").is_file():
         return load_state_dict(path)
-    raise EvalError(f"{path}: not a model directory (model.safetensors), .safetensors file or PEFT adapter directory")
+    checkpoint = open_checkpoint(str(path))  # a modelstore InputError names what it cannot read
+    return {name: checkpoint.get(name) for name in checkpoint.names()}
 
 
 class Scorer:

@@ -7,7 +7,8 @@ encoder changes, so every task model is a full encoder checkpoint that a store c
 - ``full``: the six transformer blocks are trained (embeddings and pooler frozen, as in the
   notes' cost table), saved with ``save_pretrained`` (config.json + model.safetensors, the
   pre-trained checkpoint's tensor names);
-- ``lora``: PEFT LoRA of rank 16 on the blocks' linear layers, saved as a PEFT adapter dir.
+- ``lora``: PEFT LoRA (rank 16 by default, α = r) on the blocks' linear layers, saved as a PEFT
+  adapter dir.
 
 Checkpoints are cached under ``.cache/modelstore-tools/`` keyed by (task, mode, steps, seed,
 lr, train size) and reused.
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.tasks import load_task
+from tools.tasks import SPLIT_VERSION, load_task
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 Mode = Literal["full", "lora"]
+Split = Literal["train", "val", "test"]
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "modelstore-tools"
 DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 3e-3}
@@ -123,9 +125,10 @@ def head(task: str) -> torch.Tensor:
 
 
 @functools.cache
-def encoded(task: str, split: Literal["train", "test"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encoded(task: str, split: Split) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and labels of one split of `task`."""
     spec = load_task(task)
-    texts, labels = (spec.train_texts, spec.train_labels) if split == "train" else (spec.test_texts, spec.test_labels)
+    texts, labels = getattr(spec, f"{split}_texts"), getattr(spec, f"{split}_labels")
     return (*_encode(texts, spec.max_len), torch.tensor(labels))
 
 
@@ -166,16 +169,17 @@ def evaluate(
     state_dict_or_model: dict[str, torch.Tensor] | nn.Module,
     task: str,
     *,
+    split: Split = "test",
     limit: int | None = None,
     batch_size: int = 256,
 ) -> float:
-    """Test accuracy on `task` of an encoder (a module, or a state dict as a store returns it) with
-    the task's frozen head. fp32, so that accuracy differences reflect the weights, not rounding.
-    `limit` evaluates the first `limit` test examples only (for smoke tests)."""
+    """Accuracy on `task`'s `split` of an encoder (a module, or a state dict as a store returns it)
+    with the task's frozen head. fp32, so that accuracy differences reflect the weights, not
+    rounding. `limit` evaluates the first `limit` examples only."""
     model = state_dict_or_model
     if isinstance(model, dict):
         model = model_from_state_dict(model)
-    ids, mask, labels = encoded(task, "test")
+    ids, mask, labels = encoded(task, split)
     ids, mask, labels = ids[:limit], mask[:limit], labels[:limit]
     task_head = head(task)
     was_training = model.training
@@ -192,13 +196,17 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
-def _lr(mode: str, lr: float | None) -> float:
+def _lr(mode: str, lr: float | None, rank: int = LORA_RANK) -> float:
+    """`lr`, or the default: a LoRA of rank r gets DEFAULT_LR · 16 / r, because with α = r each Adam
+    step moves B·A by about r times the step of one rank-1 term."""
     if mode not in DEFAULT_LR:
         raise ValueError(f"mode must be 'full' or 'lora', not {mode!r}")
-    return DEFAULT_LR[mode] if lr is None else lr
+    if lr is not None:
+        return lr
+    return DEFAULT_LR[mode] * (LORA_RANK / rank if mode == "lora" else 1.0)
 
 
-def _trainable(mode: Mode, seed: int) -> nn.Module:
+def _trainable(mode: Mode, seed: int, rank: int = LORA_RANK) -> nn.Module:
     model = pretrained_model()
     model.requires_grad_(False)
     if mode == "full":
@@ -207,7 +215,7 @@ def _trainable(mode: Mode, seed: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # LoRA's A matrices are initialized at random
-    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     return get_peft_model(model, config)
 
 
@@ -219,16 +227,18 @@ def train(
     seed: int = 0,
     lr: float | None = None,
     n_train: int | None = None,
+    rank: int = LORA_RANK,
 ) -> nn.Module:
-    """Fine-tune in memory and return the model (a BertModel, or a PeftModel for ``lora``).
+    """Fine-tune in memory and return the model (a BertModel, or a PeftModel of LoRA rank `rank`
+    for ``lora``).
 
     AdamW (weight decay 0.1), linear warm-up over 10% of the steps then cosine decay, batch 32,
     bf16 autocast, gradient clipping at 1; `n_train` caps the training examples used."""
-    lr = _lr(mode, lr)
+    lr = _lr(mode, lr, rank)
     ids, mask, labels = encoded(task, "train")
     n = len(labels) if n_train is None else min(n_train, len(labels))
     task_head = head(task)
-    model = _trainable(mode, seed)
+    model = _trainable(mode, seed, rank)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
@@ -272,8 +282,9 @@ def _unpersisted_tensors() -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys() if k not in keep}
 
 
-def _cache_key(task: str, mode: Mode, steps: int, seed: int, lr: float, n_train: int | None) -> str:
-    return f"{task}-{mode}-steps{steps}-seed{seed}-lr{lr:g}" + ("" if n_train is None else f"-n{n_train}")
+def _cache_key(task: str, mode: Mode, steps: int, seed: int, lr: float, n_train: int | None, rank: int) -> str:
+    key = f"{task}-{mode}-split{SPLIT_VERSION}-steps{steps}-seed{seed}-lr{lr:g}"
+    return key + ("" if n_train is None else f"-n{n_train}") + (f"-r{rank}" if mode == "lora" and rank != LORA_RANK else "")
 
 
 def finetune(
@@ -284,19 +295,20 @@ def finetune(
     seed: int = 0,
     lr: float | None = None,
     n_train: int | None = None,
+    rank: int = LORA_RANK,
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Fine-tune `task` (or reuse the cached run) and return the checkpoint dir: an HF model dir
-    for ``full``, a PEFT adapter dir for ``lora``. A JSON file beside it records the run."""
-    lr = _lr(mode, lr)
+    for ``full``, a PEFT adapter dir of rank `rank` for ``lora``. A JSON file beside it records the run."""
+    lr = _lr(mode, lr, rank)
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    key = _cache_key(task, mode, steps, seed, lr, n_train)
+    key = _cache_key(task, mode, steps, seed, lr, n_train, rank)
     out = cache / key
     if out.is_dir():
         return out
     load_task(task)  # fail fast on missing data, before loading the model
     start = time.perf_counter()
-    model = train(task, mode, steps, seed=seed, lr=lr, n_train=n_train)
+    model = train(task, mode, steps, seed=seed, lr=lr, n_train=n_train, rank=rank)
     seconds = time.perf_counter() - start
     tmp = cache / f".{key}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -312,7 +324,7 @@ def finetune(
         shutil.rmtree(tmp)  # a concurrent run of the same key finished first; its result is identical
         return out
     meta = {"task": task, "mode": mode, "steps": steps, "seed": seed, "lr": lr, "n_train": n_train,
-            "train_seconds": round(seconds, 1)}  # fmt: skip
+            **({"rank": rank} if mode == "lora" else {}), "train_seconds": round(seconds, 1)}  # fmt: skip
     (cache / f"{key}.json").write_text(json.dumps(meta, indent=1) + "\n")
     log.info("saved %s (%.0f s)", out, seconds)
     return out
@@ -326,14 +338,15 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default="full", choices=("full", "lora"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (full), 3e-3 (lora)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (full), 3e-3 · 16 / rank (lora)")
+    p.add_argument("--rank", type=int, default=LORA_RANK, help="LoRA rank (lora mode)")
     p.add_argument("--n-train", type=int, default=None, help="cap on training examples")
     p.add_argument("--cache-dir", type=Path, default=None, help=f"default: {DEFAULT_CACHE}")
     p.add_argument("--no-eval", action="store_true", help="skip the test accuracies")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = finetune(args.task, args.mode, args.steps, seed=args.seed, lr=args.lr, n_train=args.n_train,
-                    cache_dir=args.cache_dir)  # fmt: skip
+                    rank=args.rank, cache_dir=args.cache_dir)  # fmt: skip
     result = {"checkpoint": str(path)}
     if not args.no_eval:
         result["zero_shot_acc"] = evaluate(pretrained_model(), args.task)

