@@ -11,12 +11,14 @@ from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelSto
 from . import stats
 from .merging import merge
 from .store import Store, load
+from .transfer import SyncReport, sync
 from .store import open_store as open  # noqa: A004
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "load", "build", "stats", "add_task", "add_lora_task", "init", "remove_task", "merge", "Store",
+    "open", "load", "build", "stats", "add_task", "add_lora_task", "init", "remove_task", "merge", "sync",
+    "SyncReport", "Store",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
     "TaskExistsError", "CorruptStoreError",
 ]

@@ -48,6 +48,17 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return out
 
 
+def _json_pairs(values: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """KEY=VALUE options whose values are JSON when they parse as JSON (numbers, objects), else strings."""
+    out: dict[str, Any] = {}
+    for k, v in _pairs(values, flag).items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
 def _storage_options(ctx: click.Context) -> dict[str, Any] | None:
     return ctx.obj.get("storage_options") or None
 
@@ -86,11 +97,7 @@ def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
             opts.update(json.loads(env))
         except ValueError:
             raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object") from None
-    for k, v in _pairs(storage_option, "--storage-option").items():
-        try:
-            opts[k] = json.loads(v)
-        except ValueError:
-            opts[k] = v
+    opts.update(_json_pairs(storage_option, "--storage-option"))
     ctx.obj = {"storage_options": opts}
 
 
@@ -296,6 +303,50 @@ def export(ctx: click.Context, store: str, task: str, out: str, fmt: str) -> Non
     from .export import export_hf, export_peft
     files = (export_hf if fmt == "hf" else export_peft)(_open(ctx, store), task, out)
     click.echo(f"wrote {', '.join(files)} to {out}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--task", "tasks", multiple=True, metavar="NAME", help="copy only this task and its base (repeat)")
+@click.option("--delete", is_flag=True, help="also remove DST's tasks that SRC lacks (a mirror)")
+@click.option("--dry-run", is_flag=True, help="say what would be copied; write nothing")
+@click.option("--dst-option", "dst_option", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for DST only (default: the -o options, which SRC always uses)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete: bool, dry_run: bool,
+         dst_option: tuple[str, ...], as_json: bool) -> None:
+    """Copy the tasks of store SRC (and the bases they sit on) to DST, creating it if needed.
+
+    SRC and DST are any locations a store can live at: a local path, s3://bucket/prefix,
+    memory://name, hf://... Tasks already at DST with the same content are skipped. Each task
+    is committed at DST once all its files are there, so an interrupted sync leaves every
+    finished task readable and no partial one."""
+    from .progress import counter
+    from .transfer import sync as run
+    src_opts = _storage_options(ctx)
+    dst_opts = {**(src_opts or {}), **_json_pairs(dst_option, "--dst-option")} or None
+    kw = dict(tasks=list(tasks) or None, delete=delete, src_options=src_opts, dst_options=dst_opts)
+    plan = run(src, dst, dry_run=True, **kw)
+    if not dry_run:
+        source = open_store(src, storage_options=src_opts).manifest
+        total = (sum(source["bases"][b]["bytes"] for b in plan.bases_copied)
+                 + sum(source["tasks"][t]["bytes"] for t in plan.copied))  # fmt: skip
+        with counter(total, f"sync to {dst}", enabled=not as_json and total > 0) as advance:
+            plan = run(src, dst, on_bytes=advance, **kw)
+    if as_json:
+        _emit(plan.as_dict())
+        return
+    verb = "would copy" if dry_run else "copied"
+    click.echo(f"{verb} {len(plan.copied)} task(s){': ' + ', '.join(plan.copied) if plan.copied else ''}"
+               + (f" and base(s) {', '.join(plan.bases_copied)}" if plan.bases_copied else "")
+               + ("" if dry_run else f" ({_human(plan.bytes_copied)})"))
+    if plan.up_to_date:
+        click.echo(f"up to date: {', '.join(plan.up_to_date)}")
+    if plan.deleted:
+        click.echo(f"{'would delete' if dry_run else 'deleted'}: {', '.join(plan.deleted)}")
 
 
 @main.command()

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import modelstore
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)
@@ -62,6 +64,15 @@ def bert_models(tmp_path_factory) -> dict:
     sd0 = load_file(os.path.join(pre, "model.safetensors"))
     sds = {n: load_file(os.path.join(p, "model.safetensors")) for n, p in tasks.items()}
     return {"cfg": cfg, "pre": pre, "tasks": tasks, "sd0": sd0, "sds": sds, "root": root}
+
+
+@pytest.fixture()
+def store2(bert_models, tmp_path) -> str:
+    """A store of tasks alpha and beta on a Task-Arithmetic base, at tmp_path/"s"."""
+    tasks = bert_models["tasks"]
+    url = str(tmp_path / "s")
+    modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
+    return url
 
 
 # ---- independent numpy reference of PERU-FFT (spec/FORMAT.md semantics) --------------------------

@@ -82,3 +82,23 @@ def test_loading_a_task_takes_few_requests(s3, bert_models):
     assert len(sd) > 30
     # task group + (metadata + one chunk) for indices and for values
     assert len(second) <= 5, second
+
+
+def test_sync_local_to_s3_and_back(s3, bert_models, tmp_path):
+    from modelstore.transfer import sync
+    t = bert_models["tasks"]
+    local = str(tmp_path / "local")
+    modelstore.build(local, bert_models["pre"], {"alpha": t["alpha"], "beta": t["beta"]}, keep=0.1)
+    url = "s3://models/synced"
+    report = sync(local, url, dst_options=s3)
+    assert report.copied == ["alpha", "beta"] and report.bases_copied == ["merged"]
+    remote = modelstore.open(url, storage_options=s3)
+    want = modelstore.open(local)
+    for task in ("alpha", "beta"):
+        got = remote.load(task)
+        assert all(torch.equal(got[k], v) for k, v in want.load(task).items())
+    assert sync(local, url, dst_options=s3).up_to_date == ["alpha", "beta"]  # nothing copied twice
+    back = str(tmp_path / "back")
+    assert sync(url, back, tasks=["beta"], src_options=s3).copied == ["beta"]
+    got = modelstore.open(back).load("beta")
+    assert all(torch.equal(got[k], v) for k, v in want.load("beta").items())

@@ -13,14 +13,6 @@ import modelstore
 from modelstore import layout
 
 
-@pytest.fixture()
-def store2(bert_models, tmp_path):
-    tasks = bert_models["tasks"]
-    url = str(tmp_path / "s")
-    modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
-    return url
-
-
 def test_add_task_keeps_base_and_others_untouched(bert_models, store2):
     before = modelstore.open(store2)
     alpha = before.load("alpha")

@@ -1,0 +1,163 @@
+"""Copying a store to another location (local, s3://, memory://, hf://...), a task at a time.
+
+A payload directory is copied file by file into a fresh directory of the destination, each
+file's size checked against the source, and only then is the copied entry written into the
+destination's manifest: the same commit rule as any write, so an interrupted sync leaves every
+task it finished readable and no partial task visible (a half-copied directory is an orphan that
+the next write of that task removes).
+Entries are compared by content (tensor-table digest and per-array CRC-32), so a task already
+at the destination is not copied again, whatever directory it sits in.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import CorruptStoreError, InputError
+from .layout import MANIFEST
+from .names import check_task_name
+from .store import Location, Store
+from .writer import StoreWriter
+
+COPY_BLOCK = 8 << 20
+"""Bytes read and written per call when streaming one file."""
+COPY_THREADS = 8
+"""Files copied at once: object stores answer many small requests in parallel."""
+
+
+@dataclass
+class SyncReport:
+    """What a sync did (or, with dry_run, would do)."""
+
+    copied: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    bases_copied: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two manifest entries (bases or tasks) hold the same tensors: same table digest and
+    the same count and CRC-32 of every array."""
+    return a.get("table_sha256") == b.get("table_sha256") and a.get("arrays") == b.get("arrays")
+
+
+def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool = False, dry_run: bool = False,
+         src_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None,
+         on_bytes: Callable[[int], None] | None = None) -> SyncReport:
+    """Make the store at `dst` hold `src`'s tasks (all, or `tasks`), creating it if needed.
+
+    Bases that the copied tasks sit on come along; a base the destination already has must hold
+    the same tensors (tasks of one merged base do not apply to another). A destination task whose
+    content differs from the source's is replaced. `delete` also removes the destination's tasks
+    that `src` lacks (only with `tasks` unset). `on_bytes(n)` is called as bytes are copied.
+    """
+    if delete and tasks is not None:
+        raise InputError("--delete mirrors the whole store; it cannot be combined with --task")
+    source = Store(src, storage_options=src_options)
+    names = source.tasks() if tasks is None else list(dict.fromkeys(tasks))
+    for name in names:
+        check_task_name(name)
+        source.entry(name)  # TaskNotFoundError names the task
+    src_bases = source.manifest["bases"]
+    bases = list(src_bases) if tasks is None else list(dict.fromkeys(source.entry(n)["base"] for n in names))
+
+    dest_loc = Location(dst, dst_options, read_only=dry_run)
+    dest_manifest = dest_loc.read_json(MANIFEST)
+    if dest_manifest is not None and _same_location(source.loc, dest_loc):
+        raise InputError(f"{src} and {dst} are the same store; give another destination")
+    have_bases = dest_manifest["bases"] if dest_manifest else {}
+    have_tasks = dest_manifest["tasks"] if dest_manifest else {}
+    for b in bases:
+        if b in have_bases and not same_content(have_bases[b], src_bases[b]):
+            raise InputError(f"{dst} already has a different {b!r} base than {src}: the tasks of one do not "
+                             "apply to the other; sync into a new location, or remove the destination first")
+
+    report = SyncReport(dry_run=dry_run)
+    todo = []
+    for name in names:
+        entry = source.entry(name)
+        if name in have_tasks and have_tasks[name]["base"] == entry["base"] and same_content(have_tasks[name], entry):
+            report.up_to_date.append(name)
+        else:
+            todo.append(name)
+    report.bases_copied = [b for b in bases if b not in have_bases]
+    report.copied = todo
+    report.deleted = sorted(set(have_tasks) - set(source.tasks())) if delete else []
+    if dry_run:
+        return report
+
+    writer = StoreWriter(dst, dst_options, create=dest_manifest is None)
+    progress = on_bytes or (lambda n: None)
+    for b in report.bases_copied:
+        path, n = _copy_payload(source.loc, writer, src_bases[b]["path"], progress)
+        writer.commit_base(b, {**src_bases[b], "path": path})
+        report.bytes_copied += n
+    for name in todo:
+        entry = source.entry(name)
+        path, n = _copy_payload(source.loc, writer, entry["path"], progress)
+        writer.commit_task(name, {**entry, "path": path})
+        report.bytes_copied += n
+    for name in report.deleted:
+        writer.remove_task(name)
+    return report
+
+
+def _same_location(a: Location, b: Location) -> bool:
+    return type(a.fs) is type(b.fs) and a.root == b.root
+
+
+def _copy_payload(src: Location, writer: StoreWriter, rel: str, on_bytes: Callable[[int], None]) -> tuple[str, int]:
+    """Copy payload directory `rel` (``bases/<id>/<dir>`` or ``tasks/<name>/<dir>``) into a fresh
+    directory beside where it would go, with the group metadata above it; return the new
+    directory and the bytes copied. A live payload is never written over."""
+    dst = writer.loc
+    parent = rel.rsplit("/", 1)[0]
+    writer.cleanup(parent)  # leftovers of an interrupted copy
+    target = f"{parent}/{uuid.uuid4().hex[:16]}"
+    root = src.path(rel)
+    try:
+        files = src.fs.find(root, detail=True)
+    except FileNotFoundError:
+        files = {}
+    if not files:
+        raise CorruptStoreError(f"{src.url}: {rel} is listed in the manifest but missing; the store is damaged")
+    jobs = [(path, dst.path(f"{target}/{path[len(root):].lstrip('/')}"), int(info["size"]))
+            for path, info in sorted(files.items())]  # fmt: skip
+    parts = rel.split("/")
+    for i in range(len(parts) - 1, 0, -1):  # tasks/zarr.json, tasks/<name>/zarr.json: group metadata
+        meta = "/".join(parts[:i]) + "/zarr.json"
+        if src.fs.exists(src.path(meta)) and not dst.fs.exists(dst.path(meta)):
+            jobs.append((src.path(meta), dst.path(meta), int(src.fs.size(src.path(meta)))))
+    total = 0
+    with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(_copy_file, src, dst, *job) for job in jobs]):
+            n = done.result()
+            on_bytes(n)  # here, not in the workers: progress bars are not thread-safe
+            total += n
+    return target, total
+
+
+def _copy_file(src: Location, dst: Location, source: str, target: str, size: int) -> int:
+    if dst.local:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    n = 0
+    with src.fs.open(source, "rb") as r, dst.fs.open(target, "wb") as w:
+        while block := r.read(COPY_BLOCK):
+            w.write(block)
+            n += len(block)
+    if n != size:
+        raise CorruptStoreError(f"{source}: read {n} bytes, the listing says {size}; the copy was stopped")
+    return n
+
+
+__all__ = ["sync", "SyncReport", "same_content"]
