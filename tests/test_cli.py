@@ -87,7 +87,9 @@ def test_verify_json_and_threshold(built, bert_models):
 
 
 def test_every_command_has_help():
-    for cmd in [[], ["build"], ["init"], ["add-task"], ["ls"], ["info"], ["rm"], ["export"], ["verify"]]:
+    from modelstore.cli import main
+    assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync"}
+    for cmd in [[], *([c] for c in main.commands)]:
         assert "Usage:" in run(*cmd, "--help").output
 
 
