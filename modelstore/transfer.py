@@ -21,7 +21,7 @@ from typing import Any
 from .errors import CorruptStoreError, InputError
 from .layout import MANIFEST
 from .names import check_task_name
-from .store import Location, Store
+from .store import Location, Store, check_manifest
 from .writer import StoreWriter
 
 COPY_BLOCK = 8 << 20
@@ -73,6 +73,8 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
 
     dest_loc = Location(dst, dst_options, read_only=dry_run)
     dest_manifest = dest_loc.read_json(MANIFEST)
+    if dest_manifest is not None:
+        check_manifest(dest_manifest, dst)  # a newer format, or someone else's manifest.json
     if dest_manifest is not None and _same_location(source.loc, dest_loc):
         raise InputError(f"{src} and {dst} are the same store; give another destination")
     have_bases = dest_manifest["bases"] if dest_manifest else {}

@@ -82,6 +82,12 @@ def test_refuses_another_base_unknown_task_and_itself(src, bert_models, tmp_path
         sync(src, str(tmp_path / "x"), tasks=["nope"])
     with pytest.raises(modelstore.InputError, match="same store"):
         sync(src, src)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "not a store"}')
+    with pytest.raises(modelstore.StoreNotFoundError, match="not ours"):
+        sync(src, str(foreign))
+    assert [p.name for p in foreign.iterdir()] == ["manifest.json"]
 
 
 def test_interrupted_sync_leaves_finished_tasks_and_no_partial_one(src, tmp_path, monkeypatch):
