@@ -5,7 +5,8 @@ Every figure is reported next to a baseline measured in the same process:
 - load time of a task (base cached / cold) against reading the full checkpoint into memory
   (safetensors.load_file + a copy of each tensor, since load_file alone only maps the file),
 - bytes on disk against the full checkpoint,
-- the exact streaming radix top-k against numpy partition and torch.topk over the same deltas.
+- the exact streaming radix top-k against numpy partition and torch.topk over the same deltas,
+- `modelstore.sync` of the whole store to a new local directory against shutil.copytree of it.
 
     python -m tools.bench_store --params 50e6 --tasks 3 --keep 0.1
     MODELSTORE_DELTA_CACHE_BYTES=0 python -m tools.bench_store   # fully streaming selection
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 
@@ -151,6 +153,10 @@ def main() -> None:
         r["task_bytes"], r["full_bytes"] = info["bytes"], full_bytes
         r["task_bytes_vs_full"] = info["bytes"] / full_bytes
         r["store_bytes_vs_all_full"] = s.info()["bytes"] / (full_bytes * a.tasks)
+
+        r["baseline_copytree_s"], _ = timed(lambda: shutil.copytree(f"{root}/store", f"{root}/tree-{time.time_ns()}"), 2)
+        r["sync_s"], _ = timed(lambda: modelstore.sync(f"{root}/store", f"{root}/sync-{time.time_ns()}"), 2)
+        r["sync_vs_copytree"] = r["sync_s"] / r["baseline_copytree_s"]
 
         # selection: radix (two streaming passes) vs numpy partition vs torch.topk on the same |u|
         sd0, sd1 = load_file(pre), load_file(tasks["task0"])
