@@ -147,3 +147,20 @@ def test_cli(src, tmp_path):
     assert r.exit_code == 0 and "copied 1 task(s): beta" in r.output and "up to date: alpha" in r.output
     r = CliRunner().invoke(main, ["sync", src, dst, "--delete", "--task", "alpha"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("Error: --delete")
+
+
+def test_tasks_join_a_store_initialised_from_the_same_model(bert_models, tmp_path):
+    """Bases are matched by content, not by directory: two stores initialised independently from
+    the same pre-trained model share tasks."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for url in (a, b):
+        modelstore.init(url, pretrained=bert_models["pre"])
+    modelstore.add_task(a, "alpha", bert_models["tasks"]["alpha"], keep=0.1)
+    modelstore.add_task(b, "gamma", bert_models["tasks"]["gamma"], keep=0.1)
+    base_dir = modelstore.open(b).manifest["bases"]["pretrained"]["path"]
+    assert modelstore.open(a).manifest["bases"]["pretrained"]["path"] != base_dir
+    r = sync(a, b)
+    assert (r.copied, r.bases_copied) == (["alpha"], [])
+    assert modelstore.open(b).tasks() == ["alpha", "gamma"]
+    assert modelstore.open(b).manifest["bases"]["pretrained"]["path"] == base_dir  # b's own base, kept
+    _same_tasks(modelstore.open(a), modelstore.open(b), ["alpha"])
