@@ -79,16 +79,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.demo``."""
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", type=parse_tasks, default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps per task (batch 32)")
     p.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="fraction of each task delta kept")
     p.add_argument("--store", type=Path, default=None, help="store path (default: a temporary dir, removed after)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    try:
-        tasks = parse_tasks(args.tasks)
-    except ValueError as e:
-        p.error(str(e))
+    tasks = args.tasks
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modelstore-demo-") as tmp:

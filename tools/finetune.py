@@ -10,8 +10,8 @@ encoder changes, so every task model is a full encoder checkpoint that a store c
 - ``lora``: PEFT LoRA (rank 16 by default, α = r) on the blocks' linear layers, saved as a PEFT
   adapter dir.
 
-Checkpoints are cached under ``.cache/modelstore-tools/`` keyed by (task, mode, steps, seed,
-lr, train size) and reused.
+Checkpoints are cached under ``.cache/modelstore-tools/`` keyed by (task, split version, mode,
+steps, seed, lr, train size, LoRA rank) and reused.
 
     python -m tools.finetune --task rt --mode full --steps 300
 """

@@ -553,7 +553,7 @@ def smoke_config(tasks: tuple[str, ...], cache: Path, checkpoint_cache: Path | N
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.paper_table``."""
     p = argparse.ArgumentParser(prog="python -m tools.paper_table", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", type=parse_tasks, default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps of the checkpoints (batch 32)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--n-stats", type=int, default=256, help="validation examples per task for Fisher / Gram")
@@ -562,10 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--smoke", action="store_true", help="a quick check of every kind of row (see smoke_config)")
     args = p.parse_args(argv)
-    try:
-        tasks = parse_tasks(args.tasks)
-    except ValueError as e:
-        p.error(str(e))
+    tasks = args.tasks
     cfg = Config(tasks, args.steps, n_stats=args.n_stats, n_val=args.n_val, limit=args.limit, cache=args.cache)
     if args.smoke:
         cfg = smoke_config(tasks, args.cache)

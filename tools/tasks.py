@@ -16,6 +16,7 @@ cached in memory only.
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import csv
 import functools
@@ -135,11 +136,15 @@ def _pick(texts: list[str], labels: list[int], indices: list[int]) -> Raw:
     return [texts[i] for i in indices], [labels[i] for i in indices]
 
 
+def _val_count(pool: int) -> int:
+    return min(VAL_SIZE, pool // 8)
+
+
 def _split(texts: list[str], labels: list[int]) -> Split:
     order = list(range(len(texts)))
     random.Random(SPLIT_SEED).shuffle(order)
     n_test = min(TEST_SIZE, len(order) // 4)
-    n_val = min(VAL_SIZE, len(order) // 8)
+    n_val = _val_count(len(order))
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :][:MAX_TRAIN]
     return _pick(texts, labels, train), _pick(texts, labels, val), _pick(texts, labels, test)
 
@@ -178,7 +183,7 @@ def _finefood() -> Split:
     in_test = set(test[0])
     order = [i for i in range(len(texts)) if texts[i] not in in_test]
     random.Random(SPLIT_SEED).shuffle(order)
-    n_val = min(VAL_SIZE, len(order) // 8)
+    n_val = _val_count(len(order))
     return _pick(texts, labels, order[n_val:]), _pick(texts, labels, order[:n_val]), test
 
 
@@ -405,11 +410,12 @@ PYPI_TASKS: tuple[str, ...] = ("rt", "finefood", "healthsrc", "newsrc", "trump")
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
-    """Task names from a comma-separated command-line value; ValueError names unknown ones."""
+    """Task names from a comma-separated command-line value: an argparse ``type=``, whose error
+    names the unknown ones."""
     tasks = tuple(t for t in text.split(",") if t)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown}; choose from {','.join(TASKS)}")
     return tasks
 
 
