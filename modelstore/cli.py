@@ -329,11 +329,9 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
     src_opts = _storage_options(ctx)
     dst_opts = {**(src_opts or {}), **_json_pairs(dst_option, "--dst-option")} or None
     kw = dict(tasks=list(tasks) or None, delete=delete, src_options=src_opts, dst_options=dst_opts)
-    plan = run(src, dst, dry_run=True, **kw)
+    plan = run(src, dst, dry_run=True, **kw)  # the bar's length
     if not dry_run:
-        source = open_store(src, storage_options=src_opts).manifest
-        total = (sum(source["bases"][b]["bytes"] for b in plan.bases_copied)
-                 + sum(source["tasks"][t]["bytes"] for t in plan.copied))  # fmt: skip
+        total = plan.bytes_to_copy
         with counter(total, f"sync to {dst}", enabled=not as_json and total > 0) as advance:
             plan = run(src, dst, on_bytes=advance, **kw)
     if as_json:

@@ -38,6 +38,9 @@ class SyncReport:
     up_to_date: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     bases_copied: list[str] = field(default_factory=list)
+    bytes_to_copy: int = 0
+    """Array bytes of what is copied, from the source's manifest (known before copying; the
+    copy also carries each payload's small zarr.json metadata files)."""
     bytes_copied: int = 0
     dry_run: bool = False
 
@@ -94,6 +97,8 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
             todo.append(name)
     report.bases_copied = [b for b in bases if b not in have_bases]
     report.copied = todo
+    report.bytes_to_copy = (sum(src_bases[b]["bytes"] for b in report.bases_copied)
+                            + sum(source.entry(t)["bytes"] for t in todo))  # fmt: skip
     report.deleted = sorted(set(have_tasks) - set(source.tasks())) if delete else []
     if dry_run:
         return report

@@ -28,7 +28,10 @@ def test_full_copy_then_nothing_to_do(src, tmp_path):
     plan = sync(src, dst, dry_run=True)
     assert (plan.copied, plan.bases_copied, plan.bytes_copied) == (["alpha", "beta"], ["merged"], 0)
     assert not (tmp_path / "dst").exists()  # a dry run writes nothing
+    m = modelstore.open(src).manifest
+    assert plan.bytes_to_copy == m["bases"]["merged"]["bytes"] + sum(e["bytes"] for e in m["tasks"].values())
     report = sync(src, dst)
+    assert report.bytes_to_copy == plan.bytes_to_copy < report.bytes_copied  # plus zarr.json metadata
     a, b = modelstore.open(src), modelstore.open(dst)
     assert b.tasks() == ["alpha", "beta"]
     _same_tasks(a, b, ["alpha", "beta"])
