@@ -10,13 +10,23 @@ from functools import wraps
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from . import pipeline
+from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
+from .build import build as build_store, init as init_store
+from .config import BuildConfig, load_config
 from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
-from .fft import GRANULARITIES
-from .merging import method_class, method_names
-from .store import Store, open_store
+from .export import FORMATS, export as export_task
+from .kinds import KINDS, get_kind
+from .kinds.sparse_delta import GRANULARITIES
+from .merging import METHODS, method_class, method_names
+from .merging.base import Option
+from .progress import counter
+from .store import Store
+from .transfer import sync as run_sync
+from .units import human_bytes, percent
+from .verify import verify as run_verify
 
 
 def _errors(fn: Callable) -> Callable:
@@ -67,16 +77,6 @@ def _open(ctx: click.Context, store: str) -> Store:
     return open_store(store, storage_options=_storage_options(ctx))
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -111,21 +111,42 @@ def _fft_options(f: Callable) -> Callable:
     return f
 
 
+def _merge_flags() -> dict[str, list[tuple[str, Option]]]:
+    """Every merge method's declared options, grouped by CLI flag: flag -> [(method, option)]."""
+    by_flag: dict[str, list[tuple[str, Option]]] = {}
+    for m in METHODS:
+        for o in m.declared:
+            by_flag.setdefault(o.flag, []).append((m.name, o))
+    return by_flag
+
+
+def _param(flag: str) -> str:
+    return "merge_" + flag.lstrip("-").replace("-", "_")
+
+
+def _merge_options(f: Callable) -> Callable:
+    """One click option per merge-method flag, its type, choices and defaults taken from the declarations."""
+    for flag, uses in reversed(_merge_flags().items()):
+        o = uses[0][1]
+        kind = click.Choice(o.choices) if o.choices else (float if isinstance(o.default, float) else str)
+        defaults = ", ".join(f"{m}: {u.default}" for m, u in uses)
+        f = click.option(flag, _param(flag), type=kind, default=None, help=f"{o.help} [{defaults}]")(f)
+    return f
+
+
+def _given(ctx: click.Context, param: str) -> bool:
+    return ctx.get_parameter_source(param) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 @main.command()
 @click.argument("store")
-@click.option("--pretrained", required=True, help="pre-trained model: HF directory, .safetensors or .bin/.pt")
+@click.option("--config", "config_path", default=None, metavar="YAML",
+              help="the build's settings as YAML (keys as these flags); flags given as well override it")
+@click.option("--pretrained", default=None, help="pre-trained model: HF directory, .safetensors or .bin/.pt")
 @click.option("--task", "tasks", multiple=True, metavar="NAME=PATH", help="a fully fine-tuned task model (repeat)")
 @click.option("--merge", type=click.Choice(method_names()), default="task-arithmetic", show_default=True,
               help="how the shared base θ* is made; 'none' is Post-Pruning (θ* = θ0)")
-@click.option("--lambda", "lam", type=float, default=None,
-              help="scale λ of the merged task vectors (task-arithmetic: 0.3, ties: 1.0)")
-@click.option("--density", type=float, default=None, help="ties: fraction of each task vector kept by trimming [0.2]")
-@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
-              help="ties: how the sign of each entry is elected [total]")
-@click.option("--ties-granularity", type=click.Choice(["per-tensor", "global"]), default=None,
-              help="ties: trim each tensor on its own or the whole model at once [per-tensor]")
-@click.option("--alpha", type=float, default=None, help="regmean: scale of the Gram matrices' off-diagonals [0.9]")
-@click.option("--eps", type=float, default=None, help="fisher: floor of the Fisher values [1e-6]")
+@_merge_options
 @click.option("--stats", "stats", multiple=True, metavar="TASK=PATH",
               help="fisher/regmean: the task's statistics file from modelstore.stats (repeat per task)")
 @_fft_options
@@ -133,37 +154,37 @@ def _fft_options(f: Callable) -> Callable:
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
 @click.pass_context
 @_errors
-def build(ctx: click.Context, store: str, pretrained: str, tasks: tuple[str, ...], merge: str, lam: float | None,
-          density: float | None, majority_sign: str | None, ties_granularity: str | None, alpha: float | None,
-          eps: float | None, stats: tuple[str, ...], keep: float, granularity: str, value_dtype: str | None,
-          include: str | None, exclude: str | None) -> None:
+def build(ctx: click.Context, store: str, config_path: str | None, pretrained: str | None, tasks: tuple[str, ...],
+          merge: str, stats: tuple[str, ...], keep: float, granularity: str, value_dtype: str | None,
+          include: str | None, exclude: str | None, **merge_flags: Any) -> None:
     """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT).
 
     The merge method makes the shared base; docs/merging.md describes each one's options.
     """
-    task_paths = _pairs(tasks, "--task")
-    if not task_paths:
+    cfg = load_config(config_path) if config_path else BuildConfig()
+    if config_path is None or _given(ctx, "merge"):
+        if merge != cfg.merge:
+            cfg.merge, cfg.merge_options = merge, {}
+    flags = {"pretrained": pretrained, "keep": keep, "granularity": granularity, "value_dtype": value_dtype,
+             "include": include, "exclude": exclude}
+    for name, value in flags.items():
+        if config_path is None or _given(ctx, name):
+            setattr(cfg, name, value)
+    cfg.tasks.update(_pairs(tasks, "--task"))
+    cfg.stats.update(_pairs(stats, "--stats"))
+    if not cfg.tasks:
         raise InputError("build needs at least one --task NAME=PATH; use `modelstore init` for a base-only store")
-    given = {"lam": (lam, "--lambda"), "density": (density, "--density"),
-             "majority_sign": (majority_sign, "--majority-sign"), "granularity": (ties_granularity, "--ties-granularity"),
-             "alpha": (alpha, "--alpha"), "eps": (eps, "--eps")}
-    accepted = method_class(merge).option_defaults
-    options = {}
-    for key, (value, flag) in given.items():
+    declared = {o.flag: o for o in method_class(cfg.merge).declared}
+    for flag in _merge_flags():
+        value = merge_flags[_param(flag)]
         if value is not None:
-            if key not in accepted:
-                raise InputError(f"{flag} does not apply to --merge {merge}")
-            options[key] = value
-    s = pipeline.build(store, pretrained, task_paths, merge=merge, keep=keep, granularity=granularity,
-                       value_dtype=value_dtype, include=include, exclude=exclude, stats=_pairs(stats, "--stats"),
-                       merge_options=options, storage_options=_storage_options(ctx), progress=True)
+            if flag not in declared:
+                raise InputError(f"{flag} does not apply to --merge {cfg.merge}")
+            cfg.merge_options[declared[flag].name] = value
+    s = build_store(store, **cfg.build_kwargs(), storage_options=_storage_options(ctx), progress=True)
     info = s.info()
-    click.echo(f"built {store}: {len(info['tasks'])} tasks, {_human(info['bytes'])} on disk "
-               f"({_ratio(info['ratio'])} of the full checkpoints)")
-
-
-def _ratio(r: float | None) -> str:
-    return "-" if r is None else f"{100 * r:.1f}%"
+    click.echo(f"built {store}: {len(info['tasks'])} tasks, {human_bytes(info['bytes'])} on disk "
+               f"({percent(info['ratio'])} of the full checkpoints)")
 
 
 @main.command()
@@ -173,7 +194,7 @@ def _ratio(r: float | None) -> str:
 @_errors
 def init(ctx: click.Context, store: str, pretrained: str) -> None:
     """Create a STORE holding only the pre-trained model (tasks are added later)."""
-    pipeline.init(store, pretrained, storage_options=_storage_options(ctx), progress=True)
+    init_store(store, pretrained, storage_options=_storage_options(ctx), progress=True)
     click.echo(f"created {store}")
 
 
@@ -205,28 +226,20 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, keep: 
         raise InputError("give either a fine-tuned model PATH or --lora ADAPTER_DIR")
     so = _storage_options(ctx)
     if lora is not None:
-        s = pipeline.add_lora_task(store, name, lora, rank=rank, energy=energy, pretrained=pretrained,
-                                   overwrite=overwrite, storage_options=so, progress=True)
-        e = s.info(name)
-        click.echo(f"added {name}: LoRA q {e['params']['q_min']}..{e['params']['q_max']} (adapter r "
-                   f"{e['params']['r_max']}), {_human(e['bytes'])} ({_ratio(e['ratio'])} of the adapter), "
-                   f"max relative error {e['params']['max_rel_error']:.3g}")
-        return
-    if rank is not None or energy is not None or pretrained is not None:
-        raise InputError("--rank, --energy and --pretrained apply to --lora tasks")
-    s = pipeline.add_task(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype,
-                          base=base, overwrite=overwrite, storage_options=so, progress=True)
-    e = s.info(name)
-    click.echo(f"added {name}: {e['kept']} of {e['total']} entries kept, {_human(e['bytes'])} "
-               f"({_ratio(e['ratio'])} of the full checkpoint)")
+        s = add_lora(store, name, lora, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
+                     storage_options=so, progress=True)
+    else:
+        if rank is not None or energy is not None or pretrained is not None:
+            raise InputError("--rank, --energy and --pretrained apply to --lora tasks")
+        s = add_fft(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base,
+                    overwrite=overwrite, storage_options=so, progress=True)
+    click.echo(f"added {name}: {s.kind(name).describe(s.info(name))}")
 
 
 def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
-    p = e["params"]
-    q = None if e["kind"] != "lora" else (p["q_max"] if p["q_min"] == p["q_max"] else f"{p['q_min']}-{p['q_max']}")
-    return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"],
-            "keep": p.get("keep"), "q": q, "kept": e.get("kept"), "bytes": e["bytes"],
-            "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
+    setting = {"keep": None, "q": None, **get_kind(e["kind"]).setting(e)}
+    return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"], **setting,
+            "kept": e.get("kept"), "bytes": e["bytes"], "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
 
 
 @main.command("ls")
@@ -245,7 +258,7 @@ def ls(ctx: click.Context, store: str, as_json: bool) -> None:
     for r in rows:
         setting = r["keep"] if r["keep"] is not None else r["q"]
         click.echo(f"{r['task']:24} {r['method']:14} {setting if setting is not None else '-':>7} "
-                   f"{r['kept'] if r['kept'] is not None else '-':>12} {_human(r['bytes']):>10} {_ratio(r['ratio']):>7}")
+                   f"{r['kept'] if r['kept'] is not None else '-':>12} {human_bytes(r['bytes']):>10} {percent(r['ratio']):>7}")
 
 
 @main.command()
@@ -264,18 +277,18 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
     if task is None:
         click.echo(f"store {store} (format v{data['format_version']}): {len(data['tasks'])} tasks")
         for b, e in data["bases"].items():
-            click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {_human(e['bytes'])}")
-        click.echo(f"  tasks: {_human(data['task_bytes'])}; total {_human(data['bytes'])} against "
-                   f"{_human(data['full_bytes'])} of full checkpoints ({_ratio(data['ratio'])})")
+            click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {human_bytes(e['bytes'])}")
+        click.echo(f"  tasks: {human_bytes(data['task_bytes'])}; total {human_bytes(data['bytes'])} against "
+                   f"{human_bytes(data['full_bytes'])} of full checkpoints ({percent(data['ratio'])})")
         return
     click.echo(f"task {task}: {data['method']} on the {data['base']} base")
     for k, v in data["params"].items():
         click.echo(f"  {k}: {v}")
+    kind = s.kind(task)
     if data.get("total"):
-        what = "numbers stored (original adapter)" if data["kind"] == "lora" else "entries kept"
-        click.echo(f"  {what}: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
-    of = "the adapter" if data["kind"] == "lora" else "the full checkpoint"
-    click.echo(f"  bytes on disk: {_human(data['bytes'])} ({_ratio(data['ratio'])} of {of}, {_human(data['full_bytes'])})")
+        click.echo(f"  {kind.kept_label}: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
+    of = kind.original_label
+    click.echo(f"  bytes on disk: {human_bytes(data['bytes'])} ({percent(data['ratio'])} of {of}, {human_bytes(data['full_bytes'])})")
     click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
 
 
@@ -286,7 +299,7 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
 @_errors
 def rm(ctx: click.Context, store: str, task: str) -> None:
     """Remove TASK from STORE."""
-    pipeline.remove_task(store, task, storage_options=_storage_options(ctx))
+    remove_task(store, task, storage_options=_storage_options(ctx))
     click.echo(f"removed {task}")
 
 
@@ -294,14 +307,14 @@ def rm(ctx: click.Context, store: str, task: str) -> None:
 @click.argument("store")
 @click.argument("task")
 @click.argument("out")
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
-              help="hf: full weights as model.safetensors + config.json; peft: a rank-q PEFT adapter (LoRA tasks)")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,
+              help="hf: full weights as model.safetensors + config.json; "
+                   + "; ".join(f"{f}: {what}, for {k.name} tasks" for k in KINDS for f, what in k.export_formats.items()))
 @click.pass_context
 @_errors
 def export(ctx: click.Context, store: str, task: str, out: str, fmt: str) -> None:
     """Write TASK of STORE to directory OUT (from_pretrained / PeftModel.from_pretrained load it)."""
-    from .export import export_hf, export_peft
-    files = (export_hf if fmt == "hf" else export_peft)(_open(ctx, store), task, out)
+    files = export_task(_open(ctx, store), task, out, fmt)
     click.echo(f"wrote {', '.join(files)} to {out}")
 
 
@@ -324,23 +337,21 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
     memory://name, hf://... Tasks already at DST with the same content are skipped. Each task
     is committed at DST once all its files are there, so an interrupted sync leaves every
     finished task readable and no partial one."""
-    from .progress import counter
-    from .transfer import sync as run
     src_opts = _storage_options(ctx)
     dst_opts = {**(src_opts or {}), **_json_pairs(dst_option, "--dst-option")} or None
     kw = dict(tasks=list(tasks) or None, delete=delete, src_options=src_opts, dst_options=dst_opts)
-    plan = run(src, dst, dry_run=True, **kw)  # the bar's length
+    plan = run_sync(src, dst, dry_run=True, **kw)  # the bar's length
     if not dry_run:
         total = plan.bytes_to_copy
         with counter(total, f"sync to {dst}", enabled=not as_json and total > 0) as advance:
-            plan = run(src, dst, on_bytes=advance, **kw)
+            plan = run_sync(src, dst, on_bytes=advance, **kw)
     if as_json:
         _emit(plan.as_dict())
         return
     verb = "would copy" if dry_run else "copied"
     click.echo(f"{verb} {len(plan.copied)} task(s){': ' + ', '.join(plan.copied) if plan.copied else ''}"
                + (f" and base(s) {', '.join(plan.bases_copied)}" if plan.bases_copied else "")
-               + ("" if dry_run else f" ({_human(plan.bytes_copied)})"))
+               + ("" if dry_run else f" ({human_bytes(plan.bytes_copied)})"))
     if plan.up_to_date:
         click.echo(f"up to date: {', '.join(plan.up_to_date)}")
     if plan.deleted:
@@ -358,8 +369,7 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 @_errors
 def verify(ctx: click.Context, store: str, task: str, original: str, max_rel_error: float, as_json: bool) -> None:
     """Compare TASK's stored weights with its original checkpoint (relative Frobenius error)."""
-    from .verify import verify as run
-    r = run(_open(ctx, store), task, original)
+    r = run_verify(_open(ctx, store), task, original)
     r["max_rel_error"] = max_rel_error
     r["ok"] = r["rel_error"] <= max_rel_error
     if as_json:

@@ -57,12 +57,14 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def logical_view(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A storage-dtype tensor seen as logical dtype `name` (uint16 bits -> bf16), on any device."""
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
 def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     """Tensor of logical dtype `name` from its storage array (uint16 bits -> bf16)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if name == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t
+    return logical_view(torch.from_numpy(np.ascontiguousarray(a)), name)
 
 
 def output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:

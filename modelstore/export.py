@@ -1,4 +1,5 @@
-"""Write a stored task back out as a Hugging Face-style model directory."""
+"""Write a stored task back out: full weights as a Hugging Face model directory, or its kind's
+native format (a LoRA task as a PEFT adapter)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import os
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .kinds import KINDS
 from .store import Store
+
+#: Every format `export` writes: "hf" for any task, and each kind's native formats.
+FORMATS = ("hf", *dict.fromkeys(f for k in KINDS for f in k.export_formats))
 
 
 def _fresh(out: str) -> None:
@@ -15,12 +20,24 @@ def _fresh(out: str) -> None:
         raise InputError(f"{out} exists and is not an empty directory; choose a new one")
 
 
-def export_hf(store: Store, task: str, out: str) -> list[str]:
-    """Write `out/model.safetensors` (and `config.json` when the pre-trained input had one).
+def export(store: Store, task: str, out: str | os.PathLike[str], fmt: str = "hf") -> list[str]:
+    """Write `task` into the new directory `out`; return the files written.
 
-    The directory loads with transformers' `from_pretrained(out)`. Returns the files written.
+    `fmt="hf"` writes `model.safetensors` (and `config.json` when the pre-trained input had one),
+    which transformers' `from_pretrained(out)` loads; a kind's native format (e.g. "peft" for
+    LoRA tasks, which `PeftModel.from_pretrained` loads) writes the task without its base.
+
+    Raises:
+        InputError: `out` is not new and empty, or the task's kind has no such format.
     """
+    out = os.fspath(out)
+    kind = store.kind(task)
+    if fmt != "hf" and fmt not in kind.export_formats:
+        raise InputError(f"task {task!r} is {kind.title}; it exports as {', '.join(['hf', *kind.export_formats])}, "
+                         f"not {fmt} (use --format hf)")
     _fresh(out)
+    if fmt != "hf":
+        return kind.export(fmt, store.load(task, merged=False), out)
     sd = store.load(task)
     os.makedirs(out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "model.safetensors"),
@@ -34,13 +51,4 @@ def export_hf(store: Store, task: str, out: str) -> list[str]:
     return files
 
 
-def export_peft(store: Store, task: str, out: str) -> list[str]:
-    """Write a LoRA task as a rank-q PEFT adapter that `PeftModel.from_pretrained` loads."""
-    from .lora import write_peft_adapter
-    if store.entry(task)["kind"] != "lora":
-        raise InputError(f"task {task!r} is a full fine-tune; only LoRA tasks export as PEFT adapters (use --format hf)")
-    _fresh(out)
-    a = store.load(task, merged=False)
-    write_peft_adapter(out, {}, {a.peft_names[n]: low for n, low in a.updates.items()},
-                       {a.peft_names[n]: t for n, t in a.tensors.items()}, original_config=a.config)
-    return ["adapter_config.json", "adapter_model.safetensors"]
+__all__ = ["export", "FORMATS"]

@@ -1,159 +1,94 @@
-"""Opening a store: locations, the manifest (the commit point), and reading tasks.
+"""The Store: one object that reads a store and, opened with mode "a", writes it.
 
-A store is a zarr v3 hierarchy on any fsspec location plus `manifest.json`, the
-single object that lists bases and tasks. Writers put a task's arrays under a
-fresh directory and rewrite the manifest last (atomically: rename on local disks,
-one PUT on object stores), so readers never see a partial task.
+A store is a zarr v3 hierarchy on any fsspec location plus `manifest.json`, the single object
+that lists bases and tasks. Writers put a payload under a fresh directory and replace the
+manifest last, so readers never see a partial task. What a task *is* (a sparse delta, LoRA
+factors) is its kind's business (modelstore.kinds); the Store moves payloads between the
+storage layer and the kinds.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
+import math
 import os
-import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, overload
 
-import fsspec
-import numpy as np
 import torch
-import zarr
 
 from . import dtypes
-from .errors import (CorruptStoreError, FormatVersionError, InputError,
-                     StoreNotFoundError, TaskNotFoundError)
-from .layout import FORMAT_NAME, FORMAT_VERSION, MANIFEST, content_crc32
-from .names import check_task_name
+from .commits import ManifestWriter
+from .errors import CorruptStoreError, InputError, TaskNotFoundError
+from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, now
+from .format.paths import base_dir, check_task_name, task_dir
+from .format.payload import PayloadFields, PayloadReader
+from .kinds import AdapterInput, FFTOptions, LoraOptions, StoredAdapter, TaskKind, get_kind
+from .progress import bar
+from .sources import Checkpoint, open_checkpoint
+from .storage import Location
+from .transfer import SyncReport, sync
 
-
-def table_digest(table: list[dict[str, Any]]) -> str:
-    """sha256 of a tensor table in canonical JSON, recorded in the manifest and checked on read."""
-    blob = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
-
-
-def arrays_of(entry: dict[str, Any]) -> tuple[str, ...]:
-    """The flat arrays a table entry's payload lives in."""
-    return ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class Location:
-    """One store location seen two ways: a sync fsspec filesystem (manifest, deletes)
-    and a zarr store (arrays and groups), rooted at the same place."""
-
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, read_only: bool = True):
-        url = os.fspath(url)
-        self.url = url
-        self.storage_options = dict(storage_options or {})
-        self.local = "://" not in url or url.startswith("file://")
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
-        except (ValueError, ImportError) as e:
-            raise InputError(f"cannot open {url}: {e}") from None
-        self.root = self.root.rstrip("/")
-        if self.local:
-            self.root = os.path.abspath(self.root)
-            if not read_only:
-                os.makedirs(self.root, exist_ok=True)
-            self.zstore = zarr.storage.LocalStore(self.root, read_only=read_only)
-        else:
-            self.zstore = zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options or None,
-                                                             read_only=read_only)
-
-    def path(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
-
-    def read_json(self, rel: str) -> Any:
-        try:
-            blob = self.fs.cat_file(self.path(rel))
-        except FileNotFoundError:
-            return None
-        try:
-            return json.loads(blob)
-        except ValueError:
-            raise CorruptStoreError(f"{self.url}: {rel} is not valid JSON; the store is damaged") from None
-
-    def write_json_atomic(self, rel: str, obj: Any) -> None:
-        """Replace `rel` in one step: readers see the old or the new object, never a mix."""
-        blob = json.dumps(obj, indent=1, sort_keys=True).encode()
-        if self.local:
-            tmp = self.path(f".{rel}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path(rel))
-        else:
-            self.fs.pipe_file(self.path(rel), blob)
-
-    def remove_tree(self, rel: str) -> None:
-        try:
-            self.fs.rm(self.path(rel), recursive=True)
-        except FileNotFoundError:
-            pass
-
-    def listdir(self, rel: str) -> list[str]:
-        try:
-            return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.path(rel), detail=False)]
-        except FileNotFoundError:
-            return []
-
-
-def new_manifest() -> dict[str, Any]:
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": _now(), "bases": {}, "tasks": {}}
-
-
-def check_manifest(m: Any, url: str) -> dict[str, Any]:
-    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
-        raise StoreNotFoundError(f"{url} is not a modelstore store (its manifest.json is not ours)")
-    v = m.get("version")
-    if not isinstance(v, int) or v > FORMAT_VERSION:
-        raise FormatVersionError(f"{url} has store format version {v}, newer than this modelstore reads "
-                                 f"(version {FORMAT_VERSION}); upgrade modelstore")
-    return m
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 
 
 class Store:
-    """An open store. Use `modelstore.open(url)`; reads are cached per open store.
+    """An open store. Use `modelstore.open(url)` (read) or `modelstore.open(url, mode="a")` (read and write).
 
-    The base a task sits on is read once per device and kept, so loading a second
-    task reads only that task's arrays.
+    The base a task sits on is read once per device and kept, so loading a second task reads
+    only that task's arrays.
     """
 
-    def __init__(self, url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None):
+    def __init__(self, url: str | os.PathLike[str], mode: str = "r",
+                 storage_options: Mapping[str, Any] | None = None, *, _create: bool = False):
         if mode not in ("r", "a"):
             raise InputError(f"mode must be 'r' or 'a', not {mode!r}")
+        url = os.fspath(url)
         self.mode = mode
-        self.loc = Location(url, storage_options, read_only=(mode == "r"))
         self.url = url
-        m = self.loc.read_json(MANIFEST)
-        if m is None:
-            raise StoreNotFoundError(f"{url} is not a modelstore store (no {MANIFEST}); "
-                                     "create one with `modelstore build` or `modelstore init`")
-        self.manifest = check_manifest(m, url)
+        self.storage_options = dict(storage_options or {})
+        self.loc = Location(url, storage_options, read_only=(mode == "r"))
+        # a new store's manifest is first written with its first commit (its base)
+        self._unwritten = ManifestWriter(self.loc, create=True) if _create else None
+        self.manifest: Manifest = self._unwritten.manifest if self._unwritten else self.loc.require_manifest()
         self._bases: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
-    # -- listing -------------------------------------------------------------
+    @classmethod
+    def create(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:
+        """A new, empty store at `url`, open for writing.
+
+        Raises:
+            InputError: `url` already holds a store.
+        """
+        return cls(url, mode="a", storage_options=storage_options, _create=True)
+
+    # -- listing ---------------------------------------------------------------
     def tasks(self) -> list[str]:
         """Names of the committed tasks, sorted."""
         return sorted(self.manifest["tasks"])
 
-    def entry(self, task: str) -> dict[str, Any]:
+    def entry(self, task: str) -> TaskEntry:
+        """The manifest entry of `task`.
+
+        Raises:
+            TaskNotFoundError: the store has no such task.
+        """
         try:
             return self.manifest["tasks"][task]
         except KeyError:
             raise TaskNotFoundError(f"{self.url} has no task {task!r}; `modelstore ls {self.url}` lists them") from None
 
+    def table(self, task: str) -> list[TableEntry]:
+        """The tensor table of `task` (spec section 3), checked against the manifest's digest."""
+        return self._payload(self.entry(task), f"task {task!r}").table
+
+    def kind(self, task: str) -> TaskKind:
+        """The task kind that wrote `task` (modelstore.kinds)."""
+        return get_kind(self.entry(task)["kind"])
+
     def info(self, task: str | None = None) -> dict[str, Any]:
         """Summary of the store, or of one task (method, parameters, kept count, bytes on disk)."""
         if task is not None:
-            e = dict(self.entry(task))
+            e: dict[str, Any] = dict(self.entry(task))
             e["name"] = task
             e["ratio"] = e["bytes"] / e["full_bytes"] if e.get("full_bytes") else None
             return e
@@ -166,104 +101,75 @@ class Store:
                 "task_bytes": task_bytes, "full_bytes": full,
                 "ratio": (base_bytes + task_bytes) / full if full else None}
 
-    # -- reading -------------------------------------------------------------
-    def _group(self, rel: str) -> zarr.Group:
-        try:
-            return zarr.open_group(self.loc.zstore, path=rel, mode="r")
-        except FileNotFoundError:  # zarr's GroupNotFoundError is one
-            raise CorruptStoreError(f"{self.url}: {rel} is listed in the manifest but missing; the store is damaged") from None
-        except (ValueError, KeyError, TypeError) as e:  # unreadable zarr.json
-            raise CorruptStoreError(f"{self.url}: the metadata of {rel} is unreadable ({type(e).__name__}); "
-                                    "the store is damaged") from None
+    # -- reading ---------------------------------------------------------------
+    def _payload(self, entry: PayloadFields, what: str) -> PayloadReader:
+        return PayloadReader(self.loc.open_group(entry["path"]), entry, f"{what}")
 
-    def _table(self, rel: str, digest: str, what: str) -> tuple[zarr.Group, list[dict[str, Any]]]:
-        g = self._group(rel)
-        table = g.attrs.get("tensors")
-        if not isinstance(table, list) or table_digest(table) != digest:
-            raise CorruptStoreError(f"{self.url}: the tensor table of {what} fails its checksum; the store is damaged")
-        return g, table
-
-    def _read_flat(self, g: zarr.Group, array: str, table: list[dict[str, Any]], what: str,
-                   start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Read `array[start:stop]`, turning a checksum failure into an error naming the tensors hit."""
-        arr = g[array]
-        stop = arr.shape[0] if stop is None else stop
-        try:
-            return arr[start:stop]
-        except Exception:  # crc32c mismatch (ValueError) or a codec failure on damaged bytes
-            pass
-        chunk = arr.chunks[0]
-        for c in range(start - start % chunk, stop, chunk):
-            try:
-                arr[c:c + chunk]
-            except Exception:
-                hit = [e["name"] for e in table if array in arrays_of(e) and e["count"]
-                       and e["start"] < c + chunk and e["start"] + e["count"] > c]
-                raise CorruptStoreError(
-                    f"{what}: chunk {c // chunk} of array '{array}' fails its checksum (tensor "
-                    f"{', '.join(hit[:3]) or '?'}{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, "
-                    "re-add this task or restore the store") from None
-        raise CorruptStoreError(f"{what}: array '{array}' could not be read")
-
-    def read_payload(self, entry: dict[str, Any], what: str, device: torch.device) -> Payload:
-        """Every non-empty flat array of a base or task, checked against the manifest, on `device`."""
-        g, table = self._table(entry["path"], entry["table_sha256"], what)
-        names = sorted({a for t in table if t["count"] for a in arrays_of(t)})
-        out = Payload(table)
-        for a in names:
-            flat = self._read_flat(g, a, table, what)
-            want = entry.get("arrays", {}).get(a)
-            if want is not None and (flat.size != want["count"] or content_crc32(flat) != want["crc32"]):
-                raise CorruptStoreError(f"{what}: array '{a}' does not match the checksum recorded in the manifest "
-                                        f"(a chunk is missing or was replaced); re-add it or restore the store")
-            out[a] = torch.from_numpy(flat).to(device)
-        return out
-
-    def stored_base(self, base_id: str) -> StoredBase:
-        """The base as a TensorSource read tensor by tensor (bounded memory, for writers)."""
-        b = self._base_entry(base_id)
-        g, table = self._table(b["path"], b["table_sha256"], f"base {base_id!r}")
-        return StoredBase(self, g, table, f"base {base_id!r}")
-
-    def _base_entry(self, base_id: str) -> dict[str, Any]:
+    def _base_entry(self, base_id: str) -> BaseEntry:
         b = self.manifest["bases"].get(base_id)
         if b is None:
             raise CorruptStoreError(f"{self.url}: base {base_id!r} is not in the manifest")
         return b
+
+    def stored_base(self, base_id: str) -> PayloadReader:
+        """The base as a TensorSource read tensor by tensor (bounded memory, for writers)."""
+        return self._payload(self._base_entry(base_id), f"base {base_id!r}")
 
     def base(self, base_id: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The base tensors (stored dtypes) on `device`, read once per open store and device."""
         device = torch.device(device)
         key = (base_id, str(device))
         if key not in self._bases:
-            flats = self.read_payload(self._base_entry(base_id), f"base {base_id!r}", device)
-            out = {}
-            for e in flats.table:
-                flat = flats[e["array"]][e["start"]:e["start"] + e["count"]]
-                if e["dtype"] == "bfloat16":
-                    flat = flat.view(torch.bfloat16)
-                out[e["name"]] = flat.view(e["shape"])
-            self._bases[key] = out
+            payload = self.stored_base(base_id)
+            arrays = payload.read_arrays(device)
+            self._bases[key] = {e["name"]: dtypes.logical_view(arrays[e["array"]][e["start"]:e["start"] + e["count"]],
+                                                                e["dtype"]).view(e["shape"]) for e in payload.table}
         return self._bases[key]
 
+    @overload
+    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+             merged: Literal[True] = ...) -> dict[str, torch.Tensor]: ...
+
+    @overload
+    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+             *, merged: Literal[False]) -> StoredAdapter: ...
+
     def load(self, task: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             merged: bool = True) -> Any:
+             merged: bool = True) -> dict[str, torch.Tensor] | StoredAdapter:
         """The full weights of `task` as a state dict on `device`.
 
-        `dtype=None` keeps each tensor's original dtype; a float dtype casts floating tensors.
-        For a LoRA task, `merged=False` returns its factors instead (a `StoredAdapter`:
-        low-rank updates U·diag(S)·Vᵀ and whole tensors), to serve the base unmerged.
+        Args:
+            task: a task name of this store.
+            device: where the tensors are made; only the compressed payload crosses to it.
+            dtype: None keeps each tensor's stored dtype; a float dtype casts the floating tensors.
+            merged: False returns a LoRA task's factors instead (a `StoredAdapter`: low-rank
+                updates U·diag(S)·Vᵀ and whole tensors), to serve the base unmerged.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            CorruptStoreError: a stored byte fails its checksum.
+            InputError: `dtype` is not a floating dtype, or merged=False for a kind without factors.
         """
-        from .materialize import materialize
+        if dtype is not None and not dtype.is_floating_point:
+            raise InputError(f"dtype must be a floating dtype, not {dtype}")
+        entry = self.entry(task)
+        kind = get_kind(entry["kind"])
+        device = torch.device(device)
+        if not merged and not kind.has_unmerged:
+            raise InputError(f"task {task!r} is {kind.title}; merged=False applies to tasks kept as factors "
+                             "(LoRA tasks) only")
+        payload = self._payload(entry, f"task {task!r}")
+        arrays = payload.read_arrays(device)
         if not merged:
-            if self.entry(task)["kind"] != "lora":
-                raise InputError(f"task {task!r} is not a LoRA task; merged=False applies to LoRA tasks only")
-            from .lora.task import read_adapter_task
-            return read_adapter_task(self, task, torch.device(device))
-        return materialize(self, task, torch.device(device), dtype)
+            return kind.unmerged(arrays, payload.table, entry, device)
+        return kind.materialize(arrays, payload.table, self.base(entry["base"], device), entry, device, dtype)
 
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
-        """Copy `task`'s weights into `model` in place, on the model's device (strict by default)."""
+        """Copy `task`'s weights into `model` in place, on the model's device (strict by default).
+
+        Raises:
+            InputError: the task's tensors do not fit the model.
+        """
         params = list(model.parameters()) + list(model.buffers())
         device = params[0].device if params else torch.device("cpu")
         sd = self.load(task, device=device)
@@ -274,57 +180,175 @@ class Store:
             raise InputError(f"task {task!r} does not fit this model: {' '.join(l.strip() for l in first[:3])}") from None
         return model
 
+    # -- writing ---------------------------------------------------------------
+    def _writer(self) -> ManifestWriter:
+        """The manifest as it is now, for one write; refused on a read-only store."""
+        if self.mode != "a":
+            raise InputError(f"{self.url} is open read-only; open it with modelstore.open(url, mode=\"a\") to write")
+        w, self._unwritten = self._unwritten or ManifestWriter(self.loc), None
+        self.manifest = w.manifest
+        return w
 
-class Payload(dict):
-    """Flat arrays of one base or task by name, with the tensor table that indexes them."""
+    def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
+                   fields: Mapping[str, Any]) -> BaseEntry:
+        """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
-    def __init__(self, table: list[dict[str, Any]]):
-        super().__init__()
-        self.table = table
+        `fields` are the base entry's descriptive fields (kind, merge, selection, source...).
+        """
+        w = self._writer()
+        if base_id in w.manifest["bases"]:
+            raise InputError(f"{self.url} already has a {base_id} base")
+        out = w.new_payload(base_dir(base_id))
+        out.declare_dense("data", ((shape, dt) for _, shape, dt in specs))
+        for name, t in tensors:
+            out.add_dense(name, t, "data")
+        entry: BaseEntry = {**fields, **out.finish(), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
+                            "created": now()}  # type: ignore[typeddict-item]
+        w.commit_base(base_id, entry)
+        return entry
+
+    def add_pretrained(self, path: str | os.PathLike[str], progress: bool = False) -> BaseEntry:
+        """Keep θ0 in a store built with a merge (LoRA tasks sit on it).
+
+        Raises:
+            InputError: `path` is not the model the store was built from (fingerprint differs).
+        """
+        ck = open_checkpoint(path)
+        want = next(iter(self.manifest["bases"].values()), {}).get("source", {}).get("fingerprint")
+        if want is not None and want != ck.fingerprint():
+            raise InputError(f"{path} is not the pre-trained model this store was built from (fingerprint differs)")
+        return self.write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
+                               ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
+                               base_fields(ck, "pretrained", {"method": "none"}, [], None, None))
+
+    def write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
+                   source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:
+        """Write task `name` with task kind `kind` from its input `source`, and commit it.
+
+        The kind compresses `source` against the base it chooses (`base` when the user picked
+        one); `add_task` and `add_lora_task` are this with their kind's input and options.
+
+        Args:
+            name: the task's name.
+            kind: a registered task kind (modelstore.kinds.get_kind).
+            source: the kind's input (a Checkpoint for full fine-tunes, an AdapterInput for LoRA).
+            options: the kind's options (FFTOptions, LoraOptions).
+            base: "merged" or "pretrained", if the kind lets the user choose.
+            source_info: the input's path and fingerprint, recorded in the entry.
+            overwrite: replace an existing task of that name.
+            progress: draw a progress bar on a terminal.
+
+        Returns:
+            The task's manifest entry.
+
+        Raises:
+            InputError: a bad input or option, or a base the store lacks.
+            TaskExistsError: the task exists and not `overwrite`.
+        """
+        w = self._writer()
+        w.check_new_task(name, overwrite)
+        base_id = kind.base_id(w.manifest["bases"], base)
+        if base_id not in w.manifest["bases"]:
+            raise InputError(f"{self.url} has no {base_id} base; it has: {', '.join(w.manifest['bases']) or 'none'}")
+        out = w.new_payload(task_dir(name))
+        fields = kind.write(out, name, source, self.stored_base(base_id), w.manifest["bases"][base_id], options,
+                            progress)
+        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info),
+                            **out.finish()}  # type: ignore[typeddict-item]
+        w.commit_task(name, entry)
+        return entry
+
+    def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, keep: float = 0.1,
+                 granularity: str = "global", value_dtype: str | None = None, base: str | None = None,
+                 overwrite: bool = False, progress: bool = False) -> TaskEntry:
+        """Add a fully fine-tuned model as task `name`: the top-`keep` of its delta to the base (PERU-FFT).
+
+        Args:
+            name: the task's name (letters, digits, '.', '_', '-').
+            path: the fine-tuned checkpoint (HF directory, .safetensors, .bin/.pt) or an open Checkpoint.
+            keep: fraction m of delta entries kept, in (0, 1].
+            granularity: "global" (top-m% of the whole model) or "per-tensor".
+            value_dtype: "float16", "bfloat16" or "float32" (default: bfloat16 for bf16 models, else float16).
+            base: "merged" or "pretrained" when the store has both (default: merged).
+            overwrite: replace an existing task of that name.
+            progress: draw a progress bar on a terminal.
+
+        Returns:
+            The task's manifest entry.
+
+        Raises:
+            InputError: a bad option or checkpoint; TaskExistsError: the task exists and not `overwrite`.
+        """
+        opts = FFTOptions(keep, granularity, value_dtype)
+        opts.validate()
+        check_task_name(name)
+        ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        return self.write_task(name, get_kind("fft"), ck, opts, base=base, source_info=source_info(ck),
+                                overwrite=overwrite, progress=progress)
+
+    def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
+                      energy: float | None = None, pretrained: str | os.PathLike[str] | None = None,
+                      overwrite: bool = False, progress: bool = False) -> TaskEntry:
+        """Add a PEFT LoRA adapter as task `name`: rank-q SVD factors of each update, on θ0 (PERU-LoRA).
+
+        Args:
+            name: the task's name.
+            adapter: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+            rank: keep q of each update (default 16); q >= r stores the adapter exactly.
+            energy: instead of `rank`, per module the smallest q keeping this fraction of the
+                squared Frobenius norm.
+            pretrained: the pre-trained model, needed once if the store keeps no θ0 (it was built
+                with a merge); checked against the fingerprint of the model the store was built from.
+            overwrite: replace an existing task of that name.
+            progress: draw a progress bar on a terminal.
+
+        Returns:
+            The task's manifest entry.
+
+        Raises:
+            LoraError: the adapter is not plain LoRA (DoRA, biases...) or does not fit the base.
+            InputError: a bad option; TaskExistsError: the task exists and not `overwrite`.
+        """
+        opts = LoraOptions(rank, energy).resolved()
+        self._writer().check_new_task(name, overwrite)
+        source = AdapterInput.read(adapter)  # validated before anything is written
+        if "pretrained" not in self.manifest["bases"]:
+            if pretrained is None:
+                raise InputError(f"{self.url} keeps no pre-trained base (θ0), which LoRA tasks sit on; "
+                                 "pass --pretrained PATH (the model this store was built from) once")
+            self.add_pretrained(pretrained, progress)
+        return self.write_task(name, get_kind("lora"), source, opts, base=None, source_info=source.source_info(),
+                                overwrite=overwrite, progress=progress)
+
+    def remove(self, name: str) -> None:
+        """Remove task `name`: its manifest entry first, then its arrays.
+
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        w = self._writer()
+        w.remove_task(name)
+        self.manifest = w.manifest
+
+    def sync_to(self, dst: str | os.PathLike[str], *, tasks: Sequence[str] | None = None, delete: bool = False,
+                dry_run: bool = False, dst_options: Mapping[str, Any] | None = None,
+                on_bytes: Callable[[int], None] | None = None) -> SyncReport:
+        """Copy this store's tasks (all, or `tasks`) and their bases to `dst`; see `modelstore.sync`."""
+        return sync(self.url, os.fspath(dst), tasks=tasks, delete=delete, dry_run=dry_run,
+                    src_options=self.storage_options or None, dst_options=dst_options, on_bytes=on_bytes)
 
 
-class StoredBase:
-    """A stored base seen as a TensorSource (names/shape/dtype/get)."""
-
-    def __init__(self, store: Store, group: zarr.Group, table: list[dict[str, Any]], what: str):
-        self._store, self._g, self._what = store, group, what
-        self.table = table
-        self._by_name = {e["name"]: e for e in table}
-
-    def names(self) -> list[str]:
-        return list(self._by_name)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._by_name[name]["shape"])
-
-    def dtype(self, name: str) -> torch.dtype:
-        return dtypes.torch_dtype(self._by_name[name]["dtype"])
-
-    def get(self, name: str) -> torch.Tensor:
-        e = self._by_name[name]
-        a = self._store._read_flat(self._g, e["array"], self.table, self._what, e["start"], e["start"] + e["count"])
-        return dtypes.from_numpy(a, e["dtype"]).view(e["shape"])
+def source_info(ck: Checkpoint) -> dict[str, str]:
+    """Path and fingerprint of an input checkpoint, as entries record them."""
+    return {"path": os.path.abspath(ck.path), "fingerprint": ck.fingerprint()}
 
 
-def open_store(url: str | os.PathLike, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Store:
-    """Open a store at a local path or fsspec URL (`s3://`, `memory://`, `hf://`...).
-
-    >>> store = modelstore.open("s3://bucket/store", storage_options={"anon": False})
-    >>> sd = store.load("sst2", device="cuda")
-    """
-    return Store(os.fspath(url), mode=mode, storage_options=storage_options)
-
-
-def load(task: str, store: str | Store | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Load one task's full weights; `store` defaults to $MODELSTORE_URL."""
-    if store is None:
-        store = os.environ.get("MODELSTORE_URL")
-        if not store:
-            raise InputError("no store given and $MODELSTORE_URL is not set; pass store=... or set it")
-    if not isinstance(store, Store):
-        store = open_store(store)
-    return store.load(check_task_name(task), device=device, dtype=dtype)
+def base_fields(ck: Checkpoint, kind: str, merge: Mapping[str, Any], merged_tasks: list[str],
+                include: str | None, exclude: str | None) -> dict[str, Any]:
+    """Descriptive fields of a base made from pre-trained checkpoint `ck` (spec: BASE ENTRY)."""
+    return {"kind": kind, "merge": dict(merge), "merged_tasks": merged_tasks,
+            "selection": {"include": include, "exclude": exclude}, "source": source_info(ck),
+            "config_json": ck.config_json}
 
 
-__all__ = ["Store", "open_store", "load", "table_digest", "Location"]
+__all__ = ["Store", "source_info", "base_fields"]

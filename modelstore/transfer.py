@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import CorruptStoreError, InputError
-from .layout import MANIFEST
-from .names import check_task_name
-from .store import Location, Store, check_manifest
-from .writer import StoreWriter
+from .commits import ManifestWriter
+from .errors import CorruptStoreError, InputError, TaskNotFoundError
+from .format.manifest import same_content
+from .format.paths import check_task_name
+from .storage import Location
 
 COPY_BLOCK = 8 << 20
 """Bytes read and written per call when streaming one file."""
@@ -48,12 +47,6 @@ class SyncReport:
         return asdict(self)
 
 
-def same_content(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two manifest entries (bases or tasks) hold the same tensors: same table digest and
-    the same count and CRC-32 of every array."""
-    return a.get("table_sha256") == b.get("table_sha256") and a.get("arrays") == b.get("arrays")
-
-
 def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool = False, dry_run: bool = False,
          src_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None,
          on_bytes: Callable[[int], None] | None = None) -> SyncReport:
@@ -66,19 +59,18 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
     """
     if delete and tasks is not None:
         raise InputError("--delete mirrors the whole store; it cannot be combined with --task")
-    source = Store(src, storage_options=src_options)
-    names = source.tasks() if tasks is None else list(dict.fromkeys(tasks))
+    src_loc = Location(src, src_options)
+    source = src_loc.require_manifest()
+    src_tasks, src_bases = source["tasks"], source["bases"]
+    names = sorted(src_tasks) if tasks is None else list(dict.fromkeys(tasks))
     for name in names:
-        check_task_name(name)
-        source.entry(name)  # TaskNotFoundError names the task
-    src_bases = source.manifest["bases"]
-    bases = list(src_bases) if tasks is None else list(dict.fromkeys(source.entry(n)["base"] for n in names))
+        if check_task_name(name) not in src_tasks:
+            raise TaskNotFoundError(f"{src} has no task {name!r}; `modelstore ls {src}` lists them")
+    bases = list(src_bases) if tasks is None else list(dict.fromkeys(src_tasks[n]["base"] for n in names))
 
     dest_loc = Location(dst, dst_options, read_only=dry_run)
-    dest_manifest = dest_loc.read_json(MANIFEST)
-    if dest_manifest is not None:
-        check_manifest(dest_manifest, dst)  # a newer format, or someone else's manifest.json
-    if dest_manifest is not None and _same_location(source.loc, dest_loc):
+    dest_manifest = dest_loc.read_manifest()  # refuses a newer format, or someone else's manifest.json
+    if dest_manifest is not None and src_loc.same_place(dest_loc):
         raise InputError(f"{src} and {dst} are the same store; give another destination")
     have_bases = dest_manifest["bases"] if dest_manifest else {}
     have_tasks = dest_manifest["tasks"] if dest_manifest else {}
@@ -90,7 +82,7 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
     report = SyncReport(dry_run=dry_run)
     todo = []
     for name in names:
-        entry = source.entry(name)
+        entry = src_tasks[name]
         if name in have_tasks and have_tasks[name]["base"] == entry["base"] and same_content(have_tasks[name], entry):
             report.up_to_date.append(name)
         else:
@@ -98,20 +90,20 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
     report.bases_copied = [b for b in bases if b not in have_bases]
     report.copied = todo
     report.bytes_to_copy = (sum(src_bases[b]["bytes"] for b in report.bases_copied)
-                            + sum(source.entry(t)["bytes"] for t in todo))  # fmt: skip
-    report.deleted = sorted(set(have_tasks) - set(source.tasks())) if delete else []
+                            + sum(src_tasks[t]["bytes"] for t in todo))  # fmt: skip
+    report.deleted = sorted(set(have_tasks) - set(src_tasks)) if delete else []
     if dry_run:
         return report
 
-    writer = StoreWriter(dst, dst_options, create=dest_manifest is None)
+    writer = ManifestWriter(Location(dst, dst_options, read_only=False), create=dest_manifest is None)
     progress = on_bytes or (lambda n: None)
     for b in report.bases_copied:
-        path, n = _copy_payload(source.loc, writer, src_bases[b]["path"], progress)
+        path, n = _copy_payload(src_loc, writer, src_bases[b]["path"], progress)
         writer.commit_base(b, {**src_bases[b], "path": path})
         report.bytes_copied += n
     for name in todo:
-        entry = source.entry(name)
-        path, n = _copy_payload(source.loc, writer, entry["path"], progress)
+        entry = src_tasks[name]
+        path, n = _copy_payload(src_loc, writer, entry["path"], progress)
         writer.commit_task(name, {**entry, "path": path})
         report.bytes_copied += n
     for name in report.deleted:
@@ -119,18 +111,12 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
     return report
 
 
-def _same_location(a: Location, b: Location) -> bool:
-    return type(a.fs) is type(b.fs) and a.root == b.root
-
-
-def _copy_payload(src: Location, writer: StoreWriter, rel: str, on_bytes: Callable[[int], None]) -> tuple[str, int]:
+def _copy_payload(src: Location, writer: ManifestWriter, rel: str, on_bytes: Callable[[int], None]) -> tuple[str, int]:
     """Copy payload directory `rel` (``bases/<id>/<dir>`` or ``tasks/<name>/<dir>``) into a fresh
     directory beside where it would go, with the group metadata above it; return the new
     directory and the bytes copied. A live payload is never written over."""
     dst = writer.loc
-    parent = rel.rsplit("/", 1)[0]
-    writer.cleanup(parent)  # leftovers of an interrupted copy
-    target = f"{parent}/{uuid.uuid4().hex[:16]}"
+    target = writer.new_dir(rel.rsplit("/", 1)[0])  # leftovers of an interrupted copy are removed
     root = src.path(rel)
     try:
         files = src.fs.find(root, detail=True)
@@ -167,4 +153,4 @@ def _copy_file(src: Location, dst: Location, source: str, target: str, size: int
     return n
 
 
-__all__ = ["sync", "SyncReport", "same_content"]
+__all__ = ["sync", "SyncReport"]

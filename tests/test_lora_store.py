@@ -68,7 +68,7 @@ def test_truncation_is_best_rank_q_of_the_dense_update(bert_lora, tmp_path):
     got, full, sd0 = s.load("t"), bert_lora["merged1"], bert_lora["sd0"]
     adapted = [k for k in sd0 if not torch.equal(full[k], sd0[k])]
     assert adapted
-    table = s._table(s.entry("t")["path"], s.entry("t")["table_sha256"], "t")[1]
+    table = s.table("t")
     by_name = {e["name"]: e for e in table}
     for k in adapted:
         delta = (full[k].double() - sd0[k].double()).numpy()

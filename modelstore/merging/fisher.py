@@ -16,12 +16,13 @@ import torch
 from ..errors import InputError
 from ..sources import TensorSource
 from .average import mean_of
-from .statistics import StatsMethod
+from .base import Option
+from .stats_inputs import StatsMethod
 
 
 class Fisher(StatsMethod):
     name = "fisher"
-    option_defaults = {"eps": 1e-6}
+    declared = (Option("eps", 1e-6, "floor of the Fisher values"),)
     data_options = ("fishers",)
     stats_kind = "fisher"
 

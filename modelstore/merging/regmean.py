@@ -25,7 +25,8 @@ from ..errors import InputError
 from ..sources import TensorSource
 from ..stats import IN_OUT_SUFFIX
 from .average import mean_of
-from .statistics import StatsMethod
+from .base import Option
+from .stats_inputs import StatsMethod
 
 #: Ridge added to a singular Σ G̃, relative to the mean of its diagonal.
 RIDGE = 1e-6
@@ -33,7 +34,7 @@ RIDGE = 1e-6
 
 class RegMean(StatsMethod):
     name = "regmean"
-    option_defaults = {"alpha": 0.9}
+    declared = (Option("alpha", 0.9, "scale of the Gram matrices' off-diagonals"),)
     data_options = ("grams",)
     stats_kind = "gram"
 

@@ -3,12 +3,14 @@
 import torch
 
 from ..errors import InputError
-from .base import MergeMethod
+from .base import MergeMethod, Option
+
+LAMBDA_HELP = "scale λ of the merged task vectors: θ* = θ0 + λ·(merged delta)"
 
 
 class TaskArithmetic(MergeMethod):
     name = "task-arithmetic"
-    option_defaults = {"lam": 0.3}
+    declared = (Option("lam", 0.3, LAMBDA_HELP, key="lambda"),)
 
     def validate(self) -> None:
         if not isinstance(self.options["lam"], (int, float)) or not torch.isfinite(torch.tensor(float(self.options["lam"]))):

@@ -22,9 +22,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..selection import Cut, find_cut, magnitude_bits
+from ..topk import Cut, find_cut, magnitude_bits
 from ..sources import TensorSource
-from .base import MergeMethod
+from .base import MergeMethod, Option
+from .task_arithmetic import LAMBDA_HELP
 
 MAJORITY_SIGNS = ("total", "frequency")
 GRANULARITIES = ("per-tensor", "global")
@@ -32,15 +33,20 @@ GRANULARITIES = ("per-tensor", "global")
 
 class Ties(MergeMethod):
     name = "ties"
-    option_defaults = {"density": 0.2, "lam": 1.0, "majority_sign": "total", "granularity": "per-tensor"}
+    declared = (
+        Option("density", 0.2, "fraction of each task vector kept by trimming"),
+        Option("lam", 1.0, LAMBDA_HELP, key="lambda"),
+        Option("majority_sign", "total", "how the sign of each entry is elected", choices=MAJORITY_SIGNS),
+        Option("granularity", "per-tensor", "trim each tensor on its own or the whole model at once",
+               flag="--ties-granularity", choices=GRANULARITIES),
+    )
     #: Per task: global threshold bits and, per tensor name, how many entries equal to it are kept.
     _global: list[tuple[int, dict[str, int]]] | None = None
 
     def validate(self) -> None:
         self.check_number("density", 0.0, 1.0, low_open=True)
         self.check_number("lam")
-        self.check_choice("majority_sign", MAJORITY_SIGNS)
-        self.check_choice("granularity", GRANULARITIES)
+        self.check_choices()
 
     def prepare(self, pretrained: TensorSource, tasks: Sequence[TensorSource], names: Sequence[str]) -> None:
         if self.options["granularity"] == "global":

@@ -1,0 +1,94 @@
+"""The free functions of the public API: each opens a Store and calls one of its methods."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .format.paths import check_task_name
+from .store import Store
+
+
+def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Store:
+    """Open a store at a local path or fsspec URL (`s3://`, `memory://`, `hf://`...).
+
+    >>> store = modelstore.open("s3://bucket/store", storage_options={"anon": False})
+    >>> sd = store.load("sst2", device="cuda")
+
+    Args:
+        url: the store's location.
+        mode: "r" to read, "a" to read and write (add_task, add_lora_task, remove, sync_to).
+        storage_options: fsspec options of the location (endpoint_url, credentials...).
+
+    Raises:
+        StoreNotFoundError: no store there. FormatVersionError: written by a newer modelstore.
+    """
+    return Store(url, mode=mode, storage_options=storage_options)
+
+
+def load(task: str, store: str | os.PathLike[str] | Store | None = None, device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Load one task's full weights; `store` defaults to $MODELSTORE_URL.
+
+    >>> sd = modelstore.load("sst2", device="cuda")
+
+    Raises:
+        InputError: no store given and $MODELSTORE_URL unset. TaskNotFoundError: no such task.
+    """
+    if store is None:
+        store = os.environ.get("MODELSTORE_URL")
+        if not store:
+            raise InputError("no store given and $MODELSTORE_URL is not set; pass store=... or set it")
+    if not isinstance(store, Store):
+        store = open_store(store)
+    return store.load(check_task_name(task), device=device, dtype=dtype)
+
+
+def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, keep: float = 0.1,
+             granularity: str = "global", value_dtype: str | None = None, base: str | None = None,
+             overwrite: bool = False, storage_options: Mapping[str, Any] | None = None,
+             progress: bool = False) -> Store:
+    """Add one fully fine-tuned task to the store at `store`; see `Store.add_task`.
+
+    >>> modelstore.add_task("store", "qnli", "ft/qnli", keep=0.05)
+
+    Returns:
+        The store, open for writing, with the task committed.
+    """
+    s = open_store(store, mode="a", storage_options=storage_options)
+    s.add_task(name, path, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base,
+               overwrite=overwrite, progress=progress)
+    return s
+
+
+def add_lora_task(store: str | os.PathLike[str], name: str, adapter: str | os.PathLike[str], *,
+                  rank: int | None = None, energy: float | None = None,
+                  pretrained: str | os.PathLike[str] | None = None, overwrite: bool = False,
+                  storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
+    """Add a PEFT LoRA adapter to the store at `store` (PERU-LoRA); see `Store.add_lora_task`.
+
+    >>> modelstore.add_lora_task("store", "sst2-lora", "adapters/sst2", rank=4)
+
+    Returns:
+        The store, open for writing, with the task committed.
+    """
+    s = open_store(store, mode="a", storage_options=storage_options)
+    s.add_lora_task(name, adapter, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
+                    progress=progress)
+    return s
+
+
+def remove_task(store: str | os.PathLike[str], name: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove task `name` from the store at `store`: its manifest entry first, then its arrays.
+
+    Raises:
+        TaskNotFoundError: no such task.
+    """
+    open_store(store, mode="a", storage_options=storage_options).remove(name)
+
+
+__all__ = ["open_store", "load", "add_task", "add_lora_task", "remove_task"]

@@ -1,0 +1,120 @@
+"""Building a store: inputs -> merge -> base, then each task -> its kind -> the store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .format.paths import check_task_name
+from .kinds import FFTOptions
+from .kinds.sparse_delta import check_finite
+from .merging import get_method, mergeable, method_class
+from .progress import bar
+from .selection import selector
+from .sources import open_checkpoint
+from .store import Store, base_fields
+
+
+def _stats_option(merge: str, tasks: Mapping[str, Any], stats: Mapping[str, str] | None) -> dict[str, Any]:
+    """Per-task statistics files as the method's data option (`fishers` / `grams`), in task order."""
+    if not stats:
+        return {}
+    wanted = method_class(merge).data_options
+    if not wanted:
+        raise InputError(f"merge method {merge!r} uses no statistics; drop --stats")
+    unknown = sorted(set(stats) - set(tasks))
+    if unknown:
+        raise InputError(f"--stats names {unknown[0]!r}, which is not a --task")
+    missing = [t for t in tasks if t not in stats]
+    if missing:
+        raise InputError(f"merge method {merge!r} needs statistics for every task; --stats lacks {missing[0]!r}")
+    return {wanted[0]: [stats[t] for t in tasks]}
+
+
+def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
+          tasks: Mapping[str, str | os.PathLike[str]], *, merge: str = "task-arithmetic", keep: float = 0.1,
+          granularity: str = "global", value_dtype: str | None = None, include: str | None = None,
+          exclude: str | None = None, stats: Mapping[str, str] | None = None,
+          merge_options: Mapping[str, Any] | None = None, storage_options: Mapping[str, Any] | None = None,
+          progress: bool = False, **options: Any) -> Store:
+    """Make a new store: merge the task models into one base, then store each task's sparse delta.
+
+    >>> store = modelstore.build("out/store", "bert-base", {"sst2": "ft/sst2", "mnli": "ft/mnli"}, keep=0.1)
+
+    Args:
+        store: where the new store goes (a path or fsspec URL); it must not hold a store yet.
+        pretrained: the pre-trained checkpoint θ0.
+        tasks: task name -> fully fine-tuned checkpoint.
+        merge: the merge method that makes the shared base ("none": Post-Pruning, θ* = θ0).
+        keep, granularity, value_dtype: how each task's delta is sparsified (see `Store.add_task`).
+        include, exclude: regexes choosing which tensors are merged and sparsified.
+        stats: task -> statistics file, for `fisher` / `regmean` (docs/merging.md).
+        merge_options: the merge method's options; options that do not collide with build's own
+            may also be passed as keywords (e.g. `lam=0.3`). TIES' own granularity goes here.
+        storage_options: fsspec options of the store's location.
+        progress: draw progress bars on a terminal.
+
+    Returns:
+        The new store, open for writing.
+
+    Raises:
+        InputError: a bad option or input, or `store` already holds a store; checked before
+            anything is written.
+    """
+    opts = FFTOptions(keep, granularity, value_dtype)
+    opts.validate()
+    for name in tasks:
+        check_task_name(name)
+    selected = selector(include, exclude)
+    method = get_method(merge, **{**(merge_options or {}), **options, **_stats_option(merge, tasks, stats)})
+    base_ck = open_checkpoint(pretrained)
+    task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
+    base_id = "pretrained" if merge == "none" else "merged"
+    srcs = list(task_cks.values())
+    if merge != "none" and not srcs:
+        raise InputError(f"merge method {merge!r} needs at least one --task; use `modelstore init` for a base only")
+    have = [set(s.names()) for s in srcs]
+    names = [n for n in base_ck.names() if selected(n) and mergeable(
+        base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in h else None for s, h in zip(srcs, have)])]
+    method.prepare(base_ck, srcs, names)
+    merged = set(names)
+    out = Store.create(store, storage_options)
+
+    def base_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for n in bar(base_ck.names(), "base", progress):
+            t0 = base_ck.get(n)
+            check_finite(t0, f"pretrained tensor {n!r}")
+            if n in merged and merge != "none":
+                ts = []
+                for tname, s in task_cks.items():
+                    t = s.get(n)
+                    check_finite(t, f"task {tname!r} tensor {n!r}")
+                    ts.append(t.to(torch.float32))
+                t0 = method.merge(n, t0.to(torch.float32), ts).to(t0.dtype)
+            yield n, t0
+
+    specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
+    out.write_base(base_id, specs, base_tensors(),
+                   base_fields(base_ck, base_id, method.parameters(), list(tasks) if merge != "none" else [],
+                               include, exclude))
+    for name, ck in task_cks.items():
+        out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
+                     progress=progress)
+    return out
+
+
+def init(store: str | os.PathLike[str], pretrained: str | os.PathLike[str], *,
+         storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
+    """Make a store that holds only the pre-trained θ0 (for Post-Pruning or LoRA tasks added later).
+
+    Raises:
+        InputError: a bad checkpoint, or `store` already holds a store.
+    """
+    return build(store, pretrained, {}, merge="none", storage_options=storage_options, progress=progress)
+
+
+__all__ = ["build", "init"]

@@ -1,0 +1,132 @@
+"""Build settings as a YAML file (`modelstore build STORE --config store.yaml`), mergekit-style.
+
+```yaml
+pretrained: ./bert-base
+tasks: {sst2: ./ft/sst2, mnli: ./ft/mnli}
+merge: {method: ties, lambda: 1.0, density: 0.2}
+keep: 0.1
+```
+
+The keys are those of `modelstore build`'s flags (snake_case); `merge` is a method name or a
+mapping of `method` and that method's options under their declared keys (modelstore.merging).
+Paths are used as written, relative to the working directory, like the flags'. Every unknown key
+is refused with its name, so a typo never falls back to a default silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .errors import InputError
+from .merging import method_class
+
+TOP_KEYS = ("pretrained", "tasks", "merge", "keep", "granularity", "value_dtype", "include", "exclude", "stats")
+
+
+@dataclass
+class BuildConfig:
+    """The settings of one `build`, from a config file, flags or both."""
+
+    pretrained: str | None = None
+    tasks: dict[str, str] = field(default_factory=dict)
+    merge: str = "task-arithmetic"
+    merge_options: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, str] = field(default_factory=dict)
+    keep: float = 0.1
+    granularity: str = "global"
+    value_dtype: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `modelstore.build` after `store`."""
+        if self.pretrained is None:
+            raise InputError("no pre-trained model: pass --pretrained PATH or set `pretrained:` in the config")
+        return {"pretrained": self.pretrained, "tasks": dict(self.tasks), "merge": self.merge,
+                "merge_options": dict(self.merge_options), "stats": dict(self.stats), "keep": self.keep,
+                "granularity": self.granularity, "value_dtype": self.value_dtype, "include": self.include,
+                "exclude": self.exclude}
+
+
+def _mapping(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, (str, os.PathLike))
+                                                 for k, v in value.items()):
+        raise InputError(f"{where} must map names to paths, e.g. {{sst2: ./ft/sst2}}")
+    return {k: os.fspath(v) for k, v in value.items()}
+
+
+def merge_options_from_keys(method: str, given: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A method's options given under their config keys (`lambda`), as keywords (`lam`).
+
+    Raises:
+        InputError: a key the method does not declare, named with the method's keys.
+    """
+    declared = {o.key: o for o in method_class(method).declared}
+    out = {}
+    for key, value in given.items():
+        if key not in declared:
+            known = ", ".join(declared) or "none"
+            raise InputError(f"{where}: merge method {method!r} has no option {key!r}; its options: {known}")
+        out[declared[key].name] = value
+    return out
+
+
+def parse_config(doc: Any, where: str) -> BuildConfig:
+    """A BuildConfig from a parsed YAML document; `where` names it in errors."""
+    if not isinstance(doc, Mapping):
+        raise InputError(f"{where}: a build config is a mapping of {', '.join(TOP_KEYS)}")
+    unknown = [k for k in doc if k not in TOP_KEYS]
+    if unknown:
+        raise InputError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(TOP_KEYS)}")
+    cfg = BuildConfig()
+    if "pretrained" in doc:
+        if not isinstance(doc["pretrained"], (str, os.PathLike)):
+            raise InputError(f"{where}: pretrained must be a path")
+        cfg.pretrained = os.fspath(doc["pretrained"])
+    if "tasks" in doc:
+        cfg.tasks = _mapping(doc["tasks"], f"{where}: tasks")
+    if "stats" in doc:
+        cfg.stats = _mapping(doc["stats"], f"{where}: stats")
+    merge = doc.get("merge", cfg.merge)
+    if isinstance(merge, Mapping):
+        options = dict(merge)
+        method = options.pop("method", None)
+        if not isinstance(method, str):
+            raise InputError(f"{where}: merge needs a `method:` (e.g. task-arithmetic)")
+        cfg.merge, cfg.merge_options = method, merge_options_from_keys(method, options, where)
+    elif isinstance(merge, str):
+        method_class(merge)  # an unknown method is named now
+        cfg.merge = merge
+    else:
+        raise InputError(f"{where}: merge must be a method name or a mapping with `method:` and its options")
+    for key in ("keep", "granularity", "value_dtype", "include", "exclude"):
+        if key in doc:
+            setattr(cfg, key, doc[key])
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> BuildConfig:
+    """Read a build config file.
+
+    Raises:
+        InputError: unreadable file, not YAML, or an unknown key.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+    except OSError as e:
+        raise InputError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InputError(f"{path} is not valid YAML{at}; check its indentation and quoting") from None
+    return parse_config(doc, path)
+
+
+__all__ = ["BuildConfig", "load_config", "parse_config", "merge_options_from_keys", "TOP_KEYS"]

@@ -1,0 +1,212 @@
+"""Payloads: the flat chunked arrays and the tensor table of one base or task (spec sections 3-4).
+
+Every base and task is a zarr group holding a few flat 1-D arrays plus a JSON table of offsets,
+so opening one on an object store takes a handful of requests however many tensors the model
+has. `PayloadWriter` is the one way such a group is written (dense, sparse and low-rank entries
+alike), `PayloadReader` the one way it is read back and checked.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .. import dtypes
+from ..errors import CorruptStoreError
+from .codecs import CHUNK_ELEMENTS, compressors
+from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
+
+
+class FlatWriter:
+    """Append numpy arrays to one flat zarr array, writing only whole, aligned chunks.
+
+    `capacity` is an upper bound on the elements that will be appended; `close()`
+    shrinks the array to what was written.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, dtype: str, capacity: int, kind: str = "values"):
+        self.dtype = np.dtype(dtype)
+        self.chunk = max(1, min(CHUNK_ELEMENTS, capacity))
+        # every chunk is written, even all-zero ones, so a missing chunk is always damage
+        self.array = group.create_array(
+            name, shape=(capacity,), chunks=(self.chunk,), dtype=self.dtype,
+            compressors=compressors(kind, self.dtype.itemsize), fill_value=0,
+            config={"write_empty_chunks": True},
+        )
+        self.name = name
+        self.capacity = capacity
+        self.written = 0
+        self.crc32 = 0
+        self._buf = np.empty(self.chunk, dtype=self.dtype)
+        self._fill = 0
+
+    def append(self, a: np.ndarray) -> int:
+        """Append `a` and return its start offset in the flat array."""
+        start = self.written + self._fill
+        a = np.ascontiguousarray(a, dtype=self.dtype).reshape(-1)
+        if start + a.size > self.capacity:
+            raise AssertionError("FlatWriter capacity exceeded")
+        self.crc32 = zlib.crc32(memoryview(a).cast("B"), self.crc32) if a.size else self.crc32
+        pos = 0
+        while pos < a.size:
+            take = min(self.chunk - self._fill, a.size - pos)
+            self._buf[self._fill:self._fill + take] = a[pos:pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == self.chunk:
+                self._flush()
+        return start
+
+    def _flush(self) -> None:
+        if self._fill:
+            self.array[self.written:self.written + self._fill] = self._buf[:self._fill]
+            self.written += self._fill
+            self._fill = 0
+
+    def close(self) -> ArrayInfo:
+        """Write the tail and shrink the array to its content; return its count and CRC-32."""
+        self._flush()
+        if self.written != self.capacity:
+            self.array.resize((self.written,))
+        return {"count": self.written, "crc32": self.crc32}
+
+
+class PayloadWriter:
+    """Write one base or task group: declare its arrays, add table entries, `finish()`.
+
+    Dense tensors go to `<prefix>.<dtype>` arrays sized by `declare_dense`; other entry kinds
+    append to arrays from `declare` and record their entry with `add`.
+    """
+
+    def __init__(self, path: str, group: zarr.Group):
+        self.path = path
+        self.group = group
+        self.table: list[TableEntry] = []
+        self._arrays: dict[str, FlatWriter] = {}
+
+    def declare(self, name: str, dtype: str, capacity: int, kind: str = "values") -> FlatWriter:
+        """A flat array `name` of logical dtype `dtype` holding at most `capacity` elements."""
+        w = FlatWriter(self.group, name, dtypes.storage_dtype(dtype), capacity, kind=kind)
+        self._arrays[name] = w
+        return w
+
+    def declare_dense(self, prefix: str, specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> None:
+        """Arrays `<prefix>.<dtype>` large enough for tensors of these (shape, dtype)."""
+        capacity: dict[str, int] = {}
+        for shape, dt in specs:
+            d = dtypes.dtype_name(dt)
+            capacity[d] = capacity.get(d, 0) + math.prod(shape)
+        for d, n in capacity.items():
+            self.declare(f"{prefix}.{d}", d, n)
+
+    def add_dense(self, name: str, t: torch.Tensor, prefix: str, **fields: Any) -> TableEntry:
+        """Store `t` whole in its dtype's `<prefix>.<dtype>` array; return its table entry."""
+        d = dtypes.dtype_name(t.dtype)
+        array = f"{prefix}.{d}"
+        start = self._arrays[array].append(dtypes.to_numpy(t))
+        return self.add({"name": name, "kind": "dense", "array": array, "shape": list(t.shape), "dtype": d,
+                         "start": start, "count": t.numel(), **fields})
+
+    def add(self, entry: TableEntry) -> TableEntry:
+        """Record a table entry whose data the caller appended to a declared array."""
+        self.table.append(entry)
+        return entry
+
+    def finish(self) -> PayloadFields:
+        """Close every array, write the table; return the fields every manifest entry has."""
+        arrays = {name: w.close() for name, w in self._arrays.items()}
+        self.group.attrs["tensors"] = self.table
+        stored = sum(arr.nbytes_stored() for _, arr in self.group.arrays())
+        return {"path": self.path, "tensors": len(self.table), "table_sha256": table_digest(self.table),
+                "arrays": arrays, "bytes": stored}
+
+
+def arrays_of(entry: TableEntry) -> tuple[str, ...]:
+    """The flat arrays a table entry's payload lives in."""
+    return ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
+
+
+def content_crc32(a: np.ndarray) -> int:
+    """CRC-32 (zlib) of an array's little-endian content, as the manifest records it."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+class PayloadReader:
+    """One base or task group, its table checked against the manifest's digest.
+
+    It is also a TensorSource (names/shape/dtype/get) that reads one tensor at a time, which is
+    how writers read a stored base with bounded memory.
+    """
+
+    def __init__(self, group: zarr.Group, entry: PayloadFields, what: str):
+        table = group.attrs.get("tensors")
+        if not isinstance(table, list) or table_digest(table) != entry["table_sha256"]:
+            raise CorruptStoreError(f"{what}: the tensor table fails its checksum; the store is damaged")
+        self.group, self.entry, self.what = group, entry, what
+        self.table: list[TableEntry] = table
+        self._by_name = {e["name"]: e for e in table}
+
+    # -- whole arrays ----------------------------------------------------------
+    def read_flat(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """`array[start:stop]`; a checksum failure becomes an error naming the tensors hit."""
+        arr = self.group[array]
+        stop = arr.shape[0] if stop is None else stop
+        try:
+            return arr[start:stop]
+        except Exception:  # crc32c mismatch (ValueError) or a codec failure on damaged bytes
+            pass
+        chunk = arr.chunks[0]
+        for c in range(start - start % chunk, stop, chunk):
+            try:
+                arr[c:c + chunk]
+            except Exception:
+                hit = [e["name"] for e in self.table if array in arrays_of(e) and e["count"]
+                       and e["start"] < c + chunk and e["start"] + e["count"] > c]
+                raise CorruptStoreError(
+                    f"{self.what}: chunk {c // chunk} of array '{array}' fails its checksum (tensor "
+                    f"{', '.join(hit[:3]) or '?'}{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, "
+                    "re-add this task or restore the store") from None
+        raise CorruptStoreError(f"{self.what}: array '{array}' could not be read")
+
+    def read_arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every non-empty flat array, checked against the manifest's count and CRC-32, on `device`."""
+        names = sorted({a for t in self.table if t["count"] for a in arrays_of(t)})
+        out = {}
+        for a in names:
+            flat = self.read_flat(a)
+            want = self.entry.get("arrays", {}).get(a)
+            if want is not None and (flat.size != want["count"] or content_crc32(flat) != want["crc32"]):
+                raise CorruptStoreError(f"{self.what}: array '{a}' does not match the checksum recorded in the "
+                                        "manifest (a chunk is missing or was replaced); re-add it or restore the store")
+            out[a] = torch.from_numpy(flat).to(device)
+        return out
+
+    # -- one tensor at a time (TensorSource) -----------------------------------
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._by_name[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return dtypes.torch_dtype(self._by_name[name]["dtype"])
+
+    def get(self, name: str) -> torch.Tensor:
+        """A dense entry's tensor, read alone."""
+        e = self._by_name[name]
+        a = self.read_flat(e["array"], e["start"], e["start"] + e["count"])
+        return dtypes.from_numpy(a, e["dtype"]).view(e["shape"])
+
+
+def segment(arrays: dict[str, torch.Tensor], array: str, start: int, count: int, dtype: str) -> torch.Tensor:
+    """`array[start:start+count]` of arrays read by `read_arrays`, as logical dtype `dtype` (bf16 views)."""
+    return dtypes.logical_view(arrays[array][start:start + count], dtype)
+
+
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "arrays_of", "content_crc32", "segment"]

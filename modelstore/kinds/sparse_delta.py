@@ -1,0 +1,226 @@
+"""Task kind `fft`: a fully fine-tuned task as a sparse delta against a base (PERU-FFT / Post-Pruning).
+
+u = θt − θ* is computed in float32 against the base *as stored*, the k = round(m·N)
+largest |u| are kept (globally over all selected tensors, or per tensor), and the
+kept entries are written as gap-encoded indices plus values. Tensors that cannot
+be expressed as a sparse delta (other shape, not in the base, not selected, not
+floating point) are written dense unless they equal the base.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dtypes
+from ..errors import InputError
+from ..format.manifest import BaseEntry, TableEntry, TaskEntry
+from ..format.payload import PayloadWriter, segment
+from ..progress import bar
+from ..selection import recorded_selector
+from ..sources import Checkpoint, TensorSource
+from ..topk import find_cut, kept_count, magnitude_bits
+from ..units import human_bytes, percent
+from .base import TaskKind
+
+GRANULARITIES = ("global", "per-tensor")
+#: Deltas of a task are kept in memory between the selection passes up to this size;
+#: beyond it they are recomputed from the checkpoints on each pass (streaming).
+CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 1 << 30))
+_VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
+
+
+@dataclass(frozen=True)
+class FFTOptions:
+    """How a fully fine-tuned task is sparsified: keep fraction m, top-k granularity, value dtype."""
+
+    keep: float = 0.1
+    granularity: str = "global"
+    value_dtype: str | None = None  # None: bfloat16 for bf16 tasks, float16 otherwise
+
+    def validate(self) -> None:
+        """Raise InputError naming the first bad option."""
+        if not isinstance(self.keep, (int, float)) or not (0.0 < self.keep <= 1.0) or math.isnan(self.keep):
+            raise InputError(f"--keep must be a fraction in (0, 1], got {self.keep!r} (0.1 keeps the top 10%)")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {self.granularity!r}")
+        if self.value_dtype is not None and self.value_dtype not in dtypes.VALUE_DTYPES:
+            raise InputError(f"--value-dtype must be one of {', '.join(dtypes.VALUE_DTYPES)}, not {self.value_dtype!r}")
+
+
+def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[str], bool]) -> list[tuple[str, str]]:
+    """(name, "sparse" | "dense") for every tensor of the task, base order first."""
+    have = set(src.names())
+    out = []
+    for name in base.names():
+        if name not in have:
+            if selected(name):
+                raise InputError(f"task {task!r} lacks tensor {name!r} that the base has; "
+                                 "give a checkpoint of the same architecture, or --exclude that tensor")
+            continue
+        sparse = (selected(name) and src.shape(name) == base.shape(name)
+                  and src.dtype(name).is_floating_point and base.dtype(name).is_floating_point)
+        out.append((name, "sparse" if sparse else "dense"))
+    reshaped = [n for n, kind in out if kind == "dense" and selected(n) and src.shape(n) != base.shape(n)]
+    if reshaped and 2 * len(reshaped) > len(out):
+        raise InputError(f"task {task!r}: {len(reshaped)} of {len(out)} tensors differ in shape from the base "
+                         f"(e.g. {reshaped[0]!r}); is it a fine-tune of this pre-trained model?")
+    known = set(base.names())
+    out += [(n, "dense") for n in src.names() if n not in known]
+    return out
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    """Refuse NaN/Inf. A float32 sum is finite for any finite tensor short of ~1e29 magnitudes,
+    so the exact element-wise test runs only when the cheap reduction says "maybe"."""
+    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
+            and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
+
+
+class _Deltas:
+    """u = θt − θ* per sparse tensor, as flat float32 numpy, cached while under a byte budget."""
+
+    def __init__(self, src: TensorSource, base: TensorSource, names: list[str], budget: int):
+        self.src, self.base, self.names = src, base, names
+        self._cache: dict[str, np.ndarray] = {}
+        self._cached, self._budget = 0, budget
+
+    def get(self, name: str) -> np.ndarray:
+        u = self._cache.get(name)
+        if u is None:
+            t = self.src.get(name)
+            u = (t.to(torch.float32) - self.base.get(name).to(torch.float32)).reshape(-1).numpy()
+            if self._cached + u.nbytes <= self._budget:
+                self._cache[name] = u
+                self._cached += u.nbytes
+        return u
+
+    def bits(self) -> Iterator[np.ndarray]:
+        for n in self.names:
+            yield magnitude_bits(self.get(n))
+
+
+class SparseDelta(TaskKind):
+    """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
+
+    name = "fft"
+    title = "a full fine-tune"
+    kept_label = "entries kept"
+    original_label = "the full checkpoint"
+
+    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+        """The merged base if the store has one, else θ0; `requested` picks one explicitly."""
+        return requested or ("merged" if "merged" in bases else "pretrained")
+
+    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
+              options: FFTOptions, progress: bool) -> dict[str, Any]:
+        opts = options
+        opts.validate()
+        selected = recorded_selector(base_entry.get("selection"))
+        steps = plan(task, base, source, selected)
+        sparse = [n for n, kind in steps if kind == "sparse"]
+        value_dtype = opts.value_dtype or (
+            "bfloat16" if sparse and all(source.dtype(n) == torch.bfloat16 for n in sparse) else "float16")
+        sizes = {n: math.prod(source.shape(n)) for n in sparse}
+        total = sum(sizes.values())
+        deltas = _Deltas(source, base, sparse, CACHE_BYTES if opts.granularity == "global" else 0)
+        if opts.granularity == "global":
+            k = kept_count(opts.keep, total)
+            select = find_cut(k, deltas.bits).selector()
+            capacity = k
+        else:
+            capacity = sum(kept_count(opts.keep, s) for s in sizes.values())
+            select = None
+        index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
+        idx_w = out.declare("indices", index_dtype, capacity, kind="indices")
+        val_w = out.declare("values", value_dtype, capacity)
+        out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
+        vt = dtypes.torch_dtype(value_dtype)
+        base_names = set(base.names())
+        kept, dense_count = 0, 0
+        for n, kind in bar(steps, f"task {task}", progress):
+            shape = list(source.shape(n))
+            if kind == "sparse":
+                u = deltas.get(n)
+                bits = magnitude_bits(u)
+                if select is None:
+                    idx = find_cut(kept_count(opts.keep, u.size), lambda: iter([bits])).selector()(bits)
+                else:
+                    idx = select(bits)
+                picked = u[idx]
+                # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
+                if not picked.size:
+                    check_finite(torch.from_numpy(u), f"task {task!r} tensor {n!r}")
+                elif not np.isfinite(picked).all():
+                    raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
+                                     "fix the checkpoint before storing it")
+                elif float(np.abs(picked).max()) > _VALUE_LIMITS[value_dtype]:
+                    raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
+                                     "use --value-dtype float32")
+                vals = torch.from_numpy(picked).to(vt)
+                nz = (vals != 0).numpy()
+                if not nz.all():  # values that round to zero would be stored zeros
+                    idx, vals = idx[nz], vals[torch.from_numpy(nz)]
+                start = idx_w.append(np.diff(idx, prepend=0).astype(index_dtype))
+                val_w.append(dtypes.to_numpy(vals))
+                out.add({"name": n, "kind": "sparse", "shape": shape, "dtype": dtypes.dtype_name(source.dtype(n)),
+                         "start": start, "count": int(idx.size)})
+                kept += int(idx.size)
+                continue
+            t = source.get(n)
+            check_finite(t, f"task {task!r} tensor {n!r}")
+            if n in base_names and base.shape(n) == tuple(t.shape) and base.dtype(n) == t.dtype \
+                    and torch.equal(base.get(n), t):
+                out.add({"name": n, "kind": "sparse", "shape": shape, "dtype": dtypes.dtype_name(t.dtype),
+                         "start": 0, "count": 0})
+                continue
+            out.add_dense(n, t, "dense")
+            dense_count += 1
+        merge = base_entry.get("merge", {})
+        return {
+            "method": "post-pruning" if merge.get("method", "none") == "none" else "peru-fft",
+            "params": {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
+                       "index_dtype": index_dtype, "merge": merge},
+            "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": source.nbytes(),
+        }
+
+    def materialize(self, arrays: dict[str, torch.Tensor], table: list[TableEntry],
+                    base: Mapping[str, torch.Tensor], entry: TaskEntry, device: torch.device,
+                    dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Base + scatter(cumsum(gaps), values) per sparse tensor, on `device` (spec: "Reading a task")."""
+        value_dtype = entry["params"]["value_dtype"]
+        gaps = arrays.get("indices")
+        if gaps is not None:
+            gaps = gaps.to(torch.int64)
+        out: dict[str, torch.Tensor] = {}
+        for t in table:
+            want = dtypes.output_dtype(dtypes.torch_dtype(t["dtype"]), dtype)
+            s, c = t["start"], t["count"]
+            if t["kind"] != "sparse":
+                out[t["name"]] = segment(arrays, t["array"], s, c, t["dtype"]).view(t["shape"]).to(want, copy=True)
+                continue
+            b = base[t["name"]]
+            if c == 0:
+                out[t["name"]] = b.to(want, copy=True)
+                continue
+            flat = b.reshape(-1).to(torch.float32, copy=True)
+            flat.index_add_(0, torch.cumsum(gaps[s:s + c], 0), segment(arrays, "values", s, c, value_dtype).float())
+            out[t["name"]] = flat.view(t["shape"]).to(want)
+        return out
+
+    def setting(self, entry: TaskEntry) -> dict[str, Any]:
+        return {"keep": entry["params"].get("keep")}
+
+    def describe(self, info: Mapping[str, Any]) -> str:
+        return (f"{info['kept']} of {info['total']} entries kept, {human_bytes(info['bytes'])} "
+                f"({percent(info['ratio'])} of the full checkpoint)")
+
+
+__all__ = ["SparseDelta", "FFTOptions", "GRANULARITIES", "plan", "check_finite"]
