@@ -1,0 +1,50 @@
+"""Stores written before the architecture change (format version 1, tests/data/v1, made by the
+previous modelstore) open, load bit-identically and accept new tasks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import modelstore
+
+V1 = Path(__file__).parent / "data" / "v1"
+
+
+def test_v1_store_loads_bit_identically():
+    s = modelstore.open(str(V1 / "store"))
+    assert s.tasks() == ["a", "b", "bf", "l"]
+    assert {t: s.entry(t)["kind"] for t in s.tasks()} == {"a": "fft", "b": "fft", "bf": "fft", "l": "lora"}
+    for t in s.tasks():
+        want = load_file(str(V1 / f"{t}.safetensors"))
+        got = s.load(t)
+        assert set(got) == set(want), t
+        for k, v in want.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (t, k)
+    factors = load_file(str(V1 / "l-factors.safetensors"))
+    a = s.load("l", merged=False)
+    for k, low in a.updates.items():
+        for x in "USV":
+            assert torch.equal(getattr(low, x), factors[f"{k}.{x}"])
+
+
+def test_v1_store_takes_new_tasks(tmp_path):
+    url = tmp_path / "store"
+    shutil.copytree(V1 / "store", url)
+    s = modelstore.open(str(url), mode="a")
+    s.remove("a")
+    old = s.load("b")
+    s.add_task("again", _checkpoint_of(old, tmp_path), keep=1.0, value_dtype="float32")
+    got = modelstore.open(str(url)).load("again")
+    assert all(torch.allclose(got[k], old[k], atol=1e-6, rtol=0) for k in old)
+    assert modelstore.open(str(url)).tasks() == ["again", "b", "bf", "l"]
+
+
+def _checkpoint_of(sd: dict[str, torch.Tensor], tmp_path: Path) -> str:
+    from safetensors.torch import save_file
+    path = str(tmp_path / "ck.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
