@@ -1,4 +1,4 @@
-"""Exact top-k-by-magnitude selection that streams over tensors.
+"""Exact top-k by magnitude, streaming over tensors.
 
 The k largest |u| of a whole model are found without holding the model or sorting
 it: a two-level radix select over the IEEE-754 bit patterns of |u| (for
@@ -37,11 +37,11 @@ class Cut:
     threshold: int
     ties: int
 
-    def selector(self) -> Callable[[np.ndarray], np.ndarray]:
+    def keeper(self) -> Callable[[np.ndarray], np.ndarray]:
         """A stateful function mapping each tensor's |u| bits, in global order, to kept indices."""
         remaining = self.ties
 
-        def select(bits: np.ndarray) -> np.ndarray:
+        def keep(bits: np.ndarray) -> np.ndarray:
             nonlocal remaining
             idx = np.flatnonzero(bits > self.threshold)
             if remaining > 0:
@@ -51,7 +51,7 @@ class Cut:
                     idx = np.sort(np.concatenate([idx, tie]))
             return idx
 
-        return select
+        return keep
 
 
 def find_cut(k: int, tensors: Callable[[], Iterable[np.ndarray]]) -> Cut:

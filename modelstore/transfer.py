@@ -44,10 +44,11 @@ class SyncReport:
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready data (`modelstore sync --json`)."""
         return asdict(self)
 
 
-def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool = False, dry_run: bool = False,
+def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Sequence[str] | None = None, delete: bool = False, dry_run: bool = False,
          src_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None,
          on_bytes: Callable[[int], None] | None = None) -> SyncReport:
     """Make the store at `dst` hold `src`'s tasks (all, or `tasks`), creating it if needed.
@@ -55,8 +56,26 @@ def sync(src: str, dst: str, *, tasks: Sequence[str] | None = None, delete: bool
     Bases that the copied tasks sit on come along; a base the destination already has must hold
     the same tensors (tasks of one merged base do not apply to another). A destination task whose
     content differs from the source's is replaced. `delete` also removes the destination's tasks
-    that `src` lacks (only with `tasks` unset). `on_bytes(n)` is called as bytes are copied.
+    that `src` lacks (only with `tasks` unset).
+
+    >>> modelstore.sync("store", "s3://bucket/store")
+
+    Args:
+        src, dst: store locations (paths or fsspec URLs); `dst` is created if it holds no store.
+        tasks: copy only these tasks and the bases they sit on (default: all).
+        delete: make `dst` a mirror (not with `tasks`).
+        dry_run: report what would be copied; write nothing.
+        src_options, dst_options: fsspec options of each side.
+        on_bytes: called with each number of bytes copied (a progress bar).
+
+    Returns:
+        What was copied, found up to date and deleted.
+
+    Raises:
+        InputError: `dst` has a different base, is `src` itself, or bad arguments.
+        TaskNotFoundError: `src` lacks a named task. CorruptStoreError: a source payload is missing.
     """
+    src, dst = os.fspath(src), os.fspath(dst)
     if delete and tasks is not None:
         raise InputError("--delete mirrors the whole store; it cannot be combined with --task")
     src_loc = Location(src, src_options)

@@ -1,4 +1,4 @@
-"""Benchmark of the store core on a synthetic model: build, load, and top-k selection.
+"""Benchmark of the store core on a synthetic model: build, load, and top-k.
 
 Every figure is reported next to a baseline measured in the same process:
 - build time per task against reading and writing the full checkpoint with safetensors,
@@ -9,7 +9,7 @@ Every figure is reported next to a baseline measured in the same process:
 - `modelstore.sync` of the whole store to a new local directory against shutil.copytree of it.
 
     python -m tools.bench_store --params 50e6 --tasks 3 --keep 0.1
-    MODELSTORE_DELTA_CACHE_BYTES=0 python -m tools.bench_store   # fully streaming selection
+    MODELSTORE_DELTA_CACHE_BYTES=0 python -m tools.bench_store   # fully streaming top-k
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
         r["sync_s"], _ = timed(lambda: modelstore.sync(f"{root}/store", f"{root}/sync-{time.time_ns()}"), 2)
         r["sync_vs_copytree"] = r["sync_s"] / r["baseline_copytree_s"]
 
-        # selection: radix (two streaming passes) vs numpy partition vs torch.topk on the same |u|
+        # top-k: radix (two streaming passes) vs numpy partition vs torch.topk on the same |u|
         sd0, sd1 = load_file(pre), load_file(tasks["task0"])
         u = torch.cat([(sd1[k].float() - sd0[k].float()).reshape(-1) for k in sd0]).numpy()
         k = kept_count(a.keep, u.size)

@@ -30,7 +30,7 @@ from ..units import human_bytes, percent
 from .base import TaskKind
 
 GRANULARITIES = ("global", "per-tensor")
-#: Deltas of a task are kept in memory between the selection passes up to this size;
+#: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 1 << 30))
 _VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
@@ -133,11 +133,11 @@ class SparseDelta(TaskKind):
         deltas = _Deltas(source, base, sparse, CACHE_BYTES if opts.granularity == "global" else 0)
         if opts.granularity == "global":
             k = kept_count(opts.keep, total)
-            select = find_cut(k, deltas.bits).selector()
+            keeper = find_cut(k, deltas.bits).keeper()
             capacity = k
         else:
             capacity = sum(kept_count(opts.keep, s) for s in sizes.values())
-            select = None
+            keeper = None
         index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
         idx_w = out.declare("indices", index_dtype, capacity, kind="indices")
         val_w = out.declare("values", value_dtype, capacity)
@@ -150,10 +150,10 @@ class SparseDelta(TaskKind):
             if kind == "sparse":
                 u = deltas.get(n)
                 bits = magnitude_bits(u)
-                if select is None:
-                    idx = find_cut(kept_count(opts.keep, u.size), lambda: iter([bits])).selector()(bits)
+                if keeper is None:
+                    idx = find_cut(kept_count(opts.keep, u.size), lambda: iter([bits])).keeper()(bits)
                 else:
-                    idx = select(bits)
+                    idx = keeper(bits)
                 picked = u[idx]
                 # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
                 if not picked.size:

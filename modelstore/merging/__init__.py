@@ -30,6 +30,19 @@ def merge(method: str, pretrained: Mapping[str, torch.Tensor], tasks: Sequence[M
 
     Tensors that are not floating point, or that some task lacks or has in another
     shape, are returned as θ0's. Methods and options: docs/merging.md.
+
+    Args:
+        method: a registered merge method (`modelstore.merging.method_names()`).
+        pretrained: θ0's state dict.
+        tasks: the fine-tuned state dicts, one per task.
+        **options: the method's declared options by keyword (`lam`, `density`...), and its
+            statistics (`fishers=` / `grams=`) for the data-dependent methods.
+
+    Returns:
+        θ* as a new state dict (θ0's own tensors where nothing was merged).
+
+    Raises:
+        InputError: unknown method or option, a bad value, or statistics that do not fit.
     """
     if not tasks:
         raise InputError("merge needs at least one task model")

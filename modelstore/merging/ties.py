@@ -9,7 +9,7 @@ the merged delta is the mean of the trimmed entries that agree with the elected 
 
 `granularity="global"` trims with one threshold per task over all merged tensors, as
 the paper's reference code does on the flattened model; the threshold is found in
-`prepare` by streaming over the checkpoints (modelstore.selection). Ties in magnitude
+`prepare` by streaming over the checkpoints (modelstore.topk). Ties in magnitude
 at the threshold go to the lowest index (tensor order, then position); exact zeros are
 never kept, which changes nothing as they add nothing and cast no vote.
 """
@@ -82,7 +82,7 @@ class Ties(MergeMethod):
             bits = magnitude_bits(delta.numpy())
             if i == len(cuts):
                 cuts.append(self._cut(name, i, bits))
-            keep = torch.from_numpy(cuts[i].selector()(bits))
+            keep = torch.from_numpy(cuts[i].keeper()(bits))
             trimmed = torch.zeros_like(delta)
             trimmed[keep] = delta[keep]
             yield trimmed.view_as(base)
