@@ -1,86 +1,99 @@
-"""The commit rule: payloads go to fresh directories, the manifest is replaced last.
+"""The commit protocol: optimistic concurrency on the manifest (spec/FORMAT.md, section 9).
 
-Single writer at a time. A crashed or interrupted write leaves only an unreferenced
-directory, removed by the next write of the same base or task.
+A writer puts its payload under a fresh directory, then publishes a new manifest only if the
+manifest is still the one it read (compare-and-swap, storage/slots.py). On a conflict it re-reads,
+re-applies its change to the newer manifest (the change itself decides whether that is still
+valid: another task added or removed is fine; its own task taken meanwhile, or its base replaced,
+is a ConflictError) and retries with jittered backoff, a bounded number of times. Each manifest
+records a generation and the writer's id and transaction, so a writer whose answer was lost can
+re-read and tell whether its publish won. Payload directories the published manifest no longer
+references (a replaced or removed task) are deleted by the writer that unreferenced them; a writer
+never deletes a directory it did not create or unreference.
 """
 
 from __future__ import annotations
 
-from .errors import InputError, TaskExistsError, TaskNotFoundError
-from .format.manifest import FORMAT_VERSION, BaseEntry, Manifest, TaskEntry, new_manifest
-from .format.paths import MANIFEST, check_task_name, is_payload_dir, new_payload_dir, task_dir
-from .format.payload import PayloadWriter
+import copy
+import os
+import random
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+
+from .errors import ConflictError, ModelStoreError, SingleWriterWarning, StorageError
+from .format.manifest import FORMAT_VERSION, Manifest, new_manifest, now, seal
 from .storage import Location
 
+#: Publishing attempts before a writer gives up (each re-reads the manifest and re-applies its change).
+MAX_ATTEMPTS = 12
+#: The first and the longest pause between attempts, in seconds; each pause is jittered.
+BACKOFF_S, MAX_BACKOFF_S = 0.02, 2.0
 
-class ManifestWriter:
-    """Write access to the manifest of one store location, and the payload directories it references."""
+#: This process as a writer: host, pid and a random part (pids are reused).
+WRITER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
-    def __init__(self, loc: Location, create: bool = False):
-        self.loc = loc
-        if not create:
-            self.manifest: Manifest = loc.require_manifest()
-            return
-        if loc.read_json(MANIFEST) is not None:
-            raise InputError(f"{loc.url} already holds a store; add tasks with `modelstore add-task` "
-                             "or remove it first")
-        loc.create_root_group({"modelstore": {"format_version": FORMAT_VERSION}})
-        self.manifest = new_manifest()
-
-    # -- payload directories ---------------------------------------------------
-    def new_payload(self, parent: str) -> PayloadWriter:
-        """A writer into a fresh `parent/<uid>` group that the manifest does not reference yet."""
-        self.cleanup(parent)
-        rel = new_payload_dir(parent)
-        return PayloadWriter(rel, self.loc.create_group(rel))
-
-    def new_dir(self, parent: str) -> str:
-        """A fresh directory name under `parent` for a payload copied in file by file."""
-        self.cleanup(parent)
-        return new_payload_dir(parent)
-
-    def cleanup(self, parent: str) -> None:
-        """Remove payload directories under `parent` that the manifest does not reference (crash leftovers)."""
-        live = {e["path"] for e in [*self.manifest["bases"].values(), *self.manifest["tasks"].values()]}
-        for child in self.loc.listdir(parent):
-            rel = f"{parent}/{child}"
-            if is_payload_dir(child) and rel not in live:
-                self.loc.remove_tree(rel)
-
-    # -- commits ---------------------------------------------------------------
-    def commit(self) -> None:
-        self.loc.write_json_atomic(MANIFEST, self.manifest)
-
-    def commit_base(self, base_id: str, entry: BaseEntry) -> None:
-        """Make base `base_id` visible; a store never replaces a base."""
-        if base_id in self.manifest["bases"]:
-            raise InputError(f"{self.loc.url} already has a {base_id} base")
-        self.manifest["bases"][base_id] = entry
-        self.commit()
-
-    def commit_task(self, name: str, entry: TaskEntry) -> None:
-        """Make task `name` visible (replacing an older version, whose payload is then removed)."""
-        old = self.manifest["tasks"].get(name)
-        self.manifest["tasks"][name] = entry
-        self.commit()
-        if old is not None and old["path"] != entry["path"]:
-            self.loc.remove_tree(old["path"])
-
-    def check_new_task(self, name: str, overwrite: bool) -> None:
-        """Raise unless task `name` may be written (a valid name, new or `overwrite`)."""
-        check_task_name(name)
-        if name in self.manifest["tasks"] and not overwrite:
-            raise TaskExistsError(f"{self.loc.url} already has a task {name!r}; pass --overwrite to replace it")
-
-    def remove_task(self, name: str) -> None:
-        """Drop task `name` from the manifest, then delete its payloads."""
-        check_task_name(name)
-        entry = self.manifest["tasks"].pop(name, None)
-        if entry is None:
-            raise TaskNotFoundError(f"{self.loc.url} has no task {name!r}")
-        self.commit()
-        self.loc.remove_tree(entry["path"])
-        self.cleanup(task_dir(name))
+Change = Callable[[Manifest], Manifest]
 
 
-__all__ = ["ManifestWriter"]
+class UncertainCommit(StorageError):
+    """The publish failed in a way that leaves unknown whether it happened; keep the payload."""
+
+
+def _paths(m: Manifest | None) -> set[str]:
+    if m is None:
+        return set()
+    return {e["path"] for e in [*m["bases"].values(), *m["tasks"].values()]}
+
+
+def commit(loc: Location, change: Change, *, create: bool = False) -> Manifest:
+    """Apply `change` to the store's current manifest and publish the result atomically.
+
+    `change` gets a private copy of the latest manifest (a new, empty one when `create` and there
+    is none) and returns the manifest to publish; it raises to refuse (TaskExistsError,
+    ConflictError...). It may be called several times, once per attempt.
+
+    Raises:
+        ConflictError: every attempt lost to other writers.
+        UncertainCommit: the last publish failed without telling whether it happened.
+    """
+    if not loc.slot.conditional:
+        warnings.warn(f"{loc.url}: {loc.slot.writers}", SingleWriterWarning, stacklevel=3)
+    error: Exception | None = None
+    for attempt in range(MAX_ATTEMPTS):
+        current, token = loc.read_manifest_versioned()
+        if current is None:
+            if not create:
+                loc.require_manifest()  # raises StoreNotFoundError
+            loc.create_root_group({"modelstore": {"format_version": FORMAT_VERSION}})
+        base = new_manifest() if current is None else current
+        new = change(copy.deepcopy(base))
+        if new == base and current is not None:
+            return current  # nothing to publish
+        txn = uuid.uuid4().hex
+        new["generation"] = base.get("generation", 0) + 1
+        new["writer"] = {"id": WRITER_ID, "txn": txn, "time": now()}
+        blob = seal(new)
+        obsolete = sorted(_paths(current) - _paths(new))
+        try:
+            with loc.errors("publish manifest.json"):
+                if loc.publish(blob, token, obsolete):
+                    return new
+            error = None
+        except StorageError as e:
+            error = e
+            try:  # did the publish happen although its answer was lost?
+                won, _ = loc.read_manifest_versioned()
+            except ModelStoreError:
+                won = None
+            if won is not None and won.get("writer", {}).get("txn") == txn:
+                return won
+        time.sleep(random.uniform(0, min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt)))
+    if error is not None:
+        raise UncertainCommit(f"{error}; if it did not publish, rerun the command") from None
+    raise ConflictError(f"{loc.url}: gave up after {MAX_ATTEMPTS} attempts: other writers kept changing the "
+                        "manifest; retry")
+
+
+__all__ = ["commit", "Change", "UncertainCommit", "WRITER_ID", "MAX_ATTEMPTS"]

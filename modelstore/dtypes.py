@@ -22,6 +22,8 @@ _BY_NAME = {
     "bool": torch.bool,
 }
 _NAME = {v: k for k, v in _BY_NAME.items()}
+#: Every logical dtype name a store may record.
+LOGICAL_DTYPES = tuple(_BY_NAME)
 # How each logical dtype is laid out in a zarr array (bit-identical reinterpretation).
 _STORAGE = {"bfloat16": "uint16"}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")

@@ -24,9 +24,23 @@ class TaskNotFoundError(ModelStoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class TaskExistsError(ModelStoreError):
-    """A task of that name exists and overwrite was not asked for."""
 
 
 class CorruptStoreError(ModelStoreError):
     """Stored bytes fail their checksum or the metadata is inconsistent."""
+
+
+class ConflictError(ModelStoreError):
+    """Another writer changed the store in a way this write cannot be re-applied over."""
+
+
+class TaskExistsError(ConflictError):
+    """A task of that name exists (perhaps just added by another writer) and overwrite was not asked for."""
+
+
+class StorageError(ModelStoreError):
+    """The store's location could not be read or written (an outage, permissions, a stuck lock)."""
+
+
+class SingleWriterWarning(UserWarning):
+    """The store's filesystem has no conditional write, so only one writer may use it at a time."""

@@ -17,11 +17,12 @@ from typing import Any, Literal, overload
 import torch
 
 from . import dtypes
-from .commits import ManifestWriter
-from .errors import CorruptStoreError, InputError, TaskNotFoundError
-from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, now
-from .format.paths import base_dir, check_task_name, task_dir
-from .format.payload import PayloadFields, PayloadReader
+from .commits import UncertainCommit, commit
+from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
+from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content
+from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
+from .format.payload import PayloadFields, PayloadReader, PayloadWriter
+from .integrity import CheckReport, check_store, payload_reader
 from .kinds import AdapterInput, FFTOptions, LoraOptions, StoredAdapter, TaskKind, get_kind
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
@@ -47,9 +48,12 @@ class Store:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.loc = Location(url, storage_options, read_only=(mode == "r"))
-        # a new store's manifest is first written with its first commit (its base)
-        self._unwritten = ManifestWriter(self.loc, create=True) if _create else None
-        self.manifest: Manifest = self._unwritten.manifest if self._unwritten else self.loc.require_manifest()
+        if _create:  # the manifest is first published with the store's first commit (its base)
+            if self.loc.read_manifest() is not None:
+                raise InputError(f"{url} already holds a store; add tasks with `modelstore add-task` or remove it first")
+            self.manifest: Manifest = new_manifest()
+        else:
+            self.manifest = self.loc.require_manifest()
         self._bases: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -79,7 +83,7 @@ class Store:
 
     def table(self, task: str) -> list[TableEntry]:
         """The tensor table of `task` (spec section 3), checked against the manifest's digest."""
-        return self._payload(self.entry(task), f"task {task!r}").table
+        return self._payload(self.entry(task), f"task {task!r}", self.kind(task)).table
 
     def kind(self, task: str) -> TaskKind:
         """The task kind that wrote `task` (modelstore.kinds)."""
@@ -102,8 +106,8 @@ class Store:
                 "ratio": (base_bytes + task_bytes) / full if full else None}
 
     # -- reading ---------------------------------------------------------------
-    def _payload(self, entry: PayloadFields, what: str) -> PayloadReader:
-        return PayloadReader(self.loc.open_group(entry["path"]), entry, f"{what}")
+    def _payload(self, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> PayloadReader:
+        return payload_reader(self.loc, entry, what, kind)
 
     def _base_entry(self, base_id: str) -> BaseEntry:
         b = self.manifest["bases"].get(base_id)
@@ -152,17 +156,43 @@ class Store:
         """
         if dtype is not None and not dtype.is_floating_point:
             raise InputError(f"dtype must be a floating dtype, not {dtype}")
-        entry = self.entry(task)
-        kind = get_kind(entry["kind"])
         device = torch.device(device)
+        entry = self.entry(task)
+        try:
+            return self._load(task, entry, device, dtype, merged)
+        except CorruptStoreError:
+            # another writer may have replaced or removed the task since this store was opened
+            fresh = self.loc.read_manifest()
+            moved = fresh is not None and fresh["tasks"].get(task, {}).get("path") != entry["path"]
+            if not moved:
+                raise
+            self.manifest = fresh
+            if task not in fresh["tasks"]:
+                raise TaskNotFoundError(f"{self.url}: task {task!r} was removed by another writer") from None
+            return self._load(task, self.entry(task), device, dtype, merged)
+
+    def _load(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
+              merged: bool) -> dict[str, torch.Tensor] | StoredAdapter:
+        kind = get_kind(entry["kind"])
         if not merged and not kind.has_unmerged:
             raise InputError(f"task {task!r} is {kind.title}; merged=False applies to tasks kept as factors "
                              "(LoRA tasks) only")
-        payload = self._payload(entry, f"task {task!r}")
+        payload = self._payload(entry, f"task {task!r}", kind)
         arrays = payload.read_arrays(device)
         if not merged:
             return kind.unmerged(arrays, payload.table, entry, device)
-        return kind.materialize(arrays, payload.table, self.base(entry["base"], device), entry, device, dtype)
+        try:
+            return kind.materialize(arrays, payload.table, self.base(entry["base"], device), entry, device, dtype)
+        except CorruptStoreError as e:
+            raise CorruptStoreError(f"{self.url}: task {task!r}: {e}") from None
+
+    def check(self) -> CheckReport:
+        """Read every base and task back and verify it (checksums, tables, sizes), without the originals.
+
+        Returns:
+            The sound and the damaged bases and tasks, with what is wrong with each.
+        """
+        return check_store(self.loc, self.loc.require_manifest())
 
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
         """Copy `task`'s weights into `model` in place, on the model's device (strict by default).
@@ -181,30 +211,65 @@ class Store:
         return model
 
     # -- writing ---------------------------------------------------------------
-    def _writer(self) -> ManifestWriter:
-        """The manifest as it is now, for one write; refused on a read-only store."""
+    def _commit(self, change: Callable[[Manifest], Manifest], payload: str | None = None) -> Manifest:
+        """Publish `change` (commits.commit); on failure delete `payload`, this writer's own directory,
+        unless the publish may have happened."""
+        self._require_writable()
+        try:
+            self.manifest = commit(self.loc, change, create=not self.manifest["bases"])
+        except UncertainCommit:
+            raise
+        except BaseException:
+            if payload is not None:
+                self.loc.remove_tree(payload)
+            raise
+        return self.manifest
+
+    def _require_writable(self) -> None:
         if self.mode != "a":
             raise InputError(f"{self.url} is open read-only; open it with modelstore.open(url, mode=\"a\") to write")
-        w, self._unwritten = self._unwritten or ManifestWriter(self.loc), None
-        self.manifest = w.manifest
-        return w
+
+    def _new_payload(self, parent: str) -> PayloadWriter:
+        self._require_writable()
+        rel = new_payload_dir(parent)
+        return PayloadWriter(rel, self.loc.create_group(rel))
+
+    def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
+        """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted."""
+        try:
+            return fill(out)
+        except BaseException:
+            self.loc.remove_tree(out.path)
+            raise
 
     def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
                    fields: Mapping[str, Any]) -> BaseEntry:
         """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
         `fields` are the base entry's descriptive fields (kind, merge, selection, source...).
+
+        Raises:
+            ConflictError: the store got a different `base_id` base meanwhile.
         """
-        w = self._writer()
-        if base_id in w.manifest["bases"]:
-            raise InputError(f"{self.url} already has a {base_id} base")
-        out = w.new_payload(base_dir(base_id))
-        out.declare_dense("data", ((shape, dt) for _, shape, dt in specs))
-        for name, t in tensors:
-            out.add_dense(name, t, "data")
-        entry: BaseEntry = {**fields, **out.finish(), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
-                            "created": now()}  # type: ignore[typeddict-item]
-        w.commit_base(base_id, entry)
+        out = self._new_payload(base_dir(base_id))
+
+        def fill(out: PayloadWriter) -> BaseEntry:
+            out.declare_dense("data", ((shape, dt) for _, shape, dt in specs))
+            for name, t in tensors:
+                out.add_dense(name, t, "data")
+            return {**fields, **out.finish(), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
+                    "created": now()}  # type: ignore[typeddict-item]
+
+        entry: BaseEntry = self._written(out, fill)
+
+        def change(m: Manifest) -> Manifest:
+            if base_id in m["bases"]:
+                raise ConflictError(f"{self.url} got a {base_id} base from another writer meanwhile; "
+                                    "open the store again and add tasks to it")
+            m["bases"][base_id] = entry
+            return m
+
+        self._commit(change, out.path)
         return entry
 
     def add_pretrained(self, path: str | os.PathLike[str], progress: bool = False) -> BaseEntry:
@@ -245,17 +310,32 @@ class Store:
             InputError: a bad input or option, or a base the store lacks.
             TaskExistsError: the task exists and not `overwrite`.
         """
-        w = self._writer()
-        w.check_new_task(name, overwrite)
-        base_id = kind.base_id(w.manifest["bases"], base)
-        if base_id not in w.manifest["bases"]:
-            raise InputError(f"{self.url} has no {base_id} base; it has: {', '.join(w.manifest['bases']) or 'none'}")
-        out = w.new_payload(task_dir(name))
-        fields = kind.write(out, name, source, self.stored_base(base_id), w.manifest["bases"][base_id], options,
-                            progress)
-        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info),
-                            **out.finish()}  # type: ignore[typeddict-item]
-        w.commit_task(name, entry)
+        self._require_writable()
+        check_task_name(name)
+        self._refresh()
+        self._check_new_task(name, overwrite)
+        bases = self.manifest["bases"]
+        base_id = kind.base_id(bases, base)
+        if base_id not in bases:
+            raise InputError(f"{self.url} has no {base_id} base; it has: {', '.join(bases) or 'none'}")
+        base_entry = bases[base_id]
+        out = self._new_payload(task_dir(name))
+        fields = self._written(out, lambda out: {
+            **kind.write(out, name, source, self.stored_base(base_id), base_entry, options, progress), **out.finish()})
+        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info)}  # type: ignore
+
+        def change(m: Manifest) -> Manifest:
+            now_base = m["bases"].get(base_id)
+            if now_base is None or now_base["path"] != base_entry["path"] or not same_content(now_base, base_entry):
+                raise ConflictError(f"{self.url}: the {base_id} base changed while task {name!r} was written against "
+                                    "it; add the task again")
+            if name in m["tasks"] and not overwrite:
+                raise TaskExistsError(f"{self.url}: another writer added a task {name!r} meanwhile; pass "
+                                      "--overwrite to replace it, or choose another name")
+            m["tasks"][name] = entry
+            return m
+
+        self._commit(change, out.path)
         return entry
 
     def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, keep: float = 0.1,
@@ -310,7 +390,9 @@ class Store:
             InputError: a bad option; TaskExistsError: the task exists and not `overwrite`.
         """
         opts = LoraOptions(rank, energy).resolved()
-        self._writer().check_new_task(name, overwrite)
+        check_task_name(name)
+        self._refresh()
+        self._check_new_task(name, overwrite)
         source = AdapterInput.read(adapter)  # validated before anything is written
         if "pretrained" not in self.manifest["bases"]:
             if pretrained is None:
@@ -326,9 +408,23 @@ class Store:
         Raises:
             TaskNotFoundError: no such task.
         """
-        w = self._writer()
-        w.remove_task(name)
-        self.manifest = w.manifest
+        check_task_name(name)
+
+        def change(m: Manifest) -> Manifest:
+            if m["tasks"].pop(name, None) is None:
+                raise TaskNotFoundError(f"{self.url} has no task {name!r}")
+            return m
+
+        self._commit(change)
+
+    def _refresh(self) -> None:
+        """Re-read the manifest before a write (other writers may have committed since it was opened)."""
+        if self.manifest["bases"]:  # else a new store whose first commit is still to come
+            self.manifest = self.loc.require_manifest()
+
+    def _check_new_task(self, name: str, overwrite: bool) -> None:
+        if name in self.manifest["tasks"] and not overwrite:
+            raise TaskExistsError(f"{self.url} already has a task {name!r}; pass --overwrite to replace it")
 
     def sync_to(self, dst: str | os.PathLike[str], *, tasks: Sequence[str] | None = None, delete: bool = False,
                 dry_run: bool = False, dst_options: Mapping[str, Any] | None = None,

@@ -17,10 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .commits import ManifestWriter
-from .errors import CorruptStoreError, InputError, TaskNotFoundError
-from .format.manifest import same_content
-from .format.paths import check_task_name
+from .commits import UncertainCommit, commit
+from .errors import ConflictError, CorruptStoreError, InputError, TaskNotFoundError
+from .format.manifest import Manifest, PayloadFields, same_content
+from .format.paths import check_task_name, new_payload_dir
+from .integrity import verify_payload
+from .kinds import TaskKind, get_kind
 from .storage import Location
 
 COPY_BLOCK = 8 << 20
@@ -41,6 +43,9 @@ class SyncReport:
     """Array bytes of what is copied, from the source's manifest (known before copying; the
     copy also carries each payload's small zarr.json metadata files)."""
     bytes_copied: int = 0
+    repaired: list[str] = field(default_factory=list)
+    """Destination tasks (and `base <id>`s) whose content matched the source's but failed their
+    checksums there: copied again."""
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -101,12 +106,17 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     report = SyncReport(dry_run=dry_run)
     todo = []
     for name in names:
-        entry = src_tasks[name]
-        if name in have_tasks and have_tasks[name]["base"] == entry["base"] and same_content(have_tasks[name], entry):
-            report.up_to_date.append(name)
-        else:
-            todo.append(name)
-    report.bases_copied = [b for b in bases if b not in have_bases]
+        entry, have = src_tasks[name], have_tasks.get(name)
+        if have is not None and have["base"] == entry["base"] and same_content(have, entry):
+            if _sound(dest_loc, have, f"task {name!r}", get_kind(have["kind"])):
+                report.up_to_date.append(name)
+                continue
+            report.repaired.append(name)
+        todo.append(name)
+    for b in bases:
+        if b in have_bases and not _sound(dest_loc, have_bases[b], f"base {b!r}", None):
+            report.repaired.append(f"base {b}")
+    report.bases_copied = [b for b in bases if b not in have_bases or f"base {b}" in report.repaired]
     report.copied = todo
     report.bytes_to_copy = (sum(src_bases[b]["bytes"] for b in report.bases_copied)
                             + sum(src_tasks[t]["bytes"] for t in todo))  # fmt: skip
@@ -114,54 +124,106 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     if dry_run:
         return report
 
-    writer = ManifestWriter(Location(dst, dst_options, read_only=False), create=dest_manifest is None)
+    dest = Location(dst, dst_options, read_only=False)
     progress = on_bytes or (lambda n: None)
     for b in report.bases_copied:
-        path, n = _copy_payload(src_loc, writer, src_bases[b]["path"], progress)
-        writer.commit_base(b, {**src_bases[b], "path": path})
-        report.bytes_copied += n
+        report.bytes_copied += _copy_entry(src_loc, dest, f"base {b!r}", src_bases[b], None, _put_base(b))
     for name in todo:
         entry = src_tasks[name]
-        path, n = _copy_payload(src_loc, writer, entry["path"], progress)
-        writer.commit_task(name, {**entry, "path": path})
-        report.bytes_copied += n
+        report.bytes_copied += _copy_entry(src_loc, dest, f"task {name!r}", entry, get_kind(entry["kind"]),
+                                           _put_task(name), progress)
     for name in report.deleted:
-        writer.remove_task(name)
+        commit(dest, lambda m, name=name: (m["tasks"].pop(name, None), m)[1])
     return report
 
 
-def _copy_payload(src: Location, writer: ManifestWriter, rel: str, on_bytes: Callable[[int], None]) -> tuple[str, int]:
+def _put_base(base_id: str) -> Callable[[Manifest, PayloadFields], Manifest]:
+    def put(m: Manifest, entry: PayloadFields) -> Manifest:
+        have = m["bases"].get(base_id)
+        if have is not None and not same_content(have, entry):
+            raise ConflictError(f"another writer put a different {base_id!r} base in the destination meanwhile")
+        m["bases"][base_id] = entry  # type: ignore[assignment]  # new, or a sound copy of a damaged one
+        return m
+    return put
+
+
+def _put_task(name: str) -> Callable[[Manifest, PayloadFields], Manifest]:
+    def put(m: Manifest, entry: PayloadFields) -> Manifest:
+        m["tasks"][name] = entry  # type: ignore[assignment]
+        return m
+    return put
+
+
+def _sound(loc: Location, entry: PayloadFields, what: str, kind: TaskKind | None) -> bool:
+    """Whether a destination payload reads back intact (its content already equals the source's)."""
+    try:
+        verify_payload(loc, entry, what, kind)
+    except CorruptStoreError:
+        return False
+    return True
+
+
+def _copy_entry(src: Location, dst: Location, what: str, entry: PayloadFields, kind: TaskKind | None,
+                put: Callable[[Manifest, PayloadFields], Manifest],
+                on_bytes: Callable[[int], None] = lambda n: None) -> int:
+    """Copy one payload into a fresh directory of `dst`, verify the copy, commit its entry there.
+
+    Raises:
+        CorruptStoreError: the source payload is damaged (the copy is removed, nothing committed).
+    """
+    target, n = _copy_payload(src, dst, entry["path"], on_bytes)
+    copied = {**entry, "path": target}
+    try:
+        try:
+            verify_payload(dst, copied, what, kind)  # type: ignore[arg-type]
+        except CorruptStoreError:
+            verify_payload(src, entry, what, kind)  # raises if the source itself is damaged
+            raise CorruptStoreError(f"{dst.url}: {what} was damaged in transit; rerun the sync") from None
+        commit(dst, lambda m: put(m, copied), create=True)  # type: ignore[arg-type]
+    except UncertainCommit:
+        raise
+    except BaseException:
+        dst.remove_tree(target)
+        raise
+    return n
+
+
+def _copy_payload(src: Location, dst: Location, rel: str, on_bytes: Callable[[int], None]) -> tuple[str, int]:
     """Copy payload directory `rel` (``bases/<id>/<dir>`` or ``tasks/<name>/<dir>``) into a fresh
     directory beside where it would go, with the group metadata above it; return the new
     directory and the bytes copied. A live payload is never written over."""
-    dst = writer.loc
-    target = writer.new_dir(rel.rsplit("/", 1)[0])  # leftovers of an interrupted copy are removed
+    target = new_payload_dir(rel.rsplit("/", 1)[0])
     root = src.path(rel)
-    try:
-        files = src.fs.find(root, detail=True)
-    except FileNotFoundError:
-        files = {}
+    with src.errors(f"list {rel}"):
+        try:
+            files = src.fs.find(root, detail=True)
+        except FileNotFoundError:
+            files = {}
     if not files:
         raise CorruptStoreError(f"{src.url}: {rel} is listed in the manifest but missing; the store is damaged")
-    jobs = [(path, dst.path(f"{target}/{path[len(root):].lstrip('/')}"), int(info["size"]))
+    jobs = [(path, f"{target}/{path[len(root):].lstrip('/')}", int(info["size"]))
             for path, info in sorted(files.items())]  # fmt: skip
     parts = rel.split("/")
-    for i in range(len(parts) - 1, 0, -1):  # tasks/zarr.json, tasks/<name>/zarr.json: group metadata
-        meta = "/".join(parts[:i]) + "/zarr.json"
-        if src.fs.exists(src.path(meta)) and not dst.fs.exists(dst.path(meta)):
-            jobs.append((src.path(meta), dst.path(meta), int(src.fs.size(src.path(meta)))))
+    with src.errors("read group metadata"):
+        for i in range(len(parts) - 1, 0, -1):  # tasks/zarr.json, tasks/<name>/zarr.json: group metadata
+            meta = "/".join(parts[:i]) + "/zarr.json"
+            if src.fs.exists(src.path(meta)) and not dst.fs.exists(dst.path(meta)):
+                jobs.append((src.path(meta), meta, int(src.fs.size(src.path(meta)))))
     total = 0
-    with concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
-        for done in concurrent.futures.as_completed([pool.submit(_copy_file, src, dst, *job) for job in jobs]):
-            n = done.result()
-            on_bytes(n)  # here, not in the workers: progress bars are not thread-safe
-            total += n
+    try:
+        with dst.errors(f"copy {rel}"), concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+            for done in concurrent.futures.as_completed([pool.submit(_copy_file, src, dst, *job) for job in jobs]):
+                n = done.result()
+                on_bytes(n)  # here, not in the workers: progress bars are not thread-safe
+                total += n
+    except BaseException:
+        dst.remove_tree(target)
+        raise
     return target, total
 
 
-def _copy_file(src: Location, dst: Location, source: str, target: str, size: int) -> int:
-    if dst.local:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+def _copy_file(src: Location, dst: Location, source: str, rel: str, size: int) -> int:
+    target = dst.writable(rel)
     n = 0
     with src.fs.open(source, "rb") as r, dst.fs.open(target, "wb") as w:
         while block := r.read(COPY_BLOCK):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any, TypedDict
 
 from ..errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
+from .paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
 
 FORMAT_NAME = "modelstore"
 FORMAT_VERSION = 1
@@ -75,12 +77,23 @@ class TaskEntry(PayloadFields, total=False):
     adapter_config: dict[str, Any]
 
 
-class Manifest(TypedDict):
+class WriterInfo(TypedDict):
+    """Who published a manifest: a writer can tell whether a commit whose answer it lost won."""
+
+    id: str
+    txn: str
+    time: str
+
+
+class Manifest(TypedDict, total=False):
     format: str
     version: int
     created: str
     bases: dict[str, BaseEntry]
     tasks: dict[str, TaskEntry]
+    generation: int
+    writer: WriterInfo
+    checksum: str
 
 
 def now() -> str:
@@ -93,13 +106,34 @@ def new_manifest() -> Manifest:
     return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": now(), "bases": {}, "tasks": {}}
 
 
+def manifest_checksum(m: Mapping[str, Any]) -> str:
+    """sha256 of the manifest without its `checksum` field, in canonical JSON (spec section 2)."""
+    body = {k: v for k, v in m.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(m: Manifest) -> bytes:
+    """The manifest's bytes as written, with its checksum set."""
+    m["checksum"] = manifest_checksum(m)
+    return json.dumps(m, indent=1, sort_keys=True).encode()
+
+
+def parse_manifest(blob: bytes, url: str) -> Manifest:
+    """Parse and check a manifest's bytes (see `check_manifest`)."""
+    try:
+        m = json.loads(blob)
+    except ValueError:
+        raise CorruptStoreError(f"{url}: manifest.json is not valid JSON; the store is damaged") from None
+    return check_manifest(m, url)
+
+
 def check_manifest(m: Any, url: str) -> Manifest:
-    """`m` as a Manifest, if it is one this version reads.
+    """`m` as a Manifest, if it is one this version reads and every field a reader acts on is sound.
 
     Raises:
         StoreNotFoundError: not a modelstore manifest.
         FormatVersionError: written by a newer format version.
-        CorruptStoreError: its bases or tasks are not objects.
+        CorruptStoreError: its checksum fails, or a field is missing or out of range.
     """
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
         raise StoreNotFoundError(f"{url} is not a modelstore store (its manifest.json is not ours)")
@@ -107,9 +141,54 @@ def check_manifest(m: Any, url: str) -> Manifest:
     if not isinstance(v, int) or v > FORMAT_VERSION:
         raise FormatVersionError(f"{url} has store format version {v}, newer than this modelstore reads "
                                  f"(version {FORMAT_VERSION}); upgrade modelstore")
-    if not isinstance(m.get("bases"), dict) or not isinstance(m.get("tasks"), dict):
-        raise CorruptStoreError(f"{url}: manifest.json lacks its bases or tasks; the store is damaged")
+    if "checksum" in m and m["checksum"] != manifest_checksum(m):
+        raise CorruptStoreError(f"{url}: manifest.json fails its checksum; the store is damaged (restore it, "
+                                "or `modelstore sync` a good copy over it)")
+    damaged = _manifest_problem(m)
+    if damaged:
+        raise CorruptStoreError(f"{url}: manifest.json is damaged ({damaged}); restore it from a good copy")
     return m  # type: ignore[return-value]
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, or None."""
+    if not isinstance(m.get("bases"), dict) or not isinstance(m.get("tasks"), dict):
+        return "no bases or tasks"
+    if not isinstance(m.get("generation", 0), int):
+        return "generation is not a number"
+    for base_id, b in m["bases"].items():
+        problem = _payload_problem(b, f"{BASES}/{base_id}")
+        if problem:
+            return f"base {base_id!r}: {problem}"
+    for name, t in m["tasks"].items():
+        problem = _payload_problem(t, f"{TASKS}/{name}") if TASK_NAME_RE.fullmatch(name) else "a bad name"
+        if problem is None and (not isinstance(t.get("kind"), str) or t.get("base") not in m["bases"]):
+            problem = "no kind, or a base the store lacks"
+        if problem is None and not isinstance(t.get("params"), dict):
+            problem = "no params"
+        if problem:
+            return f"task {name!r}: {problem}"
+    return None
+
+
+def _payload_problem(e: Any, parent: str) -> str | None:
+    if not isinstance(e, dict):
+        return "not an object"
+    path = e.get("path")
+    if not isinstance(path, str) or path.rpartition("/")[0] != parent or not is_payload_dir(path.rpartition("/")[2]):
+        return f"path {path!r} is not a payload directory of {parent}"
+    if not isinstance(e.get("table_sha256"), str) or not isinstance(e.get("bytes", 0), int):
+        return "no table digest"
+    arrays = e.get("arrays")
+    if not isinstance(arrays, dict) or not all(
+            isinstance(a, dict) and _count(a.get("count")) and isinstance(a.get("crc32"), int)
+            for a in arrays.values()):
+        return "array counts or checksums missing"
+    return None
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def table_digest(table: list[TableEntry]) -> str:
@@ -125,4 +204,5 @@ def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | Ba
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArrayInfo", "TableEntry", "PayloadFields", "BaseEntry", "TaskEntry",
-           "Manifest", "now", "new_manifest", "check_manifest", "table_digest", "same_content"]
+           "WriterInfo", "Manifest", "now", "new_manifest", "check_manifest", "parse_manifest", "manifest_checksum",
+           "seal", "table_digest", "same_content"]

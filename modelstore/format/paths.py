@@ -17,6 +17,8 @@ BASES = "bases"
 BASE_IDS = ("merged", "pretrained")
 
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Names a task may not take: files of the store's own that a task directory would collide with.
+RESERVED_NAMES = frozenset({GROUP_META, MANIFEST})
 MAX_TASK_NAME = 128
 _PAYLOAD_DIR_RE = re.compile(r"[0-9a-f]{16}")
 
@@ -27,6 +29,8 @@ def check_task_name(name: str) -> str:
     Raises:
         InputError: the name could escape its directory or is not a plain file name.
     """
+    if isinstance(name, str) and name in RESERVED_NAMES:
+        raise InputError(f"invalid task name {name!r}: it is the name of a store file; choose another name")
     if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name) or len(name) > MAX_TASK_NAME or ".." in name:
         raise InputError(
             f"invalid task name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -127,6 +127,37 @@ class PayloadWriter:
                 "arrays": arrays, "bytes": stored}
 
 
+_ENTRY_KINDS = ("dense", "sparse", "lowrank")
+
+
+def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | None:
+    """What is inconsistent in a tensor table (types, dtypes, sizes, slices past their arrays), or None."""
+    for e in table:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("kind") not in _ENTRY_KINDS:
+            return "an entry without a name or kind"
+        shape, start, count = e.get("shape"), e.get("start"), e.get("count")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape) or not _natural(start) \
+                or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
+            return f"entry {e.get('name')!r} has a bad shape, dtype or slice"
+        size = math.prod(shape)
+        if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size:
+            return f"entry {e['name']!r} has {count} elements for shape {shape}"
+        if e["kind"] == "lowrank" and not (len(shape) == 2 and all(_natural(e.get(k)) for k in ("rank", "d_out", "d_in"))
+                                          and count == e["rank"] * (e["d_out"] + e["d_in"] + 1)):
+            return f"entry {e['name']!r} has inconsistent factor sizes"
+        if e["kind"] != "sparse" and not isinstance(e.get("array"), str):
+            return f"entry {e['name']!r} names no array"
+        if arrays is not None and count:
+            for a in arrays_of(e):
+                if a not in arrays or start + count > arrays[a]["count"]:
+                    return f"entry {e['name']!r} points past its array {a!r}"
+    return None
+
+
+def _natural(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def arrays_of(entry: TableEntry) -> tuple[str, ...]:
     """The flat arrays a table entry's payload lives in."""
     return ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
@@ -144,18 +175,41 @@ class PayloadReader:
     how writers read a stored base with bounded memory.
     """
 
-    def __init__(self, group: zarr.Group, entry: PayloadFields, what: str):
-        table = group.attrs.get("tensors")
+    def __init__(self, group: zarr.Group, entry: PayloadFields, what: str,
+                 array_dtypes: Mapping[str, str] | None = None):
+        try:
+            table = group.attrs.get("tensors")
+        except Exception:  # unreadable attributes
+            table = None
         if not isinstance(table, list) or table_digest(table) != entry["table_sha256"]:
             raise CorruptStoreError(f"{what}: the tensor table fails its checksum; the store is damaged")
         self.group, self.entry, self.what = group, entry, what
         self.table: list[TableEntry] = table
+        self._dtypes = dict(array_dtypes or {})
+        problem = table_problem(table, entry.get("arrays"))
+        if problem:
+            raise CorruptStoreError(f"{what}: the tensor table is inconsistent ({problem}); the store is damaged")
         self._by_name = {e["name"]: e for e in table}
+
+    def _array(self, name: str) -> zarr.Array:
+        """Flat array `name`, its metadata checked against what the table says it holds."""
+        try:
+            arr = self.group[name]
+            ok = isinstance(arr, zarr.Array) and arr.ndim == 1
+        except Exception:  # missing or unreadable zarr.json of the array
+            ok = False
+        want = self._dtypes.get(name) or name.rpartition(".")[2]
+        if ok and want in dtypes.LOGICAL_DTYPES:
+            ok = arr.dtype == np.dtype(dtypes.storage_dtype(want))
+        if not ok:
+            raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' is missing or damaged; "
+                                    "re-add this task or restore the store")
+        return arr
 
     # -- whole arrays ----------------------------------------------------------
     def read_flat(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """`array[start:stop]`; a checksum failure becomes an error naming the tensors hit."""
-        arr = self.group[array]
+        arr = self._array(array)
         stop = arr.shape[0] if stop is None else stop
         try:
             return arr[start:stop]
@@ -209,4 +263,4 @@ def segment(arrays: dict[str, torch.Tensor], array: str, start: int, count: int,
     return dtypes.logical_view(arrays[array][start:start + count], dtype)
 
 
-__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "arrays_of", "content_crc32", "segment"]
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "arrays_of", "content_crc32", "segment", "table_problem"]

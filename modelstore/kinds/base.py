@@ -37,6 +37,14 @@ class TaskKind:
         """The base a new task of this kind sits on, given the store's bases and the user's choice."""
         raise NotImplementedError
 
+    def check_entry(self, entry: TaskEntry) -> str | None:
+        """What is wrong with a task entry's kind-specific fields (a damaged manifest), or None."""
+        return None
+
+    def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
+        """Logical dtypes of the task's arrays whose names do not end in `.<dtype>`."""
+        return {}
+
     def write(self, out: PayloadWriter, task: str, source: Any, base: TensorSource, base_entry: BaseEntry,
               options: Any, progress: bool) -> dict[str, Any]:
         """Compress `source` against `base` into `out`'s arrays and table.

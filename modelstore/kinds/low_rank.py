@@ -103,6 +103,11 @@ class LowRankAdapter(TaskKind):
     has_unmerged = True
     export_formats = {"peft": "a rank-q PEFT adapter (adapter_config.json + adapter_model.safetensors)"}
 
+    def check_entry(self, entry: TaskEntry) -> str | None:
+        if entry["params"].get("factor_dtype") != "float32" or entry.get("base") != "pretrained":
+            return "LoRA factors must be float32 on the pretrained base"
+        return None
+
     def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
         """Always θ0: LoRA updates are relative to the pre-trained model."""
         return "pretrained"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import dtypes
-from ..errors import InputError
+from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, segment
 from ..progress import bar
@@ -30,6 +30,7 @@ from ..units import human_bytes, percent
 from .base import TaskKind
 
 GRANULARITIES = ("global", "per-tensor")
+INDEX_DTYPES = ("uint32", "uint64")
 #: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 1 << 30))
@@ -118,6 +119,15 @@ class SparseDelta(TaskKind):
     def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
         """The merged base if the store has one, else θ0; `requested` picks one explicitly."""
         return requested or ("merged" if "merged" in bases else "pretrained")
+
+    def check_entry(self, entry: TaskEntry) -> str | None:
+        p = entry["params"]
+        if p.get("value_dtype") not in dtypes.VALUE_DTYPES or p.get("index_dtype") not in INDEX_DTYPES:
+            return f"value dtype {p.get('value_dtype')!r} or index dtype {p.get('index_dtype')!r} is not one of the format's"
+        return None
+
+    def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
+        return {"indices": entry["params"]["index_dtype"], "values": entry["params"]["value_dtype"]}
 
     def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
               options: FFTOptions, progress: bool) -> dict[str, Any]:
@@ -211,7 +221,11 @@ class SparseDelta(TaskKind):
                 out[t["name"]] = b.to(want, copy=True)
                 continue
             flat = b.reshape(-1).to(torch.float32, copy=True)
-            flat.index_add_(0, torch.cumsum(gaps[s:s + c], 0), segment(arrays, "values", s, c, value_dtype).float())
+            pos = torch.cumsum(gaps[s:s + c], 0)
+            if int(pos[-1]) >= flat.numel():  # gaps are unsigned, so the last position is the largest
+                raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
+                                        "the store is damaged")
+            flat.index_add_(0, pos, segment(arrays, "values", s, c, value_dtype).float())
             out[t["name"]] = flat.view(t["shape"]).to(want)
         return out
 

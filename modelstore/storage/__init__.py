@@ -1,0 +1,226 @@
+"""The storage layer: one store location on any fsspec filesystem, seen as files and as zarr groups.
+
+Everything that touches bytes at a location goes through `Location`: reading and publishing the
+manifest (conditionally, through the filesystem's slot, see slots.py), creating and reading the
+zarr groups of payloads, listing, and deleting. Writes and deletes never leave the store's root,
+symbolic links included, and I/O failures become one-line StorageErrors that name the location.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import fsspec
+import zarr
+
+from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError
+from ..format.manifest import Manifest, parse_manifest
+from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
+from .slots import ManifestSlot, slot_for
+
+
+class Location:
+    """One store location seen two ways: a sync fsspec filesystem (manifest, listing, deletes)
+    and a zarr store (arrays and groups), rooted at the same place."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
+                 read_only: bool = True):
+        url = os.fspath(url)
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+        self.local = "://" not in url or url.startswith("file://")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
+        except (ValueError, ImportError) as e:
+            raise InputError(f"cannot open {url}: {e}") from None
+        self.root = self.root.rstrip("/")
+        if self.local:
+            self.root = os.path.abspath(self.root)
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise InputError(f"{url} is a file, not a store directory; give a directory path")
+            if not read_only:
+                with self.errors("create the store directory"):
+                    os.makedirs(self.root, exist_ok=True)
+            self.zstore = zarr.storage.LocalStore(self.root, read_only=read_only)
+        else:
+            self.zstore = zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options or None,
+                                                             read_only=read_only)
+        self.slot: ManifestSlot = slot_for(self.fs, self.path(MANIFEST), self.local)
+
+    def path(self, rel: str) -> str:
+        """The filesystem path of `rel` (relative to the store's root)."""
+        return f"{self.root}/{rel}"
+
+    def same_place(self, other: Location) -> bool:
+        """Whether two locations are one store (same filesystem type and root)."""
+        return type(self.fs) is type(other.fs) and self.root == other.root
+
+    @contextlib.contextmanager
+    def errors(self, doing: str) -> Iterator[None]:
+        """Turn I/O failures (an outage past the filesystem's own retries, permissions) into one line."""
+        try:
+            yield
+        except ModelStoreError:
+            raise
+        except (OSError, ConnectionError, TimeoutError) as e:
+            raise StorageError(f"{self.url}: could not {doing} ({_reason(e)}); nothing partial is visible, "
+                               "rerun when the location is reachable") from None
+        except Exception as e:
+            if _is_transport_error(e):
+                raise StorageError(f"{self.url}: could not {doing} ({_reason(e)}); nothing partial is visible, "
+                                   "rerun when the location is reachable") from None
+            raise
+
+    # -- the manifest ----------------------------------------------------------
+    def read_manifest_versioned(self) -> tuple[Manifest | None, Any]:
+        """The manifest (checked) or None, and the token a conditional publish needs."""
+        with self.errors("read manifest.json"):
+            blob, token = self.slot.read()
+        return (None if blob is None else parse_manifest(blob, self.url)), token
+
+    def read_manifest(self) -> Manifest | None:
+        """The store's manifest, checked (modelstore's, not newer, not damaged), or None if absent."""
+        return self.read_manifest_versioned()[0]
+
+    def require_manifest(self) -> Manifest:
+        """The store's manifest.
+
+        Raises:
+            StoreNotFoundError: the location holds no store.
+        """
+        m = self.read_manifest()
+        if m is None:
+            raise StoreNotFoundError(f"{self.url} is not a modelstore store (no {MANIFEST}); "
+                                     "create one with `modelstore build` or `modelstore init`")
+        return m
+
+    def publish(self, blob: bytes, token: Any, obsolete: Sequence[str] = ()) -> bool:
+        """Replace the manifest with `blob` if it is still version `token`; then delete `obsolete`
+        payload directories, which the new manifest no longer references. False on a conflict."""
+        if not self.slot.replace(blob, token):
+            return False
+        for rel in obsolete:
+            with contextlib.suppress(ModelStoreError):  # space only: gc frees what is left
+                self.remove_tree(rel)
+        return True
+
+    # -- directories -----------------------------------------------------------
+    def _inside(self, rel: str) -> str:
+        """The path of `rel`, refusing to follow a symbolic link on the way (local disks)."""
+        full = self.path(rel)
+        if self.local:
+            here = self.root
+            for part in rel.split("/"):
+                here = os.path.join(here, part)
+                if os.path.islink(here):
+                    raise StorageError(f"{self.url}: {os.path.relpath(here, self.root)} is a symbolic link; "
+                                       "modelstore never writes or deletes through links, remove it")
+        return full
+
+    def writable(self, rel: str) -> str:
+        """The path to write file `rel` at (its directories made on local disks), never through a link."""
+        full = self._inside(rel)
+        if self.local:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def listdir(self, rel: str) -> list[str]:
+        """Names directly under `rel` (empty if it does not exist)."""
+        with self.errors(f"list {rel}"):
+            try:
+                return [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self._inside(rel), detail=False)]
+            except FileNotFoundError:
+                return []
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete `rel` and everything under it; nothing there is fine. Never through a link."""
+        target = self._inside(rel)
+        with self.errors(f"delete {rel}"):
+            try:
+                self.fs.rm(target, recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def payload_dirs(self) -> Iterator[tuple[str, float | None]]:
+        """Every payload directory (`bases/<id>/<uid>`, `tasks/<name>/<uid>`) and the time its newest
+        file was written (None if unknown)."""
+        for top in (BASES, TASKS):
+            for owner in self.listdir(top):
+                if owner == "zarr.json":
+                    continue
+                for child in self.listdir(f"{top}/{owner}"):
+                    if is_payload_dir(child):
+                        rel = f"{top}/{owner}/{child}"
+                        yield rel, self._newest(rel)
+
+    def _newest(self, rel: str) -> float | None:
+        with self.errors(f"list {rel}"):
+            try:
+                files = self.fs.find(self._inside(rel), detail=True)
+            except FileNotFoundError:
+                return None
+        times = [_mtime(info) for info in files.values()]
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
+
+    # -- zarr groups -----------------------------------------------------------
+    def create_root_group(self, attributes: dict[str, Any]) -> None:
+        """The zarr group at the store's root (its `zarr.json`), unless it is there."""
+        with self.errors("create the root group"):
+            if not self.fs.exists(self.path("zarr.json")):
+                zarr.open_group(self.zstore, mode="a", attributes=attributes)
+
+    def create_group(self, rel: str) -> zarr.Group:
+        """A new, empty zarr group at `rel` (and the group metadata of its parents)."""
+        self._inside(rel)
+        with self.errors(f"create {rel}"):
+            return zarr.create_group(self.zstore, path=rel, attributes={})
+
+    def open_group(self, rel: str) -> zarr.Group:
+        """The zarr group at `rel`, which the manifest lists.
+
+        Raises:
+            CorruptStoreError: it is missing or its metadata is unreadable.
+        """
+        with self.errors(f"read {rel}"):
+            try:
+                return zarr.open_group(self.zstore, path=rel, mode="r", zarr_format=3)
+            except FileNotFoundError:  # zarr's GroupNotFoundError is one
+                raise CorruptStoreError(f"{self.url}: {rel} is listed in the manifest but missing; "
+                                        "the store is damaged") from None
+            except (ValueError, KeyError, TypeError) as e:  # unreadable zarr.json
+                raise CorruptStoreError(f"{self.url}: the metadata of {rel} is unreadable ({type(e).__name__}); "
+                                        "the store is damaged") from None
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    """botocore / aiohttp / requests / httpx connection failures, without importing them."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"BotoCoreError", "ClientError", "ClientConnectionError", "ClientConnectorError",
+                         "ServerDisconnectedError", "ConnectionError", "HTTPError", "ConnectError",
+                         "TransportError", "HfHubHTTPError"})
+
+
+__all__ = ["Location"]
