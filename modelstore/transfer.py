@@ -223,9 +223,8 @@ def _copy_payload(src: Location, dst: Location, rel: str, on_bytes: Callable[[in
 
 
 def _copy_file(src: Location, dst: Location, source: str, rel: str, size: int) -> int:
-    target = dst.writable(rel)
     n = 0
-    with src.fs.open(source, "rb") as r, dst.fs.open(target, "wb") as w:
+    with src.fs.open(source, "rb") as r, dst.open_write(rel) as w:
         while block := r.read(COPY_BLOCK):
             w.write(block)
             n += len(block)

@@ -19,6 +19,7 @@ import zarr
 from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError
 from ..format.manifest import Manifest, parse_manifest
 from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
+from .hub import HubRepo
 from .slots import ManifestSlot, slot_for
 
 
@@ -48,7 +49,11 @@ class Location:
         else:
             self.zstore = zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options or None,
                                                              read_only=read_only)
-        self.slot: ManifestSlot = slot_for(self.fs, self.path(MANIFEST), self.local)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        self.hub = HubRepo(self.fs, self.root) if "hf" in protocols else None
+        self.slot: ManifestSlot = self.hub or slot_for(self.fs, self.path(MANIFEST), self.local)
+        # where new payloads are written: the location itself, or the Hub's local staging
+        self._zwrite = zarr.storage.LocalStore(self.hub.staging) if self.hub and not read_only else self.zstore
 
     def path(self, rel: str) -> str:
         """The filesystem path of `rel` (relative to the store's root)."""
@@ -100,6 +105,8 @@ class Location:
     def publish(self, blob: bytes, token: Any, obsolete: Sequence[str] = ()) -> bool:
         """Replace the manifest with `blob` if it is still version `token`; then delete `obsolete`
         payload directories, which the new manifest no longer references. False on a conflict."""
+        if self.hub is not None:  # one commit: staged payloads, manifest, deletions
+            return self.hub.replace(blob, token, tuple(obsolete))
         if not self.slot.replace(blob, token):
             return False
         for rel in obsolete:
@@ -120,12 +127,22 @@ class Location:
                                        "modelstore never writes or deletes through links, remove it")
         return full
 
-    def writable(self, rel: str) -> str:
-        """The path to write file `rel` at (its directories made on local disks), never through a link."""
+    def open_write(self, rel: str) -> Any:
+        """A new binary file at `rel` (staged for the next commit on the Hub), never through a link."""
+        if self.hub is not None:
+            path = self.hub.stage(rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return open(path, "wb")
         full = self._inside(rel)
         if self.local:
             os.makedirs(os.path.dirname(full), exist_ok=True)
-        return full
+        return self.fs.open(full, "wb")
+
+    @property
+    def stages_locally(self) -> bool:
+        """Whether new payloads are staged off the location until their commit (the Hub): then a
+        payload directory at the location that no manifest references is never in flight."""
+        return self.hub is not None
 
     def listdir(self, rel: str) -> list[str]:
         """Names directly under `rel` (empty if it does not exist)."""
@@ -136,13 +153,26 @@ class Location:
                 return []
 
     def remove_tree(self, rel: str) -> None:
-        """Delete `rel` and everything under it; nothing there is fine. Never through a link."""
+        """Delete `rel` and everything under it; nothing there is fine. Never through a link.
+        On the Hub this forgets a staged, uncommitted payload; `remove_committed` deletes."""
+        if self.hub is not None:
+            self.hub.clear_staging(rel)
+            return
         target = self._inside(rel)
         with self.errors(f"delete {rel}"):
             try:
                 self.fs.rm(target, recursive=True)
             except FileNotFoundError:
                 pass
+
+    def remove_committed(self, rels: list[str]) -> None:
+        """Delete committed directories (one commit on the Hub)."""
+        if self.hub is not None:
+            with self.errors("delete unreferenced payloads"):
+                self.hub.delete(rels)
+            return
+        for rel in rels:
+            self.remove_tree(rel)
 
     def payload_dirs(self) -> Iterator[tuple[str, float | None]]:
         """Every payload directory (`bases/<id>/<uid>`, `tasks/<name>/<uid>`) and the time its newest
@@ -171,13 +201,13 @@ class Location:
         """The zarr group at the store's root (its `zarr.json`), unless it is there."""
         with self.errors("create the root group"):
             if not self.fs.exists(self.path("zarr.json")):
-                zarr.open_group(self.zstore, mode="a", attributes=attributes)
+                zarr.open_group(self._zwrite, mode="a", attributes=attributes)
 
     def create_group(self, rel: str) -> zarr.Group:
         """A new, empty zarr group at `rel` (and the group metadata of its parents)."""
         self._inside(rel)
         with self.errors(f"create {rel}"):
-            return zarr.create_group(self.zstore, path=rel, attributes={})
+            return zarr.create_group(self._zwrite, path=rel, attributes={})
 
     def open_group(self, rel: str) -> zarr.Group:
         """The zarr group at `rel`, which the manifest lists.
@@ -185,9 +215,10 @@ class Location:
         Raises:
             CorruptStoreError: it is missing or its metadata is unreadable.
         """
+        staged = self.hub is not None and os.path.isdir(self.hub.stage(rel))  # written, not yet committed
         with self.errors(f"read {rel}"):
             try:
-                return zarr.open_group(self.zstore, path=rel, mode="r", zarr_format=3)
+                return zarr.open_group(self._zwrite if staged else self.zstore, path=rel, mode="r", zarr_format=3)
             except FileNotFoundError:  # zarr's GroupNotFoundError is one
                 raise CorruptStoreError(f"{self.url}: {rel} is listed in the manifest but missing; "
                                         "the store is damaged") from None
