@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, StoreNotFoundError
 from .format.paths import check_task_name
 from .kinds import FFTOptions
 from .kinds.sparse_delta import check_finite
@@ -33,6 +33,31 @@ def _stats_option(merge: str, tasks: Mapping[str, Any], stats: Mapping[str, str]
     if missing:
         raise InputError(f"merge method {merge!r} needs statistics for every task; --stats lacks {missing[0]!r}")
     return {wanted[0]: [stats[t] for t in tasks]}
+
+
+#: Base entry fields that must match for a build to resume an interrupted one (rather than refuse).
+_RESUME_FIELDS = ("kind", "merge", "merged_tasks", "selection", "source", "merged_sources")
+
+
+def _resume(store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None, base_id: str,
+            fields: Mapping[str, Any]) -> Store | None:
+    """The store at `store` open for writing if it is this build interrupted after its base, None if
+    there is no store there.
+
+    Raises:
+        InputError: a different store is there.
+    """
+    try:
+        existing = Store(store, mode="a", storage_options=storage_options)
+    except StoreNotFoundError:
+        return None
+    have = existing.manifest["bases"].get(base_id)
+    same = have is not None and all(have.get(k) == fields.get(k) for k in _RESUME_FIELDS if k != "source") \
+        and have.get("source", {}).get("fingerprint") == fields["source"]["fingerprint"]
+    if not same:
+        raise InputError(f"{store} already holds a store built from other inputs or settings; add tasks with "
+                         "`modelstore add-task`, or build into a new location")
+    return existing
 
 
 def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
@@ -62,8 +87,10 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
         The new store, open for writing.
 
     Raises:
-        InputError: a bad option or input, or `store` already holds a store; checked before
-            anything is written.
+        InputError: a bad option or input, or `store` already holds a different store; checked
+            before anything is written. Rerunning an interrupted build resumes it: the committed
+            base is kept when it was made from the same inputs and settings, and the missing
+            tasks are added.
     """
     opts = FFTOptions(keep, granularity, value_dtype)
     opts.validate()
@@ -80,6 +107,17 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     have = [set(s.names()) for s in srcs]
     names = [n for n in base_ck.names() if selected(n) and mergeable(
         base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in h else None for s, h in zip(srcs, have)])]
+    fields = base_fields(base_ck, base_id, method.parameters(), list(tasks) if merge != "none" else [],
+                         include, exclude)
+    fields["merged_sources"] = {n: ck.fingerprint() for n, ck in task_cks.items()} if merge != "none" else {}
+    out = _resume(store, storage_options, base_id, fields)
+    if out is not None:  # an interrupted build of the same store: keep its base, add what is missing
+        for name, ck in task_cks.items():
+            done = out.manifest["tasks"].get(name)
+            if done is None or done.get("source", {}).get("fingerprint") != ck.fingerprint():
+                out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
+                             overwrite=done is not None, progress=progress)
+        return out
     method.prepare(base_ck, srcs, names)
     merged = set(names)
     out = Store.create(store, storage_options)
@@ -98,9 +136,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
-    out.write_base(base_id, specs, base_tensors(),
-                   base_fields(base_ck, base_id, method.parameters(), list(tasks) if merge != "none" else [],
-                               include, exclude))
+    out.write_base(base_id, specs, base_tensors(), fields)
     for name, ck in task_cks.items():
         out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
                      progress=progress)

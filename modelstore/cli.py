@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -44,6 +45,10 @@ def _errors(fn: Callable) -> Callable:
             sys.exit(130)
 
     return run
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {message}", err=True)
 
 
 def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
@@ -99,6 +104,7 @@ def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
             raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object") from None
     opts.update(_json_pairs(storage_option, "--storage-option"))
     ctx.obj = {"storage_options": opts}
+    warnings.showwarning = _warning_line
 
 
 def _fft_options(f: Callable) -> Callable:
@@ -275,7 +281,8 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
         _emit(data)
         return
     if task is None:
-        click.echo(f"store {store} (format v{data['format_version']}): {len(data['tasks'])} tasks")
+        click.echo(f"store {store} (format v{data['format_version']}, generation {data['generation']}): "
+                   f"{len(data['tasks'])} tasks; {data['writers']}")
         for b, e in data["bases"].items():
             click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {human_bytes(e['bytes'])}")
         click.echo(f"  tasks: {human_bytes(data['task_bytes'])}; total {human_bytes(data['bytes'])} against "
@@ -290,6 +297,48 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
     of = kind.original_label
     click.echo(f"  bytes on disk: {human_bytes(data['bytes'])} ({percent(data['ratio'])} of {of}, {human_bytes(data['full_bytes'])})")
     click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def check(ctx: click.Context, store: str, as_json: bool) -> None:
+    """Read every base and task of STORE back and verify it (no originals needed); exit 1 on damage."""
+    report = _open(ctx, store).check()
+    if as_json:
+        _emit(report.as_dict())
+    else:
+        for what in report.sound:
+            click.echo(f"ok       {what}")
+        for what, why in report.damaged.items():
+            click.echo(f"DAMAGED  {what}: {why}")
+        click.echo(f"{len(report.sound)} sound, {len(report.damaged)} damaged")
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
+              help="keep unreferenced payloads younger than this (0s, 30m, 1h, 2d): they may be in flight")
+@click.option("--dry-run", is_flag=True, help="say what would be removed; delete nothing")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def gc(ctx: click.Context, store: str, grace: str, dry_run: bool, as_json: bool) -> None:
+    """Remove payload directories of STORE that no manifest entry references (left by killed writers)."""
+    s = open_store(store, mode="r" if dry_run else "a", storage_options=_storage_options(ctx))
+    report = s.collect_garbage(grace, dry_run=dry_run)
+    if as_json:
+        _emit(report.as_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(report.removed)} unreferenced payload(s), {human_bytes(report.bytes_freed)}"
+               + (f"; kept {len(report.kept_young)} younger than {grace}" if report.kept_young else ""))
+    for rel in report.removed:
+        click.echo(f"  {rel}")
 
 
 @main.command("rm")

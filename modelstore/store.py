@@ -22,6 +22,7 @@ from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsErro
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter
+from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader
 from .kinds import AdapterInput, FFTOptions, LoraOptions, StoredAdapter, TaskKind, get_kind
 from .progress import bar
@@ -101,7 +102,8 @@ class Store:
         base_bytes = sum(b["bytes"] for b in self.manifest["bases"].values())
         full = sum(e.get("full_bytes") or 0 for e in self.manifest["tasks"].values())
         return {"url": self.url, "format_version": self.manifest["version"], "bases": bases,
-                "tasks": self.tasks(), "bytes": base_bytes + task_bytes, "base_bytes": base_bytes,
+                "tasks": self.tasks(), "writers": self.loc.slot.writers, "generation": self.manifest.get("generation", 0),
+                "bytes": base_bytes + task_bytes, "base_bytes": base_bytes,
                 "task_bytes": task_bytes, "full_bytes": full,
                 "ratio": (base_bytes + task_bytes) / full if full else None}
 
@@ -185,6 +187,21 @@ class Store:
             return kind.materialize(arrays, payload.table, self.base(entry["base"], device), entry, device, dtype)
         except CorruptStoreError as e:
             raise CorruptStoreError(f"{self.url}: task {task!r}: {e}") from None
+
+    def collect_garbage(self, grace: str | float = "1h", dry_run: bool = False) -> GcReport:
+        """Remove payload directories no manifest references (left by writers killed before their
+        commit) that are older than `grace` ("30m", "1h", or seconds); never a referenced one.
+
+        Returns:
+            What was removed, what was kept as younger than `grace`, and the bytes freed.
+
+        Raises:
+            InputError: a read-only store, or `grace` is not a duration.
+        """
+        if not dry_run:
+            self._require_writable()
+        grace_s = parse_duration(grace) if isinstance(grace, str) else float(grace)
+        return collect(self.loc, grace_s, dry_run)
 
     def check(self) -> CheckReport:
         """Read every base and task back and verify it (checksums, tables, sizes), without the originals.

@@ -88,7 +88,7 @@ def test_verify_json_and_threshold(built, bert_models):
 
 def test_every_command_has_help():
     from modelstore.cli import main
-    assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync"}
+    assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync", "check", "gc"}
     for cmd in [[], *([c] for c in main.commands)]:
         assert "Usage:" in run(*cmd, "--help").output
 

@@ -186,13 +186,19 @@ class Location:
                         rel = f"{top}/{owner}/{child}"
                         yield rel, self._newest(rel)
 
-    def _newest(self, rel: str) -> float | None:
+    def _files(self, rel: str) -> dict[str, Any]:
         with self.errors(f"list {rel}"):
             try:
-                files = self.fs.find(self._inside(rel), detail=True)
+                return self.fs.find(self.path(rel), detail=True)
             except FileNotFoundError:
-                return None
-        times = [_mtime(info) for info in files.values()]
+                return {}
+
+    def size_of(self, rel: str) -> int:
+        """Bytes of the files under `rel`."""
+        return sum(int(info.get("size") or 0) for info in self._files(rel).values())
+
+    def _newest(self, rel: str) -> float | None:
+        times = [_mtime(info) for info in self._files(rel).values()]
         known = [t for t in times if t is not None]
         return max(known) if known else None
 
