@@ -77,6 +77,8 @@ class Checkpoint:
                     if not isinstance(t, torch.Tensor):
                         raise InputError(f"{f}: entry {name!r} is not a tensor; give a plain state dict")
                     self._add(name, i, tuple(t.shape), t.dtype)
+        if not self._where:
+            raise InputError(f"{self.path}: the checkpoint holds no tensors; give the model's weights")
 
     def _add(self, name: str, i: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         if name in self._where:
@@ -153,14 +155,26 @@ def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dty
             header = json.loads(fh.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    data = os.path.getsize(path) - 8 - n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict):
+            raise InputError(f"{path}: tensor {name!r} has no header entry; the file is malformed")
         dt = _ST_DTYPES.get(info.get("dtype"))
         if dt is None:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
-        out[name] = (tuple(info["shape"]), dt)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not isinstance(offsets, list) or len(offsets) != 2:
+            raise InputError(f"{path}: tensor {name!r} has no valid shape or data offsets; the file is malformed")
+        if offsets[1] - offsets[0] != math.prod(shape) * dt.itemsize or offsets[0] < 0 or offsets[1] > data:
+            raise InputError(f"{path}: tensor {name!r} lies past the end of the file or does not fit its shape; "
+                             "the file is truncated or malformed, write it again")
+        out[name] = (tuple(shape), dt)
     return out
 
 

@@ -238,7 +238,7 @@ class Store:
             raise
         except BaseException:
             if payload is not None:
-                self.loc.remove_tree(payload)
+                self.loc.discard(payload)
             raise
         return self.manifest
 
@@ -256,7 +256,7 @@ class Store:
         try:
             return fill(out)
         except BaseException:
-            self.loc.remove_tree(out.path)
+            self.loc.discard(out.path)
             raise
 
     def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],

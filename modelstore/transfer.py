@@ -183,7 +183,7 @@ def _copy_entry(src: Location, dst: Location, what: str, entry: PayloadFields, k
     except UncertainCommit:
         raise
     except BaseException:
-        dst.remove_tree(target)
+        dst.discard(target)
         raise
     return n
 
@@ -217,7 +217,7 @@ def _copy_payload(src: Location, dst: Location, rel: str, on_bytes: Callable[[in
                 on_bytes(n)  # here, not in the workers: progress bars are not thread-safe
                 total += n
     except BaseException:
-        dst.remove_tree(target)
+        dst.discard(target)
         raise
     return target, total
 

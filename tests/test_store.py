@@ -47,7 +47,7 @@ def test_interrupted_write_leaves_no_partial_task(bert_models, store2, monkeypat
     monkeypatch.setattr(layout.FlatWriter, "append", real)
     s = modelstore.open(store2)
     assert s.tasks() == ["alpha", "beta"]
-    assert os.listdir(os.path.join(store2, "tasks", "gamma"))  # the orphan is there, unreferenced
+    assert not os.path.exists(os.path.join(store2, "tasks", "gamma"))  # the writer removed its own payload
     assert set(s.load("alpha")) == set(bert_models["sd0"])
     s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"])
     assert s.tasks() == ["alpha", "beta", "gamma"]

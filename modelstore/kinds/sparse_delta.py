@@ -148,6 +148,9 @@ class SparseDelta(TaskKind):
         else:
             capacity = sum(kept_count(opts.keep, s) for s in sizes.values())
             keeper = None
+        if total and not capacity:
+            raise InputError(f"--keep {opts.keep} keeps no entry of task {task!r} ({total} delta entries"
+                             f"{' per tensor' if opts.granularity == 'per-tensor' else ''}); raise --keep")
         index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
         idx_w = out.declare("indices", index_dtype, capacity, kind="indices")
         val_w = out.declare("values", value_dtype, capacity)
