@@ -9,8 +9,8 @@ from . import stats
 from .api import add_lora_task, add_task, load, remove_task
 from .api import open_store as open  # noqa: A004
 from .build import build, init
-from .errors import (CorruptStoreError, FormatVersionError, InputError, ModelStoreError, StoreNotFoundError,
-                     TaskExistsError, TaskNotFoundError)
+from .errors import (ConflictError, CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
+                     SingleWriterWarning, StorageError, StoreNotFoundError, TaskExistsError, TaskNotFoundError)
 from .kinds import StoredAdapter
 from .merging import merge
 from .store import Store
@@ -22,5 +22,5 @@ __all__ = [
     "open", "load", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
     "Store", "StoredAdapter", "SyncReport",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
-    "TaskExistsError", "CorruptStoreError",
+    "TaskExistsError", "CorruptStoreError", "ConflictError", "StorageError", "SingleWriterWarning",
 ]

@@ -44,3 +44,15 @@ class StorageError(ModelStoreError):
 
 class SingleWriterWarning(UserWarning):
     """The store's filesystem has no conditional write, so only one writer may use it at a time."""
+
+
+def is_io_error(e: BaseException) -> bool:
+    """Whether `e` is a failure to reach or use storage (an outage, a refused connection, a timeout,
+    permissions), as opposed to damaged bytes: OSError and the HTTP clients' transport errors,
+    recognised by class name so that no client library needs importing."""
+    if isinstance(e, (OSError, ConnectionError, TimeoutError)):
+        return True
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"BotoCoreError", "ClientError", "ClientConnectionError", "ClientConnectorError",
+                         "ServerDisconnectedError", "HTTPError", "ConnectError", "TransportError", "HfHubHTTPError",
+                         "ClientPayloadError"})

@@ -254,7 +254,8 @@ class Store:
     def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
         """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted."""
         try:
-            return fill(out)
+            with self.loc.errors(f"write {out.path}"):
+                return fill(out)
         except BaseException:
             self.loc.discard(out.path)
             raise

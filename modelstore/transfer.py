@@ -43,6 +43,8 @@ class SyncReport:
     """Array bytes of what is copied, from the source's manifest (known before copying; the
     copy also carries each payload's small zarr.json metadata files)."""
     bytes_copied: int = 0
+    vanished: list[str] = field(default_factory=list)
+    """Tasks another writer removed from the source while the sync ran: not copied."""
     repaired: list[str] = field(default_factory=list)
     """Destination tasks (and `base <id>`s) whose content matched the source's but failed their
     checksums there: copied again."""
@@ -129,12 +131,30 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     for b in report.bases_copied:
         report.bytes_copied += _copy_entry(src_loc, dest, f"base {b!r}", src_bases[b], None, _put_base(b))
     for name in todo:
-        entry = src_tasks[name]
-        report.bytes_copied += _copy_entry(src_loc, dest, f"task {name!r}", entry, get_kind(entry["kind"]),
-                                           _put_task(name), progress)
+        entry: Any = src_tasks[name]
+        while entry is not None:
+            try:
+                report.bytes_copied += _copy_entry(src_loc, dest, f"task {name!r}", entry, get_kind(entry["kind"]),
+                                                   _put_task(name), progress)
+                break
+            except CorruptStoreError:  # missing at the source: damage, or another writer replaced or removed it
+                fresh = src_loc.require_manifest()["tasks"].get(name)
+                if fresh is not None and fresh["path"] == entry["path"]:
+                    raise
+                entry = fresh
+        if entry is None:
+            report.copied.remove(name)
+            report.vanished.append(name)
     for name in report.deleted:
-        commit(dest, lambda m, name=name: (m["tasks"].pop(name, None), m)[1])
+        commit(dest, _drop_task(name))
     return report
+
+
+def _drop_task(name: str) -> Callable[[Manifest], Manifest]:
+    def drop(m: Manifest) -> Manifest:
+        m["tasks"].pop(name, None)
+        return m
+    return drop
 
 
 def _put_base(base_id: str) -> Callable[[Manifest, PayloadFields], Manifest]:

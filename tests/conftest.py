@@ -99,3 +99,23 @@ def ref_topk_global(us: list[np.ndarray], keep: float) -> list[np.ndarray]:
 def ref_reconstruct(base: np.ndarray, u: np.ndarray, mask: np.ndarray, value_dtype=np.float16) -> np.ndarray:
     vals = np.where(mask, u, 0).astype(value_dtype).astype(np.float32)
     return base.astype(np.float32) + vals
+
+
+# ---- S3: moto's real S3 HTTP server on 127.0.0.1 ---------------------------------------------------
+
+def start_moto(port: int = 0):
+    """A moto S3 server on 127.0.0.1 with bucket "models"; returns (server, storage options)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                      region_name="us-east-1")
+    try:
+        s3.create_bucket(Bucket="models")
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    return server, opts

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import modelstore
+from conftest import start_moto
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -15,14 +16,7 @@ moto_server = pytest.importorskip("moto.server")
 
 @pytest.fixture(scope="module")
 def s3():
-    import boto3
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="models")
-    opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+    server, opts = start_moto()
     yield opts
     server.stop()
 

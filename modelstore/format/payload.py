@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from .. import dtypes
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, StorageError, is_io_error
 from .codecs import CHUNK_ELEMENTS, compressors
 from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
 
@@ -196,7 +196,8 @@ class PayloadReader:
         try:
             arr = self.group[name]
             ok = isinstance(arr, zarr.Array) and arr.ndim == 1
-        except Exception:  # missing or unreadable zarr.json of the array
+        except Exception as e:  # missing or unreadable zarr.json of the array
+            self._unless_io(e, name)
             ok = False
         want = self._dtypes.get(name) or name.rpartition(".")[2]
         if ok and want in dtypes.LOGICAL_DTYPES:
@@ -213,13 +214,14 @@ class PayloadReader:
         stop = arr.shape[0] if stop is None else stop
         try:
             return arr[start:stop]
-        except Exception:  # crc32c mismatch (ValueError) or a codec failure on damaged bytes
-            pass
+        except Exception as e:  # crc32c mismatch (ValueError) or a codec failure on damaged bytes
+            self._unless_io(e, array)
         chunk = arr.chunks[0]
         for c in range(start - start % chunk, stop, chunk):
             try:
                 arr[c:c + chunk]
-            except Exception:
+            except Exception as e:
+                self._unless_io(e, array)
                 hit = [e["name"] for e in self.table if array in arrays_of(e) and e["count"]
                        and e["start"] < c + chunk and e["start"] + e["count"] > c]
                 raise CorruptStoreError(
@@ -227,6 +229,12 @@ class PayloadReader:
                     f"{', '.join(hit[:3]) or '?'}{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, "
                     "re-add this task or restore the store") from None
         raise CorruptStoreError(f"{self.what}: array '{array}' could not be read")
+
+    def _unless_io(self, e: Exception, array: str) -> None:
+        """Raise a StorageError if reading failed for want of the storage, not because of damage."""
+        if is_io_error(e) and not isinstance(e, FileNotFoundError):
+            raise StorageError(f"{self.what}: could not read array '{array}' ({type(e).__name__}); "
+                               "rerun when the location is reachable") from None
 
     def read_arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Every non-empty flat array, checked against the manifest's count and CRC-32, on `device`."""

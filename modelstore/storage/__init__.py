@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import zarr
 
-from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError
+from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError, is_io_error
 from ..format.manifest import Manifest, parse_manifest
 from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
 from .hub import HubRepo
@@ -70,14 +70,11 @@ class Location:
             yield
         except ModelStoreError:
             raise
-        except (OSError, ConnectionError, TimeoutError) as e:
+        except Exception as e:
+            if not is_io_error(e):
+                raise
             raise StorageError(f"{self.url}: could not {doing} ({_reason(e)}); nothing partial is visible, "
                                "rerun when the location is reachable") from None
-        except Exception as e:
-            if _is_transport_error(e):
-                raise StorageError(f"{self.url}: could not {doing} ({_reason(e)}); nothing partial is visible, "
-                                   "rerun when the location is reachable") from None
-            raise
 
     # -- the manifest ----------------------------------------------------------
     def read_manifest_versioned(self) -> tuple[Manifest | None, Any]:
@@ -262,14 +259,6 @@ def _mtime(info: Mapping[str, Any]) -> float | None:
 def _reason(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-def _is_transport_error(e: BaseException) -> bool:
-    """botocore / aiohttp / requests / httpx connection failures, without importing them."""
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"BotoCoreError", "ClientError", "ClientConnectionError", "ClientConnectorError",
-                         "ServerDisconnectedError", "ConnectionError", "HTTPError", "ConnectError",
-                         "TransportError", "HfHubHTTPError"})
 
 
 __all__ = ["Location"]

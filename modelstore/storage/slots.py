@@ -26,6 +26,8 @@ from ..errors import StorageError
 
 #: How long a writer waits for another's short read-compare-replace before giving up.
 LOCK_TIMEOUT_S = 60.0
+#: Reads of an S3 manifest that another writer keeps replacing between its HEAD and its GET.
+READ_ATTEMPTS = 20
 
 
 class ManifestSlot:
@@ -113,12 +115,17 @@ class S3Slot(ManifestSlot):
         self.fs, self.path = fs, path
 
     def read(self) -> tuple[bytes | None, Any]:
-        self.fs.invalidate_cache(self.path)
-        try:
-            with self.fs.open(self.path, "rb") as fh:  # the body is fetched If-Match the ETag it reports
-                return fh.read(), fh.details["ETag"]
-        except FileNotFoundError:
-            return None, None
+        for attempt in range(READ_ATTEMPTS):
+            self.fs.invalidate_cache(self.path)
+            try:
+                with self.fs.open(self.path, "rb") as fh:  # the body is fetched If-Match the ETag it reports
+                    return fh.read(), fh.details["ETag"]
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:  # replaced between the HEAD and the GET (s3fs's FileExpired): read again
+                if not _precondition_failed(e) or attempt == READ_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def replace(self, blob: bytes, token: Any) -> bool:
         try:
@@ -129,12 +136,19 @@ class S3Slot(ManifestSlot):
         except FileExistsError:
             return False
         except OSError as e:
-            if "pre-condition" in str(e) or "412" in str(e) or "PreconditionFailed" in str(e):
+            if _precondition_failed(e):
                 return False
             raise
         finally:
             self.fs.invalidate_cache(self.path)
         return True
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """An S3 condition (If-Match / If-None-Match) that did not hold, as s3fs reports it."""
+    text = str(e)
+    return type(e).__name__ == "FileExpired" or any(
+        s in text for s in ("pre-condition", "PreconditionFailed", "412", "ETag"))
 
 
 class ProcessLockedSlot(ManifestSlot):

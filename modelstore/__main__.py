@@ -1,0 +1,5 @@
+"""`python -m modelstore ...`: the command line."""
+
+from .cli import main
+
+main()
