@@ -1,0 +1,158 @@
+"""Every file of a small store damaged in turn (a flipped byte, truncated, deleted, two chunks swapped):
+loading then raises a one-line ModelStoreError that names the store, or returns exactly the weights of
+the intact store, never other weights and never a raw exception from zarr, json or numcodecs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import modelstore
+
+V1 = Path(__file__).parent / "data" / "v1" / "store"
+
+
+def _snapshot(url: str) -> dict:
+    s = modelstore.open(url)
+    out = {t: s.load(t) for t in s.tasks()}
+    a = s.load("l", merged=False)
+    out["l:factors"] = {f"{k}.{x}": getattr(low, x) for k, low in a.updates.items() for x in "USV"}
+    return out
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[t].keys() == b[t].keys() and all(torch.equal(a[t][k], b[t][k]) for k in a[t]) for t in a)
+
+
+@pytest.fixture(scope="module", params=["v1", "sealed"])
+def pristine(request, tmp_path_factory):
+    """The committed version-1 store, and the same store synced anew (a checksummed manifest)."""
+    root = tmp_path_factory.mktemp("pristine")
+    if request.param == "v1":
+        url = str(root / "store")
+        shutil.copytree(V1, url)
+    else:
+        url = str(root / "sealed")
+        modelstore.sync(str(V1), url)
+        assert "checksum" in modelstore.open(url).manifest
+    return url, _snapshot(url)
+
+
+def _files(url: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), url) for d, _, fs in os.walk(url) for f in fs)
+
+
+def _flip(path: str) -> None:
+    blob = bytearray(open(path, "rb").read())
+    if blob:
+        blob[len(blob) // 2] ^= 0x01
+        open(path, "wb").write(bytes(blob))
+
+
+def _truncate(path: str) -> None:
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])
+
+
+DAMAGE = {"flip": _flip, "truncate": _truncate, "delete": os.remove}
+
+
+def _judge(url: str, want: dict, case: str) -> str:
+    """"error" or "intact"; fails the test on other weights or on an exception that is not ours."""
+    try:
+        got = _snapshot(url)
+    except modelstore.ModelStoreError as e:
+        msg = str(e)
+        assert "\n" not in msg and url in msg, f"{case}: {msg!r}"
+        return "error"
+    except Exception as e:  # noqa: BLE001 - the point of the test
+        pytest.fail(f"{case}: raw {type(e).__name__}: {str(e)[:300]}")
+    assert _equal(got, want), f"{case}: other weights were served"
+    return "intact"
+
+
+def test_every_file_damaged_in_turn(pristine, tmp_path):
+    url0, want = pristine
+    outcomes: dict[str, int] = {}
+    for rel in _files(url0):
+        for how, damage in DAMAGE.items():
+            url = str(tmp_path / f"case-{len(outcomes)}-{sum(outcomes.values())}")
+            shutil.copytree(url0, url)
+            damage(os.path.join(url, rel))
+            verdict = _judge(url, want, f"{how} {rel}")
+            outcomes[verdict] = outcomes.get(verdict, 0) + 1
+            if verdict == "error" and rel != "manifest.json":  # check finds what load found
+                report = modelstore.open(url).check()
+                assert not report.ok and report.damaged, f"{how} {rel}: check found nothing"
+            shutil.rmtree(url)
+    assert outcomes["error"] > 2 * len(_files(url0))  # nearly every damage is caught, not served
+
+
+def test_swapped_chunks(pristine, tmp_path):
+    url0, want = pristine
+    chunks = [f for f in _files(url0) if "/c/" in f]
+    pairs = [(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:]
+             if open(os.path.join(url0, a), "rb").read() != open(os.path.join(url0, b), "rb").read()]
+    assert len(pairs) > 10
+    for a, b in pairs:
+        url = str(tmp_path / "swap")
+        shutil.copytree(url0, url)
+        pa, pb = os.path.join(url, a), os.path.join(url, b)
+        blob_a, blob_b = open(pa, "rb").read(), open(pb, "rb").read()
+        open(pa, "wb").write(blob_b)
+        open(pb, "wb").write(blob_a)
+        assert _judge(url, want, f"swap {a} {b}") == "error"
+        shutil.rmtree(url)
+
+
+def test_tampered_value_dtype_is_refused(pristine, tmp_path):
+    import json
+    from modelstore.format.manifest import seal
+    url = str(tmp_path / "t")
+    shutil.copytree(pristine[0], url)
+    path = os.path.join(url, "manifest.json")
+    m = json.load(open(path))
+    m["tasks"]["a"]["params"]["value_dtype"] = "cfloat16"
+    json.dump(m, open(path, "w"))
+    with pytest.raises(modelstore.CorruptStoreError) as e:
+        _snapshot(url)
+    assert ("checksum" in str(e.value)) == ("checksum" in m)
+    open(path, "wb").write(seal(m))  # even a writer that sealed it cannot make the reader misread
+    with pytest.raises(modelstore.CorruptStoreError, match="value dtype 'cfloat16'"):
+        modelstore.open(url).load("a")
+
+
+def test_check_cli_reports_damage(pristine, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from modelstore.cli import main
+    url = str(tmp_path / "c")
+    shutil.copytree(pristine[0], url)
+    r = CliRunner().invoke(main, ["check", url, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"]
+    entry = modelstore.open(url).entry("b")
+    _flip(os.path.join(url, entry["path"], "values", "c", "0"))
+    r = CliRunner().invoke(main, ["check", url])
+    assert r.exit_code == 1 and "DAMAGED  task 'b'" in r.output and "ok       task 'a'" in r.output
+
+
+def test_sync_refuses_a_damaged_source_and_repairs_a_damaged_destination(pristine, tmp_path):
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    shutil.copytree(pristine[0], src)
+    modelstore.sync(src, dst)
+    b = modelstore.open(dst).entry("b")
+    _flip(os.path.join(dst, b["path"], "values", "c", "0"))
+    report = modelstore.sync(src, dst)
+    assert report.repaired == ["b"] and report.copied == ["b"] and sorted(report.up_to_date) == ["a", "bf", "l"]
+    assert _equal(_snapshot(dst), pristine[1])
+    a = modelstore.open(src).entry("a")
+    _flip(os.path.join(src, a["path"], "values", "c", "0"))
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(modelstore.CorruptStoreError, match=f"{src}.*task 'a'"):
+        modelstore.sync(src, fresh)
+    assert "a" not in modelstore.open(fresh).tasks()
