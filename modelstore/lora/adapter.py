@@ -241,13 +241,20 @@ def _check_config(config: dict, path: str | os.PathLike[str]) -> None:
 
 def _read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     st_path, bin_path = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
-    try:
-        if os.path.isfile(st_path):
+    if os.path.isfile(st_path):
+        try:
             return load_file(st_path)
-        if os.path.isfile(bin_path):
+        except Exception as exc:  # corrupt files surface as many exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LoraError(f"cannot read the weights of {path}: {SAFETENSORS_NAME} is damaged ({first}); "
+                            "save the adapter again") from None
+    if os.path.isfile(bin_path):
+        try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or malicious files surface as many exception types
-        raise LoraError(f"cannot read the weights of {path}: {exc}") from exc
+        except Exception:  # a pickle with code in it, or a damaged file
+            raise LoraError(f"cannot read the weights of {path}: {BIN_NAME} is not a plain tensor file, and "
+                            "modelstore never unpickles code; save the adapter as safetensors "
+                            "(save_pretrained(..., safe_serialization=True))") from None
     raise LoraError(
         f"{path} has neither {SAFETENSORS_NAME} nor {BIN_NAME}; copy the adapter weights next to {CONFIG_NAME}"
     )

@@ -163,16 +163,16 @@ class Location:
                 pass
 
     def discard(self, rel: str) -> None:
-        """Delete this writer's own uncommitted payload `rel`, and its task's folder if that holds
-        nothing else (a failed first write of a task leaves no directory behind)."""
+        """Delete this writer's own uncommitted payload `rel`, and the folders above it that then hold
+        nothing but group metadata (a failed first write of a task leaves no directory behind)."""
         self.remove_tree(rel)
         parent = rel.rpartition("/")[0]
-        if self.hub is not None or self.listdir(parent) != ["zarr.json"]:
-            return
-        with contextlib.suppress(OSError, ModelStoreError):  # another writer may be starting there
-            self.fs.rm_file(self._inside(f"{parent}/zarr.json"))
-            if self.local:
-                os.rmdir(self.path(parent))
+        while parent and self.hub is None and self.listdir(parent) == ["zarr.json"]:
+            with contextlib.suppress(OSError, ModelStoreError):  # another writer may be starting there
+                self.fs.rm_file(self._inside(f"{parent}/zarr.json"))
+                if self.local:
+                    os.rmdir(self.path(parent))
+            parent = parent.rpartition("/")[0]
 
     def remove_committed(self, rels: list[str]) -> None:
         """Delete committed directories (one commit on the Hub)."""
