@@ -28,17 +28,20 @@ def _env(storage_options: dict | None) -> dict:
     return env
 
 
-def _start_together(writers: list[list[list[str]]], env: dict) -> list[subprocess.CompletedProcess]:
-    """One process per writer, all released at the same instant (each sleeps until a shared time after its
-    interpreter and torch are loaded); each runs its modelstore commands one after another, so the
-    writers contend for several rounds without paying a process start per command. A process exits
-    with the highest exit status of its commands."""
-    at = time.time() + 5.0
+def _start_together(writers: list[list[list[str]]], env: dict, tmp_path) -> list[subprocess.CompletedProcess]:
+    """One process per writer, all released at once when the last has loaded its interpreter and torch
+    (a barrier of files); each runs its modelstore commands one after another, so the writers contend
+    for several rounds without paying a process start per command. A process exits with the highest
+    exit status of its commands."""
+    gate = tmp_path / f"gate-{time.time_ns()}"
+    gate.mkdir()
     procs = []
-    for commands in writers:
+    for i, commands in enumerate(writers):
         code = textwrap.dedent(f"""
-            import sys, time, torch, modelstore.cli
-            time.sleep(max(0.0, {at} - time.time()))
+            import os, sys, time, torch, modelstore.cli
+            open(os.path.join({str(gate)!r}, "{i}"), "w").close()
+            while len(os.listdir({str(gate)!r})) < {len(writers)}:
+                time.sleep(0.005)
             codes = []
             for argv in {commands!r}:
                 try:
@@ -88,14 +91,14 @@ def shared(request, tmp_path, bert_models):
     return url, opts
 
 
-def test_concurrent_writers_lose_no_task(shared, bert_models, reference):
+def test_concurrent_writers_lose_no_task(shared, bert_models, reference, tmp_path):
     url, opts = shared
     names = list(bert_models["tasks"])
     rounds = 3 if opts is None else 2  # moto answers slowly; two rounds still race four writers twice
     expected = {f"r{r}w{w}": names[(r + w) % len(names)] for r in range(rounds) for w in range(WRITERS)}
     writers = [[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]], "--keep", "0.1"]
                 for r in range(rounds)] for w in range(WRITERS)]
-    results = _start_together(writers, _env(opts))
+    results = _start_together(writers, _env(opts), tmp_path)
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     s = modelstore.open(url, storage_options=opts)
     assert s.tasks() == sorted(expected)  # every writer's every task, none lost
@@ -105,11 +108,11 @@ def test_concurrent_writers_lose_no_task(shared, bert_models, reference):
     assert not modelstore.open(url, mode="a", storage_options=opts).collect_garbage(0).removed  # no orphans
 
 
-def test_two_writers_of_one_name_one_wins_one_conflicts(shared, bert_models, reference):
+def test_two_writers_of_one_name_one_wins_one_conflicts(shared, bert_models, reference, tmp_path):
     url, opts = shared
     t = bert_models["tasks"]
     results = _start_together([[["add-task", url, "same", t["alpha"]]], [["add-task", url, "same", t["beta"]]]],
-                              _env(opts))
+                              _env(opts), tmp_path)
     codes = sorted(r.returncode for r in results)
     assert codes == [0, 1], [r.stderr for r in results]
     loser = next(r for r in results if r.returncode == 1)
@@ -129,7 +132,7 @@ def test_add_task_racing_rm_and_sync(tmp_path, bert_models, reference):
         modelstore.add_task(url, name, t[name])
     results = _start_together([[["add-task", url, "new0", t["gamma"]], ["add-task", url, "new1", t["gamma"]]],
                                [["rm", url, "alpha"], ["rm", url, "beta"]],
-                               [["sync", url, mirror], ["sync", url, mirror]]], _env(None))
+                               [["sync", url, mirror], ["sync", url, mirror]]], _env(None), tmp_path)
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     s = modelstore.open(url)
     assert s.tasks() == ["new0", "new1"]
