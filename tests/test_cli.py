@@ -38,6 +38,7 @@ def test_build_ls_info_json(built, bert_models):
     assert info["kept"] == int(0.2 * info["total"] + 0.5)
     store_info = json.loads(run("info", built, "--json").output)
     assert store_info["tasks"] == ["alpha", "beta"] and store_info["bytes"] > 0
+    assert store_info["writers"].startswith("many writers") and store_info["generation"] == 3
     assert "alpha" in run("ls", built).output and "peru-fft" in run("info", built, "alpha").output
 
 

@@ -307,3 +307,23 @@ def test_s3_outage_mid_add_task_and_mid_sync_then_rerun(tmp_path, bert_models):
         assert _same(modelstore.open(dst).load("beta"), modelstore.open(url, storage_options=opts).load("beta"))
     finally:
         server.stop()
+
+
+def test_a_filesystem_without_conditional_writes_says_it_is_single_writer(bert_models):
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class PlainFileSystem(MemoryFileSystem):
+        """An object store with no conditional write (in memory, under its own protocol name)."""
+        protocol = "plainmem"
+        store: dict = {}
+        pseudo_dirs = [""]
+
+    fsspec.register_implementation("plainmem", PlainFileSystem, clobber=True)
+    url = "plainmem://bucket/store"
+    with pytest.warns(modelstore.SingleWriterWarning, match="single writer"):
+        modelstore.init(url, bert_models["pre"])
+    with pytest.warns(modelstore.SingleWriterWarning):
+        modelstore.add_task(url, "alpha", bert_models["tasks"]["alpha"])
+    info = modelstore.open(url).info()
+    assert "single writer" in info["writers"] and info["tasks"] == ["alpha"]
