@@ -1,0 +1,254 @@
+"""Benchmark at LLM scale: build, add-task and load of a Llama-shaped bf16 model, beside their floors.
+
+Writes a synthetic sharded checkpoint (θ0) and fine-tunes of it to disk tensor by tensor (never
+the whole model in memory), then runs each operation in a fresh process and prints its time and
+peak anonymous memory (RssAnon: mapped checkpoint pages count in RSS, they are not working
+memory) next to a floor measured in the same run:
+
+- read floor: reading θt and θ0 tensor by tensor with safetensors (what any add-task must read);
+- safetensors load: `load_file` of the full checkpoint plus a copy of each tensor (a state dict in
+  anonymous memory, which is what a load returns), in a fresh process;
+- clone: copying a resident state dict (what a warm load competes with).
+
+    python -m tools.bench_scale --params 1e9 [--threads 2] [--keep 0.1] [--json]
+    python -m tools.bench_scale --params 7e9 --dir /var/tmp/bench   # ~40 GB of disk for a while
+
+Files are deleted at the end (or kept with --keep-files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+D, FF, VOCAB = 4096, 11008, 32000
+SHARD_BYTES = 4 << 30
+
+
+def llama_shapes(params: float) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a Llama-7B-like model with as many layers as fit `params`."""
+    per_layer = 4 * D * D + 3 * D * FF + 2 * D
+    layers = max(1, round((params - 2 * VOCAB * D - D) / per_layer))
+    out = [("model.embed_tokens.weight", (VOCAB, D))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out += [(p + f"self_attn.{n}_proj.weight", (D, D)) for n in "qkvo"]
+        out += [(p + "mlp.gate_proj.weight", (FF, D)), (p + "mlp.up_proj.weight", (FF, D)),
+                (p + "mlp.down_proj.weight", (D, FF))]
+        out += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,))]
+    out += [("model.norm.weight", (D,)), ("lm_head.weight", (VOCAB, D))]
+    return out
+
+
+def write_sharded(path: str, shapes: list[tuple[str, tuple[int, ...]]],
+                  make: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+    """An HF sharded safetensors checkpoint written one tensor at a time (bf16)."""
+    os.makedirs(path, exist_ok=True)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        n = math.prod(shape) * 2
+        if size + n > SHARD_BYTES and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {}, 0
+        for name, shape in shard:
+            n = math.prod(shape) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+            weight_map[name] = fname
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(os.path.join(path, fname), "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)) + blob)
+            for name, shape in shard:
+                fh.write(make(name, shape).to(torch.bfloat16).contiguous().view(torch.uint8).numpy().tobytes())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "hidden_size": D}, fh)
+
+
+def _seed(name: str, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((name, salt)) & 0x7FFFFFFF)
+
+
+def pretrained(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(shape) == 1:
+        return torch.ones(shape)
+    return torch.randn(shape, generator=_seed(name, 0)) * 0.02
+
+
+def finetune(salt: int) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
+    """θ0 plus a dense small delta and 2% larger changes, like a real task vector."""
+    def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        g = _seed(name, salt)
+        delta = torch.randn(shape, generator=g) * 2e-4
+        big = torch.rand(shape, generator=g) < 0.02
+        delta[big] *= 20
+        return pretrained(name, shape) + delta
+    return make
+
+
+# ---- measuring in fresh processes --------------------------------------------------------------
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _child(fn: Callable[..., Any], args: tuple, threads: int, pipe: Any) -> None:
+    torch.set_num_threads(threads)
+    base, peak, stop = rss_anon(), [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.01)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    extra = fn(*args)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    pipe.send({"s": seconds, "anon": max(peak[0], rss_anon()) - base, **(extra or {})})
+
+
+def fresh(fn: Callable[..., Any], *args: Any, threads: int) -> dict[str, Any]:
+    """Run `fn(*args)` in a new process; its time and peak anonymous memory above the interpreter's."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(fn, args, threads, send))
+    p.start()
+    out = recv.recv()
+    p.join()
+    return out
+
+
+def read_floor(*paths: str) -> None:
+    from modelstore.sources import open_checkpoint
+    for path in paths:
+        ck = open_checkpoint(path)
+        for n in ck.names():
+            ck.get(n)
+
+
+def safetensors_load(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+    sd = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            sd.update({k: v.clone() for k, v in load_file(os.path.join(path, f)).items()})
+    return {"tensors": len(sd)}
+
+
+def build(store: str, pre: str, task: str, keep: float) -> None:
+    import modelstore
+    modelstore.build(store, pre, {"t0": task}, keep=keep)
+
+
+def add_task(store: str, task: str, keep: float) -> None:
+    import modelstore
+    modelstore.add_task(store, "t1", task, keep=keep)
+
+
+def load(store: str, task: str) -> None:
+    import modelstore
+    modelstore.open(store).load(task)
+
+
+def warm_load(store: str, task: str) -> dict[str, Any]:
+    """Time a second load (base cached) against cloning the state dict it returns."""
+    import modelstore
+    s = modelstore.open(store)
+    s.load(task)  # the first load reads the base
+    t0 = time.perf_counter()
+    sd = s.load(task)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    clone = {k: v.clone() for k, v in sd.items()}
+    clone_s = time.perf_counter() - t0
+    del clone
+    return {"warm_s": warm, "clone_s": clone_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=float, default=1e9)
+    ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dir", default=None, help="where to write the checkpoints and stores")
+    ap.add_argument("--keep-files", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir)
+    shapes = llama_shapes(a.params)
+    n = sum(math.prod(s) for _, s in shapes)
+    r: dict[str, Any] = {"params": n, "model_bytes": 2 * n, "threads": a.threads, "keep": a.keep}
+    log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    try:
+        t0 = time.perf_counter()
+        pre, t0p, t1p = (os.path.join(root, x) for x in ("pre", "task0", "task1"))
+        write_sharded(pre, shapes, pretrained)
+        write_sharded(t0p, shapes, finetune(1))
+        write_sharded(t1p, shapes, finetune(2))
+        log(f"wrote 3 checkpoints of {n / 1e9:.2f}B bf16 parameters in {time.perf_counter() - t0:.0f} s")
+        store = os.path.join(root, "store")
+        steps: list[tuple[str, Callable[..., Any], tuple]] = [
+            ("read_floor_2", read_floor, (pre, t0p)),
+            ("build_1_task", build, (store, pre, t0p, a.keep)),
+            ("read_floor_1", read_floor, (t1p,)),
+            ("add_task", add_task, (store, t1p, a.keep)),
+            ("safetensors_load", safetensors_load, (t1p,)),
+            ("load", load, (store, "t1")),
+            ("warm_load", warm_load, (store, "t1")),
+        ]
+        for name, fn, args in steps:
+            r[name] = fresh(fn, *args, threads=a.threads)
+            log(f"{name}: {r[name]['s']:.1f} s, {r[name]['anon'] / 1e9:.2f} GB anonymous")
+        store_reads = r["read_floor_1"]["s"] * 2  # θt and θ*: the same bytes as two checkpoints
+        r["ratios"] = {
+            "build_vs_read_floor": r["build_1_task"]["s"] / r["read_floor_2"]["s"],
+            "add_task_vs_read_floor": r["add_task"]["s"] / store_reads,
+            "add_task_anon_GB": r["add_task"]["anon"] / 1e9,
+            "load_vs_safetensors": r["load"]["s"] / r["safetensors_load"]["s"],
+            "load_anon_vs_model": r["load"]["anon"] / r["model_bytes"],
+            "safetensors_anon_vs_model": r["safetensors_load"]["anon"] / r["model_bytes"],
+            "warm_load_vs_clone": r["warm_load"]["warm_s"] / r["warm_load"]["clone_s"],
+        }
+    finally:
+        if not a.keep_files:
+            shutil.rmtree(root, ignore_errors=True)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"{n / 1e9:.2f}B bf16 parameters ({2 * n / 1e9:.1f} GB), keep {a.keep}, {a.threads} threads")
+    for k, v in r["ratios"].items():
+        print(f"  {k:28} {v:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
