@@ -13,7 +13,8 @@ from .format.paths import check_task_name
 from .store import Store
 
 
-def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Store:
+def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None,
+               *, cache_base: bool | None = None) -> Store:
     """Open a store at a local path or fsspec URL (`s3://`, `memory://`, `hf://`...).
 
     >>> store = modelstore.open("s3://bucket/store", storage_options={"anon": False})
@@ -23,11 +24,14 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Ma
         url: the store's location.
         mode: "r" to read, "a" to read and write (add_task, add_lora_task, remove, sync_to).
         storage_options: fsspec options of the location (endpoint_url, credentials...).
+        cache_base: keep each base on its device after the first load (True), never (False: each
+            load streams the base from storage into its output, needing the model's memory once),
+            or when it is at most $MODELSTORE_BASE_CACHE_BYTES, 4 GiB by default (None).
 
     Raises:
         StoreNotFoundError: no store there. FormatVersionError: written by a newer modelstore.
     """
-    return Store(url, mode=mode, storage_options=storage_options)
+    return Store(url, mode=mode, storage_options=storage_options, cache_base=cache_base)
 
 
 def load(task: str, store: str | os.PathLike[str] | Store | None = None, device: str | torch.device = "cpu",

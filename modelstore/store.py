@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import torch
@@ -31,6 +31,10 @@ from .storage import Location
 from .transfer import SyncReport, sync
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+#: Bases up to this size are kept on the device after the first load, so the next load reads only
+#: its task's arrays; larger ones are streamed from storage into each load's output, so a load
+#: needs about the model's memory once, not twice. `open(..., cache_base=True)` always keeps it.
+BASE_CACHE_BYTES = int(os.environ.get("MODELSTORE_BASE_CACHE_BYTES", 4 << 30))
 
 
 class Store:
@@ -41,13 +45,15 @@ class Store:
     """
 
     def __init__(self, url: str | os.PathLike[str], mode: str = "r",
-                 storage_options: Mapping[str, Any] | None = None, *, _create: bool = False):
+                 storage_options: Mapping[str, Any] | None = None, *, cache_base: bool | None = None,
+                 _create: bool = False):
         if mode not in ("r", "a"):
             raise InputError(f"mode must be 'r' or 'a', not {mode!r}")
         url = os.fspath(url)
         self.mode = mode
         self.url = url
         self.storage_options = dict(storage_options or {})
+        self.cache_base = cache_base
         self.loc = Location(url, storage_options, read_only=(mode == "r"))
         if _create:  # the manifest is first published with the store's first commit (its base)
             if self.loc.read_manifest() is not None:
@@ -179,14 +185,36 @@ class Store:
         if not merged and not kind.has_unmerged:
             raise InputError(f"task {task!r} is {kind.title}; merged=False applies to tasks kept as factors "
                              "(LoRA tasks) only")
+        if merged:
+            return dict(self._tensors(task, entry, device, dtype))
         payload = self._payload(entry, f"task {task!r}", kind)
-        arrays = payload.read_arrays(device)
-        if not merged:
-            return kind.unmerged(arrays, payload.table, entry, device)
+        segments = payload.stream(device)
+        adapter = kind.unmerged(segments, payload.table, entry, device)
+        segments.close()
+        return adapter
+
+    def _tensors(self, task: str, entry: TaskEntry, device: torch.device,
+                 dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The task's tensors one at a time: its arrays and (unless cached) its base are streamed."""
+        kind = get_kind(entry["kind"])
+        payload = self._payload(entry, f"task {task!r}", kind)
+        segments = payload.stream(device)
+        base = _BaseTensors(self, entry["base"], device)
         try:
-            return kind.materialize(arrays, payload.table, self.base(entry["base"], device), entry, device, dtype)
+            yield from kind.tensors(segments, payload.table, base, entry, device, dtype)
+            segments.close()
+            base.close()
         except CorruptStoreError as e:
-            raise CorruptStoreError(f"{self.url}: task {task!r}: {e}") from None
+            raise CorruptStoreError(f"{self.url}: task {task!r}: {e}" if self.url not in str(e) else str(e)) from None
+
+    def _cached_base(self, base_id: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The base kept on `device`, reading it now if the cache policy keeps it, else None."""
+        key = (base_id, str(device))
+        if key not in self._bases:
+            size = self._base_entry(base_id).get("nbytes") or 0
+            if not (self.cache_base if self.cache_base is not None else size <= BASE_CACHE_BYTES):
+                return None
+        return self.base(base_id, device)
 
     def collect_garbage(self, grace: str | float = "1h", dry_run: bool = False) -> GcReport:
         """Remove payload directories no manifest references (left by writers killed before their
@@ -214,17 +242,29 @@ class Store:
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
         """Copy `task`'s weights into `model` in place, on the model's device (strict by default).
 
+        Tensors are made and copied one at a time, so the model's memory is never needed twice.
+
         Raises:
             InputError: the task's tensors do not fit the model.
         """
-        params = list(model.parameters()) + list(model.buffers())
-        device = params[0].device if params else torch.device("cpu")
-        sd = self.load(task, device=device)
-        try:
-            model.load_state_dict(sd, strict=strict)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise InputError(f"task {task!r} does not fit this model: {' '.join(l.strip() for l in first[:3])}") from None
+        target = model.state_dict(keep_vars=True)
+        device = next(iter(target.values())).device if target else torch.device("cpu")
+        entry = self.entry(task)
+        kind = get_kind(entry["kind"])
+        got = set(kind.output_names(self.table(task), self.stored_base(entry["base"]).names()))
+        missing, unexpected = sorted(set(target) - got), sorted(got - set(target))
+        if strict and (missing or unexpected):
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise InputError(f"task {task!r} does not fit this model: {what} key(s) in its state dict")
+        with torch.no_grad():
+            for name, t in self._tensors(task, entry, device, None):  # one tensor in memory at a time
+                dst = target.get(name)
+                if dst is None:
+                    continue
+                if tuple(dst.shape) != tuple(t.shape):
+                    raise InputError(f"task {task!r} does not fit this model: {name} has shape {list(t.shape)} in "
+                                     f"the store but {list(dst.shape)} in the model")
+                dst.copy_(t)
         return model
 
     # -- writing ---------------------------------------------------------------
@@ -450,6 +490,31 @@ class Store:
         """Copy this store's tasks (all, or `tasks`) and their bases to `dst`; see `modelstore.sync`."""
         return sync(self.url, os.fspath(dst), tasks=tasks, delete=delete, dry_run=dry_run,
                     src_options=self.storage_options or None, dst_options=dst_options, on_bytes=on_bytes)
+
+
+class _BaseTensors:
+    """The base of one load: from the cache (cloned per tensor) or streamed from storage."""
+
+    def __init__(self, store: Store, base_id: str, device: torch.device):
+        self._cached = store._cached_base(base_id, device)
+        if self._cached is None:
+            reader = store.stored_base(base_id)
+            self._segments = reader.stream(device)
+            self._by_name = {e["name"]: e for e in reader.table}
+        self._names = list(self._cached) if self._cached is not None else list(self._by_name)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def fresh(self, name: str) -> torch.Tensor:
+        if self._cached is not None:
+            return self._cached[name].clone()
+        e = self._by_name[name]
+        return self._segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
+
+    def close(self) -> None:
+        if self._cached is None:
+            self._segments.close()
 
 
 def source_info(ck: Checkpoint) -> dict[str, str]:

@@ -15,14 +15,16 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 _BINS = 1 << 16
 
 
-def magnitude_bits(u: np.ndarray) -> np.ndarray:
-    """uint32 bit patterns of |u| for a float32 array (ordered like the magnitudes)."""
-    return np.abs(np.asarray(u, dtype=np.float32).reshape(-1)).view(np.uint32)
+def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |u| for a float32 tensor, flattened (ordered like the magnitudes: the
+    sign bit of |u| is 0). torch's bincount keeps private per-thread histograms, so counting the
+    few distinct magnitudes of a real delta does not serialize on one bin as numpy's does."""
+    return u.detach().reshape(-1).to(torch.float32).abs().view(torch.int32)
 
 
 def kept_count(keep: float, total: int) -> int:
@@ -37,46 +39,45 @@ class Cut:
     threshold: int
     ties: int
 
-    def keeper(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A stateful function mapping each tensor's |u| bits, in global order, to kept indices."""
+    def keeper(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A stateful function mapping each tensor's |u| bits, in global order, to kept indices (int64)."""
         remaining = self.ties
 
-        def keep(bits: np.ndarray) -> np.ndarray:
+        def keep(bits: torch.Tensor) -> torch.Tensor:
             nonlocal remaining
-            idx = np.flatnonzero(bits > self.threshold)
+            above = bits > self.threshold
             if remaining > 0:
-                tie = np.flatnonzero(bits == self.threshold)[:remaining]
-                remaining -= tie.size
-                if tie.size:
-                    idx = np.sort(np.concatenate([idx, tie]))
-            return idx
+                tie = torch.nonzero(bits == self.threshold).view(-1)[:remaining]
+                remaining -= tie.numel()
+                above[tie] = True
+            return torch.nonzero(above).view(-1)
 
         return keep
 
 
-def find_cut(k: int, tensors: Callable[[], Iterable[np.ndarray]]) -> Cut:
+def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]]) -> Cut:
     """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits, called twice).
 
     If fewer than k entries are non-zero, all non-zero entries are kept.
     """
     if k <= 0:
-        return Cut(threshold=0xFFFFFFFF, ties=0)
-    high = np.zeros(_BINS, dtype=np.int64)
+        return Cut(threshold=0x7FFFFFFF, ties=0)
+    high = torch.zeros(_BINS, dtype=torch.int64)
     for bits in tensors():
-        high += np.bincount(bits >> 16, minlength=_BINS)
-    from_top = np.cumsum(high[::-1])[::-1]  # from_top[b] = count of entries with high bits >= b
-    if from_top[0] < k:  # fewer entries than k: keep every non-zero one
+        high += torch.bincount(bits >> 16, minlength=_BINS)
+    from_top = high.flip(0).cumsum(0).flip(0)  # from_top[b] = count of entries with high bits >= b
+    if int(from_top[0]) < k:  # fewer entries than k: keep every non-zero one
         return Cut(threshold=0, ties=0)
-    b = int(np.flatnonzero(from_top >= k)[-1])  # highest bin whose tail reaches k
+    b = int(torch.nonzero(from_top >= k).max())  # highest bin whose tail reaches k
     above = int(from_top[b + 1]) if b + 1 < _BINS else 0
-    low = np.zeros(_BINS, dtype=np.int64)
+    low = torch.zeros(_BINS, dtype=torch.int64)
     for bits in tensors():
         sel = bits[(bits >> 16) == b]
-        if sel.size:
-            low += np.bincount(sel & 0xFFFF, minlength=_BINS)
+        if sel.numel():
+            low += torch.bincount(sel & 0xFFFF, minlength=_BINS)
     need = k - above
-    low_from_top = np.cumsum(low[::-1])[::-1]
-    lo = int(np.flatnonzero(low_from_top >= need)[-1])
+    low_from_top = low.flip(0).cumsum(0).flip(0)
+    lo = int(torch.nonzero(low_from_top >= need).max())
     strictly_above = above + (int(low_from_top[lo + 1]) if lo + 1 < _BINS else 0)
     threshold = (b << 16) | lo
     if threshold == 0:  # the cut falls among exact zeros: keep only non-zeros

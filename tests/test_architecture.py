@@ -161,10 +161,9 @@ class WholeCopy(TaskKind):
         total = sum(t["count"] for t in out.table)
         return {"method": "copy", "params": {}, "kept": total, "total": total, "full_bytes": source.nbytes()}
 
-    def materialize(self, arrays, table, base, entry, device, dtype):
-        from modelstore.format import segment
-        return {t["name"]: segment(arrays, t["array"], t["start"], t["count"], t["dtype"]).view(t["shape"]).clone()
-                for t in table}
+    def tensors(self, segments, table, base, entry, device, dtype):
+        for t in table:
+            yield t["name"], segments.get(t["array"], t["start"], t["count"], t["dtype"]).view(t["shape"])
 
     def describe(self, info):
         return f"{info['kept']} entries copied"

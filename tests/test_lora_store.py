@@ -176,3 +176,12 @@ def test_unsupported_adapter_is_one_line_error(bert_lora, tmp_path):
     r = CliRunner().invoke(main, ["add-task", url, "x", "--lora", str(ad)])
     assert r.exit_code == 1 and "DoRA" in r.output.replace("dora", "DoRA") and r.output.count("\n") == 1, r.output
     assert modelstore.open(url).tasks() == []
+
+
+def test_streamed_lora_load_equals_the_cached_one(bert_lora, tmp_path):
+    url = str(tmp_path / "s")
+    modelstore.init(url, bert_lora["pre"])
+    modelstore.add_lora_task(url, "t", bert_lora["ad1"], rank=3)
+    a = modelstore.open(url, cache_base=True).load("t")
+    b = modelstore.open(url, cache_base=False).load("t", dtype=torch.float32)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -162,7 +162,7 @@ def main() -> None:
         sd0, sd1 = load_file(pre), load_file(tasks["task0"])
         u = torch.cat([(sd1[k].float() - sd0[k].float()).reshape(-1) for k in sd0]).numpy()
         k = kept_count(a.keep, u.size)
-        bits = magnitude_bits(u)
+        bits = magnitude_bits(torch.from_numpy(u))
         r["select_radix_s"], _ = timed(lambda: find_cut(k, lambda: iter([bits])), 2)
         r["select_np_partition_s"], _ = timed(lambda: np.partition(np.abs(u), u.size - k)[u.size - k], 2)
         r["select_torch_topk_s"], _ = timed(lambda: torch.topk(torch.from_numpy(u).abs(), k, sorted=False), 1)

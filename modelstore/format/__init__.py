@@ -6,8 +6,8 @@ Everything that knows how bytes are laid out lives here; task kinds and the Stor
 from .manifest import (FORMAT_NAME, FORMAT_VERSION, BaseEntry, Manifest, PayloadFields, TableEntry, TaskEntry,
                        check_manifest, new_manifest, now, same_content, table_digest)
 from .paths import MANIFEST, base_dir, check_task_name, new_payload_dir, task_dir
-from .payload import PayloadReader, PayloadWriter, segment
+from .payload import PayloadReader, PayloadWriter, Segments
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "BaseEntry", "Manifest", "PayloadFields", "TableEntry", "TaskEntry",
            "check_manifest", "new_manifest", "now", "same_content", "table_digest", "MANIFEST", "base_dir",
-           "check_task_name", "new_payload_dir", "task_dir", "PayloadReader", "PayloadWriter", "segment"]
+           "check_task_name", "new_payload_dir", "task_dir", "PayloadReader", "PayloadWriter", "Segments"]

@@ -186,13 +186,16 @@ class PayloadReader:
         self.group, self.entry, self.what = group, entry, what
         self.table: list[TableEntry] = table
         self._dtypes = dict(array_dtypes or {})
+        self._opened: dict[str, zarr.Array] = {}
         problem = table_problem(table, entry.get("arrays"))
         if problem:
             raise CorruptStoreError(f"{what}: the tensor table is inconsistent ({problem}); the store is damaged")
         self._by_name = {e["name"]: e for e in table}
 
     def _array(self, name: str) -> zarr.Array:
-        """Flat array `name`, its metadata checked against what the table says it holds."""
+        """Flat array `name`, its metadata checked against what the table says it holds (opened once)."""
+        if name in self._opened:
+            return self._opened[name]
         try:
             arr = self.group[name]
             ok = isinstance(arr, zarr.Array) and arr.ndim == 1
@@ -205,6 +208,7 @@ class PayloadReader:
         if not ok:
             raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' is missing or damaged; "
                                     "re-add this task or restore the store")
+        self._opened[name] = arr
         return arr
 
     # -- whole arrays ----------------------------------------------------------
@@ -249,6 +253,18 @@ class PayloadReader:
             out[a] = torch.from_numpy(flat).to(device)
         return out
 
+    def stream(self, device: torch.device) -> Segments:
+        """Sequential reads of this payload's arrays, each checked against the manifest as it ends."""
+        return Segments(self, device)
+
+    def chunk_len(self, array: str) -> int:
+        """Elements per chunk of flat array `array`."""
+        return int(self._array(array).chunks[0])
+
+    def array_len(self, array: str) -> int:
+        """Elements of flat array `array`."""
+        return int(self._array(array).shape[0])
+
     # -- one tensor at a time (TensorSource) -----------------------------------
     def names(self) -> list[str]:
         return list(self._by_name)
@@ -266,9 +282,59 @@ class PayloadReader:
         return dtypes.from_numpy(a, e["dtype"]).view(e["shape"])
 
 
-def segment(arrays: dict[str, torch.Tensor], array: str, start: int, count: int, dtype: str) -> torch.Tensor:
-    """`array[start:start+count]` of arrays read by `read_arrays`, as logical dtype `dtype` (bf16 views)."""
-    return dtypes.logical_view(arrays[array][start:start + count], dtype)
+class Segments:
+    """Slices of a payload's flat arrays read front to back, one tensor at a time, so a load never
+    holds a whole array. Each array's CRC-32 is accumulated as it is read and compared with the
+    manifest's when the array ends (`close` reads whatever a caller skipped), so missing, swapped
+    or altered chunks are caught exactly as a whole-array read catches them."""
+
+    def __init__(self, reader: PayloadReader, device: torch.device):
+        self.reader, self.device = reader, device
+        self._pos: dict[str, int] = {}
+        self._crc: dict[str, int] = {}
+        self._tail: dict[str, np.ndarray] = {}  # per array: decoded elements from _pos on, up to a chunk end
+
+    def get(self, array: str, start: int, count: int, dtype: str) -> torch.Tensor:
+        """`array[start:start+count]` as logical dtype `dtype` on the device (a fresh tensor)."""
+        pos = self._pos.get(array, 0)
+        if start < pos:
+            raise AssertionError(f"{array}: slices must be read in order ({start} < {pos})")
+        if start > pos:
+            self._take(array, pos, start)  # skipped, but checked
+        flat = self._take(array, start, start + count)
+        return dtypes.from_numpy(flat, dtype).to(self.device)
+
+    def _take(self, array: str, start: int, stop: int) -> np.ndarray:
+        flat = self._read(array, start, stop)
+        self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
+        self._pos[array] = stop
+        want = self.reader.entry.get("arrays", {}).get(array)
+        if want is not None and stop == want["count"] and self._crc[array] != want["crc32"]:
+            raise CorruptStoreError(f"{self.reader.what}: array '{array}' does not match the checksum recorded in "
+                                    "the manifest (a chunk is missing or was replaced); re-add it or restore the store")
+        return flat
+
+    def _read(self, array: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop), start being where the last read ended: each chunk is fetched and
+        decoded once, its unread tail kept for the next slice (tensors do not end on chunk bounds)."""
+        tail = self._tail.pop(array, None)
+        if tail is not None and stop - start <= tail.size:
+            self._tail[array] = tail[stop - start:]
+            return tail[:stop - start]
+        have = 0 if tail is None else tail.size
+        chunk = self.reader.chunk_len(array)
+        end = min(-(-stop // chunk) * chunk, self.reader.array_len(array))
+        new = self.reader.read_flat(array, start + have, end)
+        self._tail[array] = new[stop - start - have:]
+        head = new[:stop - start - have]
+        return head if not have else np.concatenate([tail, head])
+
+    def close(self) -> None:
+        """Read and check the parts of every started array that were not asked for."""
+        for array, pos in list(self._pos.items()):
+            want = self.reader.entry.get("arrays", {}).get(array)
+            if want is not None and pos < want["count"]:
+                self._take(array, pos, want["count"])
 
 
-__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "arrays_of", "content_crc32", "segment", "table_problem"]
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "content_crc32", "table_problem"]

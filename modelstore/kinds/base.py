@@ -8,14 +8,25 @@ only through its kind; the manifest records the kind's `name` in each task entry
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadWriter
+from ..format.payload import PayloadWriter, Segments
 from ..sources import TensorSource
+
+
+class BaseTensors(Protocol):
+    """The base a task sits on, tensor by tensor, on the load's device."""
+
+    def names(self) -> list[str]: ...
+
+    def fresh(self, name: str) -> torch.Tensor:
+        """Base tensor `name` in its stored dtype, as a new tensor the caller may change. Tensors
+        are asked for in base order (a base read from storage is streamed front to back)."""
+        ...
 
 
 class TaskKind:
@@ -54,14 +65,17 @@ class TaskKind:
         """
         raise NotImplementedError
 
-    def materialize(self, arrays: dict[str, torch.Tensor], table: list[TableEntry],
-                    base: Mapping[str, torch.Tensor], entry: TaskEntry, device: torch.device,
-                    dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """The task's full state dict on `device` from its arrays (already on `device`) and its base."""
+    def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
+                device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The task's full tensors on `device`, one at a time (so a caller copying them into a model
+        never holds two copies), from its arrays read front to back and its base."""
         raise NotImplementedError
 
-    def unmerged(self, arrays: dict[str, torch.Tensor], table: list[TableEntry], entry: TaskEntry,
-                 device: torch.device) -> Any:
+    def output_names(self, table: list[TableEntry], base_names: list[str]) -> list[str]:
+        """The names of the tensors `tensors` yields: by default, those of the task's table."""
+        return [t["name"] for t in table]
+
+    def unmerged(self, segments: Segments, table: list[TableEntry], entry: TaskEntry, device: torch.device) -> Any:
         """The task without its base (e.g. LoRA factors), for kinds whose `has_unmerged` is true."""
         raise NotImplementedError
 
@@ -78,4 +92,4 @@ class TaskKind:
         raise NotImplementedError
 
 
-__all__ = ["TaskKind"]
+__all__ = ["TaskKind", "BaseTensors"]

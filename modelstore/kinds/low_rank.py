@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +19,12 @@ import torch
 
 from .. import dtypes
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadWriter, segment
+from ..format.payload import PayloadWriter, Segments
 from ..lora import LoraAdapter, LoraError, LowRank, compress_adapter, read_adapter, resolve_names, write_peft_adapter
 from ..progress import bar
 from ..sources import TensorSource
 from ..units import human_bytes, percent
-from .base import TaskKind
+from .base import BaseTensors, TaskKind
 
 FACTORS = "factors.float32"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -150,41 +150,38 @@ class LowRankAdapter(TaskKind):
             "dense_tensors": len(adapter.saved), "full_bytes": source.nbytes(),
         }
 
-    def unmerged(self, arrays: dict[str, torch.Tensor], table: list[TableEntry], entry: TaskEntry,
+    def unmerged(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
                  device: torch.device) -> StoredAdapter:
         """The stored factors on `device` (no dense product is formed)."""
         updates, tensors, peft = {}, {}, {}
         for t in table:
             if t["kind"] != "lowrank":
-                tensors[t["name"]] = segment(arrays, t["array"], t["start"], t["count"], t["dtype"]).view(t["shape"])
+                tensors[t["name"]] = segments.get(t["array"], t["start"], t["count"], t["dtype"]).view(t["shape"])
                 peft[t["name"]] = t["peft_name"]
                 continue
             q, do, di = t["rank"], t["d_out"], t["d_in"]
-            if q:
-                seg = segment(arrays, t["array"], t["start"], t["count"], "float32")
-                U, S, V = seg[:do * q].view(do, q), seg[do * q:do * q + q], seg[do * q + q:].view(di, q)
-            else:
-                U, S, V = (torch.zeros(do, 0, device=device), torch.zeros(0, device=device),
-                           torch.zeros(di, 0, device=device))
+            seg = segments.get(t["array"], t["start"], t["count"], "float32")
+            U, S, V = seg[:do * q].view(do, q), seg[do * q:do * q + q], seg[do * q + q:].view(di, q)
             updates[t["name"]] = LowRank(U=U, S=S, V=V, dropped=torch.tensor(t["dropped"]), layout=t["layout"])
             peft[t["name"]] = t["module"]
         return StoredAdapter(updates=updates, tensors=tensors, peft_names=peft, config=entry.get("adapter_config", {}))
 
-    def materialize(self, arrays: dict[str, torch.Tensor], table: list[TableEntry],
-                    base: Mapping[str, torch.Tensor], entry: TaskEntry, device: torch.device,
-                    dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    def output_names(self, table: list[TableEntry], base_names: list[str]) -> list[str]:
+        """Every base tensor, and the saved tensors the base lacks (a new head)."""
+        return list(dict.fromkeys([*base_names, *(t["name"] for t in table if t["kind"] != "lowrank")]))
+
+    def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
+                device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
         """θ0 + U·diag(S)·Vᵀ for every adapted weight, saved tensors replacing theirs, on `device`."""
-        a = self.unmerged(arrays, table, entry, device)
-        out = {}
-        for n, b in base.items():
+        a = self.unmerged(segments, table, entry, device)
+        for n in base.names():
             if n in a.tensors:
                 continue  # a saved tensor replaces it below
-            low = a.updates.get(n)
-            merged = b if low is None else b.to(torch.float32) + low.dense(device, torch.float32)
-            out[n] = merged.to(dtypes.output_dtype(b.dtype, dtype), copy=low is None)
+            b, low = base.fresh(n), a.updates.get(n)
+            merged = b if low is None else b.to(torch.float32).add_(low.dense(device, torch.float32))
+            yield n, merged.to(dtypes.output_dtype(b.dtype, dtype))
         for n, t in a.tensors.items():
-            out[n] = t.to(dtypes.output_dtype(t.dtype, dtype), copy=True)
-        return out
+            yield n, t.to(dtypes.output_dtype(t.dtype, dtype))
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         p = entry["params"]

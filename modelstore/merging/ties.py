@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ..topk import Cut, find_cut, magnitude_bits
@@ -79,19 +78,19 @@ class Ties(MergeMethod):
         """
         for i, t in enumerate(tasks):
             delta = (t - base).reshape(-1)
-            bits = magnitude_bits(delta.numpy())
+            bits = magnitude_bits(delta)
             if i == len(cuts):
                 cuts.append(self._cut(name, i, bits))
-            keep = torch.from_numpy(cuts[i].keeper()(bits))
+            keep = cuts[i].keeper()(bits)
             trimmed = torch.zeros_like(delta)
             trimmed[keep] = delta[keep]
             yield trimmed.view_as(base)
 
-    def _cut(self, name: str, task: int, bits: np.ndarray) -> Cut:
+    def _cut(self, name: str, task: int, bits: torch.Tensor) -> Cut:
         if self._global is not None:
             threshold, ties = self._global[task]
             return Cut(threshold, ties.get(name, 0))
-        return find_cut(int(self.options["density"] * bits.size), lambda: [bits])
+        return find_cut(int(self.options["density"] * bits.numel()), lambda: [bits])
 
 
 def _global_cut(pretrained: TensorSource, task: TensorSource, names: Sequence[str],
@@ -99,13 +98,13 @@ def _global_cut(pretrained: TensorSource, task: TensorSource, names: Sequence[st
     """One task's global threshold, and how many entries equal to it each tensor keeps (lowest index first)."""
     def bits():
         for n in names:
-            yield n, magnitude_bits((task.get(n).float() - pretrained.get(n).float()).numpy())
+            yield n, magnitude_bits(task.get(n).float() - pretrained.get(n).float())
 
     cut = find_cut(k, lambda: (b for _, b in bits()))
     ties, remaining = {}, cut.ties
     if remaining:
         for n, b in bits():
-            take = min(int(np.count_nonzero(b == cut.threshold)), remaining)
+            take = min(int((b == cut.threshold).sum()), remaining)
             if take:
                 ties[n] = take
                 remaining -= take
