@@ -327,3 +327,28 @@ def test_a_filesystem_without_conditional_writes_says_it_is_single_writer(bert_m
         modelstore.add_task(url, "alpha", bert_models["tasks"]["alpha"])
     info = modelstore.open(url).info()
     assert "single writer" in info["writers"] and info["tasks"] == ["alpha"]
+
+
+def test_a_lost_response_is_resolved_by_the_writer_id_and_transient_failures_are_retried(tmp_path, bert_models,
+                                                                                        monkeypatch):
+    from modelstore.storage import slots
+    url = str(tmp_path / "s")
+    modelstore.init(url, bert_models["pre"])
+    real = slots.LocalSlot.replace
+    calls = {"n": 0}
+
+    def flaky(self, blob, token):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("connection reset before the write")  # nothing happened: retried
+        if calls["n"] == 2:
+            real(self, blob, token)
+            raise TimeoutError("the answer was lost")  # it happened: the writer id tells
+        return real(self, blob, token)
+
+    monkeypatch.setattr(slots.LocalSlot, "replace", flaky)
+    s = modelstore.add_task(url, "alpha", bert_models["tasks"]["alpha"])
+    assert calls["n"] == 2  # no third publish: the re-read showed the second had won
+    m = modelstore.open(url).manifest
+    from modelstore.commits import WRITER_ID
+    assert s.tasks() == ["alpha"] and m["generation"] == 2 and m["writer"]["id"] == WRITER_ID
