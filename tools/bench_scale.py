@@ -5,7 +5,7 @@ the whole model in memory), then runs each operation in a fresh process and prin
 peak anonymous memory (RssAnon: mapped checkpoint pages count in RSS, they are not working
 memory) next to a floor measured in the same run:
 
-- read floor: reading θt and θ0 tensor by tensor with safetensors (what any add-task must read);
+- read floor: reading θt and θ0 into memory tensor by tensor (what any add-task must read);
 - safetensors load: `load_file` of the full checkpoint plus a copy of each tensor (a state dict in
   anonymous memory, which is what a load returns), in a fresh process;
 - clone: copying a resident state dict (what a warm load competes with).
@@ -149,11 +149,13 @@ def fresh(fn: Callable[..., Any], *args: Any, threads: int) -> dict[str, Any]:
 
 
 def read_floor(*paths: str) -> None:
+    """Read every tensor of the checkpoints into memory, one at a time (safetensors maps files
+    lazily, so each tensor is copied to touch its bytes)."""
     from modelstore.sources import open_checkpoint
     for path in paths:
         ck = open_checkpoint(path)
         for n in ck.names():
-            ck.get(n)
+            ck.get(n).clone()
 
 
 def safetensors_load(path: str) -> dict[str, Any]:
