@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from tools.bench_store import rss_anon
+
 D, FF, VOCAB = 4096, 11008, 32000
 SHARD_BYTES = 4 << 30
 
@@ -109,14 +111,6 @@ def finetune(salt: int) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
 
 
 # ---- measuring in fresh processes --------------------------------------------------------------
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
 
 def _child(fn: Callable[..., Any], args: tuple, threads: int, pipe: Any) -> None:
     torch.set_num_threads(threads)
