@@ -36,6 +36,9 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def dtype(self, name: str) -> torch.dtype: ...
     def get(self, name: str) -> torch.Tensor: ...
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` along its first dimension, read alone."""
+        ...
 
 
 class DictSource:
@@ -55,6 +58,9 @@ class DictSource:
 
     def get(self, name: str) -> torch.Tensor:
         return self._t[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._t[name][start:stop]
 
 
 class Checkpoint:
@@ -118,6 +124,16 @@ class Checkpoint:
                 self._handles[i] = safe_open(f, framework="pt")
             return self._handles[i].get_tensor(name)
         return self._pickle(i)[name]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name`, read without the rest of it (safetensors slices)."""
+        i = self._where[name]
+        f = self.files[i]
+        if f.endswith(".safetensors"):
+            if i not in self._handles:
+                self._handles[i] = safe_open(f, framework="pt")
+            return self._handles[i].get_slice(name)[start:stop]
+        return self._pickle(i)[name][start:stop]
 
     def nbytes(self) -> int:
         """Bytes the tensors take uncompressed: the size of a full copy of the model."""

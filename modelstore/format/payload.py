@@ -281,6 +281,13 @@ class PayloadReader:
         a = self.read_flat(e["array"], e["start"], e["start"] + e["count"])
         return dtypes.from_numpy(a, e["dtype"]).view(e["shape"])
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a dense entry's tensor along its first dimension, read alone."""
+        e = self._by_name[name]
+        row = math.prod(e["shape"][1:])
+        a = self.read_flat(e["array"], e["start"] + start * row, e["start"] + stop * row)
+        return dtypes.from_numpy(a, e["dtype"]).view(stop - start, *e["shape"][1:])
+
 
 class Segments:
     """Slices of a payload's flat arrays read front to back, one tensor at a time, so a load never

@@ -32,7 +32,9 @@ GRANULARITIES = ("global", "per-tensor")
 INDEX_DTYPES = ("uint32", "uint64")
 #: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
-CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 1 << 30))
+CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
+#: Entries of u = θt − θ* computed at once: large tensors (an LLM's embedding) are split by rows.
+BLOCK_ELEMENTS = 1 << 24
 _VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 
@@ -84,27 +86,49 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
 
 
+def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges of a tensor, each about BLOCK_ELEMENTS entries (whole rows; at least one)."""
+    if not shape:
+        return [(0, 1)]
+    row = math.prod(shape[1:])
+    per = max(1, BLOCK_ELEMENTS // max(row, 1))
+    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)] or [(0, 0)]
+
+
+def _rows(src: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
+    return src.get(name).reshape(1) if not src.shape(name) else src.rows(name, start, stop)
+
+
 class _Deltas:
-    """u = θt − θ* per sparse tensor, flat float32, cached while under a byte budget."""
+    """u = θt − θ* per sparse tensor, flat float32, in blocks of about BLOCK_ELEMENTS entries, so memory
+    is bounded by a block whatever the tensor's size; tensors of one block are cached between the
+    passes while under a byte budget (else recomputed from the checkpoints on each pass)."""
 
     def __init__(self, src: TensorSource, base: TensorSource, names: list[str], budget: int):
         self.src, self.base, self.names = src, base, names
         self._cache: dict[str, torch.Tensor] = {}
         self._cached, self._budget = 0, budget
 
-    def get(self, name: str) -> torch.Tensor:
-        u = self._cache.get(name)
-        if u is None:
-            u = self.src.get(name).to(torch.float32, copy=True).reshape(-1)
-            u.sub_(self.base.get(name).reshape(-1))
-            if self._cached + u.numel() * 4 <= self._budget:
+    def blocks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(flat offset, u of the block) for each block of tensor `name`, in order."""
+        if name in self._cache:
+            yield 0, self._cache[name]
+            return
+        shape = self.src.shape(name)
+        row = math.prod(shape[1:]) if shape else 1
+        spans = _row_blocks(shape)
+        for r0, r1 in spans:
+            u = _rows(self.src, name, r0, r1).to(torch.float32, copy=True).reshape(-1)
+            u.sub_(_rows(self.base, name, r0, r1).reshape(-1))
+            if len(spans) == 1 and self._cached + u.numel() * 4 <= self._budget:
                 self._cache[name] = u
                 self._cached += u.numel() * 4
-        return u
+            yield r0 * row, u
 
-    def bits(self) -> Iterator[torch.Tensor]:
-        for n in self.names:
-            yield magnitude_bits(self.get(n))
+    def bits(self, names: list[str] | None = None) -> Iterator[torch.Tensor]:
+        for n in self.names if names is None else names:
+            for _, u in self.blocks(n):
+                yield magnitude_bits(u)
 
 
 class SparseDelta(TaskKind):
@@ -139,7 +163,7 @@ class SparseDelta(TaskKind):
             "bfloat16" if sparse and all(source.dtype(n) == torch.bfloat16 for n in sparse) else "float16")
         sizes = {n: math.prod(source.shape(n)) for n in sparse}
         total = sum(sizes.values())
-        deltas = _Deltas(source, base, sparse, CACHE_BYTES if opts.granularity == "global" else 0)
+        deltas = _Deltas(source, base, sparse, CACHE_BYTES)
         if opts.granularity == "global":
             k = kept_count(opts.keep, total)
             keeper = find_cut(k, deltas.bits).keeper()
@@ -160,31 +184,37 @@ class SparseDelta(TaskKind):
         for n, kind in bar(steps, f"task {task}", progress):
             shape = list(source.shape(n))
             if kind == "sparse":
-                u = deltas.get(n)
-                bits = magnitude_bits(u)
-                if keeper is None:
-                    idx = find_cut(kept_count(opts.keep, u.numel()), lambda: iter([bits])).keeper()(bits)
-                else:
-                    idx = keeper(bits)
-                picked = u[idx]
-                # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
-                if not picked.numel():
-                    check_finite(u, f"task {task!r} tensor {n!r}")
-                elif not bool(torch.isfinite(picked).all()):
-                    raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
-                                     "fix the checkpoint before storing it")
-                elif float(picked.abs().max()) > _VALUE_LIMITS[value_dtype]:
-                    raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
-                                     "use --value-dtype float32")
-                vals = picked.to(vt)
-                nz = vals != 0
-                if not bool(nz.all()):  # values that round to zero would be stored zeros
-                    idx, vals = idx[nz], vals[nz]
-                start = idx_w.append(torch.diff(idx, prepend=idx.new_zeros(1)).numpy().astype(index_dtype))
-                val_w.append(dtypes.to_numpy(vals))
+                tensor_keeper = keeper or find_cut(kept_count(opts.keep, sizes[n]),
+                                                   lambda n=n: deltas.bits([n])).keeper()
+                start = idx_w.append(torch.zeros(0, dtype=torch.int64).numpy())
+                val_w.append(dtypes.to_numpy(torch.zeros(0, dtype=vt)))
+                count, last = 0, 0
+                for offset, u in deltas.blocks(n):
+                    idx = tensor_keeper(magnitude_bits(u))
+                    picked = u[idx]
+                    # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
+                    if not picked.numel():
+                        check_finite(u, f"task {task!r} tensor {n!r}")
+                        continue
+                    if not bool(torch.isfinite(picked).all()):
+                        raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
+                                         "fix the checkpoint before storing it")
+                    if float(picked.abs().max()) > _VALUE_LIMITS[value_dtype]:
+                        raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
+                                         "use --value-dtype float32")
+                    vals = picked.to(vt)
+                    nz = vals != 0
+                    if not bool(nz.all()):  # values that round to zero would be stored zeros
+                        idx, vals = idx[nz], vals[nz]
+                    if not idx.numel():
+                        continue
+                    pos = idx + offset
+                    idx_w.append(torch.diff(pos, prepend=pos.new_tensor([last])).numpy().astype(index_dtype))
+                    val_w.append(dtypes.to_numpy(vals))
+                    last, count = int(pos[-1]), count + int(idx.numel())
                 out.add({"name": n, "kind": "sparse", "shape": shape, "dtype": dtypes.dtype_name(source.dtype(n)),
-                         "start": start, "count": int(idx.numel())})
-                kept += int(idx.numel())
+                         "start": start, "count": count})
+                kept += count
                 continue
             t = source.get(n)
             check_finite(t, f"task {task!r} tensor {n!r}")
