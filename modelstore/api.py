@@ -35,7 +35,7 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Ma
 
 
 def load(task: str, store: str | os.PathLike[str] | Store | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+         dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
     """Load one task's full weights; `store` defaults to $MODELSTORE_URL.
 
     >>> sd = modelstore.load("sst2", device="cuda")

@@ -72,3 +72,23 @@ def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
 def output_dtype(stored: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
     """What a loaded tensor is cast to: the requested float dtype for float tensors, else its own."""
     return requested if requested is not None and stored.is_floating_point else stored
+
+
+def requested_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A load's dtype argument: a torch float dtype, its name ("float16", "bfloat16", "torch.float32"),
+    or None / "auto" to keep each tensor's stored dtype.
+
+    Raises:
+        InputError: not a floating dtype.
+    """
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        resolved = _BY_NAME.get(name)
+        if resolved is None or not resolved.is_floating_point:
+            raise InputError(f"dtype {dtype!r} is not a floating dtype; use float32, float16, bfloat16 or auto")
+        return resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype must be a floating dtype, not {dtype}")
+    return dtype

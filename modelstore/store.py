@@ -139,21 +139,22 @@ class Store:
         return self._bases[key]
 
     @overload
-    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | str | None = ...,
              merged: Literal[True] = ...) -> dict[str, torch.Tensor]: ...
 
     @overload
-    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | None = ...,
+    def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | str | None = ...,
              *, merged: Literal[False]) -> StoredAdapter: ...
 
-    def load(self, task: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    def load(self, task: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
              merged: bool = True) -> dict[str, torch.Tensor] | StoredAdapter:
         """The full weights of `task` as a state dict on `device`.
 
         Args:
             task: a task name of this store.
             device: where the tensors are made; only the compressed payload crosses to it.
-            dtype: None keeps each tensor's stored dtype; a float dtype casts the floating tensors.
+            dtype: None or "auto" keeps each tensor's stored dtype; a float dtype (or its name,
+                "float16", "bfloat16", "float32") casts the floating tensors.
             merged: False returns a LoRA task's factors instead (a `StoredAdapter`: low-rank
                 updates U·diag(S)·Vᵀ and whole tensors), to serve the base unmerged.
 
@@ -162,8 +163,7 @@ class Store:
             CorruptStoreError: a stored byte fails its checksum.
             InputError: `dtype` is not a floating dtype, or merged=False for a kind without factors.
         """
-        if dtype is not None and not dtype.is_floating_point:
-            raise InputError(f"dtype must be a floating dtype, not {dtype}")
+        dtype = dtypes.requested_dtype(dtype)
         device = torch.device(device)
         entry = self.entry(task)
         try:

@@ -272,3 +272,16 @@ def test_streamed_base_damage_is_detected(store2):
     os.remove(base)  # zarr would read a missing chunk as zeros: the running CRC catches it
     with pytest.raises(modelstore.CorruptStoreError, match="base 'merged'.*does not match"):
         modelstore.open(store2, cache_base=False).load("alpha")
+
+
+def test_dtypes_are_accepted_as_names(store2):
+    s = modelstore.open(store2)
+    want = s.load("alpha", dtype=torch.float16)
+    for name in ("float16", "torch.float16"):
+        got = s.load("alpha", dtype=name)
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    stored = s.load("alpha")
+    assert all(torch.equal(v, stored[k]) for k, v in s.load("alpha", dtype="auto").items())
+    for bad in ("int8", "float17", torch.int64):
+        with pytest.raises(modelstore.InputError, match="floating dtype"):
+            s.load("alpha", dtype=bad)
