@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 
 from .errors import ConflictError, ModelStoreError, SingleWriterWarning, StorageError
-from .format.manifest import FORMAT_VERSION, Manifest, new_manifest, now, seal
+from .format.manifest import FORMAT_VERSION, Manifest, new_manifest, now, payload_paths, seal
 from .storage import Location
 
 #: Publishing attempts before a writer gives up (each re-reads the manifest and re-applies its change).
@@ -39,12 +39,6 @@ Change = Callable[[Manifest], Manifest]
 
 class UncertainCommit(StorageError):
     """The publish failed in a way that leaves unknown whether it happened; keep the payload."""
-
-
-def _paths(m: Manifest | None) -> set[str]:
-    if m is None:
-        return set()
-    return {e["path"] for e in [*m["bases"].values(), *m["tasks"].values()]}
 
 
 def commit(loc: Location, change: Change, *, create: bool = False) -> Manifest:
@@ -75,7 +69,7 @@ def commit(loc: Location, change: Change, *, create: bool = False) -> Manifest:
         new["generation"] = base.get("generation", 0) + 1
         new["writer"] = {"id": WRITER_ID, "txn": txn, "time": now()}
         blob = seal(new)
-        obsolete = sorted(_paths(current) - _paths(new))
+        obsolete = sorted(payload_paths(current) - payload_paths(new))
         try:
             with loc.errors("publish manifest.json"):
                 if loc.publish(blob, token, obsolete):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .format.manifest import Manifest
+from .format.manifest import payload_paths
 from .storage import Location
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
@@ -48,14 +48,10 @@ class GcReport:
         return asdict(self)
 
 
-def _live(m: Manifest) -> set[str]:
-    return {e["path"] for e in [*m["bases"].values(), *m["tasks"].values()]}
-
-
 def collect(loc: Location, grace_s: float, dry_run: bool = False) -> GcReport:
     """Remove payload directories that the manifest does not reference and older than `grace_s`."""
     report = GcReport(grace_s=grace_s, dry_run=dry_run)
-    live = _live(loc.require_manifest())
+    live = payload_paths(loc.require_manifest())
     now = time.time()
     candidates = []
     for rel, newest in loc.payload_dirs():
@@ -63,7 +59,7 @@ def collect(loc: Location, grace_s: float, dry_run: bool = False) -> GcReport:
             continue
         old = (loc.stages_locally or grace_s <= 0) if newest is None else now - newest >= grace_s
         (candidates if old else report.kept_young).append(rel)
-    live = _live(loc.require_manifest())  # a writer may have published one of them meanwhile
+    live = payload_paths(loc.require_manifest())  # a writer may have published one of them meanwhile
     report.removed = sorted(r for r in candidates if r not in live)
     report.bytes_freed = sum(loc.size_of(r) for r in report.removed)
     if not dry_run:

@@ -193,13 +193,16 @@ class Store:
         segments.close()
         return adapter
 
-    def _tensors(self, task: str, entry: TaskEntry, device: torch.device,
-                 dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """The task's tensors one at a time: its arrays and (unless cached) its base are streamed."""
+    def _tensors(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
+                 check: Callable[[list[str]], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The task's tensors one at a time: its arrays and (unless cached) its base are streamed.
+        `check` sees the names that will come before the first tensor is made."""
         kind = get_kind(entry["kind"])
         payload = self._payload(entry, f"task {task!r}", kind)
-        segments = payload.stream(device)
         base = _BaseTensors(self, entry["base"], device)
+        if check is not None:
+            check(kind.output_names(payload.table, base.names()))
+        segments = payload.stream(device)
         try:
             yield from kind.tensors(segments, payload.table, base, entry, device, dtype)
             segments.close()
@@ -249,15 +252,15 @@ class Store:
         """
         target = model.state_dict(keep_vars=True)
         device = next(iter(target.values())).device if target else torch.device("cpu")
-        entry = self.entry(task)
-        kind = get_kind(entry["kind"])
-        got = set(kind.output_names(self.table(task), self.stored_base(entry["base"]).names()))
-        missing, unexpected = sorted(set(target) - got), sorted(got - set(target))
-        if strict and (missing or unexpected):
-            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-            raise InputError(f"task {task!r} does not fit this model: {what} key(s) in its state dict")
+
+        def fits(names: list[str]) -> None:
+            missing, unexpected = sorted(set(target) - set(names)), sorted(set(names) - set(target))
+            if strict and (missing or unexpected):
+                what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+                raise InputError(f"task {task!r} does not fit this model: {what} key(s) in its state dict")
+
         with torch.no_grad():
-            for name, t in self._tensors(task, entry, device, None):  # one tensor in memory at a time
+            for name, t in self._tensors(task, self.entry(task), device, None, fits):  # one tensor at a time
                 dst = target.get(name)
                 if dst is None:
                     continue

@@ -197,6 +197,13 @@ def table_digest(table: list[TableEntry]) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def payload_paths(m: Manifest | None) -> set[str]:
+    """Every payload directory the manifest references (none for no manifest)."""
+    if m is None:
+        return set()
+    return {e["path"] for e in [*m["bases"].values(), *m["tasks"].values()]}
+
+
 def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | BaseEntry | TaskEntry) -> bool:
     """Whether two entries hold the same tensors: same table digest and the same count and CRC-32
     of every array, wherever their directories are."""
@@ -205,4 +212,4 @@ def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | Ba
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArrayInfo", "TableEntry", "PayloadFields", "BaseEntry", "TaskEntry",
            "WriterInfo", "Manifest", "now", "new_manifest", "check_manifest", "parse_manifest", "manifest_checksum",
-           "seal", "table_digest", "same_content"]
+           "seal", "table_digest", "same_content", "payload_paths"]

@@ -46,9 +46,14 @@ class FlatWriter:
         self._buf = np.empty(self.chunk, dtype=self.dtype)
         self._fill = 0
 
+    @property
+    def position(self) -> int:
+        """Elements appended so far: the offset the next append starts at."""
+        return self.written + self._fill
+
     def append(self, a: np.ndarray) -> int:
         """Append `a` and return its start offset in the flat array."""
-        start = self.written + self._fill
+        start = self.position
         a = np.ascontiguousarray(a, dtype=self.dtype).reshape(-1)
         if start + a.size > self.capacity:
             raise AssertionError("FlatWriter capacity exceeded")

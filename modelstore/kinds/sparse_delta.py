@@ -186,8 +186,7 @@ class SparseDelta(TaskKind):
             if kind == "sparse":
                 tensor_keeper = keeper or find_cut(kept_count(opts.keep, sizes[n]),
                                                    lambda n=n: deltas.bits([n])).keeper()
-                start = idx_w.append(torch.zeros(0, dtype=torch.int64).numpy())
-                val_w.append(dtypes.to_numpy(torch.zeros(0, dtype=vt)))
+                start = idx_w.position
                 count, last = 0, 0
                 for offset, u in deltas.blocks(n):
                     idx = tensor_keeper(magnitude_bits(u))
