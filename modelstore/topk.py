@@ -15,16 +15,21 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _BINS = 1 << 16
 
 
-def magnitude_bits(u: torch.Tensor) -> torch.Tensor:
+def magnitude_bits(u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """int32 bit patterns of |u| for a float32 tensor, flattened (ordered like the magnitudes: the
-    sign bit of |u| is 0). torch's bincount keeps private per-thread histograms, so counting the
-    few distinct magnitudes of a real delta does not serialize on one bin as numpy's does."""
-    return u.detach().reshape(-1).to(torch.float32).abs().view(torch.int32)
+    sign bit of |u| is 0), into `out` (int32, u's size) when given. torch's bincount keeps private
+    per-thread histograms, so counting the few distinct magnitudes of a real delta does not
+    serialize on one bin as numpy's does."""
+    u = u.detach().reshape(-1).to(torch.float32)
+    if out is None:
+        return u.abs().view(torch.int32)
+    return torch.abs(u, out=out.view(torch.float32)).view(torch.int32)
 
 
 def kept_count(keep: float, total: int) -> int:
@@ -47,12 +52,18 @@ class Cut:
             nonlocal remaining
             above = bits > self.threshold
             if remaining > 0:
-                tie = torch.nonzero(bits == self.threshold).view(-1)[:remaining]
+                tie = _nonzero(bits == self.threshold)[:remaining]
                 remaining -= tie.numel()
                 above[tie] = True
-            return torch.nonzero(above).view(-1)
+            return _nonzero(above)
 
         return keep
+
+
+def _nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices (int64) of the true entries of a 1-D bool tensor; numpy's kernel is 4-5x torch's on CPU."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy())) if mask.device.type == "cpu" \
+        else torch.nonzero(mask).view(-1)
 
 
 def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]]) -> Cut:
@@ -71,10 +82,11 @@ def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]]) -> Cut:
     b = int(torch.nonzero(from_top >= k).max())  # highest bin whose tail reaches k
     above = int(from_top[b + 1]) if b + 1 < _BINS else 0
     low = torch.zeros(_BINS, dtype=torch.int64)
+    lo_bits = b << 16
     for bits in tensors():
-        sel = bits[(bits >> 16) == b]
+        sel = bits[(bits >= lo_bits) & (bits < lo_bits + _BINS)]
         if sel.numel():
-            low += torch.bincount(sel & 0xFFFF, minlength=_BINS)
+            low += torch.bincount(sel - lo_bits, minlength=_BINS)
     need = k - above
     low_from_top = low.flip(0).cumsum(0).flip(0)
     lo = int(torch.nonzero(low_from_top >= need).max())

@@ -19,6 +19,7 @@ import zarr
 
 from .. import dtypes
 from ..errors import CorruptStoreError, StorageError, is_io_error
+from .chunks import ChunkError, Chunks, empty
 from .codecs import CHUNK_ELEMENTS, compressors
 from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
 
@@ -43,7 +44,8 @@ class FlatWriter:
         self.capacity = capacity
         self.written = 0
         self.crc32 = 0
-        self._buf = np.empty(self.chunk, dtype=self.dtype)
+        self._buf = empty(self.chunk, self.dtype)
+        self._chunks = Chunks(self.array)
         self._fill = 0
 
     @property
@@ -70,7 +72,7 @@ class FlatWriter:
 
     def _flush(self) -> None:
         if self._fill:
-            self.array[self.written:self.written + self._fill] = self._buf[:self._fill]
+            self._chunks.write(self.written // self.chunk, self._buf[:self._fill])
             self.written += self._fill
             self._fill = 0
 
@@ -192,6 +194,7 @@ class PayloadReader:
         self.table: list[TableEntry] = table
         self._dtypes = dict(array_dtypes or {})
         self._opened: dict[str, zarr.Array] = {}
+        self._readers: dict[str, Chunks] = {}
         problem = table_problem(table, entry.get("arrays"))
         if problem:
             raise CorruptStoreError(f"{what}: the tensor table is inconsistent ({problem}); the store is damaged")
@@ -218,12 +221,25 @@ class PayloadReader:
 
     # -- whole arrays ----------------------------------------------------------
     def read_flat(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """`array[start:stop]`; a checksum failure becomes an error naming the tensors hit."""
+        """`array[start:stop]` in a buffer allocated once (see format.chunks)."""
         arr = self._array(array)
         stop = arr.shape[0] if stop is None else stop
+        out = empty(stop - start, arr.dtype)
+        self.read_into(array, start, stop, out)
+        return out
+
+    def read_into(self, array: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements [start, stop) of `array` into `out`; a damaged chunk becomes an error naming
+        the tensors it holds, an unreachable storage a StorageError."""
+        if stop <= start:
+            return
+        arr = self._array(array)
         try:
-            return arr[start:stop]
-        except Exception as e:  # crc32c mismatch (ValueError) or a codec failure on damaged bytes
+            self._chunks(array).read_into(start, stop, out)
+            return
+        except ChunkError as e:
+            raise self._damaged(array, e.index, str(e)) from None
+        except Exception as e:  # zarr's own path: a crc32c mismatch (ValueError) or a codec failure
             self._unless_io(e, array)
         chunk = arr.chunks[0]
         for c in range(start - start % chunk, stop, chunk):
@@ -231,13 +247,22 @@ class PayloadReader:
                 arr[c:c + chunk]
             except Exception as e:
                 self._unless_io(e, array)
-                hit = [e["name"] for e in self.table if array in arrays_of(e) and e["count"]
-                       and e["start"] < c + chunk and e["start"] + e["count"] > c]
-                raise CorruptStoreError(
-                    f"{self.what}: chunk {c // chunk} of array '{array}' fails its checksum (tensor "
-                    f"{', '.join(hit[:3]) or '?'}{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, "
-                    "re-add this task or restore the store") from None
+                raise self._damaged(array, c // chunk, f"chunk {c // chunk} fails its checksum") from None
         raise CorruptStoreError(f"{self.what}: array '{array}' could not be read")
+
+    def _chunks(self, array: str) -> Chunks:
+        if array not in self._readers:
+            self._readers[array] = Chunks(self._array(array))
+        return self._readers[array]
+
+    def _damaged(self, array: str, index: int, what: str) -> CorruptStoreError:
+        chunk = self.chunk_len(array)
+        c = index * chunk
+        hit = [e["name"] for e in self.table if array in arrays_of(e) and e["count"]
+               and e["start"] < c + chunk and e["start"] + e["count"] > c]
+        return CorruptStoreError(
+            f"{self.what}: {what} in array '{array}' (tensor {', '.join(hit[:3]) or '?'}"
+            f"{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, re-add this task or restore the store")
 
     def _unless_io(self, e: Exception, array: str) -> None:
         """Raise a StorageError if reading failed for want of the storage, not because of damage."""
@@ -258,9 +283,14 @@ class PayloadReader:
             out[a] = torch.from_numpy(flat).to(device)
         return out
 
-    def stream(self, device: torch.device) -> Segments:
-        """Sequential reads of this payload's arrays, each checked against the manifest as it ends."""
-        return Segments(self, device)
+    def stream(self, device: torch.device, check: bool = True) -> Segments:
+        """Sequential reads of this payload's arrays, each checked against the manifest as it ends
+        (`check`; without it, skipped parts are not read: each chunk read still passes its crc32c)."""
+        return Segments(self, device, check)
+
+    def entry_of(self, name: str) -> TableEntry:
+        """The table entry of tensor `name`."""
+        return self._by_name[name]
 
     def chunk_len(self, array: str) -> int:
         """Elements per chunk of flat array `array`."""
@@ -300,26 +330,33 @@ class Segments:
     manifest's when the array ends (`close` reads whatever a caller skipped), so missing, swapped
     or altered chunks are caught exactly as a whole-array read catches them."""
 
-    def __init__(self, reader: PayloadReader, device: torch.device):
-        self.reader, self.device = reader, device
+    def __init__(self, reader: PayloadReader, device: torch.device, check: bool = True):
+        self.reader, self.device, self.check = reader, device, check
         self._pos: dict[str, int] = {}
         self._crc: dict[str, int] = {}
         self._tail: dict[str, np.ndarray] = {}  # per array: decoded elements from _pos on, up to a chunk end
+        self._scratch: dict[str, np.ndarray] = {}
 
     def get(self, array: str, start: int, count: int, dtype: str) -> torch.Tensor:
         """`array[start:start+count]` as logical dtype `dtype` on the device (a fresh tensor)."""
         pos = self._pos.get(array, 0)
         if start < pos:
             raise AssertionError(f"{array}: slices must be read in order ({start} < {pos})")
-        if start > pos:
+        if start > pos and self.check:
             self._take(array, pos, start)  # skipped, but checked
+        elif start > pos:
+            tail = self._tail.pop(array, None)
+            if tail is not None and start - pos < tail.size:
+                self._tail[array] = tail[start - pos:]
         flat = self._take(array, start, start + count)
         return dtypes.from_numpy(flat, dtype).to(self.device)
 
     def _take(self, array: str, start: int, stop: int) -> np.ndarray:
         flat = self._read(array, start, stop)
-        self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
         self._pos[array] = stop
+        if not self.check:
+            return flat
+        self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
         want = self.reader.entry.get("arrays", {}).get(array)
         if want is not None and stop == want["count"] and self._crc[array] != want["crc32"]:
             raise CorruptStoreError(f"{self.reader.what}: array '{array}' does not match the checksum recorded in "
@@ -327,19 +364,39 @@ class Segments:
         return flat
 
     def _read(self, array: str, start: int, stop: int) -> np.ndarray:
-        """Elements [start, stop), start being where the last read ended: each chunk is fetched and
-        decoded once, its unread tail kept for the next slice (tensors do not end on chunk bounds)."""
-        tail = self._tail.pop(array, None)
-        if tail is not None and stop - start <= tail.size:
-            self._tail[array] = tail[stop - start:]
-            return tail[:stop - start]
-        have = 0 if tail is None else tail.size
-        chunk = self.reader.chunk_len(array)
-        end = min(-(-stop // chunk) * chunk, self.reader.array_len(array))
-        new = self.reader.read_flat(array, start + have, end)
-        self._tail[array] = new[stop - start - have:]
-        head = new[:stop - start - have]
-        return head if not have else np.concatenate([tail, head])
+        """Elements [start, stop) into a fresh buffer, continuing where the last read ended (or
+        jumped to). Whole chunks decode straight into it; a chunk the slice ends inside is decoded
+        once into a per-array scratch buffer whose unread rest serves the next slice (tensors do
+        not end on chunk bounds)."""
+        reader = self.reader
+        out = empty(stop - start, reader._array(array).dtype)
+        chunk, size = reader.chunk_len(array), reader.array_len(array)
+        i, n = 0, stop - start
+        while i < n:
+            tail = self._tail.pop(array, None)
+            if tail is not None and tail.size:
+                take = min(tail.size, n - i)
+                out[i:i + take] = tail[:take]
+                if take < tail.size:
+                    self._tail[array] = tail[take:]
+                i += take
+                continue
+            p = start + i
+            if p % chunk == 0 and n - i >= chunk:
+                cut = p + (n - i) // chunk * chunk
+                reader.read_into(array, p, cut, out[i:i + cut - p])
+                i += cut - p
+                continue
+            c0 = p - p % chunk
+            end = min(c0 + chunk, size)
+            if end <= p:
+                raise CorruptStoreError(f"{reader.what}: array '{array}' ends before element {p}; the store is damaged")
+            scratch = self._scratch.get(array)
+            if scratch is None:
+                scratch = self._scratch[array] = empty(chunk, out.dtype)
+            reader.read_into(array, c0, end, scratch[:end - c0])
+            self._tail[array] = scratch[p - c0:end - c0]
+        return out
 
     def close(self) -> None:
         """Read and check the parts of every started array that were not asked for."""

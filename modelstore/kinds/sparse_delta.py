@@ -9,6 +9,7 @@ floating point) are written dense unless they equal the base.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +21,7 @@ import torch
 from .. import dtypes
 from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadWriter, Segments
+from ..format.payload import PayloadReader, PayloadWriter, Segments
 from ..progress import bar
 from ..selection import recorded_selector
 from ..sources import Checkpoint, TensorSource
@@ -33,8 +34,8 @@ INDEX_DTYPES = ("uint32", "uint64")
 #: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
-#: Entries of u = θt − θ* computed at once: large tensors (an LLM's embedding) are split by rows.
-BLOCK_ELEMENTS = 1 << 24
+#: Entries of u = θt − θ* computed at once (whole rows): small enough to stay in the CPU's cache.
+BLOCK_ELEMENTS = 1 << 20
 _VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 
@@ -100,35 +101,53 @@ def _rows(src: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
 
 
 class _Deltas:
-    """u = θt − θ* per sparse tensor, flat float32, in blocks of about BLOCK_ELEMENTS entries, so memory
-    is bounded by a block whatever the tensor's size; tensors of one block are cached between the
-    passes while under a byte budget (else recomputed from the checkpoints on each pass)."""
+    """u = θt − θ* of the sparse tensors, pass after pass, in blocks of about BLOCK_ELEMENTS entries.
 
-    def __init__(self, src: TensorSource, base: TensorSource, names: list[str], budget: int):
+    A block is small enough that the chain convert, subtract, |.|, bit patterns, histogram stays
+    in the CPU's cache (3-4x faster than whole tensors, measured), and is computed into one reused
+    float32 buffer: a block yielded is valid until the next is asked for. The stored base is
+    streamed front to back once per pass (each chunk decoded once); the first blocks are kept
+    between passes while under a byte budget.
+    """
+
+    def __init__(self, src: TensorSource, base: PayloadReader, names: list[str], budget: int):
         self.src, self.base, self.names = src, base, names
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self._cached, self._budget = 0, budget
+        self._u = torch.empty(0)
+        self._bits = torch.empty(0, dtype=torch.int32)
 
-    def blocks(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """(flat offset, u of the block) for each block of tensor `name`, in order."""
-        if name in self._cache:
-            yield 0, self._cache[name]
-            return
-        shape = self.src.shape(name)
-        row = math.prod(shape[1:]) if shape else 1
-        spans = _row_blocks(shape)
-        for r0, r1 in spans:
-            u = _rows(self.src, name, r0, r1).to(torch.float32, copy=True).reshape(-1)
-            u.sub_(_rows(self.base, name, r0, r1).reshape(-1))
-            if len(spans) == 1 and self._cached + u.numel() * 4 <= self._budget:
-                self._cache[name] = u
-                self._cached += u.numel() * 4
-            yield r0 * row, u
+    def blocks(self, names: list[str] | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """(name, flat offset, u) for each block of the tensors `names` (all by default), in order."""
+        segments = self.base.stream(torch.device("cpu"), check=False)
+        for name in self.names if names is None else names:
+            e = self.base.entry_of(name)
+            shape = self.src.shape(name)
+            row = math.prod(shape[1:]) if shape else 1
+            for r0, r1 in _row_blocks(shape):
+                offset, size = r0 * row, (r1 - r0) * row
+                cached = self._cache.get((name, offset))
+                if cached is not None:
+                    yield name, offset, cached
+                    continue
+                if self._cached + size * 4 <= self._budget:
+                    u = torch.empty(size)
+                    self._cache[(name, offset)] = u
+                    self._cached += size * 4
+                else:
+                    if self._u.numel() < size:
+                        self._u = torch.empty(size)
+                    u = self._u[:size]
+                u.copy_(_rows(self.src, name, r0, r1).reshape(-1))
+                u.sub_(segments.get(e["array"], e["start"] + offset, size, e["dtype"]))
+                yield name, offset, u
 
     def bits(self, names: list[str] | None = None) -> Iterator[torch.Tensor]:
-        for n in self.names if names is None else names:
-            for _, u in self.blocks(n):
-                yield magnitude_bits(u)
+        """|u| bit patterns per block (one reused buffer, see `blocks`)."""
+        for _, _, u in self.blocks(names):
+            if self._bits.numel() < u.numel():
+                self._bits = torch.empty(u.numel(), dtype=torch.int32)
+            yield magnitude_bits(u, out=self._bits[:u.numel()])
 
 
 class SparseDelta(TaskKind):
@@ -152,7 +171,7 @@ class SparseDelta(TaskKind):
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
         return {"indices": entry["params"]["index_dtype"], "values": entry["params"]["value_dtype"]}
 
-    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
+    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
               options: FFTOptions, progress: bool) -> dict[str, Any]:
         opts = options
         opts.validate()
@@ -181,6 +200,7 @@ class SparseDelta(TaskKind):
         vt = dtypes.torch_dtype(value_dtype)
         base_names = set(base.names())
         kept, dense_count = 0, 0
+        stream = deltas.blocks()  # one pass over the sparse tensors, the base streamed once
         for n, kind in bar(steps, f"task {task}", progress):
             shape = list(source.shape(n))
             if kind == "sparse":
@@ -188,7 +208,7 @@ class SparseDelta(TaskKind):
                                                    lambda n=n: deltas.bits([n])).keeper()
                 start = idx_w.position
                 count, last = 0, 0
-                for offset, u in deltas.blocks(n):
+                for _, offset, u in itertools.islice(stream, len(_row_blocks(tuple(shape)))):
                     idx = tensor_keeper(magnitude_bits(u))
                     picked = u[idx]
                     # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
