@@ -3,6 +3,7 @@ previous modelstore) open, load bit-identically and accept new tasks."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -41,6 +42,25 @@ def test_v1_store_takes_new_tasks(tmp_path):
     got = modelstore.open(str(url)).load("again")
     assert all(torch.allclose(got[k], old[k], atol=1e-6, rtol=0) for k in old)
     assert modelstore.open(str(url)).tasks() == ["again", "b", "bf", "l"]
+
+
+def test_v1_store_upgrades_to_version_2_when_it_gets_a_version_2_payload(tmp_path):
+    """Old tasks keep their CRC-32 records and still verify; the new task's arrays carry chunk
+    digests, and the manifest says version 2 so that a version-1 reader refuses it cleanly."""
+    url = tmp_path / "store"
+    shutil.copytree(V1 / "store", url)
+    s = modelstore.open(str(url), mode="a")
+    assert s.manifest["version"] == 1
+    s.add_task("again", _checkpoint_of(s.load("b"), tmp_path), keep=0.5)
+    m = json.loads((url / "manifest.json").read_text())
+    assert m["version"] == 2
+    assert all("crc32" in a and "chunks_crc32c" not in a for a in m["tasks"]["b"]["arrays"].values())
+    assert all("chunks_crc32c" in a and "crc32" not in a for a in m["tasks"]["again"]["arrays"].values())
+    assert modelstore.open(str(url)).check().ok
+    want = {t: load_file(str(V1 / f"{t}.safetensors")) for t in ("b", "bf")}
+    for t, sd in want.items():
+        got = modelstore.open(str(url), cache_base=False).load(t)
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
 
 
 def _checkpoint_of(sd: dict[str, torch.Tensor], tmp_path: Path) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import google_crc32c
 import numpy as np
@@ -59,23 +59,24 @@ class Chunks:
                      and (self.dtype.itemsize == 1 or str(codecs[0].endian.value) == sys.byteorder)
                      and (len(codecs) == 2 or self.compressed))
         self._scratch: np.ndarray | None = None
+        #: crc32c trailers of the chunks read so far, by chunk index (for the array digest)
+        self.trailers: dict[int, int] = {}
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
         self._raw = np.empty(0, np.uint8)
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
                              shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
 
-    def write(self, index: int, data: np.ndarray) -> None:
+    def write(self, index: int, data: np.ndarray) -> int:
         """Chunk `index` := `data` (at most a chunk's elements; a short last chunk is padded with
-        zeros, the fill value, as zarr stores it)."""
+        zeros, the fill value, as zarr stores it). Returns the chunk's crc32c trailer."""
         if not self.fast:
-            c0 = index * self.chunk
-            self.array[c0:c0 + data.size] = data
-            return
+            raise ValueError("modelstore writes arrays with bytes[, blosc], crc32c codecs only")
         if data.size < self.chunk:
             data = np.concatenate([data, np.zeros(self.chunk - data.size, data.dtype)])
         body = self._blosc.encode(data) if self._blosc is not None else data.view(np.uint8)
-        crc = google_crc32c.value(body).to_bytes(4, "little")
+        value = google_crc32c.value(body)
+        crc = value.to_bytes(4, "little")
         if self._root:
             path = os.path.join(self._root, self._key(index))
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -86,6 +87,27 @@ class Chunks:
                 os.close(fd)
         else:
             sync(self.array.store.set(self._key(index), default_buffer_prototype().buffer.from_bytes(bytes(body) + crc)))
+        return value
+
+    def verify(self, count: int) -> int:
+        """Fetch every chunk of the first `count` elements and check its crc32c, without decoding;
+        return the array digest (see `digest`).
+
+        Raises:
+            ChunkError: a chunk is missing or fails its crc32c.
+        """
+        n = -(-count // self.chunk)
+        for window in _windows(0, n, 1 if self._root else WINDOW):
+            for index, raw in zip(window, self._fetch(window)):
+                self._check(index, raw)
+        return self.digest(n)
+
+    def digest(self, n: int) -> int | None:
+        """crc32c of the first `n` chunks' trailers in chunk order (spec section 2), or None when a
+        chunk among them has not been read through the fast path."""
+        if any(i not in self.trailers for i in range(n)):
+            return None
+        return digest(self.trailers[i] for i in range(n))
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> None:
         """Elements [start, stop) into `out` (length stop - start).
@@ -151,10 +173,17 @@ class Chunks:
             os.close(fd)
         return self._raw[:got]
 
-    def _decode(self, index: int, raw: np.ndarray, dest: np.ndarray) -> None:
+    def _check(self, index: int, raw: np.ndarray) -> np.ndarray:
+        """The chunk's body, its crc32c checked (and its trailer recorded)."""
         body = raw[:-4]
-        if raw.size < 4 or google_crc32c.value(body) != int.from_bytes(raw[-4:].tobytes(), "little"):
+        stored = int.from_bytes(raw[-4:].tobytes(), "little") if raw.size >= 4 else -1
+        if google_crc32c.value(body) != stored:
             raise ChunkError(index, "fails its checksum")
+        self.trailers[index] = stored
+        return body
+
+    def _decode(self, index: int, raw: np.ndarray, dest: np.ndarray) -> None:
+        body = self._check(index, raw)
         target = dest.view(np.uint8)
         try:
             size = _blosc_size(body) if self.compressed else len(body)
@@ -169,6 +198,13 @@ class Chunks:
         raise ChunkError(index, "does not decode to a whole chunk")
 
 
+def digest(trailers: Iterable[int]) -> int:
+    """An array's digest: crc32c over its chunks' crc32c trailers, 4 bytes little-endian each, in
+    chunk order. Every chunk is checked against its trailer anyway, so this costs nothing to
+    verify and catches swapped, replaced and missing chunks as a checksum of the content would."""
+    return google_crc32c.value(b"".join(t.to_bytes(4, "little") for t in trailers))
+
+
 def _blosc_size(body: np.ndarray) -> int:
     """Decompressed size from a blosc header (bytes 4-8), or -1 when there is no header."""
     return int.from_bytes(body[4:8].tobytes(), "little") if body.size >= 16 else -1
@@ -181,4 +217,4 @@ def _windows(first: int, stop: int, size: int) -> Iterator[list[int]]:
 
 _SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
-__all__ = ["Chunks", "ChunkError", "empty", "WINDOW"]
+__all__ = ["Chunks", "ChunkError", "digest", "empty", "WINDOW"]

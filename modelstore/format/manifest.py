@@ -17,13 +17,15 @@ from ..errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
 from .paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
 
 FORMAT_NAME = "modelstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-class ArrayInfo(TypedDict):
-    """What the manifest records per flat array: element count and CRC-32 of its content."""
+class ArrayInfo(TypedDict, total=False):
+    """What the manifest records per flat array: its element count and a checksum, the digest of
+    its chunks' crc32c trailers (version 2) or the CRC-32 of its content (version 1)."""
 
     count: int
+    chunks_crc32c: int
     crc32: int
 
 
@@ -113,7 +115,11 @@ def manifest_checksum(m: Mapping[str, Any]) -> str:
 
 
 def seal(m: Manifest) -> bytes:
-    """The manifest's bytes as written, with its checksum set."""
+    """The manifest's bytes as written, with its checksum set, and its version raised to 2 once
+    it lists a version-2 array (which a version-1 reader could not check)."""
+    entries = [*m["bases"].values(), *m["tasks"].values()]
+    if any("chunks_crc32c" in a for e in entries for a in e.get("arrays", {}).values()):
+        m["version"] = max(m.get("version", 1), 2)
     m["checksum"] = manifest_checksum(m)
     return json.dumps(m, indent=1, sort_keys=True).encode()
 
@@ -181,7 +187,8 @@ def _payload_problem(e: Any, parent: str) -> str | None:
         return "no table digest"
     arrays = e.get("arrays")
     if not isinstance(arrays, dict) or not all(
-            isinstance(a, dict) and _count(a.get("count")) and isinstance(a.get("crc32"), int)
+            isinstance(a, dict) and _count(a.get("count"))
+            and (isinstance(a.get("chunks_crc32c"), int) or isinstance(a.get("crc32"), int))
             for a in arrays.values()):
         return "array counts or checksums missing"
     return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import zarr
 
 from .. import dtypes
 from ..errors import CorruptStoreError, StorageError, is_io_error
-from .chunks import ChunkError, Chunks, empty
+from .chunks import ChunkError, Chunks, digest, empty
 from .codecs import CHUNK_ELEMENTS, compressors
 from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
 
@@ -43,7 +43,7 @@ class FlatWriter:
         self.name = name
         self.capacity = capacity
         self.written = 0
-        self.crc32 = 0
+        self._trailers: list[int] = []
         self._buf = empty(self.chunk, self.dtype)
         self._chunks = Chunks(self.array)
         self._fill = 0
@@ -59,7 +59,6 @@ class FlatWriter:
         a = np.ascontiguousarray(a, dtype=self.dtype).reshape(-1)
         if start + a.size > self.capacity:
             raise AssertionError("FlatWriter capacity exceeded")
-        self.crc32 = zlib.crc32(memoryview(a).cast("B"), self.crc32) if a.size else self.crc32
         pos = 0
         while pos < a.size:
             take = min(self.chunk - self._fill, a.size - pos)
@@ -72,16 +71,16 @@ class FlatWriter:
 
     def _flush(self) -> None:
         if self._fill:
-            self._chunks.write(self.written // self.chunk, self._buf[:self._fill])
+            self._trailers.append(self._chunks.write(self.written // self.chunk, self._buf[:self._fill]))
             self.written += self._fill
             self._fill = 0
 
     def close(self) -> ArrayInfo:
-        """Write the tail and shrink the array to its content; return its count and CRC-32."""
+        """Write the tail and shrink the array to its content; return its count and digest."""
         self._flush()
         if self.written != self.capacity:
             self.array.resize((self.written,))
-        return {"count": self.written, "crc32": self.crc32}
+        return {"count": self.written, "chunks_crc32c": digest(self._trailers)}
 
 
 class PayloadWriter:
@@ -276,12 +275,46 @@ class PayloadReader:
         out = {}
         for a in names:
             flat = self.read_flat(a)
-            want = self.entry.get("arrays", {}).get(a)
-            if want is not None and (flat.size != want["count"] or content_crc32(flat) != want["crc32"]):
-                raise CorruptStoreError(f"{self.what}: array '{a}' does not match the checksum recorded in the "
-                                        "manifest (a chunk is missing or was replaced); re-add it or restore the store")
+            self._check_array(a, flat.size, lambda flat=flat: content_crc32(flat))
             out[a] = torch.from_numpy(flat).to(device)
         return out
+
+    def verify(self) -> None:
+        """Check every array against the manifest: each chunk's crc32c and the array's digest
+        (version-2 arrays, without decoding), or its content's CRC-32 (version 1).
+
+        Raises:
+            CorruptStoreError: naming the damaged array (and tensors, for a damaged chunk).
+        """
+        for a, want in sorted(self.entry.get("arrays", {}).items()):
+            if "chunks_crc32c" not in want:
+                flat = self.read_flat(a) if want["count"] else np.empty(0)
+                self._check_array(a, flat.size, lambda flat=flat: content_crc32(flat))
+                continue
+            size = self.array_len(a)
+            try:
+                self._chunks(a).verify(min(size, want["count"]))
+            except ChunkError as e:
+                raise self._damaged(a, e.index, str(e)) from None
+            except Exception as e:
+                self._unless_io(e, a)
+                raise
+            self._check_array(a, size, lambda: 0)
+
+    def _check_array(self, array: str, size: int, content_crc: Callable[[], int]) -> None:
+        """Raise unless `array`, read whole (`size` elements), matches the manifest's count and
+        checksum: the digest of the chunks read (version 2) or `content_crc()` (version 1)."""
+        want = self.entry.get("arrays", {}).get(array)
+        if want is None:
+            return
+        if "chunks_crc32c" in want:
+            chunks = self._chunks(array)
+            sound = chunks.digest(-(-size // chunks.chunk)) == want["chunks_crc32c"]
+        else:
+            sound = content_crc() == want["crc32"]
+        if size != want["count"] or not sound:
+            raise CorruptStoreError(f"{self.what}: array '{array}' does not match the checksum recorded in the "
+                                    "manifest (a chunk is missing or was replaced); re-add it or restore the store")
 
     def stream(self, device: torch.device, check: bool = True) -> Segments:
         """Sequential reads of this payload's arrays, each checked against the manifest as it ends
@@ -326,9 +359,10 @@ class PayloadReader:
 
 class Segments:
     """Slices of a payload's flat arrays read front to back, one tensor at a time, so a load never
-    holds a whole array. Each array's CRC-32 is accumulated as it is read and compared with the
-    manifest's when the array ends (`close` reads whatever a caller skipped), so missing, swapped
-    or altered chunks are caught exactly as a whole-array read catches them."""
+    holds a whole array. Each array's checksum (chunk digest, or a version-1 content CRC-32) is
+    accumulated as it is read and compared with the manifest's when the array ends (`close` reads
+    whatever a caller skipped), so missing, swapped or altered chunks are caught exactly as a
+    whole-array read catches them."""
 
     def __init__(self, reader: PayloadReader, device: torch.device, check: bool = True):
         self.reader, self.device, self.check = reader, device, check
@@ -356,11 +390,11 @@ class Segments:
         self._pos[array] = stop
         if not self.check:
             return flat
-        self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
         want = self.reader.entry.get("arrays", {}).get(array)
-        if want is not None and stop == want["count"] and self._crc[array] != want["crc32"]:
-            raise CorruptStoreError(f"{self.reader.what}: array '{array}' does not match the checksum recorded in "
-                                    "the manifest (a chunk is missing or was replaced); re-add it or restore the store")
+        if want is not None and "crc32" in want and "chunks_crc32c" not in want:  # version 1: content CRC
+            self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
+        if want is not None and stop == want["count"]:
+            self.reader._check_array(array, stop, lambda: self._crc.get(array, 0))
         return flat
 
     def _read(self, array: str, start: int, stop: int) -> np.ndarray:
