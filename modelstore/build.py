@@ -15,7 +15,7 @@ from .kinds.sparse_delta import check_finite
 from .merging import get_method, mergeable, method_class
 from .progress import bar
 from .selection import selector
-from .sources import open_checkpoint
+from .sources import open_checkpoint, read_rows, row_blocks
 from .store import Store, base_fields
 
 
@@ -35,6 +35,8 @@ def _stats_option(merge: str, tasks: Mapping[str, Any], stats: Mapping[str, str]
     return {wanted[0]: [stats[t] for t in tasks]}
 
 
+#: Entries of a tensor merged at once by a rowwise merge method (a few MB per task, cache-sized).
+MERGE_BLOCK_ELEMENTS = 1 << 20
 #: Base entry fields that must match for a build to resume an interrupted one (rather than refuse).
 _RESUME_FIELDS = ("kind", "merge", "merged_tasks", "selection", "source", "merged_sources")
 
@@ -122,17 +124,27 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     merged = set(names)
     out = Store.create(store, storage_options)
 
+    def merged_rows(n: str, t0: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+        """θ* of tensor `n` (of rows [r0, r1) for a rowwise method), computed in float32."""
+        ts = []
+        for tname, s in task_cks.items():
+            t = s.get(n) if rows is None else read_rows(s, n, *rows)
+            check_finite(t, f"task {tname!r} tensor {n!r}")
+            ts.append(t.to(torch.float32))
+        return method.merge(n, t0.to(torch.float32), ts).to(t0.dtype)
+
     def base_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for n in bar(base_ck.names(), "base", progress):
             t0 = base_ck.get(n)
             check_finite(t0, f"pretrained tensor {n!r}")
             if n in merged and merge != "none":
-                ts = []
-                for tname, s in task_cks.items():
-                    t = s.get(n)
-                    check_finite(t, f"task {tname!r} tensor {n!r}")
-                    ts.append(t.to(torch.float32))
-                t0 = method.merge(n, t0.to(torch.float32), ts).to(t0.dtype)
+                if method.rowwise and t0.dim():  # in blocks: memory for a block of each task, not a tensor
+                    out = torch.empty_like(t0)
+                    for r0, r1 in row_blocks(tuple(t0.shape), MERGE_BLOCK_ELEMENTS):
+                        out[r0:r1] = merged_rows(n, t0[r0:r1], (r0, r1))
+                    t0 = out
+                else:
+                    t0 = merged_rows(n, t0, None)
             yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]

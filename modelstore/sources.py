@@ -41,6 +41,21 @@ class TensorSource(Protocol):
         ...
 
 
+def row_blocks(shape: tuple[int, ...], elements: int) -> list[tuple[int, int]]:
+    """Row ranges of a tensor of `shape`, each about `elements` entries (whole rows, at least one):
+    how a large tensor is worked on piece by piece."""
+    if not shape:
+        return [(0, 1)]
+    row = math.prod(shape[1:])
+    per = max(1, elements // max(row, 1))
+    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)] or [(0, 0)]
+
+
+def read_rows(src: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor `name` (a 0-d tensor as one row of one entry)."""
+    return src.get(name).reshape(1) if not src.shape(name) else src.rows(name, start, stop)
+
+
 class DictSource:
     """A TensorSource over an in-memory state dict."""
 

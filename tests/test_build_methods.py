@@ -79,3 +79,24 @@ def test_cli_merge_flags(bert_models, stats_files, tmp_path):
         r = CliRunner().invoke(main, ["build", str(tmp_path / "x"), "--pretrained", bert_models["pre"],
                                       "--task", f"alpha={t['alpha']}", *bad])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("method, lam", [("task-arithmetic", 0.4), ("average", None)])
+def test_rowwise_merge_in_small_blocks(bert_models, tmp_path, monkeypatch, method, lam):
+    """Element-wise methods merge large tensors block by block (37 entries here, cutting rows
+    mid-tensor): the base is the formula's, computed independently in float64."""
+    import importlib
+    build_module = importlib.import_module("modelstore.build")
+    monkeypatch.setattr(build_module, "MERGE_BLOCK_ELEMENTS", 37)
+    tasks = bert_models["tasks"]
+    sd0, sds = bert_models["sd0"], [bert_models["sds"][t] for t in tasks]
+    s = modelstore.build(str(tmp_path / "s"), bert_models["pre"], tasks, merge=method,
+                         merge_options={"lam": lam} if lam is not None else {}, keep=0.1)
+    base = s.base("merged")
+    for k, v0 in sd0.items():
+        if not v0.dtype.is_floating_point:
+            continue
+        x0 = v0.double()
+        deltas = sum(sd[k].double() - x0 for sd in sds)
+        want = x0 + (lam * deltas if lam is not None else deltas / len(sds))
+        torch.testing.assert_close(base[k].double(), want, rtol=1e-6, atol=1e-6, msg=k)

@@ -24,7 +24,7 @@ from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
 from ..progress import bar
 from ..selection import recorded_selector
-from ..sources import Checkpoint, TensorSource
+from ..sources import Checkpoint, TensorSource, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, TaskKind
@@ -87,19 +87,6 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
 
 
-def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """Row ranges of a tensor, each about BLOCK_ELEMENTS entries (whole rows; at least one)."""
-    if not shape:
-        return [(0, 1)]
-    row = math.prod(shape[1:])
-    per = max(1, BLOCK_ELEMENTS // max(row, 1))
-    return [(r, min(shape[0], r + per)) for r in range(0, shape[0], per)] or [(0, 0)]
-
-
-def _rows(src: TensorSource, name: str, start: int, stop: int) -> torch.Tensor:
-    return src.get(name).reshape(1) if not src.shape(name) else src.rows(name, start, stop)
-
-
 class _Deltas:
     """u = θt − θ* of the sparse tensors, pass after pass, in blocks of about BLOCK_ELEMENTS entries.
 
@@ -124,7 +111,7 @@ class _Deltas:
             e = self.base.entry_of(name)
             shape = self.src.shape(name)
             row = math.prod(shape[1:]) if shape else 1
-            for r0, r1 in _row_blocks(shape):
+            for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 offset, size = r0 * row, (r1 - r0) * row
                 cached = self._cache.get((name, offset))
                 if cached is not None:
@@ -138,7 +125,7 @@ class _Deltas:
                     if self._u.numel() < size:
                         self._u = torch.empty(size)
                     u = self._u[:size]
-                u.copy_(_rows(self.src, name, r0, r1).reshape(-1))
+                u.copy_(read_rows(self.src, name, r0, r1).reshape(-1))
                 u.sub_(segments.get(e["array"], e["start"] + offset, size, e["dtype"]))
                 yield name, offset, u
 
@@ -208,7 +195,7 @@ class SparseDelta(TaskKind):
                                                    lambda n=n: deltas.bits([n])).keeper()
                 start = idx_w.position
                 count, last = 0, 0
-                for _, offset, u in itertools.islice(stream, len(_row_blocks(tuple(shape)))):
+                for _, offset, u in itertools.islice(stream, len(row_blocks(tuple(shape), BLOCK_ELEMENTS))):
                     idx = tensor_keeper(magnitude_bits(u))
                     picked = u[idx]
                     # NaN/Inf have the largest magnitude bits, so any would be among the kept entries

@@ -17,6 +17,7 @@ def mean_of(tasks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 class Average(MergeMethod):
     name = "average"
+    rowwise = True
 
     def merge(self, name, base, tasks):
         return mean_of(tasks)

@@ -50,6 +50,9 @@ class MergeMethod:
     option_defaults: ClassVar[dict[str, Any]] = {}
     #: Options holding per-task statistics (not recorded in the store, only their presence).
     data_options: ClassVar[tuple[str, ...]] = ()
+    #: Whether merging a block of rows gives those rows of the merge (an element-wise method), so a
+    #: build can merge a large tensor block by block instead of holding every task's whole copy.
+    rowwise: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

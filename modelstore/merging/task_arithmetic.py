@@ -10,6 +10,7 @@ LAMBDA_HELP = "scale λ of the merged task vectors: θ* = θ0 + λ·(merged delt
 
 class TaskArithmetic(MergeMethod):
     name = "task-arithmetic"
+    rowwise = True
     declared = (Option("lam", 0.3, LAMBDA_HELP, key="lambda"),)
 
     def validate(self) -> None:
