@@ -36,6 +36,8 @@ INDEX_DTYPES = ("uint32", "uint64")
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
 #: Entries of u = θt − θ* computed at once (whole rows): small enough to stay in the CPU's cache.
 BLOCK_ELEMENTS = 1 << 20
+#: Kept entries applied at once when a task is read.
+SCATTER_ENTRIES = 1 << 20
 _VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 
@@ -258,13 +260,17 @@ class SparseDelta(TaskKind):
             if c == 0:
                 yield t["name"], flat.view(t["shape"]).to(want)
                 continue
-            pos = torch.cumsum(segments.get("indices", s, c, p["index_dtype"]).to(torch.int64), 0)
-            if int(pos[-1]) >= flat.numel():  # gaps are unsigned, so the last position is the largest
-                raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
-                                        "the store is damaged")
-            updated = flat[pos].to(torch.float32).add_(segments.get("values", s, c, p["value_dtype"]))
             out = flat if want == flat.dtype else flat.to(want)
-            out[pos] = updated.to(want)
+            last = 0
+            for b0 in range(s, s + c, SCATTER_ENTRIES):  # in blocks: temporaries stay small and in cache
+                n = min(SCATTER_ENTRIES, s + c - b0)
+                pos = torch.cumsum(segments.get("indices", b0, n, p["index_dtype"]).to(torch.int64), 0).add_(last)
+                last = int(pos[-1])
+                if last >= flat.numel():  # gaps are unsigned, so the last position is the largest
+                    raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
+                                            "the store is damaged")
+                updated = flat[pos].to(torch.float32).add_(segments.get("values", b0, n, p["value_dtype"]))
+                out[pos] = updated.to(want)
             yield t["name"], out.view(t["shape"])
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
