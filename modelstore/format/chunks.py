@@ -64,6 +64,7 @@ class Chunks:
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
         self._raw = np.empty(0, np.uint8)
+        self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
                              shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
 
@@ -141,23 +142,30 @@ class Chunks:
 
     def _fetch(self, indices: list[int]) -> list[np.ndarray]:
         """The chunk objects' bytes: a local file is read into one reused buffer (no event-loop round
-        trip, no allocation per chunk), other stores' objects are fetched concurrently."""
+        trip, no allocation per chunk); other stores' objects are fetched WINDOW at a time,
+        concurrently, reading ahead of a sequential reader (a load asks for one chunk per tensor)."""
         if self._root:
             return [self._read_file(i) for i in indices]
-        store = self.array.store
-        keys = [self._key(i) for i in indices]
-        proto = default_buffer_prototype()
-
-        async def get_all() -> list:
-            return await asyncio.gather(*(store.get(k, prototype=proto) for k in keys))
-
-        got = sync(get_all())
+        if any(i not in self._ahead for i in indices):
+            last = -(-int(self.array.shape[0]) // self.chunk) - 1
+            want = sorted(set(indices) | set(range(indices[-1] + 1, min(last, indices[0] + WINDOW - 1) + 1)))
+            keep = {i: b for i, b in self._ahead.items() if i >= indices[0]}
+            self._ahead = {**keep, **dict(zip(want, self._get(want)))}
         out = []
-        for i, buf in zip(indices, got):
+        for i in indices:
+            buf = self._ahead.pop(i)
             if buf is None:
                 raise ChunkError(i, "is missing")
-            out.append(buf.as_numpy_array())
+            out.append(buf)
         return out
+
+    def _get(self, indices: list[int]) -> list[np.ndarray | None]:
+        store, proto = self.array.store, default_buffer_prototype()
+
+        async def get_all() -> list:
+            return await asyncio.gather(*(store.get(self._key(i), prototype=proto) for i in indices))
+
+        return [None if b is None else b.as_numpy_array() for b in sync(get_all())]
 
     def _read_file(self, index: int) -> np.ndarray:
         try:
