@@ -12,6 +12,7 @@ memory) next to a floor measured in the same run:
 
     python -m tools.bench_scale --params 1e9 [--threads 2] [--keep 0.1] [--json]
     python -m tools.bench_scale --params 7e9 --dir /var/tmp/bench   # ~40 GB of disk for a while
+    python -m tools.bench_scale --params 1e9 --s3   # also a cold load from a moto S3 server on 127.0.0.1
 
 Files are deleted at the end (or kept with --keep-files).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -192,6 +194,41 @@ def warm_load(store: str, task: str) -> dict[str, Any]:
     return {"warm_s": warm, "clone_s": clone_s}
 
 
+def s3_download(opts: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Download every file of a checkpoint from S3 into memory (the floor of any cold S3 load)."""
+    import s3fs
+    fs = s3fs.S3FileSystem(**opts)
+    files = fs.ls(prefix)
+    return {"bytes": sum(len(b) for b in fs.cat(files).values())}
+
+
+def s3_load(opts: dict[str, Any], url: str, task: str) -> None:
+    """A cold load from S3: the base and the task, nothing cached."""
+    import modelstore
+    modelstore.open(url, storage_options=opts, cache_base=False).load(task)
+
+
+def s3_steps(store: str, ckpt: str, threads: int) -> dict[str, Any]:
+    """Copy the store and a checkpoint to a moto S3 server on 127.0.0.1 and time a cold load of
+    task t1 from it against downloading the checkpoint from the same server."""
+    import s3fs
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from conftest import start_moto
+
+    import modelstore
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+    server, opts = start_moto()
+    try:
+        fs = s3fs.S3FileSystem(**opts)
+        fs.put(ckpt, "models/ckpt", recursive=True)
+        modelstore.open(store).sync_to("s3://models/store", tasks=["t1"], dst_options=opts)
+        out = {"s3_download": fresh(s3_download, opts, "models/ckpt", threads=threads),
+               "s3_load": fresh(s3_load, opts, "s3://models/store", "t1", threads=threads)}
+    finally:
+        server.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=1e9)
@@ -200,6 +237,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the checkpoints and stores")
     ap.add_argument("--keep-files", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--s3", action="store_true", help="also time a cold load from a local moto S3 server")
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir)
     shapes = llama_shapes(a.params)
@@ -226,6 +264,9 @@ def main() -> None:
         for name, fn, args in steps:
             r[name] = fresh(fn, *args, threads=a.threads)
             log(f"{name}: {r[name]['s']:.1f} s, {r[name]['anon'] / 1e9:.2f} GB anonymous")
+        if a.s3:
+            r.update(s3_steps(store, t1p, a.threads))
+            log(f"s3: download {r['s3_download']['s']:.1f} s, cold load {r['s3_load']['s']:.1f} s")
         store_reads = r["read_floor_1"]["s"] * 2  # θt and θ*: the same bytes as two checkpoints
         r["ratios"] = {
             "build_vs_read_floor": r["build_1_task"]["s"] / r["read_floor_2"]["s"],
@@ -236,6 +277,8 @@ def main() -> None:
             "safetensors_anon_vs_model": r["safetensors_load"]["anon"] / r["model_bytes"],
             "warm_load_vs_clone": r["warm_load"]["warm_s"] / r["warm_load"]["clone_s"],
         }
+        if a.s3:
+            r["ratios"]["s3_cold_load_vs_download"] = r["s3_load"]["s"] / r["s3_download"]["s"]
     finally:
         if not a.keep_files:
             shutil.rmtree(root, ignore_errors=True)
