@@ -5,7 +5,7 @@ file's size checked against the source, and only then is the copied entry writte
 destination's manifest: the same commit rule as any write, so an interrupted sync leaves every
 task it finished readable and no partial task visible (a half-copied directory is an orphan that
 the next write of that task removes).
-Entries are compared by content (tensor-table digest and per-array CRC-32), so a task already
+Entries are compared by content (tensor-table digest and per-array checksums), so a task already
 at the destination is not copied again, whatever directory it sits in.
 """
 

@@ -212,7 +212,7 @@ def payload_paths(m: Manifest | None) -> set[str]:
 
 
 def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | BaseEntry | TaskEntry) -> bool:
-    """Whether two entries hold the same tensors: same table digest and the same count and CRC-32
+    """Whether two entries hold the same tensors: same table digest and the same count and checksum
     of every array, wherever their directories are."""
     return a.get("table_sha256") == b.get("table_sha256") and a.get("arrays") == b.get("arrays")
 
