@@ -115,7 +115,9 @@ def finetune(salt: int) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
 # ---- measuring in fresh processes --------------------------------------------------------------
 
 def _child(fn: Callable[..., Any], args: tuple, threads: int, pipe: Any) -> None:
+    from numcodecs import blosc
     torch.set_num_threads(threads)
+    blosc.set_nthreads(threads)  # chunk (de)compression threads too
     base, peak, stop = rss_anon(), [0], threading.Event()
 
     def poll() -> None:
