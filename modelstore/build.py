@@ -15,7 +15,7 @@ from .kinds.sparse_delta import check_finite
 from .merging import get_method, mergeable, method_class
 from .progress import bar
 from .selection import selector
-from .sources import open_checkpoint, read_rows, row_blocks
+from .sources import as_base_named, open_checkpoint, read_rows, row_blocks
 from .store import Store, base_fields
 
 
@@ -103,7 +103,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     base_ck = open_checkpoint(pretrained)
     task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
     base_id = "pretrained" if merge == "none" else "merged"
-    srcs = list(task_cks.values())
+    srcs = [as_base_named(ck, base_ck.names(), f"task {name!r}") for name, ck in task_cks.items()]
     if merge != "none" and not srcs:
         raise InputError(f"merge method {merge!r} needs at least one --task; use `modelstore init` for a base only")
     have = [set(s.names()) for s in srcs]
@@ -127,7 +127,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     def merged_rows(n: str, t0: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
         """θ* of tensor `n` (of rows [r0, r1) for a rowwise method), computed in float32."""
         ts = []
-        for tname, s in task_cks.items():
+        for tname, s in zip(task_cks, srcs):
             t = s.get(n) if rows is None else read_rows(s, n, *rows)
             check_finite(t, f"task {tname!r} tensor {n!r}")
             ts.append(t.to(torch.float32))

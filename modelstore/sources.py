@@ -56,6 +56,43 @@ def read_rows(src: TensorSource, name: str, start: int, stop: int) -> torch.Tens
     return src.get(name).reshape(1) if not src.shape(name) else src.rows(name, start, stop)
 
 
+class Renamed:
+    """A TensorSource view of `src` under other names ({new name: src name}), e.g. a fine-tune
+    seen under its base's names for merging (modelstore.naming)."""
+
+    def __init__(self, src: TensorSource, names: Mapping[str, str]):
+        self.src, self._names = src, dict(names)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.src.shape(self._names[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.src.dtype(self._names[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.src.get(self._names[name])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.src.rows(self._names[name], start, stop)
+
+
+def as_base_named(src: TensorSource, base_names: list[str], what: str) -> Renamed:
+    """`src` under the base's names: its tensors that match a base tensor (modelstore.naming).
+
+    Raises:
+        InputError: a tensor's name is ambiguous between base tensors.
+    """
+    from .naming import match_names
+    try:
+        mapping = match_names(src.names(), base_names, what)
+    except ValueError as e:
+        raise InputError(f"{e}; rename the checkpoint's tensors to the base model's") from None
+    return Renamed(src, {b: t for t, b in mapping.items()})
+
+
 class DictSource:
     """A TensorSource over an in-memory state dict."""
 

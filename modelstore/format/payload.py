@@ -153,6 +153,8 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | N
             return f"entry {e['name']!r} has inconsistent factor sizes"
         if e["kind"] != "sparse" and not isinstance(e.get("array"), str):
             return f"entry {e['name']!r} names no array"
+        if not isinstance(e.get("base", ""), str):
+            return f"entry {e['name']!r} names its base tensor badly"
         if arrays is not None and count:
             for a in arrays_of(e):
                 if a not in arrays or start + count > arrays[a]["count"]:

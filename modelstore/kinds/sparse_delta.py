@@ -24,7 +24,8 @@ from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
 from ..progress import bar
 from ..selection import recorded_selector
-from ..sources import Checkpoint, TensorSource, read_rows, row_blocks
+from ..naming import match_names, renamer
+from ..sources import Checkpoint, Renamed, TensorSource, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, TaskKind
@@ -60,12 +61,16 @@ class FFTOptions:
 
 
 def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[str], bool]) -> list[tuple[str, str]]:
-    """(name, "sparse" | "dense") for every tensor of the task, base order first."""
+    """(name, "sparse" | "dense" | "base") for every tensor of the task (`src` seen under the base's
+    names), base order first. "base": a non-floating buffer the base has and the task lacks (such as
+    position_ids, which transformers versions save or not), taken from the base."""
     have = set(src.names())
     out = []
     for name in base.names():
         if name not in have:
-            if selected(name):
+            if not base.dtype(name).is_floating_point:
+                out.append((name, "base"))
+            elif selected(name):
                 raise InputError(f"task {task!r} lacks tensor {name!r} that the base has; "
                                  "give a checkpoint of the same architecture, or --exclude that tensor")
             continue
@@ -87,6 +92,14 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
             and not bool(torch.isfinite(t).all()):
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
+
+
+def _matched(task: str, source: TensorSource, base: TensorSource) -> dict[str, str]:
+    """The task's tensor names that stand for base tensors (modelstore.naming), task -> base."""
+    try:
+        return match_names(source.names(), base.names(), f"task {task!r}")
+    except ValueError as e:
+        raise InputError(f"{e}; rename the checkpoint's tensors to the base model's") from None
 
 
 class _Deltas:
@@ -165,11 +178,22 @@ class SparseDelta(TaskKind):
         opts = options
         opts.validate()
         selected = recorded_selector(base_entry.get("selection"))
+        full_bytes = source.nbytes()
+        matched = _matched(task, source, base)
+        task_names = {b: t for t, b in matched.items()}
+        # the task under the base's names where they match; its own tensors (a new head) as they are
+        source = Renamed(source, {**{t: t for t in source.names() if t not in matched}, **task_names})
+        own_name = renamer({t: b for b, t in task_names.items()})
         steps = plan(task, base, source, selected)
+
+        def entry(n: str, **fields: Any) -> TableEntry:  # the task's own name, and the base's if it differs
+            name = task_names.get(n) or (own_name(n) if n in base_names else n)
+            return {"name": name, **({"base": n} if name != n and n in base_names else {}), **fields}
         sparse = [n for n, kind in steps if kind == "sparse"]
         value_dtype = opts.value_dtype or (
             "bfloat16" if sparse and all(source.dtype(n) == torch.bfloat16 for n in sparse) else "float16")
         sizes = {n: math.prod(source.shape(n)) for n in sparse}
+        base_names = set(base.names())
         total = sum(sizes.values())
         deltas = _Deltas(source, base, sparse, CACHE_BYTES)
         if opts.granularity == "global":
@@ -187,10 +211,13 @@ class SparseDelta(TaskKind):
         val_w = out.declare("values", value_dtype, capacity)
         out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
         vt = dtypes.torch_dtype(value_dtype)
-        base_names = set(base.names())
         kept, dense_count = 0, 0
         stream = deltas.blocks()  # one pass over the sparse tensors, the base streamed once
         for n, kind in bar(steps, f"task {task}", progress):
+            if kind == "base":
+                out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
+                              start=0, count=0))
+                continue
             shape = list(source.shape(n))
             if kind == "sparse":
                 tensor_keeper = keeper or find_cut(kept_count(opts.keep, sizes[n]),
@@ -220,25 +247,24 @@ class SparseDelta(TaskKind):
                     idx_w.append(torch.diff(pos, prepend=pos.new_tensor([last])).numpy().astype(index_dtype))
                     val_w.append(dtypes.to_numpy(vals))
                     last, count = int(pos[-1]), count + int(idx.numel())
-                out.add({"name": n, "kind": "sparse", "shape": shape, "dtype": dtypes.dtype_name(source.dtype(n)),
-                         "start": start, "count": count})
+                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)),
+                              start=start, count=count))
                 kept += count
                 continue
             t = source.get(n)
             check_finite(t, f"task {task!r} tensor {n!r}")
             if n in base_names and base.shape(n) == tuple(t.shape) and base.dtype(n) == t.dtype \
                     and torch.equal(base.get(n), t):
-                out.add({"name": n, "kind": "sparse", "shape": shape, "dtype": dtypes.dtype_name(t.dtype),
-                         "start": 0, "count": 0})
+                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(t.dtype), start=0, count=0))
                 continue
-            out.add_dense(n, t, "dense")
+            out.add_dense(entry(n)["name"], t, "dense")
             dense_count += 1
         merge = base_entry.get("merge", {})
         return {
             "method": "post-pruning" if merge.get("method", "none") == "none" else "peru-fft",
             "params": {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
                        "index_dtype": index_dtype, "merge": merge},
-            "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": source.nbytes(),
+            "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": full_bytes,
         }
 
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
@@ -256,7 +282,7 @@ class SparseDelta(TaskKind):
             if t["kind"] != "sparse":
                 yield t["name"], segments.get(t["array"], s, c, t["dtype"]).view(t["shape"]).to(want)
                 continue
-            flat = base.fresh(t["name"]).reshape(-1)
+            flat = base.fresh(t.get("base", t["name"])).reshape(-1)
             if c == 0:
                 yield t["name"], flat.view(t["shape"]).to(want)
                 continue

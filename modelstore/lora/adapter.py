@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import InputError
+from ..naming import NameMatcher
 
 Layout = Literal["linear", "fan_in_fan_out", "embedding"]
 
@@ -162,19 +163,7 @@ def resolve_names(
     added; zero or several candidates raise LoraError. Saved tensors the base lacks (a new
     classifier head) keep their PEFT name. With `shapes`, each update must match its base weight.
     """
-    names = set(base_names)
-    by_tail: dict[str, list[str]] = {}
-    for base in names:
-        _, sep, tail = base.partition(".")
-        if sep:
-            by_tail.setdefault(tail, []).append(base)
-
-    def candidates(name: str) -> list[str]:
-        if name in names:
-            return [name]
-        stripped = name.partition(".")[2]
-        return sorted(({stripped} & names) | set(by_tail.get(name, ())))
-
+    candidates = NameMatcher(base_names).candidates
     modules = {}
     for key, module in adapter.modules.items():
         found = candidates(module.target)
