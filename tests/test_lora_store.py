@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -185,3 +186,25 @@ def test_streamed_lora_load_equals_the_cached_one(bert_lora, tmp_path):
     a = modelstore.open(url, cache_base=True).load("t")
     b = modelstore.open(url, cache_base=False).load("t", dtype=torch.float32)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adapter_config_fields_are_an_allow_list(bert_lora, tmp_path):
+    """Every field PEFT writes today is known; a field set that modelstore does not know (a newer
+    PEFT's) or one that changes the weights (ensure_weight_tying) is refused by name, in one line."""
+    from modelstore.lora import adapter as adapter_module
+    known = adapter_module._USED_FIELDS | adapter_module._INERT_FIELDS | set(adapter_module._UNSUPPORTED_FIELDS)
+    assert set(peft.LoraConfig(r=4, target_modules=["query"]).to_dict()) <= known
+    url = str(tmp_path / "s")
+    modelstore.init(url, bert_lora["pre"])
+    for field, value, ok in [("use_hypothetical_variant", True, False), ("use_hypothetical_variant", False, True),
+                             ("ensure_weight_tying", True, False), ("ensure_weight_tying", False, True)]:
+        ad = tmp_path / f"{field}-{value}"
+        shutil.copytree(bert_lora["ad1"], ad)
+        cfg = json.loads((ad / "adapter_config.json").read_text())
+        cfg[field] = value
+        (ad / "adapter_config.json").write_text(json.dumps(cfg))
+        r = CliRunner().invoke(main, ["add-task", url, f"t{len(modelstore.open(url).tasks())}", "--lora", str(ad)])
+        if ok:
+            assert r.exit_code == 0, r.output
+        else:
+            assert r.exit_code == 1 and field in r.output and r.output.count("\n") == 1, r.output

@@ -46,7 +46,18 @@ _UNSUPPORTED_FIELDS = {
     "use_bdlora": "BD-LoRA stores block-diagonal factors",
     "arrow_config": "Arrow routes between several LoRA experts",
     "kasa_config": "KaSA inserts a learned diagonal between lora_A and lora_B and truncates the base",
+    "ensure_weight_tying": "it ties saved copies across tied weights, which the stored copies do not follow",
 }
+# Fields read to rebuild the weights, and fields that carry no weight information (training,
+# provenance, initialisation schemes that init_lora_weights names). Together with the unsupported
+# ones above they are every field of PEFT 0.21's LoraConfig; a field outside all three is refused
+# when set, since a newer PEFT may have added it to change the adapter's weights.
+_USED_FIELDS = frozenset({"peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
+                          "alpha_pattern", "modules_to_save", "target_modules", "init_lora_weights", "bias"})
+_INERT_FIELDS = frozenset({"auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+                           "lora_dropout", "peft_version", "exclude_modules", "layers_pattern", "layers_to_transform",
+                           "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+                           "lora_ga_config"})
 _LORA_SUFFIXES = {
     ".lora_A.weight": ("A", False),
     ".lora_B.weight": ("B", False),
@@ -215,6 +226,13 @@ def _check_config(config: dict, path: str | os.PathLike[str]) -> None:
                 f"{path}: {field}={config[field]!r} is not supported ({what}); "
                 "merge the adapter and add the task as a full checkpoint"
             )
+    unknown = sorted(f for f in config if f not in _USED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FIELDS) and config[f])
+    if unknown:
+        raise LoraError(
+            f"{path}: adapter_config.json sets {unknown[0]}={config[unknown[0]]!r}, a field this modelstore does not "
+            "know (a newer PEFT's?) and that may change the weights; upgrade modelstore, or merge the adapter and "
+            "add the task as a full checkpoint"
+        )
     if config.get("bias", "none") != "none":
         raise LoraError(
             f"{path}: bias={config['bias']!r} is not supported (trained biases are not low-rank); "
