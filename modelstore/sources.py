@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import InputError
+from .hub_inputs import resolve_input
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -265,8 +266,9 @@ def _shards(index_path: str) -> list[str]:
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-    """Open an HF model directory, a .safetensors file or a .bin/.pt state-dict file."""
-    path = os.fspath(path)
+    """Open an HF model directory, a .safetensors file, a .bin/.pt state-dict file, or a Hub model
+    id `org/name[@revision]` (modelstore.hub_inputs)."""
+    path = resolve_input(path)
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "adapter_config.json")):
             raise InputError(f"{path} is a PEFT adapter, not a full model; add it with --lora")

@@ -20,6 +20,7 @@ import torch
 from .. import dtypes
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, Segments
+from ..hub_inputs import resolve_input
 from ..lora import LoraAdapter, LoraError, LowRank, compress_adapter, read_adapter, resolve_names, write_peft_adapter
 from ..progress import bar
 from ..sources import TensorSource
@@ -71,7 +72,7 @@ class AdapterInput:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> AdapterInput:
-        path = os.fspath(path)
+        path = resolve_input(path)
         return cls(path, read_adapter(path))
 
     def source_info(self) -> dict[str, str]:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import InputError
+from ..hub_inputs import resolve_input
 from ..naming import NameMatcher
 
 Layout = Literal["linear", "fan_in_fan_out", "embedding"]
@@ -125,7 +126,9 @@ def pattern_value(patterns: Mapping[str, float], key: str, default: float) -> fl
 
 
 def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
-    """Parse the PEFT LoRA adapter directory `path`; raise LoraError for anything not exactly W + s*B@A."""
+    """Parse the PEFT LoRA adapter directory `path` (or Hub id `org/name[@revision]`); raise
+    LoraError for anything not exactly W + s*B@A."""
+    path = resolve_input(path)
     config = _read_config(path)
     _check_config(config, path)
     tensors = _read_tensors(path)
