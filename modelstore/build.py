@@ -148,7 +148,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
-    out.write_base(base_id, specs, base_tensors(), fields)
+    out.write_base(base_id, specs, base_tensors(), fields, base_ck.side_files)
     for name, ck in task_cks.items():
         out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
                      progress=progress)

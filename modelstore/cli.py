@@ -18,7 +18,7 @@ from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
 from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
-from .export import FORMATS, export as export_task
+from .export import FORMATS, MAX_SHARD_SIZE, export as export_task
 from .kinds import KINDS, get_kind
 from .kinds.sparse_delta import GRANULARITIES
 from .merging import METHODS, method_class, method_names
@@ -359,11 +359,15 @@ def rm(ctx: click.Context, store: str, task: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,
               help="hf: full weights as model.safetensors + config.json; "
                    + "; ".join(f"{f}: {what}, for {k.name} tasks" for k in KINDS for f, what in k.export_formats.items()))
+@click.option("--dtype", default=None, help="cast floating tensors (float16, bfloat16, float32); default: as stored")
+@click.option("--max-shard-size", default=MAX_SHARD_SIZE, show_default=True,
+              help="largest safetensors file before the weights are sharded, as save_pretrained does")
 @click.pass_context
 @_errors
-def export(ctx: click.Context, store: str, task: str, out: str, fmt: str) -> None:
+def export(ctx: click.Context, store: str, task: str, out: str, fmt: str, dtype: str | None,
+           max_shard_size: str) -> None:
     """Write TASK of STORE to directory OUT (from_pretrained / PeftModel.from_pretrained load it)."""
-    files = export_task(_open(ctx, store), task, out, fmt)
+    files = export_task(_open(ctx, store), task, out, fmt, dtype=dtype, max_shard_size=max_shard_size)
     click.echo(f"wrote {', '.join(files)} to {out}")
 
 

@@ -7,6 +7,8 @@ the count and digest the manifest records (chunks are fetched and checked, not d
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,12 +36,45 @@ def payload_reader(loc: Location, entry: PayloadFields, what: str, kind: TaskKin
 
 
 def verify_payload(loc: Location, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> None:
-    """Read base or task payload `entry` whole and check every byte of it.
+    """Read base or task payload `entry` whole and check every byte of it (with a base's model files).
 
     Raises:
-        CorruptStoreError: naming `what` and the damaged array or field.
+        CorruptStoreError: naming `what` and the damaged array, file or field.
     """
     payload_reader(loc, entry, what, kind).verify()
+    read_model_files(loc, entry, what)
+
+
+def write_model_files(loc: Location, payload: str, files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Copy local files (name -> path) into `<payload>/files/`; return their manifest records."""
+    kept = {}
+    for name, path in sorted(files.items()):
+        with open(path, "rb") as fh:
+            data = fh.read()
+        with loc.open_write(f"{payload}/files/{name}") as out:
+            out.write(data)
+        kept[name] = {"sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    return kept
+
+
+def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict[str, bytes]:
+    """The files a base keeps beside its arrays (tokenizer, generation config), each checked.
+
+    Raises:
+        CorruptStoreError: a file is missing or fails its checksum.
+    """
+    out = {}
+    for name, info in sorted(entry.get("files", {}).items()):
+        with loc.errors(f"read {name}"):
+            try:
+                data = loc.fs.cat_file(loc.path(f"{entry['path']}/files/{name}"))
+            except FileNotFoundError:
+                data = None
+        if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CorruptStoreError(f"{loc.url}: {what}: model file {name!r} is "
+                                    f"{'missing' if data is None else 'damaged'}; restore the store or add the base again")
+        out[name] = data
+    return out
 
 
 @dataclass
@@ -79,4 +114,4 @@ def check_store(loc: Location, manifest: Manifest) -> CheckReport:
     return report
 
 
-__all__ = ["payload_reader", "verify_payload", "check_store", "CheckReport"]
+__all__ = ["payload_reader", "verify_payload", "check_store", "CheckReport", "write_model_files", "read_model_files"]

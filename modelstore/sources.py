@@ -7,6 +7,7 @@ weights_only=True)`), so building a store from a checkpoint larger than RAM work
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 import json
@@ -27,6 +28,10 @@ _ST_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+#: Files of a model directory that a complete export needs besides weights and config.json.
+SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "spiece.model", "*.tiktoken", "special_tokens_map.json",
+              "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "generation_config.json",
+              "preprocessor_config.json", "processor_config.json", "chat_template.json", "chat_template.jinja")
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16
 
 
@@ -119,10 +124,13 @@ class DictSource:
 class Checkpoint:
     """A model checkpoint on local disk: HF directory, safetensors file(s) or a state-dict file."""
 
-    def __init__(self, path: str, files: list[str], config_json: str | None):
+    def __init__(self, path: str, files: list[str], config_json: str | None,
+                 side_files: Mapping[str, str] | None = None):
         self.path = path
         self.files = files
         self.config_json = config_json
+        #: The model directory's tokenizer and generation files, name -> path (kept with a base).
+        self.side_files = dict(side_files or {})
         self._where: dict[str, int] = {}
         self._handles: dict[int, object] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -276,12 +284,14 @@ def open_checkpoint(path: str) -> Checkpoint:
         if os.path.isfile(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as fh:
                 config = fh.read()
+        side = {f: os.path.join(path, f) for f in sorted(os.listdir(path))
+                if any(fnmatch.fnmatchcase(f, p) for p in SIDE_FILES) and os.path.isfile(os.path.join(path, f))}
         for single, index in (("model.safetensors", "model.safetensors.index.json"),
                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
             if os.path.isfile(os.path.join(path, single)):
-                return Checkpoint(path, [os.path.join(path, single)], config)
+                return Checkpoint(path, [os.path.join(path, single)], config, side)
             if os.path.isfile(os.path.join(path, index)):
-                return Checkpoint(path, _shards(os.path.join(path, index)), config)
+                return Checkpoint(path, _shards(os.path.join(path, index)), config, side)
         raise InputError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file or directory")

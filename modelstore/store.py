@@ -23,7 +23,7 @@ from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_man
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter
 from .garbage import GcReport, collect, parse_duration
-from .integrity import CheckReport, check_store, payload_reader
+from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
 from .kinds import AdapterInput, FFTOptions, LoraOptions, StoredAdapter, TaskKind, get_kind
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
@@ -193,6 +193,16 @@ class Store:
         segments.close()
         return adapter
 
+    def tensors(self, task: str, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """`task`'s full weights one tensor at a time (what `load` collects), so a caller writing
+        them out (export) or copying them into a model never holds the model twice.
+
+        Raises:
+            TaskNotFoundError, CorruptStoreError, InputError: as `load`.
+        """
+        return self._tensors(task, self.entry(task), torch.device(device), dtypes.requested_dtype(dtype))
+
     def _tensors(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
                  check: Callable[[list[str]], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """The task's tensors one at a time: its arrays and (unless cached) its base are streamed.
@@ -304,10 +314,11 @@ class Store:
             raise
 
     def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                   fields: Mapping[str, Any]) -> BaseEntry:
+                   fields: Mapping[str, Any], files: Mapping[str, str] | None = None) -> BaseEntry:
         """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
-        `fields` are the base entry's descriptive fields (kind, merge, selection, source...).
+        `fields` are the base entry's descriptive fields (kind, merge, selection, source...);
+        `files` the model's tokenizer and generation files (name -> local path), kept with it.
 
         Raises:
             ConflictError: the store got a different `base_id` base meanwhile.
@@ -318,8 +329,9 @@ class Store:
             out.declare_dense("data", ((shape, dt) for _, shape, dt in specs))
             for name, t in tensors:
                 out.add_dense(name, t, "data")
+            kept = write_model_files(self.loc, out.path, files or {})
             return {**fields, **out.finish(), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
-                    "created": now()}  # type: ignore[typeddict-item]
+                    **({"files": kept} if kept else {}), "created": now()}  # type: ignore[typeddict-item]
 
         entry: BaseEntry = self._written(out, fill)
 
@@ -345,7 +357,15 @@ class Store:
             raise InputError(f"{path} is not the pre-trained model this store was built from (fingerprint differs)")
         return self.write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
                                ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
-                               base_fields(ck, "pretrained", {"method": "none"}, [], None, None))
+                               base_fields(ck, "pretrained", {"method": "none"}, [], None, None), ck.side_files)
+
+    def model_files(self, base_id: str) -> dict[str, bytes]:
+        """The tokenizer and generation files kept with base `base_id` (name -> content), checked.
+
+        Raises:
+            CorruptStoreError: a file is missing or fails its checksum.
+        """
+        return read_model_files(self.loc, self._base_entry(base_id), f"base {base_id!r}")
 
     def write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
                    source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:

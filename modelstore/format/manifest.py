@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -18,6 +19,8 @@ from .paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
 
 FORMAT_NAME = "modelstore"
 FORMAT_VERSION = 2
+#: Names of the model files a base keeps (plain file names: they become paths).
+MODEL_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ArrayInfo(TypedDict, total=False):
@@ -54,6 +57,7 @@ class PayloadFields(TypedDict):
 class BaseEntry(PayloadFields, total=False):
     """A base: θ0 (`pretrained`) or the merge θ* (`merged`)."""
 
+    files: dict[str, dict[str, Any]]  # tokenizer / generation files kept with it: name -> sha256, bytes
     kind: str
     merge: dict[str, Any]
     merged_tasks: list[str]
@@ -191,6 +195,11 @@ def _payload_problem(e: Any, parent: str) -> str | None:
             and (isinstance(a.get("chunks_crc32c"), int) or isinstance(a.get("crc32"), int))
             for a in arrays.values()):
         return "array counts or checksums missing"
+    files = e.get("files", {})
+    if not isinstance(files, dict) or not all(
+            isinstance(n, str) and MODEL_FILE_RE.match(n) and isinstance(f, dict) and isinstance(f.get("sha256"), str)
+            and _count(f.get("bytes")) for n, f in files.items()):
+        return "bad model file records"
     return None
 
 
