@@ -414,15 +414,17 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 @main.command()
 @click.argument("store")
 @click.argument("task")
-@click.option("--original", required=True, help="the task's original checkpoint")
+@click.option("--original", default=None, help="the task's original checkpoint (for a LoRA task: merged)")
+@click.option("--lora", default=None, metavar="ADAPTER_DIR", help="a LoRA task's original PEFT adapter")
 @click.option("--max-rel-error", type=float, default=0.05, show_default=True,
               help="exit with status 1 when the overall relative error is above this")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.pass_context
 @_errors
-def verify(ctx: click.Context, store: str, task: str, original: str, max_rel_error: float, as_json: bool) -> None:
-    """Compare TASK's stored weights with its original checkpoint (relative Frobenius error)."""
-    r = run_verify(_open(ctx, store), task, original)
+def verify(ctx: click.Context, store: str, task: str, original: str | None, lora: str | None, max_rel_error: float,
+           as_json: bool) -> None:
+    """Compare TASK's stored weights with its original (relative Frobenius error)."""
+    r = run_verify(_open(ctx, store), task, original, lora)
     r["max_rel_error"] = max_rel_error
     r["ok"] = r["rel_error"] <= max_rel_error
     if as_json:

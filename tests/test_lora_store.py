@@ -208,3 +208,25 @@ def test_adapter_config_fields_are_an_allow_list(bert_lora, tmp_path):
             assert r.exit_code == 0, r.output
         else:
             assert r.exit_code == 1 and field in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_verify_takes_the_adapter_or_the_merged_model(bert_lora, tmp_path):
+    """--lora compares against θ0 + s·B·A of the original adapter; it must agree with comparing
+    against PEFT's own merge_and_unload of it, saved as a checkpoint (--original)."""
+    from safetensors.torch import save_file
+    url = str(tmp_path / "s")
+    modelstore.init(url, bert_lora["pre"])
+    modelstore.add_lora_task(url, "full", bert_lora["ad1"], rank=8)
+    modelstore.add_lora_task(url, "cut", bert_lora["ad1"], rank=2)
+    merged = str(tmp_path / "merged.safetensors")
+    save_file({k: v.contiguous() for k, v in bert_lora["merged1"].items()}, merged)
+    runner = CliRunner()
+    r = json.loads(runner.invoke(main, ["verify", url, "full", "--lora", bert_lora["ad1"], "--json"]).output)
+    assert r["ok"] and r["rel_error"] < 1e-6
+    by_adapter = json.loads(runner.invoke(main, ["verify", url, "cut", "--lora", bert_lora["ad1"], "--json"]).output)
+    by_merge = json.loads(runner.invoke(main, ["verify", url, "cut", "--original", merged, "--json"]).output)
+    assert by_adapter["rel_error"] > 1e-4
+    assert abs(by_adapter["rel_error"] - by_merge["rel_error"]) < 1e-6 * by_merge["rel_error"]
+    for args in ([], ["--lora", bert_lora["ad1"], "--original", merged]):
+        r = runner.invoke(main, ["verify", url, "cut", *args])
+        assert r.exit_code == 1 and "one of them" in r.output and r.output.count("\n") == 1, r.output
