@@ -18,6 +18,7 @@ from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
 from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
+from .evaluate import evaluate
 from .export import FORMATS, MAX_SHARD_SIZE, export as export_task
 from .kinds import KINDS, get_kind
 from .kinds.sparse_delta import GRANULARITIES
@@ -409,6 +410,39 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
         click.echo(f"up to date: {', '.join(plan.up_to_date)}")
     if plan.deleted:
         click.echo(f"{'would delete' if dry_run else 'deleted'}: {', '.join(plan.deleted)}")
+
+
+@main.command("eval")
+@click.argument("store")
+@click.argument("task")
+@click.option("--original", required=True, help="the task's original: a transformers model directory")
+@click.option("--data", required=True, help='JSON lines: {"text": ...} with an optional "label"')
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, truncated")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.pass_context
+@_errors
+def eval_task(ctx: click.Context, store: str, task: str, original: str, data: str, batch_size: int, max_length: int,
+              as_json: bool) -> None:
+    """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
+    sequence classifier; perplexity, top-1 next-token agreement and KL for a causal LM."""
+    try:
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()  # its per-model loading bars; eval draws its own
+    except ImportError:
+        pass  # evaluate says what to install
+    r = evaluate(_open(ctx, store), task, original, data, batch_size=batch_size, max_length=max_length,
+                 progress=not as_json)
+    if as_json:
+        _emit(r)
+        return
+    if r["kind"] == "causal-lm":
+        click.echo(f"task {task}: perplexity {r['perplexity_stored']:.4g} (original {r['perplexity_original']:.4g}), "
+                   f"top-1 agreement {r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['tokens']} tokens")
+        return
+    acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
+           f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
+    click.echo(f"task {task}: {acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples")
 
 
 @main.command()
