@@ -1,7 +1,7 @@
 """Task kind `bitdelta`: BitDelta (Liu et al., 2024) before its distillation step. Each weight
 matrix keeps sign(θt − θ_base) as one bit per entry and one scale, the mean |θt − θ_base|:
 θt ≈ θ_base + scale·sign. Works on either base (θ0, or a merged θ*); tensors that are not
-matrices (biases, norms) are stored whole, as they are a tiny share of the bytes (spec section 7).
+matrices (biases, norms) are stored whole, as they are a tiny share of the bytes (spec section 10).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the 1-bit task kinds share (tall-mask, emr, bitdelta): per compressed tensor one packed bit
 per entry in the flat array `bits.uint8`, computed from the task and the base(s) row block by row
-block; every other tensor stored whole unless it equals the base (spec/FORMAT.md, section 7).
+block; every other tensor stored whole unless it equals the base (spec/FORMAT.md, section 10).
 
 A subclass says which tensors get bits, how a block's bits follow from the task's and the bases'
 float32 rows, and how a tensor is rebuilt from its bits and the base tensors.

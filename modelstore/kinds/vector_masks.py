@@ -1,5 +1,5 @@
 """Task kinds `tall-mask` and `emr`: a task as a 1-bit mask over the merged vector τ = θ* − θ0, so
-each task costs one bit per merged entry on top of the shared θ* and θ0 (spec/FORMAT.md, section 7).
+each task costs one bit per merged entry on top of the shared θ* and θ0 (spec/FORMAT.md, section 10).
 
 - TALL masks (Wang et al., ICML 2024, "Localizing Task Information for Improved Model Merging and
   Compression"): m_t = 1{|τ_t| ≥ λ_t·|τ − τ_t|}, θ_t = θ0 + m_t ⊙ τ, τ_t = θt − θ0.
