@@ -9,7 +9,7 @@ float32 rows, and how a tensor is rebuilt from its bits and the base tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -116,7 +116,7 @@ class BitMaskKind(TaskKind):
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         return {"bits": 1}
 
-    def describe(self, info: dict[str, Any]) -> str:  # type: ignore[override]
+    def describe(self, info: Mapping[str, Any]) -> str:
         return (f"1 bit for each of {info['total']} entries ({info['kept']} set), {human_bytes(info['bytes'])} "
                 f"({percent(info['ratio'])} of the full checkpoint)")
 
