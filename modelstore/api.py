@@ -52,20 +52,21 @@ def load(task: str, store: str | os.PathLike[str] | Store | None = None, device:
     return store.load(check_task_name(task), device=device, dtype=dtype)
 
 
-def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, keep: float = 0.1,
-             granularity: str = "global", value_dtype: str | None = None, base: str | None = None,
-             overwrite: bool = False, storage_options: Mapping[str, Any] | None = None,
-             progress: bool = False) -> Store:
-    """Add one fully fine-tuned task to the store at `store`; see `Store.add_task`.
+def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, kind: str = "fft",
+             keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
+             base: str | None = None, pretrained: str | os.PathLike[str] | None = None, overwrite: bool = False,
+             storage_options: Mapping[str, Any] | None = None, progress: bool = False, **options: Any) -> Store:
+    """Add one fully fine-tuned task to the store at `store`; see `Store.add_task` (`**options`: the
+    other options of `kind`, e.g. `group_size`, `sparsify`, `seed`, `tall_lambda`).
 
-    >>> modelstore.add_task("store", "qnli", "ft/qnli", keep=0.05)
+    >>> modelstore.add_task("store", "qnli", "ft/qnli", keep=0.05, value_dtype="int8")
 
     Returns:
         The store, open for writing, with the task committed.
     """
     s = open_store(store, mode="a", storage_options=storage_options)
-    s.add_task(name, path, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base,
-               overwrite=overwrite, progress=progress)
+    s.add_task(name, path, kind=kind, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base,
+               pretrained=pretrained, overwrite=overwrite, progress=progress, **options)
     return s
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .errors import InputError, StoreNotFoundError
 from .format.paths import check_task_name
-from .kinds import FFTOptions
+from .kinds import checkpoint_kind
 from .kinds.sparse_delta import check_finite
 from .merging import get_method, mergeable, method_class
 from .progress import bar
@@ -63,21 +63,29 @@ def _resume(store: str | os.PathLike[str], storage_options: Mapping[str, Any] | 
 
 
 def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
-          tasks: Mapping[str, str | os.PathLike[str]], *, merge: str = "task-arithmetic", keep: float = 0.1,
-          granularity: str = "global", value_dtype: str | None = None, include: str | None = None,
+          tasks: Mapping[str, str | os.PathLike[str]], *, merge: str | None = None, kind: str = "fft",
+          keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
+          kind_options: Mapping[str, Any] | None = None, include: str | None = None,
           exclude: str | None = None, stats: Mapping[str, str] | None = None,
           merge_options: Mapping[str, Any] | None = None, storage_options: Mapping[str, Any] | None = None,
           progress: bool = False, **options: Any) -> Store:
-    """Make a new store: merge the task models into one base, then store each task's sparse delta.
+    """Make a new store: merge the task models into one base, then store each task with its kind
+    (by default its sparse delta, PERU-FFT).
 
     >>> store = modelstore.build("out/store", "bert-base", {"sst2": "ft/sst2", "mnli": "ft/mnli"}, keep=0.1)
+    >>> store = modelstore.build("out/emr", "bert-base", {"sst2": "ft/sst2", "mnli": "ft/mnli"}, kind="emr")
 
     Args:
         store: where the new store goes (a path or fsspec URL); it must not hold a store yet.
         pretrained: the pre-trained checkpoint θ0.
         tasks: task name -> fully fine-tuned checkpoint.
-        merge: the merge method that makes the shared base ("none": Post-Pruning, θ* = θ0).
-        keep, granularity, value_dtype: how each task's delta is sparsified (see `Store.add_task`).
+        merge: the merge method that makes the shared base ("none": Post-Pruning, θ* = θ0); default
+            the kind's own (`emr` for kind "emr"), else "task-arithmetic".
+        kind: how each task is kept: "fft", "tall-mask", "emr" or "bitdelta" (see `Store.add_task`);
+            tall-mask and emr keep θ0 as a second base.
+        keep, granularity, value_dtype: fft: how each task's delta is sparsified (see `Store.add_task`).
+        kind_options: the kind's other options by keyword (`group_size`, `sparsify`, `seed`,
+            `tall_lambda`).
         include, exclude: regexes choosing which tensors are merged and sparsified.
         stats: task -> statistics file, for `fisher` / `regmean` (docs/merging.md).
         merge_options: the merge method's options; options that do not collide with build's own
@@ -94,8 +102,11 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             base is kept when it was made from the same inputs and settings, and the missing
             tasks are added.
     """
-    opts = FFTOptions(keep, granularity, value_dtype)
-    opts.validate()
+    task_kind = checkpoint_kind(kind)
+    fft = {"keep": keep, "granularity": granularity, "value_dtype": value_dtype}
+    given = {**{k: v for k, v in fft.items() if v is not None}, **(kind_options or {})}
+    task_kind.parse_options(given)  # refused now, before anything is written
+    merge = merge or task_kind.default_merge or "task-arithmetic"
     for name in tasks:
         check_task_name(name)
     selected = selector(include, exclude)
@@ -103,6 +114,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     base_ck = open_checkpoint(pretrained)
     task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
     base_id = "pretrained" if merge == "none" else "merged"
+    task_kind.base_id({base_id: {}}, base_id)  # type: ignore[dict-item]  # the kind refuses a base it cannot use
+    keep_theta0 = "pretrained" in task_kind.extra_bases and base_id != "pretrained"  # θ0 next to θ*
     srcs = [as_base_named(ck, base_ck.names(), f"task {name!r}") for name, ck in task_cks.items()]
     if merge != "none" and not srcs:
         raise InputError(f"merge method {merge!r} needs at least one --task; use `modelstore init` for a base only")
@@ -114,11 +127,13 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     fields["merged_sources"] = {n: ck.fingerprint() for n, ck in task_cks.items()} if merge != "none" else {}
     out = _resume(store, storage_options, base_id, fields)
     if out is not None:  # an interrupted build of the same store: keep its base, add what is missing
+        if keep_theta0 and "pretrained" not in out.manifest["bases"]:
+            out.add_pretrained(pretrained, progress)
         for name, ck in task_cks.items():
             done = out.manifest["tasks"].get(name)
             if done is None or done.get("source", {}).get("fingerprint") != ck.fingerprint():
-                out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
-                             overwrite=done is not None, progress=progress)
+                out.add_task(name, ck, kind=kind, base=base_id, overwrite=done is not None, progress=progress,
+                             **given)
         return out
     method.prepare(base_ck, srcs, names)
     merged = set(names)
@@ -149,9 +164,10 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
     out.write_base(base_id, specs, base_tensors(), fields, base_ck.side_files)
+    if keep_theta0:
+        out.add_pretrained(pretrained, progress)
     for name, ck in task_cks.items():
-        out.add_task(name, ck, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base_id,
-                     progress=progress)
+        out.add_task(name, ck, kind=kind, base=base_id, progress=progress, **given)
     return out
 
 

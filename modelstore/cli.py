@@ -16,14 +16,12 @@ from click.core import ParameterSource
 from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
 from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
-from .dtypes import VALUE_DTYPES
 from .errors import InputError, ModelStoreError
 from .evaluate import evaluate
 from .export import FORMATS, MAX_SHARD_SIZE, export as export_task
-from .kinds import KINDS, get_kind
-from .kinds.sparse_delta import GRANULARITIES
+from .kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
 from .merging import METHODS, method_class, method_names
-from .merging.base import Option
+from .options import Option
 from .progress import counter
 from .store import Store
 from .transfer import sync as run_sync
@@ -108,14 +106,36 @@ def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
     warnings.showwarning = _warning_line
 
 
-def _fft_options(f: Callable) -> Callable:
-    f = click.option("--value-dtype", type=click.Choice(VALUE_DTYPES), default=None,
-                     help="dtype of stored delta values [default: bfloat16 for bf16 models, else float16]")(f)
-    f = click.option("--granularity", type=click.Choice(GRANULARITIES), default="global", show_default=True,
-                     help="top-m% over the whole model or within each tensor")(f)
-    f = click.option("--keep", type=float, default=0.1, show_default=True,
-                     help="fraction m of delta entries kept per task, in (0, 1]")(f)
-    return f
+def _click_type(o: Option) -> Any:
+    if o.choices:
+        return click.Choice(o.choices)
+    return type(o.default) if isinstance(o.default, (int, float)) else str
+
+
+def _kind_flags() -> dict[str, Option]:
+    """Every task kind's declared options by CLI flag (an option two kinds share is one flag)."""
+    return {o.flag: o for k in KINDS for o in k.declared}
+
+
+def _kind_param(o: Option) -> str:
+    return "kind_" + o.name
+
+
+def _kind_options(f: Callable) -> Callable:
+    """`--kind` and one click option per task-kind option, type, choices and help from the declarations."""
+    for flag, o in reversed(_kind_flags().items()):
+        default = "" if o.default is None or "[default" in o.help else f" [default: {o.default}]"
+        f = click.option(flag, _kind_param(o), type=_click_type(o), default=None, help=o.help + default)(f)
+    return click.option("--kind", type=click.Choice(checkpoint_kinds()), default="fft", show_default=True,
+                        help="how each task is kept: fft (a sparse delta, PERU-FFT), tall-mask (TALL mask over "
+                             "θ*−θ0), emr (EMR-Merging mask and rescaler), bitdelta (sign bits and a scale per "
+                             "matrix)")(f)
+
+
+def _given_kind_options(flags: dict[str, Any]) -> dict[str, Any]:
+    """The task-kind options given on the command line, by option name."""
+    return {o.name: flags.pop(_kind_param(o)) for o in _kind_flags().values()
+            if flags.get(_kind_param(o)) is not None}
 
 
 def _merge_flags() -> dict[str, list[tuple[str, Option]]]:
@@ -151,36 +171,36 @@ def _given(ctx: click.Context, param: str) -> bool:
               help="the build's settings as YAML (keys as these flags); flags given as well override it")
 @click.option("--pretrained", default=None, help="pre-trained model: HF directory, .safetensors or .bin/.pt")
 @click.option("--task", "tasks", multiple=True, metavar="NAME=PATH", help="a fully fine-tuned task model (repeat)")
-@click.option("--merge", type=click.Choice(method_names()), default="task-arithmetic", show_default=True,
-              help="how the shared base θ* is made; 'none' is Post-Pruning (θ* = θ0)")
+@click.option("--merge", type=click.Choice(method_names()), default=None,
+              help="how the shared base θ* is made; 'none' is Post-Pruning (θ* = θ0) [default: emr for "
+                   "--kind emr, else task-arithmetic]")
 @_merge_options
 @click.option("--stats", "stats", multiple=True, metavar="TASK=PATH",
               help="fisher/regmean: the task's statistics file from modelstore.stats (repeat per task)")
-@_fft_options
+@_kind_options
 @click.option("--include", default=None, metavar="REGEX", help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
 @click.pass_context
 @_errors
 def build(ctx: click.Context, store: str, config_path: str | None, pretrained: str | None, tasks: tuple[str, ...],
-          merge: str, stats: tuple[str, ...], keep: float, granularity: str, value_dtype: str | None,
-          include: str | None, exclude: str | None, **merge_flags: Any) -> None:
-    """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT).
+          merge: str | None, stats: tuple[str, ...], kind: str, include: str | None, exclude: str | None,
+          **merge_flags: Any) -> None:
+    """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT by default).
 
     The merge method makes the shared base; docs/merging.md describes each one's options.
     """
     cfg = load_config(config_path) if config_path else BuildConfig()
-    if config_path is None or _given(ctx, "merge"):
-        if merge != cfg.merge:
-            cfg.merge, cfg.merge_options = merge, {}
-    flags = {"pretrained": pretrained, "keep": keep, "granularity": granularity, "value_dtype": value_dtype,
-             "include": include, "exclude": exclude}
-    for name, value in flags.items():
+    if merge is not None and merge != cfg.merge:
+        cfg.merge, cfg.merge_options = merge, {}
+    for name, value in {"pretrained": pretrained, "kind": kind, "include": include, "exclude": exclude}.items():
         if config_path is None or _given(ctx, name):
             setattr(cfg, name, value)
+    cfg.kind_options.update(_given_kind_options(merge_flags))  # what is left are the merge flags
     cfg.tasks.update(_pairs(tasks, "--task"))
     cfg.stats.update(_pairs(stats, "--stats"))
     if not cfg.tasks:
         raise InputError("build needs at least one --task NAME=PATH; use `modelstore init` for a base-only store")
+    cfg.merge = cfg.merge or checkpoint_kind(cfg.kind).default_merge or "task-arithmetic"
     declared = {o.flag: o for o in method_class(cfg.merge).declared}
     for flag in _merge_flags():
         value = merge_flags[_param(flag)]
@@ -209,7 +229,7 @@ def init(ctx: click.Context, store: str, pretrained: str) -> None:
 @click.argument("store")
 @click.argument("name")
 @click.argument("path", required=False)
-@_fft_options
+@_kind_options
 @click.option("--base", type=click.Choice(["merged", "pretrained"]), default=None,
               help="base the delta is taken against [default: merged if the store has one]")
 @click.option("--lora", "lora", default=None, metavar="ADAPTER_DIR",
@@ -218,13 +238,14 @@ def init(ctx: click.Context, store: str, pretrained: str) -> None:
 @click.option("--energy", type=float, default=None,
               help="LoRA: per module, the smallest q keeping this fraction of the squared Frobenius norm")
 @click.option("--pretrained", default=None,
-              help="LoRA: the pre-trained model, needed once if the store keeps no θ0 (built with a merge)")
+              help="LoRA, tall-mask, emr: the pre-trained model, needed once if the store keeps no θ0 (built "
+                   "with a merge)")
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
 @click.pass_context
 @_errors
-def add_task(ctx: click.Context, store: str, name: str, path: str | None, keep: float, granularity: str,
-             value_dtype: str | None, base: str | None, lora: str | None, rank: int | None, energy: float | None,
-             pretrained: str | None, overwrite: bool) -> None:
+def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: str, base: str | None,
+             lora: str | None, rank: int | None, energy: float | None, pretrained: str | None, overwrite: bool,
+             **flags: Any) -> None:
     """Add the fine-tuned model at PATH (or --lora ADAPTER_DIR) to STORE as task NAME.
 
     The base and the other tasks are not rewritten.
@@ -232,20 +253,25 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, keep: 
     if (path is None) == (lora is None):
         raise InputError("give either a fine-tuned model PATH or --lora ADAPTER_DIR")
     so = _storage_options(ctx)
+    options = _given_kind_options(flags)
     if lora is not None:
+        if options or _given(ctx, "kind"):
+            raise InputError(f"{'--kind' if _given(ctx, 'kind') else '--' + next(iter(options)).replace('_', '-')} "
+                             "applies to full fine-tuned models, not --lora adapters")
         s = add_lora(store, name, lora, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
                      storage_options=so, progress=True)
     else:
-        if rank is not None or energy is not None or pretrained is not None:
-            raise InputError("--rank, --energy and --pretrained apply to --lora tasks")
-        s = add_fft(store, name, path, keep=keep, granularity=granularity, value_dtype=value_dtype, base=base,
-                    overwrite=overwrite, storage_options=so, progress=True)
+        if rank is not None or energy is not None:
+            raise InputError("--rank and --energy apply to --lora tasks")
+        s = add_fft(store, name, path, kind=kind, base=base, pretrained=pretrained, overwrite=overwrite,
+                    storage_options=so, progress=True, **options)
     click.echo(f"added {name}: {s.kind(name).describe(s.info(name))}")
 
 
 def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
-    setting = {"keep": None, "q": None, **get_kind(e["kind"]).setting(e)}
-    return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"], **setting,
+    setting = get_kind(e["kind"]).setting(e)
+    return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"], "keep": None, "q": None,
+            **setting, "setting": "/".join(str(v) for v in setting.values()),
             "kept": e.get("kept"), "bytes": e["bytes"], "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
 
 
@@ -261,10 +287,9 @@ def ls(ctx: click.Context, store: str, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
-    click.echo(f"{'task':24} {'method':14} {'keep/q':>7} {'kept':>12} {'bytes':>10} {'ratio':>7}")
+    click.echo(f"{'task':24} {'method':14} {'setting':>22} {'kept':>12} {'bytes':>10} {'ratio':>7}")
     for r in rows:
-        setting = r["keep"] if r["keep"] is not None else r["q"]
-        click.echo(f"{r['task']:24} {r['method']:14} {setting if setting is not None else '-':>7} "
+        click.echo(f"{r['task']:24} {r['method']:14} {r['setting'] or '-':>22} "
                    f"{r['kept'] if r['kept'] is not None else '-':>12} {human_bytes(r['bytes']):>10} {percent(r['ratio']):>7}")
 
 

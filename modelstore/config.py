@@ -8,7 +8,8 @@ keep: 0.1
 ```
 
 The keys are those of `modelstore build`'s flags (snake_case); `merge` is a method name or a
-mapping of `method` and that method's options under their declared keys (modelstore.merging).
+mapping of `method` and that method's options under their declared keys (modelstore.merging);
+`kind` names the task kind and the task kinds' declared options are keys too (modelstore.kinds).
 Paths are used as written, relative to the working directory, like the flags'. Every unknown key
 is refused with its name, so a typo never falls back to a default silently.
 """
@@ -23,9 +24,12 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .kinds import KINDS
 from .merging import method_class
 
-TOP_KEYS = ("pretrained", "tasks", "merge", "keep", "granularity", "value_dtype", "include", "exclude", "stats")
+#: The task kinds' declared options, by config key.
+KIND_KEYS = {o.key: o for k in KINDS for o in k.declared}
+TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats")
 
 
 @dataclass
@@ -34,12 +38,11 @@ class BuildConfig:
 
     pretrained: str | None = None
     tasks: dict[str, str] = field(default_factory=dict)
-    merge: str = "task-arithmetic"
+    merge: str | None = None  # None: the kind's default merge, else task-arithmetic
     merge_options: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, str] = field(default_factory=dict)
-    keep: float = 0.1
-    granularity: str = "global"
-    value_dtype: str | None = None
+    kind: str = "fft"
+    kind_options: dict[str, Any] = field(default_factory=dict)  # by option name (`keep`, `tall_lambda`...)
     include: str | None = None
     exclude: str | None = None
 
@@ -48,9 +51,8 @@ class BuildConfig:
         if self.pretrained is None:
             raise InputError("no pre-trained model: pass --pretrained PATH or set `pretrained:` in the config")
         return {"pretrained": self.pretrained, "tasks": dict(self.tasks), "merge": self.merge,
-                "merge_options": dict(self.merge_options), "stats": dict(self.stats), "keep": self.keep,
-                "granularity": self.granularity, "value_dtype": self.value_dtype, "include": self.include,
-                "exclude": self.exclude}
+                "merge_options": dict(self.merge_options), "stats": dict(self.stats), "kind": self.kind,
+                "kind_options": dict(self.kind_options), "include": self.include, "exclude": self.exclude}
 
 
 def _mapping(value: Any, where: str) -> dict[str, str]:
@@ -92,7 +94,7 @@ def parse_config(doc: Any, where: str) -> BuildConfig:
         cfg.tasks = _mapping(doc["tasks"], f"{where}: tasks")
     if "stats" in doc:
         cfg.stats = _mapping(doc["stats"], f"{where}: stats")
-    merge = doc.get("merge", cfg.merge)
+    merge = doc.get("merge")
     if isinstance(merge, Mapping):
         options = dict(merge)
         method = options.pop("method", None)
@@ -102,11 +104,12 @@ def parse_config(doc: Any, where: str) -> BuildConfig:
     elif isinstance(merge, str):
         method_class(merge)  # an unknown method is named now
         cfg.merge = merge
-    else:
+    elif merge is not None:
         raise InputError(f"{where}: merge must be a method name or a mapping with `method:` and its options")
-    for key in ("keep", "granularity", "value_dtype", "include", "exclude"):
+    for key in ("kind", "include", "exclude"):
         if key in doc:
             setattr(cfg, key, doc[key])
+    cfg.kind_options = {KIND_KEYS[k].name: v for k, v in doc.items() if k in KIND_KEYS}
     return cfg
 
 
@@ -129,4 +132,4 @@ def load_config(path: str | os.PathLike[str]) -> BuildConfig:
     return parse_config(doc, path)
 
 
-__all__ = ["BuildConfig", "load_config", "parse_config", "merge_options_from_keys", "TOP_KEYS"]
+__all__ = ["BuildConfig", "load_config", "parse_config", "merge_options_from_keys", "TOP_KEYS", "KIND_KEYS"]

@@ -19,12 +19,12 @@ import torch
 from . import dtypes
 from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
-from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content
+from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter
 from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
-from .kinds import AdapterInput, FFTOptions, LoraOptions, StoredAdapter, TaskKind, get_kind
+from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
 from .storage import Location
@@ -209,14 +209,17 @@ class Store:
         `check` sees the names that will come before the first tensor is made."""
         kind = get_kind(entry["kind"])
         payload = self._payload(entry, f"task {task!r}", kind)
-        base = _BaseTensors(self, entry["base"], device)
+        bases = {b: _BaseTensors(self, b, device) for b in task_bases(entry)}
+        base = bases[entry["base"]]
+        base.others = bases
         if check is not None:
             check(kind.output_names(payload.table, base.names()))
         segments = payload.stream(device)
         try:
             yield from kind.tensors(segments, payload.table, base, entry, device, dtype)
             segments.close()
-            base.close()
+            for b in bases.values():
+                b.close()
         except CorruptStoreError as e:
             raise CorruptStoreError(f"{self.url}: task {task!r}: {e}" if self.url not in str(e) else str(e)) from None
 
@@ -397,19 +400,29 @@ class Store:
         self._check_new_task(name, overwrite)
         bases = self.manifest["bases"]
         base_id = kind.base_id(bases, base)
-        if base_id not in bases:
-            raise InputError(f"{self.url} has no {base_id} base; it has: {', '.join(bases) or 'none'}")
+        ids = list(dict.fromkeys([base_id, *kind.extra_bases]))
+        for b in ids:
+            if b not in bases:
+                hint = "; add it once with --pretrained PATH (the model the store was built from)" \
+                    if b == "pretrained" else ""
+                raise InputError(f"{self.url} has no {b} base, which {kind.title} reads{hint}; it has: "
+                                 f"{', '.join(bases) or 'none'}")
+        used = {b: bases[b] for b in ids}
         base_entry = bases[base_id]
+        stored = self.stored_base(base_id) if len(ids) == 1 else \
+            WithOtherBases(self.stored_base(base_id), {b: self.stored_base(b) for b in ids[1:]})
         out = self._new_payload(task_dir(name))
         fields = self._written(out, lambda out: {
-            **kind.write(out, name, source, self.stored_base(base_id), base_entry, options, progress), **out.finish()})
-        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info)}  # type: ignore
+            **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish()})
+        entry: TaskEntry = {"kind": kind.name, "base": base_id, **({"bases": ids} if len(ids) > 1 else {}),
+                            **fields, "source": dict(source_info)}  # type: ignore
 
         def change(m: Manifest) -> Manifest:
-            now_base = m["bases"].get(base_id)
-            if now_base is None or now_base["path"] != base_entry["path"] or not same_content(now_base, base_entry):
-                raise ConflictError(f"{self.url}: the {base_id} base changed while task {name!r} was written against "
-                                    "it; add the task again")
+            for b, was in used.items():
+                now_base = m["bases"].get(b)
+                if now_base is None or now_base["path"] != was["path"] or not same_content(now_base, was):
+                    raise ConflictError(f"{self.url}: the {b} base changed while task {name!r} was written against "
+                                        "it; add the task again")
             if name in m["tasks"] and not overwrite:
                 raise TaskExistsError(f"{self.url}: another writer added a task {name!r} meanwhile; pass "
                                       "--overwrite to replace it, or choose another name")
@@ -419,32 +432,48 @@ class Store:
         self._commit(change, out.path)
         return entry
 
-    def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, keep: float = 0.1,
-                 granularity: str = "global", value_dtype: str | None = None, base: str | None = None,
-                 overwrite: bool = False, progress: bool = False) -> TaskEntry:
-        """Add a fully fine-tuned model as task `name`: the top-`keep` of its delta to the base (PERU-FFT).
+    def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, kind: str = "fft",
+                 keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
+                 group_size: int | None = None, sparsify: str | None = None, seed: int | None = None,
+                 base: str | None = None, pretrained: str | os.PathLike[str] | None = None,
+                 overwrite: bool = False, progress: bool = False, **options: Any) -> TaskEntry:
+        """Add a fully fine-tuned model as task `name`: by default the top-`keep` of its delta to the
+        base (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
 
         Args:
             name: the task's name (letters, digits, '.', '_', '-').
             path: the fine-tuned checkpoint (HF directory, .safetensors, .bin/.pt) or an open Checkpoint.
-            keep: fraction m of delta entries kept, in (0, 1].
-            granularity: "global" (top-m% of the whole model) or "per-tensor".
-            value_dtype: "float16", "bfloat16" or "float32" (default: bfloat16 for bf16 models, else float16).
+            kind: "fft" (a sparse delta), "tall-mask", "emr" or "bitdelta" (spec/FORMAT.md).
+            keep: fft: fraction m of delta entries kept, in (0, 1] (default 0.1).
+            granularity: fft: "global" (top-m% of the whole model, the default) or "per-tensor".
+            value_dtype: fft: "float16", "bfloat16", "float32", or "int8" / "int4" with a float16 scale
+                per `group_size` values (default: bfloat16 for bf16 models, else float16).
+            group_size: fft with int8/int4 values: consecutive kept values sharing a scale (default 128).
+            sparsify: fft: "magnitude" (top-m, the default) or "dare" (random drop, rescaled by 1/m).
+            seed: fft with "dare": the drop's seed (default 0).
             base: "merged" or "pretrained" when the store has both (default: merged).
+            pretrained: the pre-trained model, for a kind that reads θ0 (tall-mask, emr) in a store
+                that keeps none yet; checked against the model the store was built from.
             overwrite: replace an existing task of that name.
             progress: draw a progress bar on a terminal.
+            **options: the options of other kinds by keyword (e.g. tall-mask's `tall_lambda`).
 
         Returns:
             The task's manifest entry.
 
         Raises:
-            InputError: a bad option or checkpoint; TaskExistsError: the task exists and not `overwrite`.
+            InputError: a bad option or checkpoint, or an option `kind` does not take;
+                TaskExistsError: the task exists and not `overwrite`.
         """
-        opts = FFTOptions(keep, granularity, value_dtype)
-        opts.validate()
+        k = checkpoint_kind(kind)
+        fft = {"keep": keep, "granularity": granularity, "value_dtype": value_dtype, "group_size": group_size,
+               "sparsify": sparsify, "seed": seed}
+        opts = k.parse_options({**{n: v for n, v in fft.items() if v is not None}, **options})
         check_task_name(name)
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
-        return self.write_task(name, get_kind("fft"), ck, opts, base=base, source_info=source_info(ck),
+        if pretrained is not None and "pretrained" not in self.manifest["bases"]:
+            self.add_pretrained(pretrained, progress)
+        return self.write_task(name, k, ck, opts, base=base, source_info=source_info(ck),
                                 overwrite=overwrite, progress=progress)
 
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
@@ -519,6 +548,7 @@ class _BaseTensors:
     """The base of one load: from the cache (cloned per tensor) or streamed from storage."""
 
     def __init__(self, store: Store, base_id: str, device: torch.device):
+        self.others: dict[str, _BaseTensors] = {}
         self._cached = store._cached_base(base_id, device)
         if self._cached is None:
             reader = store.stored_base(base_id)
@@ -534,6 +564,9 @@ class _BaseTensors:
             return self._cached[name].clone()
         e = self._by_name[name]
         return self._segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
+
+    def other(self, base_id: str) -> _BaseTensors:
+        return self.others[base_id]
 
     def close(self) -> None:
         if self._cached is None:

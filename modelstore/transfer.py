@@ -19,7 +19,7 @@ from typing import Any
 
 from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskNotFoundError
-from .format.manifest import Manifest, PayloadFields, same_content
+from .format.manifest import Manifest, PayloadFields, same_content, task_bases
 from .format.paths import check_task_name, new_payload_dir
 from .integrity import verify_payload
 from .kinds import TaskKind, get_kind
@@ -92,7 +92,7 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     for name in names:
         if check_task_name(name) not in src_tasks:
             raise TaskNotFoundError(f"{src} has no task {name!r}; `modelstore ls {src}` lists them")
-    bases = list(src_bases) if tasks is None else list(dict.fromkeys(src_tasks[n]["base"] for n in names))
+    bases = list(src_bases) if tasks is None else list(dict.fromkeys(b for n in names for b in task_bases(src_tasks[n])))
 
     dest_loc = Location(dst, dst_options, read_only=dry_run)
     dest_manifest = dest_loc.read_manifest()  # refuses a newer format, or someone else's manifest.json
@@ -109,7 +109,7 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     todo = []
     for name in names:
         entry, have = src_tasks[name], have_tasks.get(name)
-        if have is not None and have["base"] == entry["base"] and same_content(have, entry):
+        if have is not None and task_bases(have) == task_bases(entry) and same_content(have, entry):
             if _sound(dest_loc, have, f"task {name!r}", get_kind(have["kind"])):
                 report.up_to_date.append(name)
                 continue

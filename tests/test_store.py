@@ -162,7 +162,7 @@ def test_pickle_that_is_not_weights_only_is_refused(tmp_path, bert_models):
 
 @pytest.mark.parametrize("bad, match", [
     ({"keep": 0.0}, "--keep"), ({"keep": 1.5}, "--keep"), ({"granularity": "row"}, "--granularity"),
-    ({"value_dtype": "int8"}, "--value-dtype"), ({"include": "("}, "regular expression"),
+    ({"value_dtype": "int3"}, "--value-dtype"), ({"include": "("}, "regular expression"),
     ({"merge": "magic"}, "unknown merge method"),
 ])
 def test_bad_options(bert_models, tmp_path, bad, match):

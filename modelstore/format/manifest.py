@@ -73,6 +73,7 @@ class TaskEntry(PayloadFields, total=False):
 
     kind: str
     base: str
+    bases: list[str]  # every base the task reads, `base` first; absent: [base]
     method: str
     params: dict[str, Any]
     source: dict[str, str]
@@ -172,7 +173,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
             return f"base {base_id!r}: {problem}"
     for name, t in m["tasks"].items():
         problem = _payload_problem(t, f"{TASKS}/{name}") if TASK_NAME_RE.fullmatch(name) else "a bad name"
-        if problem is None and (not isinstance(t.get("kind"), str) or t.get("base") not in m["bases"]):
+        bases = t.get("bases", [t.get("base")])
+        if problem is None and (not isinstance(t.get("kind"), str) or t.get("base") not in m["bases"]
+                                or not isinstance(bases, list) or not bases or bases[0] != t.get("base")
+                                or not all(isinstance(b, str) and b in m["bases"] for b in bases)):
             problem = "no kind, or a base the store lacks"
         if problem is None and not isinstance(t.get("params"), dict):
             problem = "no params"
@@ -207,6 +211,11 @@ def _count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def task_bases(entry: TaskEntry) -> list[str]:
+    """Every base a task reads: its `base`, then the others its `bases` lists (spec section 2)."""
+    return list(entry.get("bases", [entry["base"]]))
+
+
 def table_digest(table: list[TableEntry]) -> str:
     """sha256 of a tensor table in canonical JSON, recorded in the manifest and checked on read."""
     blob = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
@@ -228,4 +237,4 @@ def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | Ba
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArrayInfo", "TableEntry", "PayloadFields", "BaseEntry", "TaskEntry",
            "WriterInfo", "Manifest", "now", "new_manifest", "check_manifest", "parse_manifest", "manifest_checksum",
-           "seal", "table_digest", "same_content", "payload_paths"]
+           "seal", "task_bases", "table_digest", "same_content", "payload_paths"]

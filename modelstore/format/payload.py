@@ -133,7 +133,7 @@ class PayloadWriter:
                 "arrays": arrays, "bytes": stored}
 
 
-_ENTRY_KINDS = ("dense", "sparse", "lowrank")
+_ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits")
 
 
 def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | None:
@@ -146,7 +146,8 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | N
                 or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
             return f"entry {e.get('name')!r} has a bad shape, dtype or slice"
         size = math.prod(shape)
-        if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size:
+        if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size \
+                or e["kind"] == "bits" and count != -(-size // 8):
             return f"entry {e['name']!r} has {count} elements for shape {shape}"
         if e["kind"] == "lowrank" and not (len(shape) == 2 and all(_natural(e.get(k)) for k in ("rank", "d_out", "d_in"))
                                           and count == e["rank"] * (e["d_out"] + e["d_in"] + 1)):
@@ -155,9 +156,13 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | N
             return f"entry {e['name']!r} names no array"
         if not isinstance(e.get("base", ""), str):
             return f"entry {e['name']!r} names its base tensor badly"
+        segments = e.get("segments", {})
+        if not isinstance(segments, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(_natural(x) for x in v) for v in segments.values()):
+            return f"entry {e['name']!r} has bad segments"
         if arrays is not None and count:
-            for a in arrays_of(e):
-                if a not in arrays or start + count > arrays[a]["count"]:
+            for a, (s, c) in slices_of(e).items():
+                if c and (a not in arrays or s + c > arrays[a]["count"]):
                     return f"entry {e['name']!r} points past its array {a!r}"
     return None
 
@@ -166,9 +171,19 @@ def _natural(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def slices_of(entry: TableEntry) -> dict[str, tuple[int, int]]:
+    """(start, count) of each flat array a table entry's payload lives in: its own slice (of
+    `indices` and `values` for sparse entries), then its `segments` (spec section 3), which add
+    slices of further arrays or give `values` a slice of its own."""
+    own = ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
+    out = {a: (entry["start"], entry["count"]) for a in own}
+    out.update({a: (s, c) for a, (s, c) in entry.get("segments", {}).items()})
+    return out
+
+
 def arrays_of(entry: TableEntry) -> tuple[str, ...]:
     """The flat arrays a table entry's payload lives in."""
-    return ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
+    return tuple(slices_of(entry))
 
 
 def content_crc32(a: np.ndarray) -> int:
@@ -259,8 +274,8 @@ class PayloadReader:
     def _damaged(self, array: str, index: int, what: str) -> CorruptStoreError:
         chunk = self.chunk_len(array)
         c = index * chunk
-        hit = [e["name"] for e in self.table if array in arrays_of(e) and e["count"]
-               and e["start"] < c + chunk and e["start"] + e["count"] > c]
+        hit = [e["name"] for e in self.table for a, (s, n) in slices_of(e).items()
+               if a == array and n and e["count"] and s < c + chunk and s + n > c]
         return CorruptStoreError(
             f"{self.what}: {what} in array '{array}' (tensor {', '.join(hit[:3]) or '?'}"
             f"{' ...' if len(hit) > 3 else ''}); the stored bytes are damaged, re-add this task or restore the store")
@@ -442,4 +457,4 @@ class Segments:
                 self._take(array, pos, want["count"])
 
 
-__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "content_crc32", "table_problem"]
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "slices_of", "content_crc32", "table_problem"]

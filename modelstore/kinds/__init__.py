@@ -3,12 +3,14 @@ one section in spec/FORMAT.md."""
 
 from __future__ import annotations
 
-from ..errors import CorruptStoreError
-from .base import TaskKind
+from ..errors import CorruptStoreError, InputError
+from .base import TaskKind, WithOtherBases
+from .bit_delta import BitDelta
 from .low_rank import AdapterInput, LoraOptions, LowRankAdapter, StoredAdapter
 from .sparse_delta import FFTOptions, SparseDelta
+from .vector_masks import EMRMask, TallMask
 
-KINDS: list[TaskKind] = [SparseDelta(), LowRankAdapter()]
+KINDS: list[TaskKind] = [SparseDelta(), LowRankAdapter(), TallMask(), EMRMask(), BitDelta()]
 
 
 def kind_names() -> list[str]:
@@ -29,5 +31,24 @@ def get_kind(name: str) -> TaskKind:
                             "damaged or was written by a newer modelstore")
 
 
-__all__ = ["TaskKind", "KINDS", "kind_names", "get_kind", "SparseDelta", "LowRankAdapter", "FFTOptions",
+def checkpoint_kinds() -> list[str]:
+    """The kinds `add-task` / `build` make from a full fine-tuned checkpoint (`--kind`)."""
+    return [k.name for k in KINDS if k.from_checkpoint]
+
+
+def checkpoint_kind(name: str) -> TaskKind:
+    """The kind a user named for a full fine-tuned checkpoint.
+
+    Raises:
+        InputError: no such kind, or one that takes another input (LoRA adapters: `--lora`).
+    """
+    for k in KINDS:
+        if k.name == name and k.from_checkpoint:
+            return k
+    raise InputError(f"--kind must be one of {', '.join(checkpoint_kinds())}, not {name!r}"
+                     + (" (LoRA adapters are added with --lora)" if name in kind_names() else ""))
+
+
+__all__ = ["TaskKind", "WithOtherBases", "KINDS", "kind_names", "get_kind", "checkpoint_kinds", "checkpoint_kind",
+           "TallMask", "EMRMask", "BitDelta", "SparseDelta", "LowRankAdapter", "FFTOptions",
            "LoraOptions", "AdapterInput", "StoredAdapter"]

@@ -3,7 +3,9 @@
 A task kind owns one way of keeping a task next to a base: how it is written from its input
 (`write`), rebuilt on a device (`materialize`), returned unmerged (`unmerged`), summarized for
 `ls` / `info`, and exported in its own native format. The Store, the CLI and export know a task
-only through its kind; the manifest records the kind's `name` in each task entry.
+only through its kind; the manifest records the kind's `name` in each task entry. A kind may read
+more than one base (TALL masks and EMR need θ0 next to the merged θ*): it names the others in
+`extra_bases`, and its `base` then also answers `other(base_id)`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from ..errors import InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, Segments
+from ..options import Option
 from ..sources import TensorSource
 
 
@@ -27,6 +31,36 @@ class BaseTensors(Protocol):
         """Base tensor `name` in its stored dtype, as a new tensor the caller may change. Tensors
         are asked for in base order (a base read from storage is streamed front to back)."""
         ...
+
+    def other(self, base_id: str) -> BaseTensors:
+        """Another base the task reads (one of its kind's `extra_bases`), on the same device."""
+        ...
+
+
+class WithOtherBases:
+    """A stored base as a TensorSource (what `TaskKind.write` gets), with the other bases its task
+    reads: `other(base_id)`."""
+
+    def __init__(self, main: TensorSource, others: Mapping[str, TensorSource]):
+        self.main, self.others = main, dict(others)
+
+    def names(self) -> list[str]:
+        return self.main.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.main.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.main.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.main.get(name)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.main.rows(name, start, stop)
+
+    def other(self, base_id: str) -> TensorSource:
+        return self.others[base_id]
 
 
 class TaskKind:
@@ -43,6 +77,32 @@ class TaskKind:
     has_unmerged: ClassVar[bool] = False
     #: Native export formats besides "hf" (full weights), mapped to what they write.
     export_formats: ClassVar[Mapping[str, str]] = {}
+    #: Whether `Store.add_task` and `build` make tasks of this kind from a full fine-tuned checkpoint.
+    from_checkpoint: ClassVar[bool] = True
+    #: Bases the kind reads besides the task's own `base` (recorded in the entry's `bases`).
+    extra_bases: ClassVar[tuple[str, ...]] = ()
+    #: The merge method `build` makes the base with when the user names none (None: task-arithmetic).
+    default_merge: ClassVar[str | None] = None
+    #: The kind's options (flags of `add-task` / `build`, keywords of `Store.add_task`).
+    declared: ClassVar[tuple[Option, ...]] = ()
+
+    def parse_options(self, given: Mapping[str, Any]) -> Any:
+        """The kind's options from those the user gave (the others take their defaults).
+
+        Raises:
+            InputError: an option this kind does not take, or a bad value.
+        """
+        known = {o.name for o in self.declared}
+        for k in given:
+            if k not in known:
+                flags = ", ".join(o.flag for o in self.declared) or "none"
+                raise InputError(f"--{k.replace('_', '-')} does not apply to --kind {self.name} tasks "
+                                 f"(their options: {flags})")
+        return self.make_options(dict(given))
+
+    def make_options(self, given: dict[str, Any]) -> Any:
+        """The kind's options object from known option names, validated."""
+        return None
 
     def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
         """The base a new task of this kind sits on, given the store's bases and the user's choice."""
@@ -58,7 +118,8 @@ class TaskKind:
 
     def write(self, out: PayloadWriter, task: str, source: Any, base: TensorSource, base_entry: BaseEntry,
               options: Any, progress: bool) -> dict[str, Any]:
-        """Compress `source` against `base` into `out`'s arrays and table.
+        """Compress `source` against `base` into `out`'s arrays and table (`base` is a
+        `WithOtherBases` when the kind has `extra_bases`).
 
         Returns the task entry's kind-specific fields (method, params, kept, total, ...); the
         Store adds the payload fields, `kind`, `base` and commits.
@@ -92,4 +153,4 @@ class TaskKind:
         raise NotImplementedError
 
 
-__all__ = ["TaskKind", "BaseTensors"]
+__all__ = ["TaskKind", "BaseTensors", "WithOtherBases"]

@@ -102,6 +102,7 @@ class LowRankAdapter(TaskKind):
     kept_label = "numbers stored (original adapter)"
     original_label = "the adapter"
     has_unmerged = True
+    from_checkpoint = False
     export_formats = {"peft": "a rank-q PEFT adapter (adapter_config.json + adapter_model.safetensors)"}
 
     def check_entry(self, entry: TaskEntry) -> str | None:

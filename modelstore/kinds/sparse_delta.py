@@ -22,6 +22,7 @@ from .. import dtypes
 from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
+from ..options import Option
 from ..progress import bar
 from ..selection import recorded_selector
 from ..naming import match_names, renamer
@@ -29,8 +30,11 @@ from ..sources import Checkpoint, Renamed, TensorSource, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, TaskKind
+from .dare import dare_picker
+from .values import MAX_GROUP_SIZE, QUANT_MAX, VALUE_DTYPES, VALUE_LIMITS, read_values, storage_dtype, value_writer
 
 GRANULARITIES = ("global", "per-tensor")
+SPARSIFIERS = ("magnitude", "dare")
 INDEX_DTYPES = ("uint32", "uint64")
 #: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
@@ -39,16 +43,19 @@ CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
 BLOCK_ELEMENTS = 1 << 20
 #: Kept entries applied at once when a task is read.
 SCATTER_ENTRIES = 1 << 20
-_VALUE_LIMITS = {"float16": 65504.0, "bfloat16": 3.38e38, "float32": 3.4e38}
 
 
 @dataclass(frozen=True)
 class FFTOptions:
-    """How a fully fine-tuned task is sparsified: keep fraction m, top-k granularity, value dtype."""
+    """How a fully fine-tuned task is sparsified: keep fraction m, how entries are chosen (top-m
+    magnitudes, or DARE's random drop), top-k granularity, and how the kept values are stored."""
 
     keep: float = 0.1
     granularity: str = "global"
     value_dtype: str | None = None  # None: bfloat16 for bf16 tasks, float16 otherwise
+    group_size: int = 128
+    sparsify: str = "magnitude"
+    seed: int = 0
 
     def validate(self) -> None:
         """Raise InputError naming the first bad option."""
@@ -56,8 +63,34 @@ class FFTOptions:
             raise InputError(f"--keep must be a fraction in (0, 1], got {self.keep!r} (0.1 keeps the top 10%)")
         if self.granularity not in GRANULARITIES:
             raise InputError(f"--granularity must be one of {', '.join(GRANULARITIES)}, not {self.granularity!r}")
-        if self.value_dtype is not None and self.value_dtype not in dtypes.VALUE_DTYPES:
-            raise InputError(f"--value-dtype must be one of {', '.join(dtypes.VALUE_DTYPES)}, not {self.value_dtype!r}")
+        if self.value_dtype is not None and self.value_dtype not in VALUE_DTYPES:
+            raise InputError(f"--value-dtype must be one of {', '.join(VALUE_DTYPES)}, not {self.value_dtype!r}")
+        if not _whole(self.group_size) or not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise InputError(f"--group-size must be a whole number of values per scale in [1, {MAX_GROUP_SIZE}], "
+                             f"got {self.group_size!r} (128 is usual)")
+        if self.sparsify not in SPARSIFIERS:
+            raise InputError(f"--sparsify must be one of {', '.join(SPARSIFIERS)}, not {self.sparsify!r}")
+        if not _whole(self.seed) or not 0 <= self.seed < 1 << 62:
+            raise InputError(f"--seed must be a whole number in [0, 2**62), got {self.seed!r}")
+        if self.sparsify == "dare" and self.granularity != "global":
+            raise InputError("--granularity applies to --sparsify magnitude; DARE drops each entry on its own")
+
+
+#: FFTOptions as the CLI, configs and `Store.add_task` see them.
+FFT_DECLARED = (
+    Option("keep", 0.1, "fraction m of delta entries kept per task, in (0, 1]"),
+    Option("granularity", "global", "top-m% over the whole model or within each tensor", choices=GRANULARITIES),
+    Option("value_dtype", None, "how kept values are stored: floats, or int8/int4 with a float16 scale per group "
+           "[default: bfloat16 for bf16 models, else float16]", choices=VALUE_DTYPES),
+    Option("group_size", 128, "int8/int4 values: consecutive kept values of a tensor sharing one float16 scale"),
+    Option("sparsify", "magnitude", "which entries are kept: the top-m magnitudes, or DARE's random drop with "
+           "probability 1-m and rescale by 1/m", choices=SPARSIFIERS),
+    Option("seed", 0, "--sparsify dare: seed of the random drop (tensor i draws from seed + i)"),
+)
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[str], bool]) -> list[tuple[str, str]]:
@@ -92,6 +125,22 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
             and not bool(torch.isfinite(t).all()):
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
+
+
+def store_whole_or_same(out: PayloadWriter, task: str, name: str, source: TensorSource, base: TensorSource,
+                        entry: Callable[..., TableEntry] | None = None) -> int:
+    """Write a tensor that is not compressed: a count-0 `sparse` entry (read: the base's tensor) when
+    it equals the base's, else stored whole; `entry(name, **fields)` makes the table entry (the
+    task's own name). Returns 1 when stored whole."""
+    entry = entry or (lambda n, **fields: {"name": n, **fields})
+    t = source.get(name)
+    check_finite(t, f"task {task!r} tensor {name!r}")
+    if name in base.names() and base.shape(name) == tuple(t.shape) and base.dtype(name) == t.dtype \
+            and torch.equal(base.get(name), t):
+        out.add(entry(name, kind="sparse", shape=list(t.shape), dtype=dtypes.dtype_name(t.dtype), start=0, count=0))
+        return 0
+    out.add_dense(entry(name)["name"], t, "dense")
+    return 1
 
 
 def _matched(task: str, source: TensorSource, base: TensorSource) -> dict[str, str]:
@@ -152,6 +201,16 @@ class _Deltas:
             yield magnitude_bits(u, out=self._bits[:u.numel()])
 
 
+def _magnitude_picker(keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(kept indices, their values) of each block of u: the top-m magnitudes a Cut's keeper selects."""
+
+    def pick(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = keeper(magnitude_bits(u))
+        return idx, u[idx]
+
+    return pick
+
+
 class SparseDelta(TaskKind):
     """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
 
@@ -159,6 +218,12 @@ class SparseDelta(TaskKind):
     title = "a full fine-tune"
     kept_label = "entries kept"
     original_label = "the full checkpoint"
+    declared = FFT_DECLARED
+
+    def make_options(self, given: dict[str, Any]) -> FFTOptions:
+        opts = FFTOptions(**given)
+        opts.validate()
+        return opts
 
     def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
         """The merged base if the store has one, else θ0; `requested` picks one explicitly."""
@@ -166,12 +231,15 @@ class SparseDelta(TaskKind):
 
     def check_entry(self, entry: TaskEntry) -> str | None:
         p = entry["params"]
-        if p.get("value_dtype") not in dtypes.VALUE_DTYPES or p.get("index_dtype") not in INDEX_DTYPES:
+        if p.get("value_dtype") not in VALUE_DTYPES or p.get("index_dtype") not in INDEX_DTYPES:
             return f"value dtype {p.get('value_dtype')!r} or index dtype {p.get('index_dtype')!r} is not one of the format's"
+        if p["value_dtype"] in QUANT_MAX and not (_whole(p.get("group_size")) and p["group_size"] >= 1):
+            return f"group size {p.get('group_size')!r} of quantized values is not a positive integer"
         return None
 
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
-        return {"indices": entry["params"]["index_dtype"], "values": entry["params"]["value_dtype"]}
+        p = entry["params"]
+        return {"indices": p["index_dtype"], "values": storage_dtype(p["value_dtype"]), "scales": "float16"}
 
     def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
               options: FFTOptions, progress: bool) -> dict[str, Any]:
@@ -196,7 +264,10 @@ class SparseDelta(TaskKind):
         base_names = set(base.names())
         total = sum(sizes.values())
         deltas = _Deltas(source, base, sparse, CACHE_BYTES)
-        if opts.granularity == "global":
+        dare = opts.sparsify == "dare"
+        if dare:  # about keep·N entries, at most N
+            capacity, keeper = total, None
+        elif opts.granularity == "global":
             k = kept_count(opts.keep, total)
             keeper = find_cut(k, deltas.bits).keeper()
             capacity = k
@@ -207,10 +278,9 @@ class SparseDelta(TaskKind):
             raise InputError(f"--keep {opts.keep} keeps no entry of task {task!r} ({total} delta entries"
                              f"{' per tensor' if opts.granularity == 'per-tensor' else ''}); raise --keep")
         index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
-        idx_w = out.declare("indices", index_dtype, capacity, kind="indices")
-        val_w = out.declare("values", value_dtype, capacity)
+        values = value_writer(out, value_dtype, index_dtype, capacity, len(sparse), opts.group_size)
         out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
-        vt = dtypes.torch_dtype(value_dtype)
+        seeds = {n: opts.seed + i for i, n in enumerate(sparse)}
         kept, dense_count = 0, 0
         stream = deltas.blocks()  # one pass over the sparse tensors, the base streamed once
         for n, kind in bar(steps, f"task {task}", progress):
@@ -220,13 +290,13 @@ class SparseDelta(TaskKind):
                 continue
             shape = list(source.shape(n))
             if kind == "sparse":
-                tensor_keeper = keeper or find_cut(kept_count(opts.keep, sizes[n]),
-                                                   lambda n=n: deltas.bits([n])).keeper()
-                start = idx_w.position
-                count, last = 0, 0
+                pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
+                    keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
+                values.begin()
                 for _, offset, u in itertools.islice(stream, len(row_blocks(tuple(shape), BLOCK_ELEMENTS))):
-                    idx = tensor_keeper(magnitude_bits(u))
-                    picked = u[idx]
+                    if dare:
+                        check_finite(u, f"task {task!r} tensor {n!r}")
+                    idx, picked = pick(u)
                     # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
                     if not picked.numel():
                         check_finite(u, f"task {task!r} tensor {n!r}")
@@ -234,36 +304,25 @@ class SparseDelta(TaskKind):
                     if not bool(torch.isfinite(picked).all()):
                         raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
                                          "fix the checkpoint before storing it")
-                    if float(picked.abs().max()) > _VALUE_LIMITS[value_dtype]:
+                    if float(picked.abs().max()) > VALUE_LIMITS[value_dtype]:
                         raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
                                          "use --value-dtype float32")
-                    vals = picked.to(vt)
-                    nz = vals != 0
-                    if not bool(nz.all()):  # values that round to zero would be stored zeros
-                        idx, vals = idx[nz], vals[nz]
-                    if not idx.numel():
-                        continue
-                    pos = idx + offset
-                    idx_w.append(torch.diff(pos, prepend=pos.new_tensor([last])).numpy().astype(index_dtype))
-                    val_w.append(dtypes.to_numpy(vals))
-                    last, count = int(pos[-1]), count + int(idx.numel())
-                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)),
-                              start=start, count=count))
-                kept += count
+                    values.add(idx + offset, picked)
+                fields = values.end()
+                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)), **fields))
+                kept += int(fields["count"])  # type: ignore[call-overload]
                 continue
-            t = source.get(n)
-            check_finite(t, f"task {task!r} tensor {n!r}")
-            if n in base_names and base.shape(n) == tuple(t.shape) and base.dtype(n) == t.dtype \
-                    and torch.equal(base.get(n), t):
-                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(t.dtype), start=0, count=0))
-                continue
-            out.add_dense(entry(n)["name"], t, "dense")
-            dense_count += 1
+            dense_count += store_whole_or_same(out, task, n, source, base, entry)
         merge = base_entry.get("merge", {})
+        params = {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
+                  "index_dtype": index_dtype, "merge": merge}
+        if value_dtype in QUANT_MAX:
+            params["group_size"] = opts.group_size
+        if dare:
+            params.update(sparsify="dare", seed=opts.seed)
         return {
             "method": "post-pruning" if merge.get("method", "none") == "none" else "peru-fft",
-            "params": {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
-                       "index_dtype": index_dtype, "merge": merge},
+            "params": params,
             "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": full_bytes,
         }
 
@@ -287,6 +346,7 @@ class SparseDelta(TaskKind):
                 yield t["name"], flat.view(t["shape"]).to(want)
                 continue
             out = flat if want == flat.dtype else flat.to(want)
+            vals = read_values(segments, t, p)
             last = 0
             for b0 in range(s, s + c, SCATTER_ENTRIES):  # in blocks: temporaries stay small and in cache
                 n = min(SCATTER_ENTRIES, s + c - b0)
@@ -295,16 +355,18 @@ class SparseDelta(TaskKind):
                 if last >= flat.numel():  # gaps are unsigned, so the last position is the largest
                     raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
                                             "the store is damaged")
-                updated = flat[pos].to(torch.float32).add_(segments.get("values", b0, n, p["value_dtype"]))
+                updated = flat[pos].to(torch.float32).add_(vals[b0 - s:b0 - s + n])
                 out[pos] = updated.to(want)
             yield t["name"], out.view(t["shape"])
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
-        return {"keep": entry["params"].get("keep")}
+        p = entry["params"]
+        return {"keep": p.get("keep"), "values": p.get("value_dtype"), "sparsify": p.get("sparsify", "magnitude")}
 
     def describe(self, info: Mapping[str, Any]) -> str:
         return (f"{info['kept']} of {info['total']} entries kept, {human_bytes(info['bytes'])} "
                 f"({percent(info['ratio'])} of the full checkpoint)")
 
 
-__all__ = ["SparseDelta", "FFTOptions", "GRANULARITIES", "plan", "check_finite"]
+__all__ = ["SparseDelta", "FFTOptions", "FFT_DECLARED", "GRANULARITIES", "SPARSIFIERS", "plan", "check_finite",
+           "store_whole_or_same"]

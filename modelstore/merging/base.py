@@ -10,34 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import InputError
+from ..options import Option
 from ..sources import TensorSource
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of a merge method, declared once: the keyword, the config key, the CLI flag,
-    the default and the help all come from here, so they cannot drift apart."""
-
-    name: str
-    """Keyword of `modelstore.merge`, `get_method` and `build(merge_options=...)`, and the key
-    recorded in the store's manifest (e.g. `lam`)."""
-    default: float | str
-    help: str
-    key: str = ""
-    """Key in a build config's `merge:` section (default: `name`; `lambda` for `lam`)."""
-    flag: str = ""
-    """CLI flag of `modelstore build` (default: `--` + key with `_` as `-`)."""
-    choices: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", self.key or self.name)
-        object.__setattr__(self, "flag", self.flag or "--" + self.key.replace("_", "-"))
 
 
 class MergeMethod:

@@ -7,13 +7,14 @@ from typing import Any
 from ..errors import InputError
 from .average import Average
 from .base import MergeMethod
+from .emr import EMRElect
 from .fisher import Fisher
 from .none import NoMerge
 from .regmean import RegMean
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
-METHODS: list[type[MergeMethod]] = [TaskArithmetic, Average, NoMerge, Ties, Fisher, RegMean]
+METHODS: list[type[MergeMethod]] = [TaskArithmetic, Average, NoMerge, Ties, Fisher, RegMean, EMRElect]
 
 
 def method_names() -> list[str]:

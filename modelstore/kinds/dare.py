@@ -1,0 +1,31 @@
+"""DARE (Yu et al., 2024, "Language Models are Super Mario") as a sparsifier of PERU-FFT: each
+delta entry is dropped with probability p = 1 − m and the kept ones are rescaled by 1/(1 − p), so
+about m·N entries are stored, the byte budget of magnitude top-m at the same m."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def dare_picker(keep: float, seed: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(kept indices, rescaled values) of each successive block of one tensor's delta.
+
+    The tensor's draws come from one torch.Generator seeded `seed`, one float32 `torch.rand` per
+    entry in row-major order, block after block (the draws do not depend on how the tensor is cut
+    into blocks); entry i is kept when its draw is < float32(keep) and stored as
+    u·float32(1/keep), the product in float32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bound = torch.tensor(keep, dtype=torch.float32)
+    rescale = torch.tensor(1.0 / keep, dtype=torch.float32)
+
+    def pick(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.nonzero(torch.rand(u.numel(), generator=gen) < bound).view(-1)
+        return idx, u[idx] * rescale
+
+    return pick
+
+
+__all__ = ["dare_picker"]
