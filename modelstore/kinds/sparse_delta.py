@@ -26,7 +26,7 @@ from ..selection import recorded_selector
 from ..sources import Checkpoint, TensorSource
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
-from .base import BaseTensors, TaskKind
+from .base import BaseTensors, Edit, Replace, TaskKind
 
 GRANULARITIES = ("global", "per-tensor")
 INDEX_DTYPES = ("uint32", "uint64")
@@ -131,6 +131,17 @@ class _Deltas:
                 yield magnitude_bits(u)
 
 
+@dataclass(frozen=True)
+class AddAt(Edit):
+    """Kept entries of a sparse delta: float32(B[p]) + float32(v) at the positions p."""
+
+    delta: torch.Tensor
+
+    def new(self, base: torch.Tensor | None) -> torch.Tensor:
+        assert base is not None
+        return base.to(torch.float32) + self.delta
+
+
 class SparseDelta(TaskKind):
     """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
 
@@ -232,33 +243,31 @@ class SparseDelta(TaskKind):
             "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": source.nbytes(),
         }
 
+    def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
+              device: torch.device) -> Iterator[Edit]:
+        """Per sparse tensor its positions cumsum(gaps) and values; dense tensors whole (spec: "Reading a task")."""
+        p = entry["params"]
+        for t in table:
+            name, shape, dtype, s, c = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"]), t["start"], t["count"]
+            if t["kind"] != "sparse":
+                yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
+                continue
+            pos = torch.cumsum(segments.get("indices", s, c, p["index_dtype"]).to(torch.int64), 0)
+            if c and int(pos[-1]) >= math.prod(shape):  # gaps are unsigned, so the last position is the largest
+                raise CorruptStoreError(f"task tensor {name!r}: a stored index lies outside the tensor; "
+                                        "the store is damaged")
+            yield AddAt(name, shape, dtype, pos, segments.get("values", s, c, p["value_dtype"]))
+
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Base + values at positions cumsum(gaps) per sparse tensor, on `device` (spec: "Reading a task").
+        """Base + values at the kept positions, on `device`.
 
         Only the k kept entries are computed in float32 (float32(B[p]) + float32(v), rounded to the
         output dtype); every other entry is the base's own, which is what the float32 round trip
         of the whole tensor gives too, so the result is bit-identical at a fraction of the work.
         """
-        p = entry["params"]
-        for t in table:
-            want = dtypes.output_dtype(dtypes.torch_dtype(t["dtype"]), dtype)
-            s, c = t["start"], t["count"]
-            if t["kind"] != "sparse":
-                yield t["name"], segments.get(t["array"], s, c, t["dtype"]).view(t["shape"]).to(want)
-                continue
-            flat = base.fresh(t["name"]).reshape(-1)
-            if c == 0:
-                yield t["name"], flat.view(t["shape"]).to(want)
-                continue
-            pos = torch.cumsum(segments.get("indices", s, c, p["index_dtype"]).to(torch.int64), 0)
-            if int(pos[-1]) >= flat.numel():  # gaps are unsigned, so the last position is the largest
-                raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
-                                        "the store is damaged")
-            updated = flat[pos].to(torch.float32).add_(segments.get("values", s, c, p["value_dtype"]))
-            out = flat if want == flat.dtype else flat.to(want)
-            out[pos] = updated.to(want)
-            yield t["name"], out.view(t["shape"])
+        for e in self.edits(segments, table, entry, device):
+            yield e.name, e.applied(base.fresh(e.name) if e.uses_base else None, dtype)
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         return {"keep": entry["params"].get("keep")}
