@@ -25,7 +25,7 @@ def _transformers() -> Any:
 def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
     """The class to build: `model_cls`, a transformers class name, or AutoModel's class for `config`."""
     if model_cls is None:
-        cls = transformers.MODEL_MAPPING.get(type(config))
+        cls = transformers.MODEL_MAPPING.get(type(config), None)
         if cls is None:
             raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
                              "pass model_cls=...")
