@@ -67,10 +67,12 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
         raise InputError(f"the base of task {task!r} keeps no config.json (the store was built from a bare state "
                          f"dict); build the model yourself and call store.load_into(model, {task!r})")
     fields = json.loads(config_json)
+    model_type = fields.pop("model_type", None)
     try:
-        config = transformers.AutoConfig.for_model(fields.pop("model_type", None), **fields)
-    except ValueError as e:
-        raise InputError(f"the config.json of task {task!r}'s base names no model type transformers knows ({e})") from None
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError:
+        raise InputError(f"the config.json of task {task!r}'s base has model_type {model_type!r}, which this "
+                         "transformers does not know; upgrade transformers") from None
     cls = _model_class(transformers, model_cls, config)
     want = dtypes.requested_dtype(dtype)
     sd = store.load(task, device=device, dtype=want)
@@ -80,8 +82,9 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
         model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
                                           device_map={"": torch.device(device)}, output_loading_info=True)
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
-        raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): "
-                         f"{str(e).splitlines()[0]}; pass the model class it was fine-tuned as") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
     wrong = [f"{what} {sorted(info[key])[:3]}" for key, what in
              (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "other shape"))
              if info.get(key)]

@@ -268,13 +268,13 @@ class Store:
     def switch(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
         """Make `model` hold `task`'s weights in place, rewriting only the entries tasks change.
 
-        The model (on any device, float32/float16/bfloat16) then equals `load(task, dtype=its
+        The model (on any one device, float32/float16/bfloat16) then equals `load(task, dtype=its
         dtype)` bit for bit. The switch puts back the entries the previous task changed (it kept
         their old values: memory of the order of the entries tasks change, never a copy of the
         model), rewrites the tensors whose base differs when `task` sits on another base, and
         writes `task`'s changes. The first switch of a model (or of one moved or cast since) writes
-        the whole base first, like `load_into`; after `load_into` or other writes to the model's
-        weights, the next switch does that again.
+        the whole base first, like `load_into`, and so does the first switch after a `load_into`;
+        weights changed in place by other means are not noticed, so write them through the store.
 
         Not thread-safe for one model: a switch mutates its parameters, so never run it during a
         forward pass or another switch of the same model. Different models may switch at once.

@@ -248,7 +248,8 @@ class SparseDelta(TaskKind):
         """Per sparse tensor its positions cumsum(gaps) and values; dense tensors whole (spec: "Reading a task")."""
         p = entry["params"]
         for t in table:
-            name, shape, dtype, s, c = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"]), t["start"], t["count"]
+            name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
+            s, c = t["start"], t["count"]
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
                 continue
