@@ -103,6 +103,7 @@ def switch(model: torch.nn.Module, source: SwitchSource, strict: bool) -> None:
 
 
 def _restore(target: ModuleTensors, state: SwitchState) -> None:
+    """Put back what the current task overwrote: the model holds `state.base` again."""
     for name, (positions, old) in state.saved.items():
         dst = target.tensors[name]
         if positions is None:
