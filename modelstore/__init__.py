@@ -3,6 +3,7 @@
 >>> import modelstore
 >>> store = modelstore.build("store", "models/bert-base", {"sst2": "ft/sst2"}, keep=0.1)
 >>> sd = modelstore.open("store").load("sst2", device="cuda")
+>>> modelstore.open("store").switch(model, "sst2")   # a resident model, in place, O(changed entries)
 """
 
 from . import stats
@@ -11,6 +12,7 @@ from .api import open_store as open  # noqa: A004
 from .build import build, init
 from .errors import (ConflictError, CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
                      SingleWriterWarning, StorageError, StoreNotFoundError, TaskExistsError, TaskNotFoundError)
+from .hf_models import load_model
 from .kinds import StoredAdapter
 from .merging import merge
 from .store import Store
@@ -19,7 +21,7 @@ from .transfer import SyncReport, sync
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "load", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
+    "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
     "Store", "StoredAdapter", "SyncReport",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
     "TaskExistsError", "CorruptStoreError", "ConflictError", "StorageError", "SingleWriterWarning",

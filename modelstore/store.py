@@ -16,7 +16,7 @@ from typing import Any, Literal, overload
 
 import torch
 
-from . import dtypes
+from . import dtypes, switching
 from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
@@ -25,6 +25,8 @@ from .format.payload import PayloadFields, PayloadReader, PayloadWriter
 from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
 from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
+from .kinds.base import Edit, Replace
+from .modules import ModuleTensors
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
 from .storage import Location
@@ -259,28 +261,42 @@ class Store:
         """Copy `task`'s weights into `model` in place, on the model's device (strict by default).
 
         Tensors are made and copied one at a time, so the model's memory is never needed twice.
+        Tied weights (one tensor under two names, like GPT-2's lm_head and wte) are written once,
+        and a tied name the store lacks is not missing.
 
         Raises:
             InputError: the task's tensors do not fit the model.
         """
-        target = model.state_dict(keep_vars=True)
-        device = next(iter(target.values())).device if target else torch.device("cpu")
-
-        def fits(names: list[str]) -> None:
-            missing, unexpected = sorted(set(target) - set(names)), sorted(set(names) - set(target))
-            if strict and (missing or unexpected):
-                what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-                raise InputError(f"task {task!r} does not fit this model: {what} key(s) in its state dict")
-
+        target = ModuleTensors(model)
+        switching.forget(model)
+        written: set[str] = set()
         with torch.no_grad():
-            for name, t in self._tensors(task, self.entry(task), device, None, fits):  # one tensor at a time
-                dst = target.get(name)
-                if dst is None:
-                    continue
-                if tuple(dst.shape) != tuple(t.shape):
-                    raise InputError(f"task {task!r} does not fit this model: {name} has shape {list(t.shape)} in "
-                                     f"the store but {list(dst.shape)} in the model")
-                dst.copy_(t)
+            for name, t in self._tensors(task, self.entry(task), target.device, None,
+                                         lambda names: target.check_fit(task, names, strict)):
+                dst = target.claim(task, name, t.shape, written)  # one tensor at a time
+                if dst is not None:
+                    dst.copy_(t)
+        return model
+
+    def switch(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
+        """Make `model` hold `task`'s weights in place, rewriting only the entries tasks change.
+
+        The model (on any one device, float32/float16/bfloat16) then equals `load(task, dtype=its
+        dtype)` bit for bit. The switch puts back the entries the previous task changed (it kept
+        their old values: memory of the order of the entries tasks change, never a copy of the
+        model), rewrites the tensors whose base differs when `task` sits on another base, and
+        writes `task`'s changes. The first switch of a model (or of one moved or cast since) writes
+        the whole base first, like `load_into`, and so does the first switch after a `load_into`;
+        weights changed in place by other means are not noticed, so write them through the store.
+
+        Not thread-safe for one model: a switch mutates its parameters, so never run it during a
+        forward pass or another switch of the same model. Different models may switch at once.
+
+        Raises:
+            InputError: the task's tensors do not fit the model (see `load_into`).
+            TaskNotFoundError: no such task.
+        """
+        switching.switch(model, _SwitchSource(self, task, ModuleTensors(model).device), strict)
         return model
 
     # -- writing ---------------------------------------------------------------
@@ -545,11 +561,12 @@ class Store:
 
 
 class _BaseTensors:
-    """The base of one load: from the cache (cloned per tensor) or streamed from storage."""
+    """The base of one load: from the cache (cloned per tensor) or streamed from storage.
+    `fill_cache=False` uses the cache only if it is already there (never reads the base into it)."""
 
-    def __init__(self, store: Store, base_id: str, device: torch.device):
+    def __init__(self, store: Store, base_id: str, device: torch.device, fill_cache: bool = True):
         self.others: dict[str, _BaseTensors] = {}
-        self._cached = store._cached_base(base_id, device)
+        self._cached = store._cached_base(base_id, device) if fill_cache else store._bases.get((base_id, str(device)))
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
@@ -560,8 +577,12 @@ class _BaseTensors:
         return self._names
 
     def fresh(self, name: str) -> torch.Tensor:
+        return self.view(name).clone() if self._cached is not None else self.view(name)
+
+    def view(self, name: str) -> torch.Tensor:
+        """Base tensor `name` to read only (the cached tensor itself), asked for in base order."""
         if self._cached is not None:
-            return self._cached[name].clone()
+            return self._cached[name]
         e = self._by_name[name]
         return self._segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
 
@@ -571,6 +592,48 @@ class _BaseTensors:
     def close(self) -> None:
         if self._cached is None:
             self._segments.close()
+
+
+class _SwitchSource:
+    """Task `task` of `store` as a switch reads it (switching.SwitchSource), on `device`."""
+
+    def __init__(self, store: Store, task: str, device: torch.device):
+        self.store, self.task, self.device = store, task, device
+        self.entry = store.entry(task)
+        self.kind = get_kind(self.entry["kind"])
+        self.payload = store._payload(self.entry, f"task {task!r}", self.kind)
+        self.base_id = self.entry["base"]
+        self.base_key = f"{store.url}#{store._base_entry(self.base_id)['path']}"
+        self.task_key = f"{store.url}#{self.entry['path']}"
+        self._base = store.stored_base(self.base_id)
+        self._dtypes = {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
+
+    def names(self) -> list[str]:
+        return self.kind.output_names(self.payload.table, list(self._dtypes))
+
+    def base_dtype(self, name: str) -> torch.dtype | None:
+        return self._dtypes.get(name)
+
+    def base_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        base = _BaseTensors(self.store, self.base_id, self.device, fill_cache=False)
+        for name in base.names():
+            yield name, base.view(name)
+        base.close()
+
+    def base_values(self, name: str, positions: torch.Tensor | None) -> torch.Tensor:
+        """From the base kept in CPU memory when the cache policy keeps it, else read from storage."""
+        cached = self.store._cached_base(self.base_id, torch.device("cpu"))
+        t = cached[name] if cached is not None else self._base.get(name)
+        return (t if positions is None else t.reshape(-1)[positions.cpu()]).to(self.device)
+
+    def edits(self) -> Iterator[Edit]:
+        if not self.kind.describes_edits:  # its tensors whole: correct, at the cost of a load
+            for name, t in self.store._tensors(self.task, self.entry, self.device, None):
+                yield Replace(name, tuple(t.shape), t.dtype, None, t)
+            return
+        segments = self.payload.stream(self.device)
+        yield from self.kind.edits(segments, self.payload.table, self.entry, self.device)
+        segments.close()
 
 
 def source_info(ck: Checkpoint) -> dict[str, str]:

@@ -89,7 +89,7 @@ def test_verify_json_and_threshold(built, bert_models):
 
 def test_every_command_has_help():
     from modelstore.cli import main
-    assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync", "check", "gc"}
+    assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync", "check", "gc", "eval"}
     for cmd in [[], *([c] for c in main.commands)]:
         assert "Usage:" in run(*cmd, "--help").output
 

@@ -107,6 +107,35 @@ def test_classifier_accuracy_agreement_and_kl(models, tmp_path):
     assert r["mean_kl"] == pytest.approx(kl / n, rel=1e-6, abs=1e-9) and r["mean_kl"] > 0
 
 
+def test_causal_lm_perplexity_and_agreement(models, tmp_path):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    url, original = models["gpt2"]
+    res = CliRunner().invoke(main, ["eval", url, "t", "--original", original, "--data", _data(tmp_path),
+                                    "--batch-size", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    ref, mine = _pair(url, original, GPT2LMHeadModel)
+    tok = AutoTokenizer.from_pretrained(original)
+    nll_ref = nll_mine = 0.0
+    tokens = agree = 0
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = tok(text, return_tensors="pt").input_ids
+            if ids.shape[1] < 2:
+                continue
+            a = ref(ids).logits[0, :-1].double().log_softmax(-1)
+            b = mine(ids).logits[0, :-1].double().log_softmax(-1)
+            target = ids[0, 1:]
+            nll_ref -= float(a[torch.arange(len(target)), target].sum())
+            nll_mine -= float(b[torch.arange(len(target)), target].sum())
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            tokens += len(target)
+    assert r["kind"] == "causal-lm" and r["tokens"] == tokens
+    assert r["perplexity_original"] == pytest.approx(math.exp(nll_ref / tokens), rel=1e-6)
+    assert r["perplexity_stored"] == pytest.approx(math.exp(nll_mine / tokens), rel=1e-6)
+    assert r["top1_agreement"] == agree / tokens and r["perplexity_stored"] != r["perplexity_original"]
+
+
 def test_bad_eval_inputs_are_one_line_errors(models, tmp_path):
     url, original = models["bert"]
     bad = tmp_path / "bad.jsonl"

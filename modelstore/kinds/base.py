@@ -1,7 +1,8 @@
 """The interface every task kind implements.
 
 A task kind owns one way of keeping a task next to a base: how it is written from its input
-(`write`), rebuilt on a device (`materialize`), returned unmerged (`unmerged`), summarized for
+(`write`), rebuilt on a device (`tensors`), described as changes to its base (`edits`, which
+switching a resident model between tasks needs), returned unmerged (`unmerged`), summarized for
 `ls` / `info`, and exported in its own native format. The Store, the CLI and export know a task
 only through its kind; the manifest records the kind's `name` in each task entry. A kind may read
 more than one base (TALL masks and EMR need θ0 next to the merged θ*): it names the others in
@@ -10,11 +11,14 @@ more than one base (TALL masks and EMR need θ0 next to the merged θ*): it name
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
 
+from .. import dtypes
 from ..errors import InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, Segments
@@ -61,6 +65,66 @@ class WithOtherBases:
 
     def other(self, base_id: str) -> TensorSource:
         return self.others[base_id]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One tensor of a task as a change to its base tensor: the entries at the flat `positions`
+    (every entry when None) take `new(base values there)`. A load applies it to a fresh base tensor
+    (`applied`); a switch applies it in place to a model that holds the base, touching only those
+    entries, and so both give the same bits."""
+
+    name: str
+    shape: tuple[int, ...]
+    #: The task tensor's dtype as stored (what a load with dtype=None returns).
+    dtype: torch.dtype
+    #: Flat int64 positions on the load's device, sorted; None: the whole tensor.
+    positions: torch.Tensor | None
+    #: The base tensor this one changes, when its name differs (a task saved under a head's prefix).
+    base_name: str | None = field(default=None, kw_only=True)
+    #: Whether `new` reads the base's values (False: the tensor is stored whole).
+    uses_base: ClassVar[bool] = True
+
+    def new(self, base: torch.Tensor | None) -> torch.Tensor:
+        """The task's values at `positions` from the base's values there, in the base's stored dtype
+        (None when not `uses_base`), before the cast to the output dtype. Must not change `base`."""
+        raise NotImplementedError
+
+    @property
+    def source(self) -> str:
+        """The name of the base tensor the edit reads."""
+        return self.base_name or self.name
+
+    def count(self) -> int:
+        """How many entries of the tensor the task changes."""
+        return math.prod(self.shape) if self.positions is None else int(self.positions.numel())
+
+    def values(self, base: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """`new(base)` in the output dtype of a load asking for `dtype` (None: the stored dtype)."""
+        return self.new(base).to(dtypes.output_dtype(self.dtype, dtype))
+
+    def applied(self, base: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """The whole task tensor from its whole base tensor (a fresh one, which this may reuse)."""
+        if self.positions is None:
+            return self.values(base, dtype).view(self.shape)
+        assert base is not None
+        want = dtypes.output_dtype(self.dtype, dtype)
+        flat = base.reshape(-1)
+        out = flat if want == flat.dtype else flat.to(want)
+        if self.positions.numel():
+            out[self.positions] = self.values(flat[self.positions], dtype)
+        return out.view(self.shape)
+
+
+@dataclass(frozen=True)
+class Replace(Edit):
+    """A tensor stored whole: the task's value whatever the base holds."""
+
+    tensor: torch.Tensor
+    uses_base: ClassVar[bool] = False
+
+    def new(self, base: torch.Tensor | None) -> torch.Tensor:
+        return self.tensor
 
 
 class TaskKind:
@@ -132,6 +196,16 @@ class TaskKind:
         never holds two copies), from its arrays read front to back and its base."""
         raise NotImplementedError
 
+    #: Whether the kind implements `edits`; a switch to a task of a kind that does not rewrites
+    #: its tensors whole (as a load makes them), keeping what they overwrite.
+    describes_edits: ClassVar[bool] = False
+
+    def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
+              device: torch.device) -> Iterator[Edit]:
+        """The task as changes to its base, one tensor at a time, from its arrays read front to back:
+        one Edit per name of `output_names` except the base tensors it leaves as they are."""
+        raise NotImplementedError
+
     def output_names(self, table: list[TableEntry], base_names: list[str]) -> list[str]:
         """The names of the tensors `tensors` yields: by default, those of the task's table."""
         return [t["name"] for t in table]
@@ -153,4 +227,4 @@ class TaskKind:
         raise NotImplementedError
 
 
-__all__ = ["TaskKind", "BaseTensors", "WithOtherBases"]
+__all__ = ["TaskKind", "BaseTensors", "WithOtherBases", "Edit", "Replace"]

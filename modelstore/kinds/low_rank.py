@@ -25,7 +25,7 @@ from ..lora import LoraAdapter, LoraError, LowRank, compress_adapter, read_adapt
 from ..progress import bar
 from ..sources import TensorSource
 from ..units import human_bytes, percent
-from .base import BaseTensors, TaskKind
+from .base import BaseTensors, Edit, Replace, TaskKind
 
 FACTORS = "factors.float32"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -92,6 +92,18 @@ class AdapterInput:
             if os.path.isfile(os.path.join(self.path, f)):
                 return os.path.getsize(os.path.join(self.path, f))
         return 0
+
+
+@dataclass(frozen=True)
+class AddLowRank(Edit):
+    """An adapted weight: float32(B) + U·diag(S)·Vᵀ (in the weight's layout), formed on `device`."""
+
+    update: LowRank
+    device: torch.device
+
+    def new(self, base: torch.Tensor | None) -> torch.Tensor:
+        assert base is not None
+        return base.to(torch.float32) + self.update.dense(self.device, torch.float32)
 
 
 class LowRankAdapter(TaskKind):
@@ -172,18 +184,32 @@ class LowRankAdapter(TaskKind):
         """Every base tensor, and the saved tensors the base lacks (a new head)."""
         return list(dict.fromkeys([*base_names, *(t["name"] for t in table if t["kind"] != "lowrank")]))
 
+    describes_edits = True
+
+    def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
+              device: torch.device) -> Iterator[Edit]:
+        """Each adapted weight whole (θ0 + its low-rank update), and each saved tensor whole."""
+        a = self.unmerged(segments, table, entry, device)
+        for t in table:
+            name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
+            if t["kind"] == "lowrank":
+                yield AddLowRank(name, shape, dtype, None, a.updates[name], device)
+            else:
+                yield Replace(name, shape, dtype, None, a.tensors[name])
+
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
         """θ0 + U·diag(S)·Vᵀ for every adapted weight, saved tensors replacing theirs, on `device`."""
-        a = self.unmerged(segments, table, entry, device)
+        edits = {e.name: e for e in self.edits(segments, table, entry, device)}
         for n in base.names():
-            if n in a.tensors:
+            e = edits.get(n)
+            if e is not None and not e.uses_base:
                 continue  # a saved tensor replaces it below
-            b, low = base.fresh(n), a.updates.get(n)
-            merged = b if low is None else b.to(torch.float32).add_(low.dense(device, torch.float32))
-            yield n, merged.to(dtypes.output_dtype(b.dtype, dtype))
-        for n, t in a.tensors.items():
-            yield n, t.to(dtypes.output_dtype(t.dtype, dtype))
+            b = base.fresh(n)
+            yield n, b.to(dtypes.output_dtype(b.dtype, dtype)) if e is None else e.applied(b, dtype)
+        for e in edits.values():
+            if not e.uses_base:
+                yield e.name, e.applied(None, dtype)
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         p = entry["params"]

@@ -29,7 +29,7 @@ from ..naming import match_names, renamer
 from ..sources import Checkpoint, Renamed, TensorSource, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
-from .base import BaseTensors, TaskKind
+from .base import BaseTensors, Edit, Replace, TaskKind
 from .dare import dare_picker
 from .values import MAX_GROUP_SIZE, QUANT_MAX, VALUE_DTYPES, VALUE_LIMITS, read_values, storage_dtype, value_writer
 
@@ -41,8 +41,6 @@ INDEX_DTYPES = ("uint32", "uint64")
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
 #: Entries of u = θt − θ* computed at once (whole rows): small enough to stay in the CPU's cache.
 BLOCK_ELEMENTS = 1 << 20
-#: Kept entries applied at once when a task is read.
-SCATTER_ENTRIES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -211,6 +209,17 @@ def _magnitude_picker(keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callabl
     return pick
 
 
+@dataclass(frozen=True)
+class AddAt(Edit):
+    """Kept entries of a sparse delta: float32(B[p]) + float32(v) at the positions p."""
+
+    delta: torch.Tensor
+
+    def new(self, base: torch.Tensor | None) -> torch.Tensor:
+        assert base is not None
+        return base.to(torch.float32) + self.delta
+
+
 class SparseDelta(TaskKind):
     """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
 
@@ -326,38 +335,35 @@ class SparseDelta(TaskKind):
             "kept": kept, "total": total, "dense_tensors": dense_count, "full_bytes": full_bytes,
         }
 
+    describes_edits = True
+
+    def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
+              device: torch.device) -> Iterator[Edit]:
+        """Per sparse tensor its positions cumsum(gaps) and values; dense tensors whole (spec: "Reading a task")."""
+        p = entry["params"]
+        for t in table:
+            name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
+            s, c = t["start"], t["count"]
+            if t["kind"] != "sparse":
+                yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
+                continue
+            pos = torch.cumsum(segments.get("indices", s, c, p["index_dtype"]).to(torch.int64), 0)
+            if c and int(pos[-1]) >= math.prod(shape):  # gaps are unsigned, so the last position is the largest
+                raise CorruptStoreError(f"task tensor {name!r}: a stored index lies outside the tensor; "
+                                        "the store is damaged")
+            yield AddAt(name, shape, dtype, pos, read_values(segments, t, p) if c else torch.empty(0, device=device),
+                        base_name=t.get("base"))
+
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Base + values at positions cumsum(gaps) per sparse tensor, on `device` (spec: "Reading a task").
+        """Base + values at the kept positions, on `device`.
 
         Only the k kept entries are computed in float32 (float32(B[p]) + float32(v), rounded to the
         output dtype); every other entry is the base's own, which is what the float32 round trip
         of the whole tensor gives too, so the result is bit-identical at a fraction of the work.
         """
-        p = entry["params"]
-        for t in table:
-            want = dtypes.output_dtype(dtypes.torch_dtype(t["dtype"]), dtype)
-            s, c = t["start"], t["count"]
-            if t["kind"] != "sparse":
-                yield t["name"], segments.get(t["array"], s, c, t["dtype"]).view(t["shape"]).to(want)
-                continue
-            flat = base.fresh(t.get("base", t["name"])).reshape(-1)
-            if c == 0:
-                yield t["name"], flat.view(t["shape"]).to(want)
-                continue
-            out = flat if want == flat.dtype else flat.to(want)
-            vals = read_values(segments, t, p)
-            last = 0
-            for b0 in range(s, s + c, SCATTER_ENTRIES):  # in blocks: temporaries stay small and in cache
-                n = min(SCATTER_ENTRIES, s + c - b0)
-                pos = torch.cumsum(segments.get("indices", b0, n, p["index_dtype"]).to(torch.int64), 0).add_(last)
-                last = int(pos[-1])
-                if last >= flat.numel():  # gaps are unsigned, so the last position is the largest
-                    raise CorruptStoreError(f"task tensor {t['name']!r}: a stored index lies outside the tensor; "
-                                            "the store is damaged")
-                updated = flat[pos].to(torch.float32).add_(vals[b0 - s:b0 - s + n])
-                out[pos] = updated.to(want)
-            yield t["name"], out.view(t["shape"])
+        for e in self.edits(segments, table, entry, device):
+            yield e.name, e.applied(base.fresh(e.source) if e.uses_base else None, dtype)
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         p = entry["params"]

@@ -1,0 +1,97 @@
+"""A ready transformers model of a stored task: the architecture from the config.json its base
+keeps, the weights from the store. transformers is an optional dependency, imported here only."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from . import dtypes
+from .errors import InputError
+from .store import Store
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("load_model needs transformers; install it with pip install 'modelstore[hf]'") from None
+    return transformers
+
+
+def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
+    """The class to build: `model_cls`, a transformers class name, or AutoModel's class for `config`."""
+    if model_cls is None:
+        cls = transformers.MODEL_MAPPING.get(type(config), None)
+        if cls is None:
+            raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
+                             "pass model_cls=...")
+        return cls
+    cls = getattr(transformers, model_cls, None) if isinstance(model_cls, str) else model_cls
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise InputError(f"model_cls must be a transformers model class or its name (like 'GPT2LMHeadModel'), "
+                         f"not {model_cls!r}")
+    return cls
+
+
+def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type | str | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto") -> torch.nn.Module:
+    """`task` as a transformers model in eval mode, built from the config.json its base keeps.
+
+    transformers' `from_pretrained` makes the model on the meta device and takes the task's
+    tensors, loaded on `device`, as its weights: they are allocated once. Buffers the store does
+    not hold are made as transformers makes them, and tied weights (lm_head and the input
+    embeddings) are tied.
+
+    >>> model = modelstore.load_model("store", "sst2", "BertForSequenceClassification", dtype="float16")
+
+    Args:
+        store: an open Store, or its URL.
+        task: the task's name.
+        model_cls: a transformers model class or its name; AutoModel's class for the config by default.
+        device: where the weights are made.
+        dtype: "auto" (or None) keeps the stored dtypes; a float dtype or its name casts them.
+
+    Raises:
+        InputError: transformers is missing, the base keeps no config.json, or the class does not
+            match the task's tensors.
+    """
+    transformers = _transformers()
+    if not isinstance(store, Store):
+        store = Store(store)
+    config_json = store.manifest["bases"][store.entry(task)["base"]].get("config_json")
+    if not config_json:
+        raise InputError(f"the base of task {task!r} keeps no config.json (the store was built from a bare state "
+                         f"dict); build the model yourself and call store.load_into(model, {task!r})")
+    fields = json.loads(config_json)
+    model_type = fields.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError:
+        raise InputError(f"the config.json of task {task!r}'s base has model_type {model_type!r}, which this "
+                         "transformers does not know; upgrade transformers") from None
+    cls = _model_class(transformers, model_cls, config)
+    want = dtypes.requested_dtype(dtype)
+    sd = store.load(task, device=device, dtype=want)
+    floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
+    init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
+                                          device_map={"": torch.device(device)}, output_loading_info=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
+    wrong = [f"{what} {sorted(info[key])[:3]}" for key, what in
+             (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "other shape"))
+             if info.get(key)]
+    if wrong or info.get("error_msgs"):
+        raise InputError(f"{cls.__name__} does not match task {task!r}'s tensors ("
+                         f"{'; '.join(wrong) or info['error_msgs'][0]}); pass the model class it was fine-tuned as")
+    return model.eval()
+
+
+__all__ = ["load_model"]

@@ -1,0 +1,151 @@
+"""Switch a resident model between tasks in place, in time and memory O(entries the tasks change).
+
+A switched model holds a base with one task's edits on top (modelstore.kinds.base.Edit). Before
+writing an edit, the switch keeps the values it overwrites (positions and old values per tensor:
+the base's values there, in the model's dtype), so the next switch puts those back, rewrites the
+tensors whose base differs when the next task sits on another base, and applies the next task.
+Nothing of the size of the model is kept. The state is a `SwitchState` attached to the model.
+
+A model the switch does not know (never switched, or moved, cast or re-allocated since: its
+tensors' memory changed) first gets its task's base written whole, like `load_into`. Weights
+changed in place by other means are not noticed: `Store.load_into` forgets the state, and the
+next switch writes the base again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .kinds.base import Edit
+from .modules import ModuleTensors, flat_view
+
+_ATTR = "_modelstore_switch"
+
+
+class SwitchSource(Protocol):
+    """One task of a store as a switch reads it (Store.switch makes it)."""
+
+    #: Names the task's base and the task itself: equal keys, equal contents.
+    base_key: str
+    task_key: str
+    task: str
+
+    def names(self) -> list[str]:
+        """The names of the task's tensors (what a load returns)."""
+        ...
+
+    def base_dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype of base tensor `name`, None if the base has no such tensor."""
+        ...
+
+    def base_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every base tensor in its stored dtype on the model's device, one at a time, read-only."""
+        ...
+
+    def base_values(self, name: str, positions: torch.Tensor | None) -> torch.Tensor:
+        """The base's stored values of tensor `name` at flat `positions` (None: the whole tensor), on the
+        model's device: for a model whose dtype differs from the base's, which holds them rounded."""
+        ...
+
+    def edits(self) -> Iterator[Edit]:
+        """The task's edits of its base, one tensor at a time."""
+        ...
+
+
+@dataclass
+class SwitchState:
+    """What a switched model holds, so that the next switch undoes only what the last one wrote."""
+
+    base: str
+    task: str | None
+    layout: tuple
+    #: tensor name -> (flat positions, or None for the whole tensor; the values the task overwrote)
+    saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+    def entries(self) -> int:
+        """Tensor entries kept to undo the current task: the entries it changed."""
+        return sum(int(old.numel()) for _, old in self.saved.values())
+
+
+def state_of(model: torch.nn.Module, target: ModuleTensors | None = None) -> SwitchState | None:
+    """The model's switch state, or None if it has none or its tensors moved since it was recorded."""
+    state = model.__dict__.get(_ATTR)
+    if state is None or state.layout != (target or ModuleTensors(model)).layout():
+        return None
+    return state
+
+
+def forget(model: torch.nn.Module) -> None:
+    """Drop the model's switch state: its weights were written by other means."""
+    model.__dict__.pop(_ATTR, None)
+
+
+def switch(model: torch.nn.Module, source: SwitchSource, strict: bool) -> None:
+    """Make `model` hold `source`'s task, rewriting only what differs from what it holds now."""
+    target = ModuleTensors(model)
+    target.check_fit(source.task, source.names(), strict)
+    state = state_of(model, target)
+    if state is not None and state.task == source.task_key:
+        return
+    with torch.no_grad():
+        if state is not None:
+            _restore(target, state)  # the model holds state.base again
+        if state is None or state.base != source.base_key:
+            forget(model)  # until the base is written whole: a failure part way leaves an unknown model
+            _write_base(target, source, compare=state is not None)
+            state = SwitchState(source.base_key, None, target.layout())
+            model.__dict__[_ATTR] = state
+        _apply(target, source, state)
+
+
+def _restore(target: ModuleTensors, state: SwitchState) -> None:
+    """Put back what the current task overwrote: the model holds `state.base` again."""
+    for name, (positions, old) in state.saved.items():
+        dst = target.tensors[name]
+        if positions is None:
+            dst.copy_(old)
+        else:
+            flat_view(dst, name).index_put_((positions,), old)
+    state.saved.clear()
+    state.task = None
+
+
+def _write_base(target: ModuleTensors, source: SwitchSource, compare: bool) -> None:
+    """Copy the base into the model; with `compare`, only the tensors that differ from what it holds."""
+    written: set[str] = set()
+    for name, t in source.base_tensors():
+        dst = target.claim(source.task, name, t.shape, written)
+        if dst is None or (compare and torch.equal(dst, t.to(dst.dtype))):
+            continue
+        dst.copy_(t)
+
+
+def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> None:
+    """Write the task's edits over the base, keeping what each overwrites in `state` first (so a
+    failure part way still leaves a state the next switch can undo)."""
+    written: set[str] = set()
+    for e in source.edits():
+        dst = target.claim(source.task, e.name, e.shape, written)
+        if dst is None or not e.count():
+            continue
+        exact = source.base_dtype(e.source) == dst.dtype  # then the model holds the base's own values
+        dtype = dst.dtype if dst.dtype.is_floating_point else None
+        if e.positions is None:
+            old = dst.detach().clone()
+            base = (old if exact else source.base_values(e.source, None)) if e.uses_base else None
+            state.saved[e.name] = (None, old)
+            dst.copy_(e.values(base, dtype).view(dst.shape))
+        else:
+            flat = flat_view(dst, e.name)
+            old = flat[e.positions]
+            base = old if exact else source.base_values(e.source, e.positions)
+            state.saved[e.name] = (e.positions, old)
+            flat.index_put_((e.positions,), e.values(base, dtype))
+    state.task = source.task_key
+
+
+__all__ = ["SwitchSource", "SwitchState", "switch", "state_of", "forget"]

@@ -1,0 +1,83 @@
+"""Serving transformers models from a store: tied weights (GPT-2's lm_head is wte) through load_model,
+load_into and switch, generating what the original fine-tune generates; load_model's dtypes and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import modelstore
+from conftest import finetuned_copy
+
+
+@pytest.fixture(scope="module")
+def gpt2_store(tmp_path_factory):
+    """A tiny GPT-2 LM (lm_head tied to wte) and one fine-tune of it stored whole (keep 1.0)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=101, n_positions=32, bos_token_id=0,
+                     eos_token_id=100, pad_token_id=100)
+    pre = GPT2LMHeadModel(cfg)
+    pre.save_pretrained(str(root / "pre"))
+    tuned = GPT2LMHeadModel(cfg)
+    tuned.load_state_dict(finetuned_copy(pre.state_dict(), seed=5, scale=0.5))
+    tuned.tie_weights()
+    tuned.save_pretrained(str(root / "ft"))
+    url = str(root / "s")
+    modelstore.build(url, str(root / "pre"), {"ft": str(root / "ft")}, merge="none", keep=1.0, value_dtype="float32")
+    return {"url": url, "cfg": cfg, "tuned": tuned.eval()}
+
+
+def _greedy(model, n=12):
+    prompt = torch.tensor([[1, 7, 42, 3]])
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                          pad_token_id=100)[0].tolist()
+
+
+def _tied(model):
+    return model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_tied_gpt2_generates_as_the_original_through_every_route(gpt2_store):
+    from transformers import GPT2LMHeadModel
+    want = _greedy(gpt2_store["tuned"])
+    store = modelstore.open(gpt2_store["url"])
+    assert "lm_head.weight" not in store.load("ft")  # saved once, under wte
+    loaded = modelstore.load_model(store, "ft", GPT2LMHeadModel)
+    assert _tied(loaded) and not loaded.training and _greedy(loaded) == want
+    for write in (store.load_into, store.switch):
+        m = GPT2LMHeadModel(gpt2_store["cfg"]).eval()
+        write(m, "ft")
+        assert _tied(m) and _greedy(m) == want
+
+
+def test_load_model_dtypes_and_class_names(gpt2_store):
+    from transformers import GPT2Model
+    store = modelstore.open(gpt2_store["url"])
+    plain = modelstore.load_model(gpt2_store["url"], "ft")  # AutoModel's class for the config
+    assert type(plain) is GPT2Model and plain.wte.weight.dtype == torch.float32
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("auto", torch.float32)):
+        m = modelstore.load_model(store, "ft", "GPT2LMHeadModel", dtype=name)
+        assert {p.dtype for p in m.parameters()} == {dtype} and _tied(m)
+        want = store.load("ft", dtype=dtype)
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
+
+
+def test_load_model_errors_are_one_line(gpt2_store, bert_models, tmp_path):
+    from transformers import BertModel, GPT2ForSequenceClassification
+    store = modelstore.open(gpt2_store["url"])
+    cases = [(BertModel, "cannot be built"), (GPT2ForSequenceClassification, "does not match.*missing.*score"),
+             ("NoSuchModel", "model_cls must be"), (dict, "model_cls must be")]
+    for cls, msg in cases:
+        with pytest.raises(modelstore.InputError, match=msg) as e:
+            modelstore.load_model(store, "ft", cls)
+        assert "\n" not in str(e.value)
+    with pytest.raises(modelstore.InputError, match="floating dtype"):
+        modelstore.load_model(store, "ft", dtype="int8")
+    from safetensors.torch import save_file
+    bare = str(tmp_path / "pre.safetensors")
+    save_file({k: v.contiguous() for k, v in bert_models["sd0"].items()}, bare)
+    s = modelstore.build(str(tmp_path / "s"), bare, {"a": bert_models["tasks"]["alpha"]}, merge="none")
+    with pytest.raises(modelstore.InputError, match="keeps no config.json.*load_into"):
+        modelstore.load_model(s, "a")
