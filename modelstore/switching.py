@@ -109,7 +109,7 @@ def _restore(target: ModuleTensors, state: SwitchState) -> None:
         if positions is None:
             dst.copy_(old)
         else:
-            flat_view(dst, name).index_put_((positions,), old)
+            flat_view(dst, name).index_copy_(0, positions, old)
     state.saved.clear()
     state.task = None
 
@@ -141,10 +141,10 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> N
             dst.copy_(e.values(base, dtype).view(dst.shape))
         else:
             flat = flat_view(dst, e.name)
-            old = flat[e.positions]
+            old = torch.index_select(flat, 0, e.positions)  # faster than flat[p] on CPU
             base = old if exact else source.base_values(e.source, e.positions)
             state.saved[e.name] = (e.positions, old)
-            flat.index_put_((e.positions,), e.values(base, dtype))
+            flat.index_copy_(0, e.positions, e.values(base, dtype))
     state.task = source.task_key
 
 

@@ -5,7 +5,7 @@ default sizes) and two fine-tunes of it (the base plus dense small noise and a f
 are stored as fft tasks at each keep m on θ0. A resident model is switched A -> B -> A ... and
 each switch is timed against
 - load_state_dict: `model.load_state_dict(full task state dict)` (the state dict already in memory),
-- the floor: scattering k_previous + k_new entries into the model's tensors (`index_put_` of the
+- the floor: scattering k_previous + k_new entries into the model's tensors (`index_copy_` of the
   two tasks' positions and values, already decoded in memory): what any in-place switch must write.
 For context, `store.load_into(model, task)` (the whole task read from the store and copied in) is
 timed too. Each timing is the median of `--repeat` runs. Also timed: putting back a LoRA task's adapted
@@ -136,7 +136,7 @@ def run(root: str, a: argparse.Namespace) -> dict:
             with torch.no_grad():
                 for t in (ta, tb):
                     for n, (pos, vals) in writes[t].items():
-                        params[n].view(-1).index_put_((pos,), vals)
+                        params[n].view(-1).index_copy_(0, pos, vals)
 
         def back_and_forth() -> None:
             store.switch(model, tb)

@@ -112,7 +112,7 @@ class Edit:
         flat = base.reshape(-1)
         out = flat if want == flat.dtype else flat.to(want)
         if self.positions.numel():
-            out[self.positions] = self.values(flat[self.positions], dtype)
+            out.index_copy_(0, self.positions, self.values(torch.index_select(flat, 0, self.positions), dtype))
         return out.view(self.shape)
 
 
