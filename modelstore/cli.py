@@ -109,7 +109,7 @@ def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
 def _click_type(o: Option) -> Any:
     if o.choices:
         return click.Choice(o.choices)
-    return type(o.default) if isinstance(o.default, (int, float)) else str
+    return o.value_type or (type(o.default) if isinstance(o.default, (int, float)) else str)
 
 
 def _kind_flags() -> dict[str, Option]:

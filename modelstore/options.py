@@ -20,6 +20,8 @@ class Option:
     flag: str = ""
     """CLI flag (default: `--` + key with `_` as `-`)."""
     choices: tuple[str, ...] = ()
+    value_type: type | None = None
+    """The value's type where the default (None) does not show it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", self.key or self.name)

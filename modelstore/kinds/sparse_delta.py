@@ -9,6 +9,7 @@ floating point) are written dense unless they equal the base.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -30,6 +31,7 @@ from ..sources import Checkpoint, Renamed, TensorSource, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, Edit, Replace, TaskKind
+from .budget import Choice, DeltaProfile, candidates, choose, energy_of
 from .dare import dare_picker
 from .values import MAX_GROUP_SIZE, QUANT_MAX, VALUE_DTYPES, VALUE_LIMITS, read_values, storage_dtype, value_writer
 
@@ -54,6 +56,8 @@ class FFTOptions:
     group_size: int = 128
     sparsify: str = "magnitude"
     seed: int = 0
+    budget: float | None = None  # bits per parameter: choose keep and value dtype (kinds/budget.py)
+    max_rel_error: float | None = None  # or: the fewest bits meeting this predicted relative error
 
     def validate(self) -> None:
         """Raise InputError naming the first bad option."""
@@ -72,6 +76,19 @@ class FFTOptions:
             raise InputError(f"--seed must be a whole number in [0, 2**62), got {self.seed!r}")
         if self.sparsify == "dare" and self.granularity != "global":
             raise InputError("--granularity applies to --sparsify magnitude; DARE drops each entry on its own")
+        for flag, v, top in (("--budget", self.budget, math.inf), ("--max-rel-error", self.max_rel_error, 1.0)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= top
+                                  or math.isnan(v) or math.isinf(v)):
+                raise InputError(f"{flag} must be a positive number{' up to 1' if top == 1.0 else ''}, got {v!r}")
+        if self.budget is not None and self.max_rel_error is not None:
+            raise InputError("give --budget or --max-rel-error, not both")
+        if self.budgeted and (self.sparsify != "magnitude" or self.granularity != "global"):
+            raise InputError("--budget / --max-rel-error choose a global top-m; drop --sparsify dare and --granularity")
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether keep and the value dtype are chosen from the task's deltas (budget mode)."""
+        return self.budget is not None or self.max_rel_error is not None
 
 
 #: FFTOptions as the CLI, configs and `Store.add_task` see them.
@@ -84,6 +101,11 @@ FFT_DECLARED = (
     Option("sparsify", "magnitude", "which entries are kept: the top-m magnitudes, or DARE's random drop with "
            "probability 1-m and rescale by 1/m", choices=SPARSIFIERS),
     Option("seed", 0, "--sparsify dare: seed of the random drop (tensor i draws from seed + i)"),
+    Option("budget", None, "bits per parameter for the task: keep and the value dtype (among --value-dtype, "
+           "else float16/bfloat16, int8, int4) are chosen for the least predicted weight-space error",
+           value_type=float),
+    Option("max_rel_error", None, "or: the fewest bits whose predicted relative error ||θ̂t − θt|| / ||θt|| "
+           "is at most this", value_type=float),
 )
 
 
@@ -139,6 +161,18 @@ def store_whole_or_same(out: PayloadWriter, task: str, name: str, source: Tensor
         return 0
     out.add_dense(entry(name)["name"], t, "dense")
     return 1
+
+
+def _choose(opts: FFTOptions, default_dtype: str, source: TensorSource, deltas: _Deltas, total: int,
+            dense: list[str]) -> Choice:
+    """Budget mode: keep m and the value dtype from one profiling pass over the deltas (kinds/budget.py)."""
+    profile = DeltaProfile.measure((u for _, _, u in deltas.blocks()), total)
+    params = sum(math.prod(source.shape(n)) for n in source.names())
+    dense_bits = sum(math.prod(source.shape(n)) * source.dtype(n).itemsize * 8 for n in dense)
+    value_dtypes = [opts.value_dtype] if opts.value_dtype else [default_dtype, "int8", "int4"]
+    options = candidates(profile, energy_of(source, BLOCK_ELEMENTS), params, dense_bits, value_dtypes,
+                         opts.group_size)
+    return choose(options, opts.budget, opts.max_rel_error)
 
 
 def _matched(task: str, source: TensorSource, base: TensorSource) -> dict[str, str]:
@@ -273,6 +307,12 @@ class SparseDelta(TaskKind):
         base_names = set(base.names())
         total = sum(sizes.values())
         deltas = _Deltas(source, base, sparse, CACHE_BYTES)
+        chosen = None
+        if opts.budgeted:
+            chosen = _choose(opts, value_dtype, source, deltas, total,
+                             [n for n, kind in steps if kind == "dense"])
+            opts = dataclasses.replace(opts, keep=chosen.keep, value_dtype=chosen.value_dtype)
+            value_dtype = chosen.value_dtype
         dare = opts.sparsify == "dare"
         if dare:  # about keep·N entries, at most N
             capacity, keeper = total, None
@@ -329,6 +369,10 @@ class SparseDelta(TaskKind):
             params["group_size"] = opts.group_size
         if dare:
             params.update(sparsify="dare", seed=opts.seed)
+        if chosen is not None:
+            params["budget"] = {"bits_per_param": opts.budget, "max_rel_error": opts.max_rel_error,
+                                "predicted_bits_per_param": chosen.bits_per_param,
+                                "predicted_rel_error": chosen.rel_error}
         return {
             "method": "post-pruning" if merge.get("method", "none") == "none" else "peru-fft",
             "params": params,
