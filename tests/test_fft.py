@@ -26,11 +26,13 @@ def _ref_task_arithmetic(sd0, sds, lam):
 @pytest.mark.parametrize("merge", ["task-arithmetic", "none"])
 def test_roundtrip_matches_numpy_reference(bert_models, tmp_path, granularity, merge, block, monkeypatch):
     """`block` splits every tensor's delta into row blocks of about that many entries (as an LLM's
-    large tensors are), with no delta cache: the same entries must be kept, in the same order."""
+    large tensors are), with no delta cache, and a load applies kept entries that many at a time:
+    the same entries must be kept, in the same order, and read back the same."""
     if block is not None:
-        from modelstore.kinds import sparse_delta
+        from modelstore.kinds import base as kind_base, sparse_delta
         monkeypatch.setattr(sparse_delta, "BLOCK_ELEMENTS", block)
         monkeypatch.setattr(sparse_delta, "CACHE_BYTES", 0)
+        monkeypatch.setattr(kind_base, "APPLY_ENTRIES", block)
     sd0, sds = bert_models["sd0"], bert_models["sds"]
     keep = 0.05
     store = modelstore.build(str(tmp_path / "s"), bert_models["pre"], bert_models["tasks"], merge=merge,

@@ -67,6 +67,10 @@ class WithOtherBases:
         return self.others[base_id]
 
 
+#: Positions a load applies at once (gather, compute, scatter): temporaries of a few MB.
+APPLY_ENTRIES = 1 << 20
+
+
 @dataclass(frozen=True)
 class Edit:
     """One tensor of a task as a change to its base tensor: the entries at the flat `positions`
@@ -90,6 +94,11 @@ class Edit:
         (None when not `uses_base`), before the cast to the output dtype. Must not change `base`."""
         raise NotImplementedError
 
+    def part(self, start: int, stop: int) -> Edit:
+        """The edit of positions[start:stop] alone (for edits with positions): a load applies a large
+        edit in parts, so its temporaries stay small."""
+        raise NotImplementedError
+
     @property
     def source(self) -> str:
         """The name of the base tensor the edit reads."""
@@ -111,8 +120,10 @@ class Edit:
         want = dtypes.output_dtype(self.dtype, dtype)
         flat = base.reshape(-1)
         out = flat if want == flat.dtype else flat.to(want)
-        if self.positions.numel():
-            out.index_copy_(0, self.positions, self.values(torch.index_select(flat, 0, self.positions), dtype))
+        n = int(self.positions.numel())
+        for i in range(0, n, APPLY_ENTRIES):
+            e = self if n <= APPLY_ENTRIES else self.part(i, i + APPLY_ENTRIES)
+            out.index_copy_(0, e.positions, e.values(torch.index_select(flat, 0, e.positions), dtype))
         return out.view(self.shape)
 
 

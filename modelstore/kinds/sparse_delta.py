@@ -253,6 +253,10 @@ class AddAt(Edit):
         assert base is not None
         return base.to(torch.float32) + self.delta
 
+    def part(self, start: int, stop: int) -> AddAt:
+        assert self.positions is not None
+        return dataclasses.replace(self, positions=self.positions[start:stop], delta=self.delta[start:stop])
+
 
 class SparseDelta(TaskKind):
     """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
