@@ -66,13 +66,24 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
         else torch.nonzero(mask).view(-1)
 
 
-def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]]) -> Cut:
-    """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits, called twice).
+def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
+             sample: Callable[[], Iterable[torch.Tensor]] | None = None, total: int = 0) -> Cut:
+    """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits).
 
-    If fewer than k entries are non-zero, all non-zero entries are kept.
+    Two counting passes over `tensors()`, or with `sample` (the bits of a spread part of the same
+    entries, `total` being their full count) usually one: the sample brackets the k-th largest
+    within a few high-bit buckets, and one pass counts the entries above them and every entry's
+    low bits inside them. When the bracket misses, the two passes run as without a sample; the cut
+    is exact either way. If fewer than k entries are non-zero, all non-zero entries are kept.
     """
     if k <= 0:
         return Cut(threshold=0x7FFFFFFF, ties=0)
+    if sample is not None and total:
+        window = _window(k, sample, total)
+        if window is not None:
+            cut = _cut_in_window(k, tensors, *window)
+            if cut is not None:
+                return cut
     high = torch.zeros(_BINS, dtype=torch.int64)
     for bits in tensors():
         high += torch.bincount(bits >> 16, minlength=_BINS)
@@ -87,11 +98,62 @@ def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]]) -> Cut:
         sel = bits[(bits >= lo_bits) & (bits < lo_bits + _BINS)]
         if sel.numel():
             low += torch.bincount(sel - lo_bits, minlength=_BINS)
-    need = k - above
-    low_from_top = low.flip(0).cumsum(0).flip(0)
-    lo = int(torch.nonzero(low_from_top >= need).max())
-    strictly_above = above + (int(low_from_top[lo + 1]) if lo + 1 < _BINS else 0)
-    threshold = (b << 16) | lo
+    return _cut(k, above, low, lo_bits)
+
+
+def _cut(k: int, above: int, counts: torch.Tensor, lo_bits: int) -> Cut:
+    """The cut from the count of entries above a range of bit patterns and a histogram of the
+    entries inside it (bin i: pattern lo_bits + i), the k-th largest lying in the range."""
+    from_top = counts.flip(0).cumsum(0).flip(0)
+    lo = int(torch.nonzero(from_top >= k - above).max())
+    strictly_above = above + (int(from_top[lo + 1]) if lo + 1 < counts.numel() else 0)
+    threshold = lo_bits + lo
     if threshold == 0:  # the cut falls among exact zeros: keep only non-zeros
         return Cut(threshold=0, ties=0)
     return Cut(threshold=threshold, ties=k - strictly_above)
+
+
+#: High-bit buckets a sample may bracket the k-th largest with (bins: WINDOW_BUCKETS × 65536).
+WINDOW_BUCKETS = 32
+_FLUSH = 1 << 22
+
+
+def _window(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) -> tuple[int, int] | None:
+    """High-bit buckets [b_lo, b_hi] that hold the k-th largest of the whole, judged from a sample:
+    the sample's ranks k·n/N ± (2% + 4σ + 64), or None when that spans too many buckets."""
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for bits in sample():
+        high += torch.bincount(bits >> 16, minlength=_BINS)
+    n = int(high.sum())
+    r = k * n / total
+    spread = 0.02 * r + 4 * math.sqrt(r) + 64
+    if not n or r + spread >= n:
+        return None
+    from_top = high.flip(0).cumsum(0).flip(0)
+    b_hi = int(torch.nonzero(from_top >= max(1.0, r - spread)).max())
+    b_lo = int(torch.nonzero(from_top >= r + spread).max())
+    return (b_lo, b_hi) if b_hi - b_lo < WINDOW_BUCKETS else None
+
+
+def _cut_in_window(k: int, tensors: Callable[[], Iterable[torch.Tensor]], b_lo: int, b_hi: int) -> Cut | None:
+    """One pass: entries above bucket b_hi, and a histogram of every pattern in [b_lo, b_hi]; the
+    cut if the k-th largest lies there, else None."""
+    lo_bits, hi_bits = b_lo << 16, (b_hi + 1) << 16
+    width = hi_bits - lo_bits
+    counts = torch.zeros(width, dtype=torch.int64)
+    above, pending, held = 0, [], 0
+    for bits in tensors():
+        above += int((bits >= hi_bits).sum())
+        sel = bits[(bits >= lo_bits) & (bits < hi_bits)]
+        if sel.numel():
+            pending.append(sel - lo_bits)
+            held += sel.numel()
+        if held >= _FLUSH:  # one large bincount rather than a window-sized one per block
+            counts += torch.bincount(torch.cat(pending), minlength=width)
+            pending, held = [], 0
+    if pending:
+        counts += torch.bincount(torch.cat(pending), minlength=width)
+    if above >= k or above + int(counts.sum()) < k:
+        return None
+    cut = _cut(k, above, counts, lo_bits)
+    return None if cut.threshold == 0 else cut

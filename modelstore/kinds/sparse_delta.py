@@ -43,6 +43,9 @@ INDEX_DTYPES = ("uint32", "uint64")
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
 #: Entries of u = θt − θ* computed at once (whole rows): small enough to stay in the CPU's cache.
 BLOCK_ELEMENTS = 1 << 20
+#: The global top-k counts from a sample of every SAMPLE_EVERY-th block (topk.find_cut) when a pass
+#: has at least SAMPLED_FROM blocks; smaller tasks take the two plain counting passes.
+SAMPLE_EVERY, SAMPLED_FROM = 8, 64
 
 
 @dataclass(frozen=True)
@@ -200,14 +203,23 @@ class _Deltas:
         self._u = torch.empty(0)
         self._bits = torch.empty(0, dtype=torch.int32)
 
-    def blocks(self, names: list[str] | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
-        """(name, flat offset, u) for each block of the tensors `names` (all by default), in order."""
+    def count(self) -> int:
+        """Blocks in one pass over every tensor."""
+        return sum(len(row_blocks(self.src.shape(n), BLOCK_ELEMENTS)) for n in self.names)
+
+    def blocks(self, names: list[str] | None = None, every: int = 1) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """(name, flat offset, u) for each block of the tensors `names` (all by default), in order;
+        with `every` > 1, of every `every`-th block only (a sample spread over the model)."""
         segments = self.base.stream(torch.device("cpu"), check=False)
+        j = -1
         for name in self.names if names is None else names:
             e = self.base.entry_of(name)
             shape = self.src.shape(name)
             row = math.prod(shape[1:]) if shape else 1
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
+                j += 1
+                if j % every:
+                    continue
                 offset, size = r0 * row, (r1 - r0) * row
                 cached = self._cache.get((name, offset))
                 if cached is not None:
@@ -225,9 +237,9 @@ class _Deltas:
                 u.sub_(segments.get(e["array"], e["start"] + offset, size, e["dtype"]))
                 yield name, offset, u
 
-    def bits(self, names: list[str] | None = None) -> Iterator[torch.Tensor]:
+    def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
         """|u| bit patterns per block (one reused buffer, see `blocks`)."""
-        for _, _, u in self.blocks(names):
+        for _, _, u in self.blocks(names, every):
             if self._bits.numel() < u.numel():
                 self._bits = torch.empty(u.numel(), dtype=torch.int32)
             yield magnitude_bits(u, out=self._bits[:u.numel()])
@@ -322,7 +334,9 @@ class SparseDelta(TaskKind):
             capacity, keeper = total, None
         elif opts.granularity == "global":
             k = kept_count(opts.keep, total)
-            keeper = find_cut(k, deltas.bits).keeper()
+            many = deltas.count() >= SAMPLED_FROM  # then a sample of blocks saves a counting pass
+            keeper = find_cut(k, deltas.bits, sample=(lambda: deltas.bits(every=SAMPLE_EVERY)) if many else None,
+                              total=total).keeper()
             capacity = k
         else:
             capacity = sum(kept_count(opts.keep, s) for s in sizes.values())
