@@ -109,7 +109,7 @@ def _restore(target: ModuleTensors, state: SwitchState) -> None:
         if positions is None:
             dst.copy_(old)
         else:
-            flat_view(dst, name).index_copy_(0, positions, old)
+            flat_view(dst, name).index_copy_(0, positions.long(), old)
     state.saved.clear()
     state.task = None
 
@@ -140,11 +140,11 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> N
             state.saved[e.name] = (None, old)
             dst.copy_(e.values(base, dtype).view(dst.shape))
         else:
-            flat = flat_view(dst, e.name)
-            old = torch.index_select(flat, 0, e.positions)  # faster than flat[p] on CPU
-            base = old if exact else source.base_values(e.source, e.positions)
+            flat, index = flat_view(dst, e.name), e.index()
+            old = torch.index_select(flat, 0, index)  # faster than flat[p] on CPU
+            base = old if exact else source.base_values(e.source, index)
             state.saved[e.name] = (e.positions, old)
-            flat.index_copy_(0, e.positions, e.values(base, dtype))
+            flat.index_copy_(0, index, e.values(base, dtype))
     state.task = source.task_key
 
 

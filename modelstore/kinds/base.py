@@ -82,7 +82,8 @@ class Edit:
     shape: tuple[int, ...]
     #: The task tensor's dtype as stored (what a load with dtype=None returns).
     dtype: torch.dtype
-    #: Flat int64 positions on the load's device, sorted; None: the whole tensor.
+    #: Flat positions on the load's device, sorted (int32 where they fit: half the memory; `index`
+    #: gives them as int64 for indexing); None: the whole tensor.
     positions: torch.Tensor | None
     #: The base tensor this one changes, when its name differs (a task saved under a head's prefix).
     base_name: str | None = field(default=None, kw_only=True)
@@ -104,6 +105,11 @@ class Edit:
         """The name of the base tensor the edit reads."""
         return self.base_name or self.name
 
+    def index(self) -> torch.Tensor:
+        """The positions as int64, what torch's index operations take."""
+        assert self.positions is not None
+        return self.positions.long()
+
     def count(self) -> int:
         """How many entries of the tensor the task changes."""
         return math.prod(self.shape) if self.positions is None else int(self.positions.numel())
@@ -123,7 +129,8 @@ class Edit:
         n = int(self.positions.numel())
         for i in range(0, n, APPLY_ENTRIES):
             e = self if n <= APPLY_ENTRIES else self.part(i, i + APPLY_ENTRIES)
-            out.index_copy_(0, e.positions, e.values(torch.index_select(flat, 0, e.positions), dtype))
+            p = e.index()
+            out.index_copy_(0, p, e.values(torch.index_select(flat, 0, p), dtype))
         return out.view(self.shape)
 
 

@@ -257,13 +257,14 @@ def _magnitude_picker(keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callabl
 
 @dataclass(frozen=True)
 class AddAt(Edit):
-    """Kept entries of a sparse delta: float32(B[p]) + float32(v) at the positions p."""
+    """Kept entries of a sparse delta: float32(B[p]) + float32(v) at the positions p (v in its
+    stored dtype until added: exact in float32)."""
 
     delta: torch.Tensor
 
     def new(self, base: torch.Tensor | None) -> torch.Tensor:
         assert base is not None
-        return base.to(torch.float32) + self.delta
+        return base.to(torch.float32) + self.delta.to(torch.float32)
 
     def part(self, start: int, stop: int) -> AddAt:
         assert self.positions is not None
@@ -409,8 +410,15 @@ class SparseDelta(TaskKind):
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
                 continue
-            pos = torch.cumsum(segments.get("indices", s, c, p["index_dtype"]).to(torch.int64), 0)
-            if c and int(pos[-1]) >= math.prod(shape):  # gaps are unsigned, so the last position is the largest
+            gaps = segments.get("indices", s, c, p["index_dtype"])
+            size = math.prod(shape)
+            if size < 1 << 31:  # int32 positions: half the memory while the edit is held; `index` widens them
+                # a gap past the tensor (damage) wraps negative here or ends past it: both are caught below
+                pos = torch.cumsum(gaps.view(torch.int32) if gaps.dtype == torch.uint32 else gaps.to(torch.int32), 0,
+                                   dtype=torch.int32)
+            else:
+                pos = torch.cumsum(gaps.to(torch.int64), 0)
+            if c and (int(pos[-1]) >= size or int(pos.min()) < 0):
                 raise CorruptStoreError(f"task tensor {name!r}: a stored index lies outside the tensor; "
                                         "the store is damaged")
             yield AddAt(name, shape, dtype, pos, read_values(segments, t, p) if c else torch.empty(0, device=device),

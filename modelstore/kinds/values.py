@@ -149,10 +149,11 @@ def value_writer(out: PayloadWriter, value_dtype: str, index_dtype: str, capacit
 
 
 def read_values(segments: Segments, t: TableEntry, params: dict) -> torch.Tensor:
-    """The float32 values of sparse entry `t`, on the segments' device (spec section 5)."""
+    """The values of sparse entry `t`, on the segments' device (spec section 5): float values in
+    their stored dtype (exact in float32, where they are added), quantized ones decoded to float32."""
     vd, s, c = params["value_dtype"], t["start"], t["count"]
     if vd not in QUANT_MAX:
-        return segments.get("values", s, c, vd).to(torch.float32)
+        return segments.get("values", s, c, vd)
     seg = t.get("segments", {})
     (vs, vc), (ss, sc) = seg.get("values", (None, None)), seg.get("scales", (None, None))
     group = params["group_size"]
