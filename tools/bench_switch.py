@@ -168,7 +168,7 @@ def _writes(store: modelstore.Store, model: torch.nn.Module, task: str) -> dict[
     params = dict(model.named_parameters())
     state = switching.state_of(model)
     assert state is not None
-    return {n: (pos, params[n].detach().view(-1)[pos]) for n, (pos, _) in state.saved.items()}
+    return {n: (pos.long(), params[n].detach().view(-1)[pos.long()]) for n, (pos, _) in state.saved.items()}
 
 
 if __name__ == "__main__":
