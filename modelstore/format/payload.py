@@ -128,7 +128,7 @@ class PayloadWriter:
         """Close every array, write the table; return the fields every manifest entry has."""
         arrays = {name: w.close() for name, w in self._arrays.items()}
         self.group.attrs["tensors"] = self.table
-        stored = sum(arr.nbytes_stored() for _, arr in self.group.arrays())
+        stored = sum(w.array.nbytes_stored() for w in self._arrays.values())
         return {"path": self.path, "tensors": len(self.table), "table_sha256": table_digest(self.table),
                 "arrays": arrays, "bytes": stored}
 
