@@ -32,6 +32,10 @@ class Location:
         url = os.fspath(url)
         self.url = url
         self.storage_options = dict(storage_options or {})
+        if url.startswith(("s3://", "s3a://")):
+            # one GET per object: s3fs otherwise splits each read into concurrent ranges after a HEAD
+            # for its size; modelstore fetches several chunk objects at once instead (format/chunks.py)
+            self.storage_options.setdefault("max_concurrency", 1)
         self.local = "://" not in url or url.startswith("file://")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url, **self.storage_options)
