@@ -233,7 +233,10 @@ def _copy_payload(src: Location, dst: Location, rel: str, on_bytes: Callable[[in
     try:
         with dst.errors(f"copy {rel}"), concurrent.futures.ThreadPoolExecutor(COPY_THREADS) as pool:
             for done in concurrent.futures.as_completed([pool.submit(_copy_file, src, dst, *job) for job in jobs]):
-                n = done.result()
+                try:
+                    n = done.result()
+                except FileNotFoundError:  # removed meanwhile: the caller re-reads the source's manifest
+                    raise CorruptStoreError(f"{src.url}: a file of {rel} went missing while it was copied") from None
                 on_bytes(n)  # here, not in the workers: progress bars are not thread-safe
                 total += n
     except BaseException:

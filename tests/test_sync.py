@@ -167,3 +167,22 @@ def test_tasks_join_a_store_initialised_from_the_same_model(bert_models, tmp_pat
     assert modelstore.open(b).tasks() == ["alpha", "gamma"]
     assert modelstore.open(b).manifest["bases"]["pretrained"]["path"] == base_dir  # b's own base, kept
     _same_tasks(modelstore.open(a), modelstore.open(b), ["alpha"])
+
+
+def test_a_task_removed_while_its_files_are_copied_is_reported_vanished(src, tmp_path, monkeypatch):
+    """Another writer removes a task after the sync listed its files: the copy of a file that is
+    gone is not an outage, the task is reported vanished and the rest is copied."""
+    original, removed = sync_mod._copy_file, []
+
+    def racing(src_loc, dst_loc, source, rel, size):
+        if "/beta/" in source and not removed:
+            modelstore.remove_task(src, "beta")  # deletes its directory: this file is gone
+            removed.append(source)
+        return original(src_loc, dst_loc, source, rel, size)
+
+    monkeypatch.setattr(sync_mod, "_copy_file", racing)
+    monkeypatch.setattr(sync_mod, "COPY_THREADS", 1)
+    dst = str(tmp_path / "dst")
+    r = sync(src, dst)
+    assert removed and r.vanished == ["beta"] and "beta" not in r.copied
+    assert modelstore.open(dst).tasks() == sorted(set(modelstore.open(src).tasks()))
