@@ -85,18 +85,22 @@ class Renamed:
         return self.src.rows(self._names[name], start, stop)
 
 
-def as_base_named(src: TensorSource, base_names: list[str], what: str) -> Renamed:
-    """`src` under the base's names: its tensors that match a base tensor (modelstore.naming).
+def match_task_names(src: TensorSource, base_names: list[str], what: str) -> dict[str, str]:
+    """task name -> base name for `src`'s tensors that stand for a base tensor (modelstore.naming).
 
     Raises:
-        InputError: a tensor's name is ambiguous between base tensors.
+        InputError: a tensor's name is ambiguous between base tensors, or two match one.
     """
     from .naming import match_names
     try:
-        mapping = match_names(src.names(), base_names, what)
+        return match_names(src.names(), base_names, what)
     except ValueError as e:
         raise InputError(f"{e}; rename the checkpoint's tensors to the base model's") from None
-    return Renamed(src, {b: t for t, b in mapping.items()})
+
+
+def as_base_named(src: TensorSource, base_names: list[str], what: str) -> Renamed:
+    """`src` under the base's names: its tensors that match a base tensor (for merging)."""
+    return Renamed(src, {b: t for t, b in match_task_names(src, base_names, what).items()})
 
 
 class DictSource:

@@ -84,9 +84,7 @@ def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
             cut = _cut_in_window(k, tensors, *window)
             if cut is not None:
                 return cut
-    high = torch.zeros(_BINS, dtype=torch.int64)
-    for bits in tensors():
-        high += torch.bincount(bits >> 16, minlength=_BINS)
+    high = _high_counts(tensors())
     from_top = high.flip(0).cumsum(0).flip(0)  # from_top[b] = count of entries with high bits >= b
     if int(from_top[0]) < k:  # fewer entries than k: keep every non-zero one
         return Cut(threshold=0, ties=0)
@@ -99,6 +97,14 @@ def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
         if sel.numel():
             low += torch.bincount(sel - lo_bits, minlength=_BINS)
     return _cut(k, above, low, lo_bits)
+
+
+def _high_counts(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Entries per value of the high 16 bits, over every tensor of bit patterns."""
+    high = torch.zeros(_BINS, dtype=torch.int64)
+    for bits in tensors:
+        high += torch.bincount(bits >> 16, minlength=_BINS)
+    return high
 
 
 def _cut(k: int, above: int, counts: torch.Tensor, lo_bits: int) -> Cut:
@@ -121,9 +127,7 @@ _FLUSH = 1 << 22
 def _window(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) -> tuple[int, int] | None:
     """High-bit buckets [b_lo, b_hi] that hold the k-th largest of the whole, judged from a sample:
     the sample's ranks k·n/N ± (2% + 4σ + 64), or None when that spans too many buckets."""
-    high = torch.zeros(_BINS, dtype=torch.int64)
-    for bits in sample():
-        high += torch.bincount(bits >> 16, minlength=_BINS)
+    high = _high_counts(sample())
     n = int(high.sum())
     r = k * n / total
     spread = 0.02 * r + 4 * math.sqrt(r) + 64

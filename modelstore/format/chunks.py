@@ -63,6 +63,7 @@ class Chunks:
         self.trailers: dict[int, int] = {}
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
+        self._window = 1 if self._root else WINDOW  # local files are read one at a time into one buffer
         self._raw = np.empty(0, np.uint8)
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
@@ -90,18 +91,16 @@ class Chunks:
             sync(self.array.store.set(self._key(index), default_buffer_prototype().buffer.from_bytes(bytes(body) + crc)))
         return value
 
-    def verify(self, count: int) -> int:
-        """Fetch every chunk of the first `count` elements and check its crc32c, without decoding;
-        return the array digest (see `digest`).
+    def verify(self, count: int) -> None:
+        """Fetch every chunk of the first `count` elements and check its crc32c, without decoding
+        (recording the trailers `digest` combines).
 
         Raises:
             ChunkError: a chunk is missing or fails its crc32c.
         """
-        n = -(-count // self.chunk)
-        for window in _windows(0, n, 1 if self._root else WINDOW):
+        for window in _windows(0, -(-count // self.chunk), self._window):
             for index, raw in zip(window, self._fetch(window)):
                 self._check(index, raw)
-        return self.digest(n)
 
     def digest(self, n: int) -> int | None:
         """crc32c of the first `n` chunks' trailers in chunk order (spec section 2), or None when a
@@ -121,7 +120,7 @@ class Chunks:
             out[:] = self.array[start:stop]
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
-        for window in _windows(first, last + 1, 1 if self._root else WINDOW):
+        for window in _windows(first, last + 1, self._window):
             for index, raw in zip(window, self._fetch(window)):
                 c0 = index * self.chunk
                 lo, hi = max(start, c0), min(stop, c0 + self.chunk)

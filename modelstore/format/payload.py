@@ -287,7 +287,7 @@ class PayloadReader:
                                "rerun when the location is reachable") from None
 
     def read_arrays(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every non-empty flat array, checked against the manifest's count and CRC-32, on `device`."""
+        """Every non-empty flat array, checked against the manifest's count and checksum, on `device`."""
         names = sorted({a for t in self.table if t["count"] for a in arrays_of(t)})
         out = {}
         for a in names:

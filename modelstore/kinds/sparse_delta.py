@@ -26,8 +26,8 @@ from ..format.payload import PayloadReader, PayloadWriter, Segments
 from ..options import Option
 from ..progress import bar
 from ..selection import recorded_selector
-from ..naming import match_names, renamer
-from ..sources import Checkpoint, Renamed, TensorSource, read_rows, row_blocks
+from ..naming import renamer
+from ..sources import Checkpoint, Renamed, TensorSource, match_task_names, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, Edit, Replace, TaskKind
@@ -178,14 +178,6 @@ def _choose(opts: FFTOptions, default_dtype: str, source: TensorSource, deltas: 
     return choose(options, opts.budget, opts.max_rel_error)
 
 
-def _matched(task: str, source: TensorSource, base: TensorSource) -> dict[str, str]:
-    """The task's tensor names that stand for base tensors (modelstore.naming), task -> base."""
-    try:
-        return match_names(source.names(), base.names(), f"task {task!r}")
-    except ValueError as e:
-        raise InputError(f"{e}; rename the checkpoint's tensors to the base model's") from None
-
-
 class _Deltas:
     """u = θt − θ* of the sparse tensors, pass after pass, in blocks of about BLOCK_ELEMENTS entries.
 
@@ -307,21 +299,22 @@ class SparseDelta(TaskKind):
         opts.validate()
         selected = recorded_selector(base_entry.get("selection"))
         full_bytes = source.nbytes()
-        matched = _matched(task, source, base)
+        base_names = set(base.names())
+        matched = match_task_names(source, list(base_names), f"task {task!r}")
         task_names = {b: t for t, b in matched.items()}
         # the task under the base's names where they match; its own tensors (a new head) as they are
         source = Renamed(source, {**{t: t for t in source.names() if t not in matched}, **task_names})
-        own_name = renamer({t: b for b, t in task_names.items()})
+        own_name = renamer(matched)
         steps = plan(task, base, source, selected)
 
         def entry(n: str, **fields: Any) -> TableEntry:  # the task's own name, and the base's if it differs
             name = task_names.get(n) or (own_name(n) if n in base_names else n)
             return {"name": name, **({"base": n} if name != n and n in base_names else {}), **fields}
+
         sparse = [n for n, kind in steps if kind == "sparse"]
         value_dtype = opts.value_dtype or (
             "bfloat16" if sparse and all(source.dtype(n) == torch.bfloat16 for n in sparse) else "float16")
         sizes = {n: math.prod(source.shape(n)) for n in sparse}
-        base_names = set(base.names())
         total = sum(sizes.values())
         deltas = _Deltas(source, base, sparse, CACHE_BYTES)
         chosen = None

@@ -45,6 +45,13 @@ class _MergedVectorMask(BitMaskKind):
             return f"a {self.name} task must read the merged and the pretrained bases"
         return None
 
+    def check_param(self, entry: TaskEntry, key: str, what: str) -> str | None:
+        """What is wrong with the entry: its bases, or params[`key`] not a finite number >= 0."""
+        v = entry["params"].get(key)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            return f"{what} {v!r} is not a finite number >= 0"
+        return _MergedVectorMask.check_entry(self, entry)
+
     def sources(self, base: Any) -> list[TensorSource]:
         return [base.other("pretrained"), base]
 
@@ -81,10 +88,7 @@ class TallMask(_MergedVectorMask):
         return opts
 
     def check_entry(self, entry: TaskEntry) -> str | None:
-        lam = entry["params"].get("tall_lambda")
-        if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            return f"TALL λ {lam!r} is not a finite number >= 0"
-        return super().check_entry(entry)
+        return self.check_param(entry, "tall_lambda", "TALL λ")
 
     def bits(self, rows: list[torch.Tensor], options: TallOptions, state: dict[str, Any]) -> torch.Tensor:
         tau_t, tau = self.taus(rows)
@@ -113,10 +117,7 @@ class EMRMask(_MergedVectorMask):
         return None
 
     def check_entry(self, entry: TaskEntry) -> str | None:
-        scale = entry["params"].get("scale")
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
-            return f"EMR rescaler {scale!r} is not a finite number >= 0"
-        return super().check_entry(entry)
+        return self.check_param(entry, "scale", "EMR rescaler")
 
     def start(self, options: None) -> dict[str, Any]:
         return {"task_l1": 0.0, "masked_l1": 0.0}
