@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .errors import InputError, StoreNotFoundError
+from .format.codecs import BASE_CODECS
 from .format.paths import check_task_name
 from .kinds import checkpoint_kind
 from .kinds.sparse_delta import check_finite
@@ -67,8 +68,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
           keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
           kind_options: Mapping[str, Any] | None = None, include: str | None = None,
           exclude: str | None = None, stats: Mapping[str, str] | None = None,
-          merge_options: Mapping[str, Any] | None = None, storage_options: Mapping[str, Any] | None = None,
-          progress: bool = False, **options: Any) -> Store:
+          merge_options: Mapping[str, Any] | None = None, base_codec: str = "lz4",
+          storage_options: Mapping[str, Any] | None = None, progress: bool = False, **options: Any) -> Store:
     """Make a new store: merge the task models into one base, then store each task with its kind
     (by default its sparse delta, PERU-FFT).
 
@@ -90,6 +91,9 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
         stats: task -> statistics file, for `fisher` / `regmean` (docs/merging.md).
         merge_options: the merge method's options; options that do not collide with build's own
             may also be passed as keywords (e.g. `lam=0.3`). TIES' own granularity goes here.
+        base_codec: how the base's values are written: "lz4" (bit-shuffled lz4: 25% smaller for
+            bf16, 12% for float32) or "none" (uncompressed: a load reads the base straight into
+            its output, as safetensors does, instead of decoding it).
         storage_options: fsspec options of the store's location.
         progress: draw progress bars on a terminal.
 
@@ -103,6 +107,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             tasks are added.
     """
     task_kind = checkpoint_kind(kind)
+    if base_codec not in BASE_CODECS:
+        raise InputError(f"unknown base codec {base_codec!r}; use one of {', '.join(BASE_CODECS)}")
     fft = {"keep": keep, "granularity": granularity, "value_dtype": value_dtype}
     given = {**{k: v for k, v in fft.items() if v is not None}, **(kind_options or {})}
     task_kind.parse_options(given)  # refused now, before anything is written
@@ -124,6 +130,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
         base_ck.shape(n), base_ck.dtype(n), [s.shape(n) if n in h else None for s, h in zip(srcs, have)])]
     fields = base_fields(base_ck, base_id, method.parameters(), list(tasks) if merge != "none" else [],
                          include, exclude)
+    fields["codec"] = base_codec
     fields["merged_sources"] = {n: ck.fingerprint() for n, ck in task_cks.items()} if merge != "none" else {}
     out = _resume(store, storage_options, base_id, fields)
     if out is not None:  # an interrupted build of the same store: keep its base, add what is missing
@@ -171,14 +178,16 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     return out
 
 
-def init(store: str | os.PathLike[str], pretrained: str | os.PathLike[str], *,
+def init(store: str | os.PathLike[str], pretrained: str | os.PathLike[str], *, base_codec: str = "lz4",
          storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
-    """Make a store that holds only the pre-trained θ0 (for Post-Pruning or LoRA tasks added later).
+    """Make a store that holds only the pre-trained θ0 (for Post-Pruning or LoRA tasks added later);
+    `base_codec` as for `build`.
 
     Raises:
         InputError: a bad checkpoint, or `store` already holds a store.
     """
-    return build(store, pretrained, {}, merge="none", storage_options=storage_options, progress=progress)
+    return build(store, pretrained, {}, merge="none", base_codec=base_codec, storage_options=storage_options,
+                 progress=progress)
 
 
 __all__ = ["build", "init"]

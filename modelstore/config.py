@@ -29,7 +29,7 @@ from .merging import method_class
 
 #: The task kinds' declared options, by config key.
 KIND_KEYS = {o.key: o for k in KINDS for o in k.declared}
-TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats")
+TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats", "base_codec")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class BuildConfig:
     kind_options: dict[str, Any] = field(default_factory=dict)  # by option name (`keep`, `tall_lambda`...)
     include: str | None = None
     exclude: str | None = None
+    base_codec: str = "lz4"
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `modelstore.build` after `store`."""
@@ -52,7 +53,8 @@ class BuildConfig:
             raise InputError("no pre-trained model: pass --pretrained PATH or set `pretrained:` in the config")
         return {"pretrained": self.pretrained, "tasks": dict(self.tasks), "merge": self.merge,
                 "merge_options": dict(self.merge_options), "stats": dict(self.stats), "kind": self.kind,
-                "kind_options": dict(self.kind_options), "include": self.include, "exclude": self.exclude}
+                "kind_options": dict(self.kind_options), "include": self.include, "exclude": self.exclude,
+                "base_codec": self.base_codec}
 
 
 def _mapping(value: Any, where: str) -> dict[str, str]:
@@ -106,7 +108,7 @@ def parse_config(doc: Any, where: str) -> BuildConfig:
         cfg.merge = merge
     elif merge is not None:
         raise InputError(f"{where}: merge must be a method name or a mapping with `method:` and its options")
-    for key in ("kind", "include", "exclude"):
+    for key in ("kind", "include", "exclude", "base_codec"):
         if key in doc:
             setattr(cfg, key, doc[key])
     cfg.kind_options = {KIND_KEYS[k].name: v for k, v in doc.items() if k in KIND_KEYS}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, overload
 
 import torch
@@ -21,6 +22,7 @@ from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
+from .format.codecs import BASE_CODECS
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter
 from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
@@ -336,7 +338,7 @@ class Store:
                    fields: Mapping[str, Any], files: Mapping[str, str] | None = None) -> BaseEntry:
         """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
-        `fields` are the base entry's descriptive fields (kind, merge, selection, source...);
+        `fields` are the base entry's descriptive fields (kind, merge, selection, source, codec...);
         `files` the model's tokenizer and generation files (name -> local path), kept with it.
 
         Raises:
@@ -345,7 +347,8 @@ class Store:
         out = self._new_payload(base_dir(base_id))
 
         def fill(out: PayloadWriter) -> BaseEntry:
-            out.declare_dense("data", ((shape, dt) for _, shape, dt in specs))
+            out.declare_dense("data", ((shape, dt) for _, shape, dt in specs),
+                              kind=BASE_CODECS[fields.get("codec", "lz4")])
             for name, t in tensors:
                 out.add_dense(name, t, "data")
             kept = write_model_files(self.loc, out.path, files or {})
@@ -374,9 +377,13 @@ class Store:
         want = next(iter(self.manifest["bases"].values()), {}).get("source", {}).get("fingerprint")
         if want is not None and want != ck.fingerprint():
             raise InputError(f"{path} is not the pre-trained model this store was built from (fingerprint differs)")
+        fields = base_fields(ck, "pretrained", {"method": "none"}, [], None, None)
+        codec = next(iter(self.manifest["bases"].values()), {}).get("codec")
+        if codec is not None:  # the store's base codec choice holds for θ0 too
+            fields["codec"] = codec
         return self.write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
                                ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
-                               base_fields(ck, "pretrained", {"method": "none"}, [], None, None), ck.side_files)
+                               fields, ck.side_files)
 
     def model_files(self, base_id: str) -> dict[str, bytes]:
         """The tokenizer and generation files kept with base `base_id` (name -> content), checked.
@@ -562,16 +569,25 @@ class Store:
 
 class _BaseTensors:
     """The base of one load: from the cache (cloned per tensor) or streamed from storage.
-    `fill_cache=False` uses the cache only if it is already there (never reads the base into it)."""
+    `fill_cache=False` uses the cache only if it is already there (never reads the base into it).
+
+    A streamed base is read one tensor ahead in a worker thread, in base order (the order tensors
+    are asked for): reading and decoding the next tensor overlaps the caller's work on this one
+    (decoding the task, applying it), which is most of a cold load's time on two cores. Its
+    Segments are only ever touched by one thread at a time: the worker, or the caller after the
+    worker's last read is collected."""
 
     def __init__(self, store: Store, base_id: str, device: torch.device, fill_cache: bool = True):
         self.others: dict[str, _BaseTensors] = {}
         self._cached = store._cached_base(base_id, device) if fill_cache else store._bases.get((base_id, str(device)))
+        self._ahead: tuple[str, Future[torch.Tensor]] | None = None
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
             self._by_name = {e["name"]: e for e in reader.table}
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelstore-base")
         self._names = list(self._cached) if self._cached is not None else list(self._by_name)
+        self._next = dict(zip(self._names, self._names[1:]))
 
     def names(self) -> list[str]:
         return self._names
@@ -583,6 +599,15 @@ class _BaseTensors:
         """Base tensor `name` to read only (the cached tensor itself), asked for in base order."""
         if self._cached is not None:
             return self._cached[name]
+        ahead, self._ahead = self._ahead, None
+        got = ahead[1].result() if ahead is not None else None  # a skipped tensor is still read (checked)
+        t = got if ahead is not None and ahead[0] == name else self._read(name)
+        following = self._next.get(name)
+        if following is not None:
+            self._ahead = (following, self._pool.submit(self._read, following))
+        return t
+
+    def _read(self, name: str) -> torch.Tensor:
         e = self._by_name[name]
         return self._segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
 
@@ -591,6 +616,10 @@ class _BaseTensors:
 
     def close(self) -> None:
         if self._cached is None:
+            if self._ahead is not None:
+                self._ahead[1].result()
+                self._ahead = None
+            self._pool.shutdown()
             self._segments.close()
 
 

@@ -146,3 +146,26 @@ def test_unchanged_task_costs_nothing(bert_models, tmp_path):
     s = modelstore.build(str(tmp_path / "s"), bert_models["pre"], {"same": bert_models["pre"]}, merge="none")
     assert s.info("same")["kept"] == 0
     assert all(torch.equal(v, bert_models["sd0"][k]) for k, v in s.load("same").items())
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
+def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dtype, monkeypatch):
+    """Every load path (one index_add_ where it is the same arithmetic, gather-add-scatter else,
+    applied in parts) gives round(float32(B[p]) + float32(v)) at the kept positions, B elsewhere."""
+    from modelstore.kinds import sparse_delta
+    monkeypatch.setattr(sparse_delta, "APPLY_ENTRIES", 7)  # several parts
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(40, 5, generator=g) * 3).to(base_dtype)
+    pos = torch.sort(torch.randperm(200, generator=g)[:31]).values.to(torch.int32)
+    delta = (torch.randn(31, generator=g) * 1e-2).to(value_dtype)
+    edit = sparse_delta.AddAt("w", (40, 5), base_dtype, pos, delta)
+    got = edit.applied(base.clone(), out_dtype)
+    want = np_f32(base).reshape(-1).copy()
+    want[pos.numpy()] += np_f32(delta)  # float32 sum, exact inputs
+    want_t = torch.from_numpy(want).to(out_dtype or base_dtype)
+    rest = np.setdiff1d(np.arange(200), pos.numpy())
+    want_t.view(-1)[rest] = base.reshape(-1)[rest].to(out_dtype or base_dtype)  # untouched entries: the base's own
+    assert got.dtype == (out_dtype or base_dtype) and got.shape == (40, 5)
+    assert torch.equal(got.reshape(-1).view(torch.uint8), want_t.reshape(-1).view(torch.uint8))

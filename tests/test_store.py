@@ -285,3 +285,57 @@ def test_dtypes_are_accepted_as_names(store2):
     for bad in ("int8", "float17", torch.int64):
         with pytest.raises(modelstore.InputError, match="floating dtype"):
             s.load("alpha", dtype=bad)
+
+
+# ---- uncompressed bases -------------------------------------------------------------------------
+
+def _codecs(url: str, base_id: str) -> list[list[str]]:
+    import zarr
+    s = modelstore.open(url)
+    group = zarr.open_group(os.path.join(url, s.manifest["bases"][base_id]["path"]), mode="r", zarr_format=3)
+    return [[type(c).__name__ for c in a.metadata.codecs] for _, a in group.arrays()]
+
+
+def test_uncompressed_base_loads_the_same_weights(bert_models, tmp_path):
+    """base_codec="none" writes the base's chunks as bytes + crc32c; every load (cached, streamed,
+    read straight into the output from local files, fetched from another filesystem) gives the
+    weights of the compressed store; θ0 added later follows the store's choice."""
+    sd0 = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in bert_models["sd0"].items()}
+    sd1 = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in bert_models["sds"]["alpha"].items()}
+    save_file(sd0, str(tmp_path / "pre.safetensors"))
+    save_file(sd1, str(tmp_path / "t.safetensors"))
+    args = (str(tmp_path / "pre.safetensors"), {"t": str(tmp_path / "t.safetensors")})
+    lz4 = modelstore.build(str(tmp_path / "lz4"), *args, keep=0.2)
+    raw = modelstore.build(str(tmp_path / "raw"), *args, keep=0.2, base_codec="none")
+    assert {tuple(c) for c in _codecs(str(tmp_path / "raw"), "merged")} == {("BytesCodec", "Crc32cCodec")}
+    assert {tuple(c) for c in _codecs(str(tmp_path / "lz4"), "merged")} == {("BytesCodec", "BloscCodec", "Crc32cCodec")}
+    assert raw.manifest["bases"]["merged"]["codec"] == "none"
+    assert raw.info()["bytes"] > lz4.info()["bytes"]
+    modelstore.sync(str(tmp_path / "raw"), "memory://rawbase")
+    for dtype in (None, torch.float32):
+        want = lz4.load("t", dtype=dtype)
+        for url, cache in ((str(tmp_path / "raw"), False), (str(tmp_path / "raw"), True), ("memory://rawbase", False)):
+            got = modelstore.open(url, cache_base=cache).load("t", dtype=dtype)
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), (url, cache, dtype)
+    raw.add_pretrained(str(tmp_path / "pre.safetensors"))
+    assert raw.manifest["bases"]["pretrained"]["codec"] == "none"
+    assert _codecs(str(tmp_path / "raw"), "pretrained")[0] == ["BytesCodec", "Crc32cCodec"]
+    assert all(torch.equal(raw.base("pretrained")[k], sd0[k]) for k in sd0)
+    assert raw.check().ok
+
+
+def test_base_codec_from_the_cli_and_config(bert_models, tmp_path):
+    from click.testing import CliRunner
+    from modelstore.cli import main
+    r = CliRunner().invoke(main, ["init", str(tmp_path / "i"), "--pretrained", bert_models["pre"], "--base-codec", "none"])
+    assert r.exit_code == 0, r.output
+    assert modelstore.open(str(tmp_path / "i")).manifest["bases"]["pretrained"]["codec"] == "none"
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(f"pretrained: {bert_models['pre']}\ntasks: {{a: {bert_models['tasks']['alpha']}}}\nbase_codec: none\n")
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "b"), "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert modelstore.open(str(tmp_path / "b")).manifest["bases"]["merged"]["codec"] == "none"
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "c"), "--config", str(cfg), "--base-codec", "lz4"])
+    assert r.exit_code == 0 and modelstore.open(str(tmp_path / "c")).manifest["bases"]["merged"]["codec"] == "lz4"
+    with pytest.raises(modelstore.InputError, match="unknown base codec 'zip'; use one of lz4, none"):
+        modelstore.build(str(tmp_path / "d"), bert_models["pre"], {}, merge="none", base_codec="zip")

@@ -120,13 +120,18 @@ class Chunks:
             out[:] = self.array[start:stop]
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
+        direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
         for window in _windows(first, last + 1, self._window):
-            for index, raw in zip(window, self._fetch(window)):
+            raws = None if direct else self._fetch(window)
+            for j, index in enumerate(window):
                 c0 = index * self.chunk
                 lo, hi = max(start, c0), min(stop, c0 + self.chunk)
                 whole = lo == c0 and hi == c0 + self.chunk
                 dest = out[lo - start:hi - start] if whole else self._scratch_buffer()
-                self._decode(index, raw, dest)
+                if raws is None:
+                    self._read_file_into(index, dest.view(np.uint8))
+                else:
+                    self._decode(index, raws[j], dest)
                 if not whole:
                     out[lo - start:hi - start] = dest[lo - c0:hi - c0]
 
@@ -179,6 +184,26 @@ class Chunks:
         finally:
             os.close(fd)
         return self._raw[:got]
+
+    def _read_file_into(self, index: int, target: np.ndarray) -> None:
+        """An uncompressed local chunk read straight into `target` (one copy, as safetensors makes),
+        its crc32c checked."""
+        try:
+            fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise ChunkError(index, "is missing") from None
+        trailer = bytearray(4)
+        try:
+            size = os.fstat(fd).st_size
+            got = os.readv(fd, [memoryview(target), trailer]) if size == target.nbytes + 4 else -1
+        finally:
+            os.close(fd)
+        if got != target.nbytes + 4:
+            raise ChunkError(index, "does not decode to a whole chunk")
+        stored = int.from_bytes(trailer, "little")
+        if google_crc32c.value(target) != stored:
+            raise ChunkError(index, "fails its checksum")
+        self.trailers[index] = stored
 
     def _check(self, index: int, raw: np.ndarray) -> np.ndarray:
         """The chunk's body, its crc32c checked (and its trailer recorded)."""

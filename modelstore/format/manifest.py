@@ -64,6 +64,7 @@ class BaseEntry(PayloadFields, total=False):
     selection: dict[str, str | None]
     source: dict[str, str]
     config_json: str | None
+    codec: str  # "none": its arrays are uncompressed (build's base_codec); absent: "lz4"
     nbytes: int
     created: str
 

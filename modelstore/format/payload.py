@@ -102,14 +102,15 @@ class PayloadWriter:
         self._arrays[name] = w
         return w
 
-    def declare_dense(self, prefix: str, specs: Iterable[tuple[tuple[int, ...], torch.dtype]]) -> None:
-        """Arrays `<prefix>.<dtype>` large enough for tensors of these (shape, dtype)."""
+    def declare_dense(self, prefix: str, specs: Iterable[tuple[tuple[int, ...], torch.dtype]],
+                      kind: str = "values") -> None:
+        """Arrays `<prefix>.<dtype>` of array `kind` large enough for tensors of these (shape, dtype)."""
         capacity: dict[str, int] = {}
         for shape, dt in specs:
             d = dtypes.dtype_name(dt)
             capacity[d] = capacity.get(d, 0) + math.prod(shape)
         for d, n in capacity.items():
-            self.declare(f"{prefix}.{d}", d, n)
+            self.declare(f"{prefix}.{d}", d, n, kind=kind)
 
     def add_dense(self, name: str, t: torch.Tensor, prefix: str, **fields: Any) -> TableEntry:
         """Store `t` whole in its dtype's `<prefix>.<dtype>` array; return its table entry."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import dtypes
@@ -30,7 +31,7 @@ from ..naming import renamer
 from ..sources import Checkpoint, Renamed, TensorSource, match_task_names, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
-from .base import BaseTensors, Edit, Replace, TaskKind
+from .base import APPLY_ENTRIES, BaseTensors, Edit, Replace, TaskKind
 from .budget import Choice, DeltaProfile, candidates, choose, energy_of
 from .dare import dare_picker
 from .values import MAX_GROUP_SIZE, QUANT_MAX, VALUE_DTYPES, VALUE_LIMITS, read_values, storage_dtype, value_writer
@@ -262,6 +263,22 @@ class AddAt(Edit):
         assert self.positions is not None
         return dataclasses.replace(self, positions=self.positions[start:stop], delta=self.delta[start:stop])
 
+    def applied(self, base: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+        """As `Edit.applied`, by one `index_add_` on CPU where that is the same arithmetic: CPU adds
+        in a 16-bit float dtype compute float32(a) + float32(b) and round once, so adding the values
+        in the output dtype is bit-identical when neither the base nor the values are rounded to
+        get there (4x the speed of gather, add, scatter; int32 positions need no widening)."""
+        want = dtypes.output_dtype(self.dtype, dtype)
+        assert base is not None and self.positions is not None
+        exact = want == torch.float32 or (base.dtype == want and self.delta.dtype == want)
+        if base.device.type != "cpu" or not exact:
+            return super().applied(base, dtype)
+        flat = base.reshape(-1)
+        out = flat if want == flat.dtype else flat.to(want)
+        for i in range(0, int(self.positions.numel()), APPLY_ENTRIES):
+            out.index_add_(0, self.positions[i:i + APPLY_ENTRIES], self.delta[i:i + APPLY_ENTRIES].to(want))
+        return out.view(self.shape)
+
 
 class SparseDelta(TaskKind):
     """PERU-FFT (on a merged base) or Post-Pruning (on θ0): top-m% of θt − θ* as a sparse delta."""
@@ -407,8 +424,11 @@ class SparseDelta(TaskKind):
             size = math.prod(shape)
             if size < 1 << 31:  # int32 positions: half the memory while the edit is held; `index` widens them
                 # a gap past the tensor (damage) wraps negative here or ends past it: both are caught below
-                pos = torch.cumsum(gaps.view(torch.int32) if gaps.dtype == torch.uint32 else gaps.to(torch.int32), 0,
-                                   dtype=torch.int32)
+                if gaps.device.type == "cpu":  # numpy sums narrow gaps into int32 at 8x torch's widen + cumsum
+                    pos = torch.from_numpy(np.cumsum(gaps.numpy(), dtype=np.int32))
+                else:
+                    pos = torch.cumsum(gaps.view(torch.int32) if gaps.dtype == torch.uint32 else gaps.to(torch.int32),
+                                       0, dtype=torch.int32)
             else:
                 pos = torch.cumsum(gaps.to(torch.int64), 0)
             if c and (int(pos[-1]) >= size or int(pos.min()) < 0):
