@@ -331,6 +331,7 @@ class Store:
             with self.loc.errors(f"write {out.path}"):
                 return fill(out)
         except BaseException:
+            out.abandon()
             self.loc.discard(out.path)
             raise
 

@@ -66,6 +66,19 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
         else torch.nonzero(mask).view(-1)
 
 
+def _count(mask: torch.Tensor) -> int:
+    """True entries of a bool tensor (numpy's count is 7x torch's bool sum on CPU)."""
+    return int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(mask.sum())
+
+
+def _in_range(bits: torch.Tensor, lo: int, width: int) -> torch.Tensor:
+    """bits - lo of the entries with lo <= bits < lo + width (one unsigned compare on CPU)."""
+    if bits.device.type != "cpu":
+        return bits[(bits >= lo) & (bits < lo + width)] - lo
+    d = (bits.numpy() - np.int32(lo)).view(np.uint32)
+    return torch.from_numpy(d[d < width].view(np.int32))
+
+
 def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
              sample: Callable[[], Iterable[torch.Tensor]] | None = None, total: int = 0) -> Cut:
     """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits).
@@ -147,10 +160,10 @@ def _cut_in_window(k: int, tensors: Callable[[], Iterable[torch.Tensor]], b_lo: 
     counts = torch.zeros(width, dtype=torch.int64)
     above, pending, held = 0, [], 0
     for bits in tensors():
-        above += int((bits >= hi_bits).sum())
-        sel = bits[(bits >= lo_bits) & (bits < hi_bits)]
+        above += _count(bits >= hi_bits)
+        sel = _in_range(bits, lo_bits, width)
         if sel.numel():
-            pending.append(sel - lo_bits)
+            pending.append(sel)
             held += sel.numel()
         if held >= _FLUSH:  # one large bincount rather than a window-sized one per block
             counts += torch.bincount(torch.cat(pending), minlength=width)

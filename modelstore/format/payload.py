@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ class FlatWriter:
         self.written = 0
         self._trailers: list[int] = []
         self._buf = empty(self.chunk, self.dtype)
+        self._spare: np.ndarray | None = None  # the buffer of the chunk being written, once free
+        self._pending: Future[int] | None = None
         self._chunks = Chunks(self.array)
         self._fill = 0
 
@@ -70,17 +73,45 @@ class FlatWriter:
         return start
 
     def _flush(self) -> None:
+        """Hand the full buffer to the writer thread (encoding and writing a chunk overlap the
+        caller's work on the next one) and go on in the other buffer."""
         if self._fill:
-            self._trailers.append(self._chunks.write(self.written // self.chunk, self._buf[:self._fill]))
+            self._collect()
+            self._pending = _writer().submit(self._chunks.write, self.written // self.chunk, self._buf[:self._fill])
+            self._buf, self._spare = (self._spare if self._spare is not None else empty(self.chunk, self.dtype)), self._buf
             self.written += self._fill
             self._fill = 0
+
+    def _collect(self) -> None:
+        """Wait for the chunk being written (raising its error); record its trailer."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._trailers.append(pending.result())
+
+    def abandon(self) -> None:
+        """Wait for the chunk being written, whatever its outcome (before its directory is deleted)."""
+        if self._pending is not None:
+            wait([self._pending])
+            self._pending = None
 
     def close(self) -> ArrayInfo:
         """Write the tail and shrink the array to its content; return its count and digest."""
         self._flush()
+        self._collect()
         if self.written != self.capacity:
             self.array.resize((self.written,))
         return {"count": self.written, "chunks_crc32c": digest(self._trailers)}
+
+
+_WRITER: list[ThreadPoolExecutor] = []
+
+
+def _writer() -> ThreadPoolExecutor:
+    """The thread that encodes and writes chunks (one per process: chunk writes of each array
+    stay in order, one at a time)."""
+    if not _WRITER:
+        _WRITER.append(ThreadPoolExecutor(1, thread_name_prefix="modelstore-write"))
+    return _WRITER[0]
 
 
 class PayloadWriter:
@@ -124,6 +155,12 @@ class PayloadWriter:
         """Record a table entry whose data the caller appended to a declared array."""
         self.table.append(entry)
         return entry
+
+    def abandon(self) -> None:
+        """Wait for chunk writes still under way, so that nothing is written after the caller
+        deletes the payload's directory."""
+        for w in self._arrays.values():
+            w.abandon()
 
     def finish(self) -> PayloadFields:
         """Close every array, write the table; return the fields every manifest entry has."""
