@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from typing import Any, Literal, overload
 
 import torch
@@ -21,8 +22,8 @@ from . import dtypes, switching
 from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
-from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.codecs import BASE_CODECS
+from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter
 from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
@@ -33,6 +34,7 @@ from .progress import bar
 from .sources import Checkpoint, open_checkpoint
 from .storage import Location
 from .transfer import SyncReport, sync
+from .units import parse_size
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 #: Bases up to this size are kept on the device after the first load, so the next load reads only
@@ -280,7 +282,8 @@ class Store:
                     dst.copy_(t)
         return model
 
-    def switch(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
+    def switch(self, model: torch.nn.Module, task: str, strict: bool = True,
+               resident: int | str = 0) -> torch.nn.Module:
         """Make `model` hold `task`'s weights in place, rewriting only the entries tasks change.
 
         The model (on any one device, float32/float16/bfloat16) then equals `load(task, dtype=its
@@ -291,14 +294,25 @@ class Store:
         the whole base first, like `load_into`, and so does the first switch after a `load_into`;
         weights changed in place by other means are not noticed, so write them through the store.
 
+        `resident` (bytes, or a size such as "2GB") keeps the writes of recently switched tasks on the
+        model's device, most recently used first, within that budget (the model's own, across
+        stores): switching back to one reads nothing from the store and costs only the scattered
+        writes. A task costs positions (8 bytes) + its base's and its own values (2 × the model's
+        dtype) per changed entry; a task over the budget is not kept.
+
         Not thread-safe for one model: a switch mutates its parameters, so never run it during a
         forward pass or another switch of the same model. Different models may switch at once.
 
         Raises:
-            InputError: the task's tensors do not fit the model (see `load_into`).
+            InputError: the task's tensors do not fit the model (see `load_into`), or `resident`
+                is not a size.
             TaskNotFoundError: no such task.
         """
-        switching.switch(model, _SwitchSource(self, task, ModuleTensors(model).device), strict)
+        try:
+            budget = parse_size(resident)
+        except ValueError as e:
+            raise InputError(f"resident: {e}") from None
+        switching.switch(model, _SwitchSource(self, task, ModuleTensors(model).device), strict, budget)
         return model
 
     # -- writing ---------------------------------------------------------------
@@ -625,18 +639,28 @@ class _BaseTensors:
 
 
 class _SwitchSource:
-    """Task `task` of `store` as a switch reads it (switching.SwitchSource), on `device`."""
+    """Task `task` of `store` as a switch reads it (switching.SwitchSource), on `device`. Its
+    storage is opened on first use: a switch to a resident task reads nothing."""
 
     def __init__(self, store: Store, task: str, device: torch.device):
         self.store, self.task, self.device = store, task, device
         self.entry = store.entry(task)
         self.kind = get_kind(self.entry["kind"])
-        self.payload = store._payload(self.entry, f"task {task!r}", self.kind)
         self.base_id = self.entry["base"]
         self.base_key = f"{store.url}#{store._base_entry(self.base_id)['path']}"
         self.task_key = f"{store.url}#{self.entry['path']}"
-        self._base = store.stored_base(self.base_id)
-        self._dtypes = {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
+
+    @cached_property
+    def payload(self) -> PayloadReader:
+        return self.store._payload(self.entry, f"task {self.task!r}", self.kind)
+
+    @cached_property
+    def _base(self) -> PayloadReader:
+        return self.store.stored_base(self.base_id)
+
+    @cached_property
+    def _dtypes(self) -> dict[str, torch.dtype]:
+        return {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
 
     def names(self) -> list[str]:
         return self.kind.output_names(self.payload.table, list(self._dtypes))

@@ -6,6 +6,11 @@ the base's values there, in the model's dtype), so the next switch puts those ba
 tensors whose base differs when the next task sits on another base, and applies the next task.
 Nothing of the size of the model is kept. The state is a `SwitchState` attached to the model.
 
+With a `resident` budget, the writes of recently switched tasks (positions, the base's values
+there, the task's values there) stay on the model's device, most recently used first, up to that
+many bytes: switching back to one of them reads nothing from the store and is the floor of any
+in-place switch, the previous task's entries and the new task's scattered into the model.
+
 A model the switch does not know (never switched, or moved, cast or re-allocated since: its
 tensors' memory changed) first gets its task's base written whole, like `load_into`. Weights
 changed in place by other means are not noticed: `Store.load_into` forgets the state, and the
@@ -14,6 +19,7 @@ next switch writes the base again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,12 +69,38 @@ class SwitchState:
     base: str
     task: str | None
     layout: tuple
-    #: tensor name -> (flat positions, or None for the whole tensor; the values the task overwrote)
+    #: tensor name -> (flat positions as int64, or None for the whole tensor; the values the task overwrote)
     saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    #: task key -> its writes on this base, (name, positions or None, old values, new values) per
+    #: tensor, least recently used first; `resident_bytes` at most `budget` bytes
+    resident: OrderedDict[str, list[Write]] = field(default_factory=OrderedDict)
+    budget: int = 0
 
     def entries(self) -> int:
         """Tensor entries kept to undo the current task: the entries it changed."""
         return sum(int(old.numel()) for _, old in self.saved.values())
+
+    def resident_bytes(self) -> int:
+        """Bytes of the resident tasks' writes."""
+        return sum(_nbytes(w) for writes in self.resident.values() for w in writes)
+
+    def keep(self, task: str, writes: list[Write]) -> None:
+        """Keep `task`'s writes if they fit the budget, dropping the least recently used tasks."""
+        size = sum(_nbytes(w) for w in writes)
+        if size > self.budget:
+            return
+        self.resident[task] = writes
+        while self.resident_bytes() > self.budget:
+            self.resident.popitem(last=False)
+
+
+#: One tensor's part of a switch: name, flat positions (int64) or None for the whole tensor, the
+#: base's values there, the task's values there.
+Write = tuple[str, "torch.Tensor | None", torch.Tensor, torch.Tensor]
+
+
+def _nbytes(w: Write) -> int:
+    return sum(t.numel() * t.element_size() for t in w[1:] if t is not None)
 
 
 def state_of(model: torch.nn.Module, target: ModuleTensors | None = None) -> SwitchState | None:
@@ -84,34 +116,56 @@ def forget(model: torch.nn.Module) -> None:
     model.__dict__.pop(_ATTR, None)
 
 
-def switch(model: torch.nn.Module, source: SwitchSource, strict: bool) -> None:
-    """Make `model` hold `source`'s task, rewriting only what differs from what it holds now."""
+def switch(model: torch.nn.Module, source: SwitchSource, strict: bool, resident: int = 0) -> None:
+    """Make `model` hold `source`'s task, rewriting only what differs from what it holds now;
+    keep its writes on the model's device within a `resident` budget of bytes (module docstring)."""
     target = ModuleTensors(model)
-    target.check_fit(source.task, source.names(), strict)
     state = state_of(model, target)
+    if state is not None:
+        state.budget = resident
+        while state.resident and state.resident_bytes() > resident:
+            state.resident.popitem(last=False)
     if state is not None and state.task == source.task_key:
         return
     with torch.no_grad():
+        if state is not None and source.task_key in state.resident and state.base == source.base_key:
+            _restore(target, state)
+            state.resident.move_to_end(source.task_key)
+            _rewrite(target, state, source.task_key)
+            return
+        target.check_fit(source.task, source.names(), strict)
         if state is not None:
             _restore(target, state)  # the model holds state.base again
         if state is None or state.base != source.base_key:
             forget(model)  # until the base is written whole: a failure part way leaves an unknown model
             _write_base(target, source, compare=state is not None)
-            state = SwitchState(source.base_key, None, target.layout())
+            state = SwitchState(source.base_key, None, target.layout(), budget=resident)
             model.__dict__[_ATTR] = state
         _apply(target, source, state)
 
 
 def _restore(target: ModuleTensors, state: SwitchState) -> None:
     """Put back what the current task overwrote: the model holds `state.base` again."""
-    for name, (positions, old) in state.saved.items():
+    for name, (index, old) in state.saved.items():
         dst = target.tensors[name]
-        if positions is None:
+        if index is None:
             dst.copy_(old)
         else:
-            flat_view(dst, name).index_copy_(0, positions.long(), old)
+            flat_view(dst, name).index_copy_(0, index, old)
     state.saved.clear()
     state.task = None
+
+
+def _rewrite(target: ModuleTensors, state: SwitchState, task: str) -> None:
+    """Write a resident task's kept writes (the model holds the base)."""
+    for name, index, old, new in state.resident[task]:
+        dst = target.tensors[name]
+        state.saved[name] = (index, old)
+        if index is None:
+            dst.copy_(new)
+        else:
+            flat_view(dst, name).index_copy_(0, index, new)
+    state.task = task
 
 
 def _write_base(target: ModuleTensors, source: SwitchSource, compare: bool) -> None:
@@ -128,6 +182,7 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> N
     """Write the task's edits over the base, keeping what each overwrites in `state` first (so a
     failure part way still leaves a state the next switch can undo)."""
     written: set[str] = set()
+    writes: list[Write] = []
     for e in source.edits():
         dst = target.claim(source.task, e.name, e.shape, written)
         if dst is None or not e.count():
@@ -139,13 +194,19 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> N
             base = (old if exact else source.base_values(e.source, None)) if e.uses_base else None
             state.saved[e.name] = (None, old)
             dst.copy_(e.values(base, dtype).view(dst.shape))
+            if state.budget:
+                writes.append((e.name, None, old, dst.detach().clone()))
         else:
             flat, index = flat_view(dst, e.name), e.index()
             old = torch.index_select(flat, 0, index)  # faster than flat[p] on CPU
             base = old if exact else source.base_values(e.source, index)
-            state.saved[e.name] = (e.positions, old)
-            flat.index_copy_(0, index, e.values(base, dtype))
+            state.saved[e.name] = (index, old)
+            e.write_at(flat, index, base, holds_base=exact)
+            if state.budget:
+                writes.append((e.name, index, old, torch.index_select(flat, 0, index)))
     state.task = source.task_key
+    if state.budget:
+        state.keep(source.task_key, writes)
 
 
 __all__ = ["SwitchSource", "SwitchState", "switch", "state_of", "forget"]

@@ -399,3 +399,15 @@ def test_frontier_smoke_bits_per_param(tmp_path):
     assert abs(rows["dare"] - rows["fft float16"]) < 0.25 * rows["fft float16"]  # equal byte budgets
     for one_bit in ("tall-mask", "emr", "bitdelta"):
         assert 0.3 < rows[one_bit] < 1.2
+
+
+def test_frontier_table_lists_every_row_in_percent():
+    from tools.frontier import table
+    rows = [{"method": "DARE int4", "setting": "m1", "bits_per_param": 0.0571, "average": 0.7265,
+             "accuracy": {"rt": 0.8, "trump": 0.653}},
+            {"method": "Single-Task", "setting": "", "bits_per_param": 32.0, "average": 0.742,
+             "accuracy": {"rt": 0.805, "trump": 0.679}}]
+    lines = table(rows, ("rt", "trump")).splitlines()
+    assert lines[0] == "| method | setting | bits / param | avg | rt | trump |"
+    assert lines[2] == "| DARE int4 | m1 | 0.057 | **72.7** | 80.0 | 65.3 |"
+    assert lines[3] == "| Single-Task |  | 32.000 | **74.2** | 80.5 | 67.9 |" and len(lines) == 4

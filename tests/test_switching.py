@@ -4,6 +4,7 @@ bases and task kinds and in every float dtype, keeping only the entries the task
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -121,3 +122,56 @@ def test_switching_through_kinds_without_edits(bert_models, tmp_path):
     for task in ["alpha", "bits", "q8", "tall", "beta", "bits", "alpha"]:
         s.switch(model, task)
         _assert_holds(model, s, task, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_tasks_switch_without_the_store(bert_models, mixed_store, tmp_path, dtype):
+    """With a resident budget, switching back to a recently used task reads nothing from the store
+    (its files may be gone) and still equals a fresh load; the budget bounds what is kept, least
+    recently used first."""
+    import shutil
+    from transformers import BertModel
+    url = str(tmp_path / "copy")
+    shutil.copytree(mixed_store, url)
+    store = modelstore.open(url)
+    want = {t: store.load(t, dtype=dtype) for t in ("alpha", "beta", "gamma", "lo1", "lo2")}
+    model = BertModel(bert_models["cfg"]).to(dtype)
+    for task in ("alpha", "beta"):
+        store.switch(model, task, resident="1GB")
+    state = switching.state_of(model)
+    assert list(state.resident) == [f"{url}#{store.entry(t)['path']}" for t in ("alpha", "beta")]
+    for t in ("alpha", "beta"):
+        shutil.rmtree(os.path.join(url, store.entry(t)["path"]))
+    for task in ("alpha", "beta", "beta", "alpha", "beta"):
+        store.switch(model, task, resident="1GB")
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want[task].items()), task
+    with pytest.raises(modelstore.ModelStoreError):  # not resident after all: its files are needed
+        store.switch(model, "alpha", resident=0)
+        store.switch(model, "beta", resident=0)
+    for t in ("gamma", "lo1", "lo2", "gamma", "lo2"):  # θ0's tasks: fft and LoRA, resident or not
+        store.switch(model, t, resident=200_000)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in want[t].items()), t
+        state = switching.state_of(model)
+        assert state.resident_bytes() <= state.budget == 200_000
+        assert state.task in state.resident or sum(
+            o.numel() * (o.element_size() * 2 + 8) for _, o in state.saved.values()) > 200_000
+
+
+def test_resident_budget_keeps_the_most_recent_tasks(bert_models, mixed_store):
+    from transformers import BertModel
+    store = modelstore.open(mixed_store)
+    model = BertModel(bert_models["cfg"])
+    store.switch(model, "alpha", resident="1GB")
+    one = switching.state_of(model).resident_bytes()
+    store.switch(model, "beta", resident="1GB")
+    two = switching.state_of(model).resident_bytes()
+    assert 0 < one < two
+    store.switch(model, "alpha", resident=two - 1)  # both no longer fit: beta, the older, goes
+    state = switching.state_of(model)
+    assert list(state.resident) == [f"{mixed_store}#{store.entry('alpha')['path']}"] and state.resident_bytes() == one
+    store.switch(model, "beta", resident=one - 1)  # nothing fits
+    assert not switching.state_of(model).resident
+    _assert_holds(model, store, "beta", torch.float32)
+    with pytest.raises(modelstore.InputError, match="resident: 'lots' is not a size"):
+        store.switch(model, "alpha", resident="lots")

@@ -1,7 +1,7 @@
 """Average accuracy against bits per parameter of every way modelstore keeps a task, on the real
 MiniLM tasks of tools.paper_table, each variant loaded back from a real store.
 
-Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE at each m, TALL masks, EMR,
+Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE (float16, int4) at each m, TALL masks, EMR,
 BitDelta, and the reference points Task-Arithmetic, TIES (one model) and Single-Task (the
 originals). `bits_per_param` is a task's own stored bytes × 8 per parameter of its model, averaged
 over the tasks (the shared bases not counted: they are paid once); `bytes` is what the whole row
@@ -19,7 +19,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tools.tasks import TASKS, parse_tasks
 
 KEEPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 VALUE_DTYPES = ("float16", "int8", "int4")
+DARE_VALUE_DTYPES = ("float16", "int4")
 _BUILD_KEYS = ("merge", "merge_options", "kind", "keep", "granularity", "value_dtype")
 """Keywords `modelstore.build` takes itself; a setting's other kind options go in its `kind_options`."""
 
@@ -88,8 +89,11 @@ def rows(cfg: Config, keeps: tuple[float, ...]) -> list[tuple[str, str, Callable
         out += [(f"PERU-FFT {vd}", m, lambda p=peru, m=m: p(m)) for m in by_m]
     post = _variant(cfg, "post-pruning", {"merge": "none"}, by_m)
     out += [("Post-Pruning", m, lambda m=m: post(m)) for m in by_m]
-    dare = _variant(cfg, "dare", ta, {m: {**o, "sparsify": "dare"} for m, o in by_m.items()})
-    out += [("DARE", m, lambda m=m: dare(m)) for m in by_m]
+    for vd in DARE_VALUE_DTYPES:  # DARE's drop as the sparsifier, with float16 and with int4 values
+        dtype = {} if vd == "float16" else {"value_dtype": vd}
+        dare = _variant(cfg, "dare" if vd == "float16" else f"dare-{vd}", ta,
+                        {m: {**o, "sparsify": "dare", **dtype} for m, o in by_m.items()})
+        out += [("DARE" if vd == "float16" else f"DARE {vd}", m, lambda d=dare, m=m: d(m)) for m in by_m]
     for method, name, build in (("TALL masks", "tall", {"kind": "tall-mask", "merge_options": {"lam": 1.0}}),
                                 ("EMR", "emr", {"kind": "emr"}), ("BitDelta", "bitdelta", {"kind": "bitdelta",
                                                                                          "merge": "none"})):
@@ -127,7 +131,19 @@ def run(cfg: Config, keeps: tuple[float, ...], out: Path) -> list[dict[str, Any]
         path.write_text(json.dumps(list(done.values()), indent=1))
     results = list(done.values())
     plot(results, out / "frontier.png")
+    (out / "results.md").write_text(table(results, cfg.tasks))
     return results
+
+
+def table(results: list[dict[str, Any]], tasks: Sequence[str]) -> str:
+    """The rows as a markdown table: bits per parameter, average and per-task accuracy (%)."""
+    lines = ["| method | setting | bits / param | avg | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|" + "---|" * len(tasks)]
+    for r in results:
+        accs = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
+        lines.append(f"| {r['method']} | {r['setting']} | {r['bits_per_param']:.3f} | **{100 * r['average']:.1f}** "
+                     f"| {accs} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:

@@ -118,6 +118,11 @@ class Edit:
         """`new(base)` in the output dtype of a load asking for `dtype` (None: the stored dtype)."""
         return self.new(base).to(dtypes.output_dtype(self.dtype, dtype))
 
+    def write_at(self, flat: torch.Tensor, index: torch.Tensor, base: torch.Tensor | None, holds_base: bool) -> None:
+        """flat[index] := the task's values there, in flat's dtype; `base` is the base's values at
+        `index` and `holds_base` says flat holds exactly those (a switch writing into a model)."""
+        flat.index_copy_(0, index, self.values(base, flat.dtype if flat.dtype.is_floating_point else None))
+
     def applied(self, base: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
         """The whole task tensor from its whole base tensor (a fresh one, which this may reuse)."""
         if self.positions is None:
