@@ -14,6 +14,7 @@ through zarr, so stores written by other tools read the same.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -186,21 +187,25 @@ class Chunks:
         return self._raw[:got]
 
     def _read_file_into(self, index: int, target: np.ndarray) -> None:
-        """An uncompressed local chunk read straight into `target` (one copy, as safetensors makes),
-        its crc32c checked."""
+        """An uncompressed local chunk copied straight into `target` from a private mapping of its
+        file, as safetensors loads do: torch's copy runs in its threads, where a read() copies and
+        faults the destination's pages in one thread. Its crc32c is checked."""
         try:
             fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
         except FileNotFoundError:
             raise ChunkError(index, "is missing") from None
-        trailer = bytearray(4)
         try:
             size = os.fstat(fd).st_size
-            got = os.readv(fd, [memoryview(target), trailer]) if size == target.nbytes + 4 else -1
+            if size != target.nbytes + 4:
+                raise ChunkError(index, "does not decode to a whole chunk")
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
-        if got != target.nbytes + 4:
-            raise ChunkError(index, "does not decode to a whole chunk")
-        stored = int.from_bytes(trailer, "little")
+        with mapped:
+            src = torch.frombuffer(mapped, dtype=torch.uint8, count=target.nbytes)
+            torch.from_numpy(target).copy_(src)
+            del src
+            stored = int.from_bytes(mapped[target.nbytes:], "little")
         if google_crc32c.value(target) != stored:
             raise ChunkError(index, "fails its checksum")
         self.trailers[index] = stored

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import dtypes
+from ..ahead import read_ahead
 from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
@@ -455,7 +456,7 @@ class SparseDelta(TaskKind):
         output dtype); every other entry is the base's own, which is what the float32 round trip
         of the whole tensor gives too, so the result is bit-identical at a fraction of the work.
         """
-        for e in self.edits(segments, table, entry, device):
+        for e in read_ahead(self.edits(segments, table, entry, device)):  # decoding overlaps applying
             yield e.name, e.applied(base.fresh(e.source) if e.uses_base else None, dtype)
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
