@@ -12,19 +12,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 from typing import Any, Literal, overload
 
 import torch
 
 from . import dtypes, switching
+from .ahead import read_ahead
 from .commits import UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
 from .format.codecs import BASE_CODECS
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
-from .format.payload import PayloadFields, PayloadReader, PayloadWriter
+from .format.payload import PayloadFields, PayloadReader, PayloadWriter, Segments
 from .garbage import GcReport, collect, parse_duration
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
 from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
@@ -586,23 +586,22 @@ class _BaseTensors:
     """The base of one load: from the cache (cloned per tensor) or streamed from storage.
     `fill_cache=False` uses the cache only if it is already there (never reads the base into it).
 
-    A streamed base is read one tensor ahead in a worker thread, in base order (the order tensors
-    are asked for): reading and decoding the next tensor overlaps the caller's work on this one
-    (decoding the task, applying it), which is most of a cold load's time on two cores. Its
-    Segments are only ever touched by one thread at a time: the worker, or the caller after the
-    worker's last read is collected."""
+    A streamed base is read ahead in a worker thread, in base order (the order tensors are asked
+    for; a tensor not asked for is read and dropped): reading and decoding the next tensors
+    overlaps the caller's work on this one (decoding the task, applying it), which is most of a
+    cold load's time on two cores. Its Segments are touched by the worker alone until `close`
+    has stopped it."""
 
     def __init__(self, store: Store, base_id: str, device: torch.device, fill_cache: bool = True):
         self.others: dict[str, _BaseTensors] = {}
         self._cached = store._cached_base(base_id, device) if fill_cache else store._bases.get((base_id, str(device)))
-        self._ahead: tuple[str, Future[torch.Tensor]] | None = None
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
-            self._by_name = {e["name"]: e for e in reader.table}
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="modelstore-base")
-        self._names = list(self._cached) if self._cached is not None else list(self._by_name)
-        self._next = dict(zip(self._names, self._names[1:]))
+            self._names = [e["name"] for e in reader.table]
+            self._stream = read_ahead(_read_all(self._segments, reader.table))
+        else:
+            self._names = list(self._cached)
 
     def names(self) -> list[str]:
         return self._names
@@ -614,28 +613,25 @@ class _BaseTensors:
         """Base tensor `name` to read only (the cached tensor itself), asked for in base order."""
         if self._cached is not None:
             return self._cached[name]
-        ahead, self._ahead = self._ahead, None
-        got = ahead[1].result() if ahead is not None else None  # a skipped tensor is still read (checked)
-        t = got if ahead is not None and ahead[0] == name else self._read(name)
-        following = self._next.get(name)
-        if following is not None:
-            self._ahead = (following, self._pool.submit(self._read, following))
-        return t
-
-    def _read(self, name: str) -> torch.Tensor:
-        e = self._by_name[name]
-        return self._segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
+        for n, t in self._stream:
+            if n == name:
+                return t
+        raise AssertionError(f"base tensor {name!r} asked for out of order")
 
     def other(self, base_id: str) -> _BaseTensors:
         return self.others[base_id]
 
     def close(self) -> None:
         if self._cached is None:
-            if self._ahead is not None:
-                self._ahead[1].result()
-                self._ahead = None
-            self._pool.shutdown()
+            self._stream.close()  # the worker stops; the rest is read and checked here
             self._segments.close()
+
+
+def _read_all(segments: Segments, table: list[TableEntry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a base's table from its segments, in order (refers to no _BaseTensors, so
+    an abandoned load's worker does not keep its consumer alive)."""
+    for e in table:
+        yield e["name"], segments.get(e["array"], e["start"], e["count"], e["dtype"]).view(e["shape"])
 
 
 class _SwitchSource:

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -184,17 +185,21 @@ class _Deltas:
     """u = θt − θ* of the sparse tensors, pass after pass, in blocks of about BLOCK_ELEMENTS entries.
 
     A block is small enough that the chain convert, subtract, |.|, bit patterns, histogram stays
-    in the CPU's cache (3-4x faster than whole tensors, measured), and is computed into one reused
-    float32 buffer: a block yielded is valid until the next is asked for. The stored base is
-    streamed front to back once per pass (each chunk decoded once); the first blocks are kept
-    between passes while under a byte budget.
+    in the CPU's cache (3-4x faster than whole tensors, measured), and is computed into one of a
+    few reused float32 buffers: a block yielded is valid until the next is asked for. Blocks are
+    computed in a worker thread one ahead of their consumer (reading θt and the base overlaps
+    counting and selecting). The stored base is streamed front to back once per pass (each chunk
+    decoded once); the first blocks are kept between passes while under a byte budget.
     """
+
+    #: Block buffers in turn: the consumer's, the one queued, the one being computed.
+    RING = 3
 
     def __init__(self, src: TensorSource, base: PayloadReader, names: list[str], budget: int):
         self.src, self.base, self.names = src, base, names
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
         self._cached, self._budget = 0, budget
-        self._u = torch.empty(0)
+        self._lock = threading.Lock()  # two passes may run at once (per-tensor cuts inside the write pass)
         self._bits = torch.empty(0, dtype=torch.int32)
 
     def count(self) -> int:
@@ -204,8 +209,12 @@ class _Deltas:
     def blocks(self, names: list[str] | None = None, every: int = 1) -> Iterator[tuple[str, int, torch.Tensor]]:
         """(name, flat offset, u) for each block of the tensors `names` (all by default), in order;
         with `every` > 1, of every `every`-th block only (a sample spread over the model)."""
+        return read_ahead(self._blocks(names, every), depth=self.RING - 2)
+
+    def _blocks(self, names: list[str] | None, every: int) -> Iterator[tuple[str, int, torch.Tensor]]:
         segments = self.base.stream(torch.device("cpu"), check=False)
-        j = -1
+        ring = [torch.empty(0) for _ in range(self.RING)]  # this pass's own
+        j, turn = -1, 0
         for name in self.names if names is None else names:
             e = self.base.entry_of(name)
             shape = self.src.shape(name)
@@ -215,20 +224,26 @@ class _Deltas:
                 if j % every:
                     continue
                 offset, size = r0 * row, (r1 - r0) * row
-                cached = self._cache.get((name, offset))
+                with self._lock:
+                    cached = self._cache.get((name, offset))
+                    keep = cached is None and self._cached + size * 4 <= self._budget
+                    if keep:
+                        self._cached += size * 4
                 if cached is not None:
                     yield name, offset, cached
                     continue
-                if self._cached + size * 4 <= self._budget:
+                if keep:
                     u = torch.empty(size)
-                    self._cache[(name, offset)] = u
-                    self._cached += size * 4
                 else:
-                    if self._u.numel() < size:
-                        self._u = torch.empty(size)
-                    u = self._u[:size]
+                    turn = (turn + 1) % self.RING
+                    if ring[turn].numel() < size:
+                        ring[turn] = torch.empty(size)
+                    u = ring[turn][:size]
                 u.copy_(read_rows(self.src, name, r0, r1).reshape(-1))
                 u.sub_(segments.get(e["array"], e["start"] + offset, size, e["dtype"]))
+                if keep:
+                    with self._lock:
+                        self._cache[(name, offset)] = u  # complete before another pass can see it
                 yield name, offset, u
 
     def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
