@@ -66,17 +66,29 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
         else torch.nonzero(mask).view(-1)
 
 
-def _count(mask: torch.Tensor) -> int:
-    """True entries of a bool tensor (numpy's count is 7x torch's bool sum on CPU)."""
-    return int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(mask.sum())
+class _Window:
+    """Per block of bit patterns: how many lie at or above `hi`, and `bits - lo` of those in
+    [lo, hi). On CPU in numpy (its count is 7x torch's bool sum; one unsigned compare selects)
+    into buffers reused from block to block: fresh temporaries per block fragment the C heap,
+    which then holds on to several times a block's memory per pass."""
 
+    def __init__(self, lo: int, hi: int):
+        self.lo, self.hi = lo, hi
+        self._diff = np.empty(0, np.uint32)
+        self._mask = np.empty(0, np.bool_)
 
-def _in_range(bits: torch.Tensor, lo: int, width: int) -> torch.Tensor:
-    """bits - lo of the entries with lo <= bits < lo + width (one unsigned compare on CPU)."""
-    if bits.device.type != "cpu":
-        return bits[(bits >= lo) & (bits < lo + width)] - lo
-    d = (bits.numpy() - np.int32(lo)).view(np.uint32)
-    return torch.from_numpy(d[d < width].view(np.int32))
+    def split(self, bits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        if bits.device.type != "cpu":
+            return int((bits >= self.hi).sum()), bits[(bits >= self.lo) & (bits < self.hi)] - self.lo
+        x = bits.numpy()
+        if self._diff.size < x.size:
+            self._diff, self._mask = np.empty(x.size, np.uint32), np.empty(x.size, np.bool_)
+        d, m = self._diff[:x.size], self._mask[:x.size]
+        np.greater_equal(x, self.hi, out=m)
+        above = int(np.count_nonzero(m))
+        np.subtract(x, np.int32(self.lo), out=d.view(np.int32))
+        np.less(d, self.hi - self.lo, out=m)
+        return above, torch.from_numpy(d[m].view(np.int32))
 
 
 def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
@@ -159,9 +171,10 @@ def _cut_in_window(k: int, tensors: Callable[[], Iterable[torch.Tensor]], b_lo: 
     width = hi_bits - lo_bits
     counts = torch.zeros(width, dtype=torch.int64)
     above, pending, held = 0, [], 0
+    window = _Window(lo_bits, hi_bits)
     for bits in tensors():
-        above += _count(bits >= hi_bits)
-        sel = _in_range(bits, lo_bits, width)
+        over, sel = window.split(bits)
+        above += over
         if sel.numel():
             pending.append(sel)
             held += sel.numel()
