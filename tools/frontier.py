@@ -152,9 +152,10 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in results):
+    markers = "os^vD<>Pp*hX"
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in results)):
         pts = sorted((r["bits_per_param"], r["average"]) for r in results if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
+        ax.plot(*zip(*pts), marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), label=method)
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set_xlabel("bits per parameter of a task (bases not counted)")
     ax.set_ylabel("average accuracy")
