@@ -319,7 +319,8 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
         click.echo(f"store {store} (format v{data['format_version']}, generation {data['generation']}): "
                    f"{len(data['tasks'])} tasks; {data['writers']}")
         for b, e in data["bases"].items():
-            click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {human_bytes(e['bytes'])}")
+            raw = ", uncompressed" if e.get("codec") == "none" else ""
+            click.echo(f"  base {b}: {e['merge'].get('method')} {e['merge']}, {human_bytes(e['bytes'])}{raw}")
         click.echo(f"  tasks: {human_bytes(data['task_bytes'])}; total {human_bytes(data['bytes'])} against "
                    f"{human_bytes(data['full_bytes'])} of full checkpoints ({percent(data['ratio'])})")
         return

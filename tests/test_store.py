@@ -330,6 +330,8 @@ def test_base_codec_from_the_cli_and_config(bert_models, tmp_path):
     r = CliRunner().invoke(main, ["init", str(tmp_path / "i"), "--pretrained", bert_models["pre"], "--base-codec", "none"])
     assert r.exit_code == 0, r.output
     assert modelstore.open(str(tmp_path / "i")).manifest["bases"]["pretrained"]["codec"] == "none"
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "i")])
+    assert "base pretrained: none" in r.output and ", uncompressed" in r.output
     cfg = tmp_path / "b.yaml"
     cfg.write_text(f"pretrained: {bert_models['pre']}\ntasks: {{a: {bert_models['tasks']['alpha']}}}\nbase_codec: none\n")
     r = CliRunner().invoke(main, ["build", str(tmp_path / "b"), "--config", str(cfg)])

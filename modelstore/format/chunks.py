@@ -189,7 +189,9 @@ class Chunks:
     def _read_file_into(self, index: int, target: np.ndarray) -> None:
         """An uncompressed local chunk copied straight into `target` from a private mapping of its
         file, as safetensors loads do: torch's copy runs in its threads, where a read() copies and
-        faults the destination's pages in one thread. Its crc32c is checked."""
+        faults the destination's pages in one thread. Its crc32c is checked. A committed chunk file
+        is never rewritten (writers make new payload directories), so the mapping cannot shrink
+        under the copy."""
         try:
             fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
         except FileNotFoundError:
