@@ -17,7 +17,9 @@ import asyncio
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import google_crc32c
 import numpy as np
@@ -122,19 +124,37 @@ class Chunks:
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
-        for window in _windows(first, last + 1, self._window):
-            raws = None if direct else self._fetch(window)
-            for j, index in enumerate(window):
-                c0 = index * self.chunk
-                lo, hi = max(start, c0), min(stop, c0 + self.chunk)
-                whole = lo == c0 and hi == c0 + self.chunk
-                dest = out[lo - start:hi - start] if whole else self._scratch_buffer()
-                if raws is None:
-                    self._read_file_into(index, dest.view(np.uint8))
-                else:
-                    self._decode(index, raws[j], dest)
-                if not whole:
-                    out[lo - start:hi - start] = dest[lo - c0:hi - c0]
+        parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
+        pending: list[Future[None]] = []
+        try:
+            for window in _windows(first, last + 1, self._window):
+                raws = None if direct or parallel else self._fetch(window)
+                for j, index in enumerate(window):
+                    c0 = index * self.chunk
+                    lo, hi = max(start, c0), min(stop, c0 + self.chunk)
+                    whole = lo == c0 and hi == c0 + self.chunk
+                    dest = out[lo - start:hi - start] if whole else self._scratch_buffer()
+                    if parallel and whole:
+                        pending.append(_decoders().submit(self._decode_file, index, dest))
+                    elif parallel:
+                        self._decode_file(index, dest)
+                    elif raws is None:
+                        self._read_file_into(index, dest.view(np.uint8))
+                    else:
+                        self._decode(index, raws[j], dest)
+                    if not whole:
+                        out[lo - start:hi - start] = dest[lo - c0:hi - c0]
+        except BaseException:
+            wait(pending)  # no decoding thread writes into `out` after it is handed back
+            raise
+        for f in pending:  # the first error, in chunk order
+            f.result()
+
+    def _decode_file(self, index: int, dest: np.ndarray) -> None:
+        """A local compressed chunk read into this thread's buffer and decoded into `dest` (in the
+        decoding threads: a blosc call outside the main thread is single-threaded, so chunks are
+        decoded side by side instead)."""
+        self._decode(index, self._read_file(index, _LOCAL), dest)
 
     def _scratch_buffer(self) -> np.ndarray:
         if self._scratch is None:
@@ -172,19 +192,22 @@ class Chunks:
 
         return [None if b is None else b.as_numpy_array() for b in sync(get_all())]
 
-    def _read_file(self, index: int) -> np.ndarray:
+    def _read_file(self, index: int, local: threading.local | None = None) -> np.ndarray:
+        """Chunk `index`'s file into a reused buffer: this object's, or `local`'s (one per thread)."""
         try:
-            fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)
+            fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
         except FileNotFoundError:
             raise ChunkError(index, "is missing") from None
+        holder = local if local is not None else self
         try:
             size = os.fstat(fd).st_size
-            if self._raw.size < size:
-                self._raw = empty(size + (size >> 3), np.dtype(np.uint8))
-            got = os.readv(fd, [memoryview(self._raw[:size])])
+            raw = getattr(holder, "_raw", None)
+            if raw is None or raw.size < size:
+                raw = holder._raw = empty(size + (size >> 3), np.dtype(np.uint8))
+            got = os.readv(fd, [memoryview(raw[:size])])
         finally:
             os.close(fd)
-        return self._raw[:got]
+        return raw[:got]
 
     def _read_file_into(self, index: int, target: np.ndarray) -> None:
         """An uncompressed local chunk copied straight into `target` from a private mapping of its
@@ -235,6 +258,17 @@ class Chunks:
         except Exception:  # a corrupt blosc stream that still matched its crc32c
             pass
         raise ChunkError(index, "does not decode to a whole chunk")
+
+
+_LOCAL = threading.local()  # each decoding thread's file buffer
+_DECODERS: list[ThreadPoolExecutor] = []
+
+
+def _decoders() -> ThreadPoolExecutor:
+    """The threads local compressed chunks are decoded in (one per core, at most 4)."""
+    if not _DECODERS:
+        _DECODERS.append(ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="modelstore-decode"))
+    return _DECODERS[0]
 
 
 def digest(trailers: Iterable[int]) -> int:
