@@ -86,11 +86,14 @@ class SwitchState:
 
     def keep(self, task: str, writes: list[Write]) -> None:
         """Keep `task`'s writes if they fit the budget, dropping the least recently used tasks."""
-        size = sum(_nbytes(w) for w in writes)
-        if size > self.budget:
+        if sum(_nbytes(w) for w in writes) > self.budget:
             return
         self.resident[task] = writes
-        while self.resident_bytes() > self.budget:
+        self.shrink()
+
+    def shrink(self) -> None:
+        """Drop the least recently used resident tasks until the rest fit the budget."""
+        while self.resident and self.resident_bytes() > self.budget:
             self.resident.popitem(last=False)
 
 
@@ -123,8 +126,7 @@ def switch(model: torch.nn.Module, source: SwitchSource, strict: bool, resident:
     state = state_of(model, target)
     if state is not None:
         state.budget = resident
-        while state.resident and state.resident_bytes() > resident:
-            state.resident.popitem(last=False)
+        state.shrink()
     if state is not None and state.task == source.task_key:
         return
     with torch.no_grad():

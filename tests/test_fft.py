@@ -154,8 +154,8 @@ def test_unchanged_task_costs_nothing(bert_models, tmp_path):
 def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dtype, monkeypatch):
     """Every load path (one index_add_ where it is the same arithmetic, gather-add-scatter else,
     applied in parts) gives round(float32(B[p]) + float32(v)) at the kept positions, B elsewhere."""
-    from modelstore.kinds import sparse_delta
-    monkeypatch.setattr(sparse_delta, "APPLY_ENTRIES", 7)  # several parts
+    from modelstore.kinds import base as kinds_base, sparse_delta
+    monkeypatch.setattr(kinds_base, "APPLY_ENTRIES", 7)  # several parts
     g = torch.Generator().manual_seed(3)
     base = (torch.randn(40, 5, generator=g) * 3).to(base_dtype)
     pos = torch.sort(torch.randperm(200, generator=g)[:31]).values.to(torch.int32)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from tools.bench_store import rss_anon
+from tools.bench_store import proc_bytes, rss_anon
 
 D, FF, VOCAB = 4096, 11008, 32000
 SHARD_BYTES = 4 << 30
@@ -151,11 +151,7 @@ def fresh(fn: Callable[..., Any], *args: Any, threads: int) -> dict[str, Any]:
 
 def mem_available() -> int:
     """Bytes of memory the kernel says are available (MemAvailable)."""
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def read_floor(*paths: str) -> None:

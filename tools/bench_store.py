@@ -71,12 +71,17 @@ class PeakAnon:
         self._t.join()
 
 
-def rss_anon() -> int:
-    with open("/proc/self/status") as fh:
+def proc_bytes(path: str, key: str) -> int:
+    """A "key: N kB" figure of a /proc file in bytes (0 where there is none)."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("RssAnon:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_anon() -> int:
+    return proc_bytes("/proc/self/status", "RssAnon")
 
 
 def _child_add_task(store: str, path: str, keep: float, threads: int, out) -> None:

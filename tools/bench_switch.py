@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import torch
 from safetensors.torch import save_file
 
 import modelstore
 from modelstore import switching
+from tools.bench_lora_svd import median_time
 
 
 def synthetic_state_dict(layers: int, dim: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -72,15 +70,6 @@ def module_of(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
             m = getattr(m, part)
         m.register_parameter(leaf, torch.nn.Parameter(t.clone(), requires_grad=False))
     return root
-
-
-def median_time(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

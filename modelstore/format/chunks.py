@@ -192,12 +192,16 @@ class Chunks:
 
         return [None if b is None else b.as_numpy_array() for b in sync(get_all())]
 
-    def _read_file(self, index: int, local: threading.local | None = None) -> np.ndarray:
-        """Chunk `index`'s file into a reused buffer: this object's, or `local`'s (one per thread)."""
+    def _open(self, index: int) -> int:
+        """A file descriptor of local chunk `index`, read-only."""
         try:
-            fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
+            return os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
         except FileNotFoundError:
             raise ChunkError(index, "is missing") from None
+
+    def _read_file(self, index: int, local: threading.local | None = None) -> np.ndarray:
+        """Chunk `index`'s file into a reused buffer: this object's, or `local`'s (one per thread)."""
+        fd = self._open(index)
         holder = local if local is not None else self
         try:
             size = os.fstat(fd).st_size
@@ -215,10 +219,7 @@ class Chunks:
         faults the destination's pages in one thread. Its crc32c is checked. A committed chunk file
         is never rewritten (writers make new payload directories), so the mapping cannot shrink
         under the copy."""
-        try:
-            fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
-        except FileNotFoundError:
-            raise ChunkError(index, "is missing") from None
+        fd = self._open(index)
         try:
             size = os.fstat(fd).st_size
             if size != target.nbytes + 4:

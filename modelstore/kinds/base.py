@@ -133,10 +133,14 @@ class Edit:
         out = flat if want == flat.dtype else flat.to(want)
         n = int(self.positions.numel())
         for i in range(0, n, APPLY_ENTRIES):
-            e = self if n <= APPLY_ENTRIES else self.part(i, i + APPLY_ENTRIES)
-            p = e.index()
-            out.index_copy_(0, p, e.values(torch.index_select(flat, 0, p), dtype))
+            (self if n <= APPLY_ENTRIES else self.part(i, i + APPLY_ENTRIES)).apply_part(out, flat, dtype)
         return out.view(self.shape)
+
+    def apply_part(self, out: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype | None) -> None:
+        """out[positions] := the task's values there, from the flat base tensor `flat` (`out` is
+        `flat`, or `flat` cast to the output dtype); the other entries are left as they are."""
+        p = self.index()
+        out.index_copy_(0, p, self.values(torch.index_select(flat, 0, p), dtype))
 
 
 @dataclass(frozen=True)

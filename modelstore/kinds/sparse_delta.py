@@ -33,7 +33,7 @@ from ..naming import renamer
 from ..sources import Checkpoint, Renamed, TensorSource, match_task_names, read_rows, row_blocks
 from ..topk import find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
-from .base import APPLY_ENTRIES, BaseTensors, Edit, Replace, TaskKind
+from .base import BaseTensors, Edit, Replace, TaskKind
 from .budget import Choice, DeltaProfile, candidates, choose, energy_of
 from .dare import dare_picker
 from .values import MAX_GROUP_SIZE, QUANT_MAX, VALUE_DTYPES, VALUE_LIMITS, read_values, storage_dtype, value_writer
@@ -287,17 +287,13 @@ class AddAt(Edit):
         return base.device.type == "cpu" and (
             want == torch.float32 or (base.dtype == want and self.delta.dtype == want))
 
-    def applied(self, base: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
-        """As `Edit.applied`, by `index_add_` where `adds_exactly`."""
-        want = dtypes.output_dtype(self.dtype, dtype)
-        assert base is not None and self.positions is not None
-        if not self.adds_exactly(base, want):
-            return super().applied(base, dtype)
-        flat = base.reshape(-1)
-        out = flat if want == flat.dtype else flat.to(want)
-        for i in range(0, int(self.positions.numel()), APPLY_ENTRIES):
-            out.index_add_(0, self.positions[i:i + APPLY_ENTRIES], self.delta[i:i + APPLY_ENTRIES].to(want))
-        return out.view(self.shape)
+    def apply_part(self, out: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype | None) -> None:
+        """As `Edit.apply_part`, by `index_add_` where `adds_exactly`."""
+        if self.adds_exactly(flat, out.dtype):
+            assert self.positions is not None
+            out.index_add_(0, self.positions, self.delta.to(out.dtype))
+        else:
+            super().apply_part(out, flat, dtype)
 
     def write_at(self, flat: torch.Tensor, index: torch.Tensor, base: torch.Tensor | None, holds_base: bool) -> None:
         if holds_base and self.adds_exactly(flat, flat.dtype):
