@@ -66,31 +66,6 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
         else torch.nonzero(mask).view(-1)
 
 
-class _Window:
-    """Per block of bit patterns: how many lie at or above `hi`, and `bits - lo` of those in
-    [lo, hi). On CPU in numpy (its count is 7x torch's bool sum; one unsigned compare selects)
-    into buffers reused from block to block: fresh temporaries per block fragment the C heap,
-    which then holds on to several times a block's memory per pass."""
-
-    def __init__(self, lo: int, hi: int):
-        self.lo, self.hi = lo, hi
-        self._diff = np.empty(0, np.uint32)
-        self._mask = np.empty(0, np.bool_)
-
-    def split(self, bits: torch.Tensor) -> tuple[int, torch.Tensor]:
-        if bits.device.type != "cpu":
-            return int((bits >= self.hi).sum()), bits[(bits >= self.lo) & (bits < self.hi)] - self.lo
-        x = bits.numpy()
-        if self._diff.size < x.size:
-            self._diff, self._mask = np.empty(x.size, np.uint32), np.empty(x.size, np.bool_)
-        d, m = self._diff[:x.size], self._mask[:x.size]
-        np.greater_equal(x, self.hi, out=m)
-        above = int(np.count_nonzero(m))
-        np.subtract(x, np.int32(self.lo), out=d.view(np.int32))
-        np.less(d, self.hi - self.lo, out=m)
-        return above, torch.from_numpy(d[m].view(np.int32))
-
-
 def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
              sample: Callable[[], Iterable[torch.Tensor]] | None = None, total: int = 0) -> Cut:
     """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits).
@@ -104,9 +79,9 @@ def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
     if k <= 0:
         return Cut(threshold=0x7FFFFFFF, ties=0)
     if sample is not None and total:
-        window = _window(k, sample, total)
+        window = bracket(k, sample, total)
         if window is not None:
-            cut = _cut_in_window(k, tensors, *window)
+            cut = _cut_in_window(k, tensors, window)
             if cut is not None:
                 return cut
     high = _high_counts(tensors())
@@ -149,9 +124,19 @@ WINDOW_BUCKETS = 32
 _FLUSH = 1 << 22
 
 
-def _window(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) -> tuple[int, int] | None:
-    """High-bit buckets [b_lo, b_hi] that hold the k-th largest of the whole, judged from a sample:
-    the sample's ranks k·n/N ± (2% + 4σ + 64), or None when that spans too many buckets."""
+@dataclass(frozen=True)
+class Bracket:
+    """Bit patterns [lo, hi) that a sample says hold the k-th largest magnitude; `expected`: the
+    entries at or above `lo` the whole should have, by the sample."""
+
+    lo: int
+    hi: int
+    expected: int
+
+
+def bracket(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) -> Bracket | None:
+    """High-bit buckets that hold the k-th largest of the whole, judged from a sample: the sample's
+    ranks k·n/N ± (2% + 4σ + 64), or None when that spans too many buckets."""
     high = _high_counts(sample())
     n = int(high.sum())
     r = k * n / total
@@ -161,29 +146,90 @@ def _window(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) ->
     from_top = high.flip(0).cumsum(0).flip(0)
     b_hi = int(torch.nonzero(from_top >= max(1.0, r - spread)).max())
     b_lo = int(torch.nonzero(from_top >= r + spread).max())
-    return (b_lo, b_hi) if b_hi - b_lo < WINDOW_BUCKETS else None
-
-
-def _cut_in_window(k: int, tensors: Callable[[], Iterable[torch.Tensor]], b_lo: int, b_hi: int) -> Cut | None:
-    """One pass: entries above bucket b_hi, and a histogram of every pattern in [b_lo, b_hi]; the
-    cut if the k-th largest lies there, else None."""
-    lo_bits, hi_bits = b_lo << 16, (b_hi + 1) << 16
-    width = hi_bits - lo_bits
-    counts = torch.zeros(width, dtype=torch.int64)
-    above, pending, held = 0, [], 0
-    window = _Window(lo_bits, hi_bits)
-    for bits in tensors():
-        over, sel = window.split(bits)
-        above += over
-        if sel.numel():
-            pending.append(sel)
-            held += sel.numel()
-        if held >= _FLUSH:  # one large bincount rather than a window-sized one per block
-            counts += torch.bincount(torch.cat(pending), minlength=width)
-            pending, held = [], 0
-    if pending:
-        counts += torch.bincount(torch.cat(pending), minlength=width)
-    if above >= k or above + int(counts.sum()) < k:
+    if b_hi - b_lo >= WINDOW_BUCKETS:
         return None
-    cut = _cut(k, above, counts, lo_bits)
-    return None if cut.threshold == 0 else cut
+    return Bracket(b_lo << 16, (b_hi + 1) << 16, math.ceil(int(from_top[b_lo]) * total / n))
+
+
+class WindowCounts:
+    """Counts of a bracket's pass: entries at or above `hi`, and a histogram of the patterns in
+    [lo, hi), fed block by block (`count`, or `pick`, which also says which entries lie at or above
+    `lo`); `cut` is exact when the k-th largest lies in the bracket. On CPU the steps run in numpy
+    (its count is 7x torch's bool sum; one unsigned compare selects) into buffers reused from block
+    to block: fresh temporaries per block fragment the C heap, which then holds on to several
+    times a block's memory per pass."""
+
+    def __init__(self, window: Bracket):
+        self.lo, self.hi, self.width = window.lo, window.hi, window.hi - window.lo
+        self.counts = torch.zeros(self.width, dtype=torch.int64)
+        self.above, self._pending, self._held = 0, [], 0
+        self._diff = np.empty(0, np.uint32)
+        self._mask = np.empty(0, np.bool_)
+
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._mask.size < n:
+            self._diff, self._mask = np.empty(n, np.uint32), np.empty(n, np.bool_)
+        return self._diff[:n], self._mask[:n]
+
+    def count(self, bits: torch.Tensor) -> None:
+        """Count a block of patterns."""
+        if bits.device.type != "cpu":
+            self._add(int((bits >= self.hi).sum()), bits[(bits >= self.lo) & (bits < self.hi)] - self.lo)
+            return
+        x = bits.numpy()
+        d, m = self._buffers(x.size)
+        np.greater_equal(x, self.hi, out=m)
+        above = int(np.count_nonzero(m))
+        np.subtract(x, np.int32(self.lo), out=d.view(np.int32))
+        np.less(d, self.width, out=m)
+        self._add(above, torch.from_numpy(d[m].view(np.int32)))
+
+    def pick(self, bits: torch.Tensor) -> torch.Tensor:
+        """Count a block of patterns; the indices (int64) of those at or above `lo`."""
+        if bits.device.type != "cpu":
+            idx = torch.nonzero(bits >= self.lo).view(-1)
+            self._add(0, (bits[idx] - self.lo).clamp_(max=self.width))
+            return idx
+        x = bits.numpy()
+        _, m = self._buffers(x.size)
+        np.greater_equal(x, self.lo, out=m)
+        idx = np.flatnonzero(m)
+        sel = x[idx]
+        sel -= np.int32(self.lo)
+        np.minimum(sel, self.width, out=sel)  # bin `width` counts those at or above `hi`
+        self._add(0, torch.from_numpy(sel))
+        return torch.from_numpy(idx)
+
+    def _add(self, above: int, inside: torch.Tensor) -> None:
+        """`above` more entries at or above `hi`, and `inside`: patterns less `lo`, where `width`
+        stands for one at or above `hi`."""
+        self.above += above
+        if inside.numel():
+            self._pending.append(inside)
+            self._held += inside.numel()
+        if self._held >= _FLUSH:  # one large bincount rather than a window-sized one per block
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            counts = torch.bincount(torch.cat(self._pending), minlength=self.width + 1)
+            self.counts += counts[:self.width]
+            self.above += int(counts[self.width])
+        self._pending, self._held = [], 0
+
+    def cut(self, k: int) -> Cut | None:
+        """The exact cut when the k-th largest of what was counted lies in the bracket, else None."""
+        self._flush()
+        if self.above >= k or self.above + int(self.counts.sum()) < k:
+            return None
+        cut = _cut(k, self.above, self.counts, self.lo)
+        return None if cut.threshold == 0 else cut
+
+
+def _cut_in_window(k: int, tensors: Callable[[], Iterable[torch.Tensor]], window: Bracket) -> Cut | None:
+    """One pass: entries above the bracket, and a histogram of every pattern in it; the cut if the
+    k-th largest lies there, else None."""
+    counts = WindowCounts(window)
+    for bits in tensors():
+        counts.count(bits)
+    return counts.cut(k)

@@ -1,5 +1,6 @@
 """Stores written before the architecture change (format version 1, tests/data/v1, made by the
-previous modelstore) open, load bit-identically and accept new tasks."""
+previous modelstore) open, load bit-identically (a LoRA task's stored factors; its merged weights
+to float32 rounding, since the matmul's last bit depends on the CPU) and accept new tasks."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ def test_v1_store_loads_bit_identically():
         got = s.load(t)
         assert set(got) == set(want), t
         for k, v in want.items():
-            assert got[k].dtype == v.dtype and torch.equal(got[k], v), (t, k)
+            assert got[k].dtype == v.dtype, (t, k)
+            if t == "l":  # a float32 matmul of the stored factors: its last bit depends on the CPU's kernels
+                torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=f"{t} {k}")
+            else:
+                assert torch.equal(got[k], v), (t, k)
     factors = load_file(str(V1 / "l-factors.safetensors"))
     a = s.load("l", merged=False)
     for k, low in a.updates.items():

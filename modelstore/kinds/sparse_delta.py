@@ -23,6 +23,7 @@ import torch
 
 from .. import dtypes
 from ..ahead import read_ahead
+from ..candidates import Candidates
 from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
@@ -31,7 +32,7 @@ from ..progress import bar
 from ..selection import recorded_selector
 from ..naming import renamer
 from ..sources import Checkpoint, Renamed, TensorSource, match_task_names, read_rows, row_blocks
-from ..topk import find_cut, kept_count, magnitude_bits
+from ..topk import Cut, WindowCounts, bracket, find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, Edit, Replace, TaskKind
 from .budget import Choice, DeltaProfile, candidates, choose, energy_of
@@ -249,9 +250,41 @@ class _Deltas:
     def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
         """|u| bit patterns per block (one reused buffer, see `blocks`)."""
         for _, _, u in self.blocks(names, every):
-            if self._bits.numel() < u.numel():
-                self._bits = torch.empty(u.numel(), dtype=torch.int32)
-            yield magnitude_bits(u, out=self._bits[:u.numel()])
+            yield self.bits_of(u)
+
+    def bits_of(self, u: torch.Tensor) -> torch.Tensor:
+        """|u| bit patterns of a block, in this object's one reused buffer."""
+        if self._bits.numel() < u.numel():
+            self._bits = torch.empty(u.numel(), dtype=torch.int32)
+        return magnitude_bits(u, out=self._bits[:u.numel()])
+
+
+def _select_once(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) -> tuple[Cut, Candidates] | None:
+    """The exact global cut and every entry it may keep, from a sample and one pass over the deltas:
+    the pass keeps the entries at or above the sample's bracket (positions and values) while it
+    counts the bracket, so the writing pass reads them instead of recomputing θt − θ* (two passes
+    over the model fewer than counting, then selecting). None, having read nothing but the sample
+    or after that pass, when the bracket would hold over `limit` entries or misses the k-th
+    largest: the caller then counts in two passes."""
+    window = bracket(k, lambda: deltas.bits(every=SAMPLE_EVERY), total)
+    if window is None or window.lo == 0 or window.expected > limit:
+        return None
+    counts, picked = WindowCounts(window), Candidates(CACHE_BYTES, wide)
+    try:
+        for name, offset, u in deltas.blocks():
+            idx = counts.pick(deltas.bits_of(u))
+            picked.add(name, idx.to(torch.int64 if wide else torch.int32).add_(offset), u[idx])
+        cut = counts.cut(k)
+        if cut is None and picked.count >= k:  # the k-th largest lies above the bracket: among those picked
+            cut = find_cut(k, lambda: (magnitude_bits(v) for v in picked.all()))
+    except BaseException:
+        picked.close()
+        raise
+    if cut is None:
+        picked.close()
+        return None
+    picked.rewind()
+    return cut, picked
 
 
 def _magnitude_picker(keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -363,13 +396,22 @@ class SparseDelta(TaskKind):
             opts = dataclasses.replace(opts, keep=chosen.keep, value_dtype=chosen.value_dtype)
             value_dtype = chosen.value_dtype
         dare = opts.sparsify == "dare"
+        index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
+        picked = None  # the entries a one-pass selection may keep, read back by the writing pass
         if dare:  # about keep·N entries, at most N
             capacity, keeper = total, None
         elif opts.granularity == "global":
             k = kept_count(opts.keep, total)
             many = deltas.count() >= SAMPLED_FROM  # then a sample of blocks saves a counting pass
-            keeper = find_cut(k, deltas.bits, sample=(lambda: deltas.bits(every=SAMPLE_EVERY)) if many else None,
-                              total=total).keeper()
+            # worth it while the picked entries (8 bytes each) are fewer bytes than the task's values
+            once = _select_once(k, deltas, total, sum(sizes[n] * source.dtype(n).itemsize for n in sparse) // 8,
+                                max(sizes.values(), default=0) >= 1 << 31) if many else None
+            if once is not None:
+                cut, picked = once
+            else:
+                cut = find_cut(k, deltas.bits, sample=(lambda: deltas.bits(every=SAMPLE_EVERY)) if many else None,
+                               total=total)
+            keeper = cut.keeper()
             capacity = k
         else:
             capacity = sum(kept_count(opts.keep, s) for s in sizes.values())
@@ -377,42 +419,48 @@ class SparseDelta(TaskKind):
         if total and not capacity:
             raise InputError(f"--keep {opts.keep} keeps no entry of task {task!r} ({total} delta entries"
                              f"{' per tensor' if opts.granularity == 'per-tensor' else ''}); raise --keep")
-        index_dtype = "uint32" if max(sizes.values(), default=0) <= 1 << 32 else "uint64"
         values = value_writer(out, value_dtype, index_dtype, capacity, len(sparse), opts.group_size)
         out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
         seeds = {n: opts.seed + i for i, n in enumerate(sparse)}
         kept, dense_count = 0, 0
-        stream = deltas.blocks()  # one pass over the sparse tensors, the base streamed once
-        for n, kind in bar(steps, f"task {task}", progress):
-            if kind == "base":
-                out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
-                              start=0, count=0))
-                continue
-            shape = list(source.shape(n))
-            if kind == "sparse":
-                pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
-                    keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
-                values.begin()
-                for _, offset, u in itertools.islice(stream, len(row_blocks(tuple(shape), BLOCK_ELEMENTS))):
-                    if dare:
-                        check_finite(u, f"task {task!r} tensor {n!r}")
-                    idx, picked = pick(u)
-                    # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
-                    if not picked.numel():
-                        check_finite(u, f"task {task!r} tensor {n!r}")
-                        continue
-                    if not bool(torch.isfinite(picked).all()):
-                        raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
-                                         "fix the checkpoint before storing it")
-                    if float(picked.abs().max()) > VALUE_LIMITS[value_dtype]:
-                        raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
-                                         "use --value-dtype float32")
-                    values.add(idx + offset, picked)
-                fields = values.end()
-                out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)), **fields))
-                kept += int(fields["count"])  # type: ignore[call-overload]
-                continue
-            dense_count += store_whole_or_same(out, task, n, source, base, entry)
+        stream = deltas.blocks() if picked is None else None  # one pass over the sparse tensors, the base streamed once
+        try:
+            for n, kind in bar(steps, f"task {task}", progress):
+                if kind == "base":
+                    out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
+                                  start=0, count=0))
+                    continue
+                shape = list(source.shape(n))
+                if kind == "sparse":
+                    pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
+                        keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
+                    values.begin()
+                    parts = picked.of(n) if picked is not None else (
+                        (offset, u) for _, offset, u in itertools.islice(stream, len(row_blocks(tuple(shape), BLOCK_ELEMENTS))))
+                    for at, u in parts:  # at: the block's offset in the tensor, or each picked entry's position
+                        if dare:
+                            check_finite(u, f"task {task!r} tensor {n!r}")
+                        idx, kept_values = pick(u)
+                        # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
+                        if not kept_values.numel():
+                            check_finite(u, f"task {task!r} tensor {n!r}")
+                            continue
+                        largest = float(kept_values.abs().max())  # NaN if any is NaN
+                        if not math.isfinite(largest):
+                            raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
+                                             "fix the checkpoint before storing it")
+                        if largest > VALUE_LIMITS[value_dtype]:
+                            raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
+                                             "use --value-dtype float32")
+                        values.add(idx + at if isinstance(at, int) else at[idx], kept_values)
+                    fields = values.end()
+                    out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)), **fields))
+                    kept += int(fields["count"])  # type: ignore[call-overload]
+                    continue
+                dense_count += store_whole_or_same(out, task, n, source, base, entry)
+        finally:
+            if picked is not None:
+                picked.close()
         merge = base_entry.get("merge", {})
         params = {"keep": opts.keep, "granularity": opts.granularity, "value_dtype": value_dtype,
                   "index_dtype": index_dtype, "merge": merge}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import dtypes
@@ -80,11 +81,15 @@ class ValueWriter:
     def _positions(self, pos: torch.Tensor) -> None:
         """Append gap-coded positions of the current tensor (running on from its last one)."""
         if pos.numel():
-            self.indices.append(torch.diff(pos, prepend=pos.new_tensor([self._last])).numpy().astype(self.index_dtype))
-            self._last, self._count = int(pos[-1]), self._count + int(pos.numel())
+            p = pos.numpy()
+            gaps = np.empty(p.size, self.index_dtype)  # subtracted straight into the index dtype
+            gaps[0] = p[0] - self._last
+            np.subtract(p[1:], p[:-1], out=gaps[1:], casting="unsafe")
+            self.indices.append(gaps)
+            self._last, self._count = int(p[-1]), self._count + p.size
 
     def add(self, pos: torch.Tensor, v: torch.Tensor) -> None:
-        """Kept positions (int64, increasing, after the tensor's earlier ones) and float32 values;
+        """Kept positions (int32 or int64, increasing, after the tensor's earlier ones) and float32 values;
         values that round to zero in the value dtype are dropped (they would be stored zeros)."""
         vals = v.to(dtypes.torch_dtype(self.value_dtype))
         nz = vals != 0
