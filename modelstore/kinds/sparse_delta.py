@@ -147,9 +147,12 @@ def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[s
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    """Refuse NaN/Inf. A float32 sum is finite for any finite tensor short of ~1e29 magnitudes,
-    so the exact element-wise test runs only when the cheap reduction says "maybe"."""
-    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
+    """Refuse NaN/Inf. A sum accumulated in float32 is finite for any finite tensor short of ~1e29
+    magnitudes, so the exact element-wise test (7x the time) runs only when the cheap reduction
+    says "maybe". A bfloat16 tensor's own sum accumulates in float32 and has its range (and is 6x
+    the speed of asking for a float32 result)."""
+    total = t.sum() if t.dtype == torch.bfloat16 else t.sum(dtype=torch.float32) if t.dtype.is_floating_point else None
+    if total is not None and t.numel() and not bool(torch.isfinite(total)) \
             and not bool(torch.isfinite(t).all()):
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
 
