@@ -9,6 +9,7 @@ temporary file (TMPDIR), which disappears with the process however it ends.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,12 +21,17 @@ import torch
 from .format.chunks import empty
 
 
+class SpillError(OSError):
+    """The temporary file of picked entries could not be written or read (a full disk, say)."""
+
+
 class Candidates:
     """Positions and float32 values of picked entries, per tensor, read back in the order added."""
 
     def __init__(self, budget: int, wide: bool = False):
         self._budget = budget
         self._pos = torch.int64 if wide else torch.int32  # positions inside a tensor
+        self.entry_bytes = self._pos.itemsize + 4
         self._records: list[tuple[str, int]] = []  # (tensor, entries) per add, in order
         self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first records' data
         self._bytes = 0
@@ -34,6 +40,12 @@ class Candidates:
         self._pending: Future[None] | None = None
         self._cursor = 0
         self.count = 0
+
+    def room_for(self, count: int) -> bool:
+        """Whether `count` entries fit: past the memory budget, in half the temporary directory's
+        free space."""
+        spill = count * self.entry_bytes - self._budget
+        return spill <= 0 or spill <= shutil.disk_usage(tempfile.gettempdir()).free // 2
 
     def add(self, name: str, positions: torch.Tensor, values: torch.Tensor) -> None:
         """Entries of tensor `name` (after its earlier ones): positions in it and float32 values."""
@@ -49,7 +61,10 @@ class Candidates:
             self._bytes += size
             return
         if self._file is None:
-            self._file = tempfile.TemporaryFile(prefix="modelstore-candidates-")
+            try:
+                self._file = tempfile.TemporaryFile(prefix="modelstore-candidates-")
+            except OSError as e:
+                raise SpillError(f"cannot make a temporary file in {tempfile.gettempdir()}: {e}") from e
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="modelstore-candidates")
         self._wait()  # one write in flight: bounded memory
         assert self._writer is not None
@@ -63,7 +78,10 @@ class Candidates:
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
-            pending.result()
+            try:
+                pending.result()
+            except OSError as e:
+                raise SpillError(f"cannot write to a temporary file in {tempfile.gettempdir()}: {e}") from e
 
     def rewind(self) -> None:
         """Read from the first record again."""
@@ -97,7 +115,7 @@ class Candidates:
         values = empty(n, np.dtype(np.float32))
         for a in (pos, values):
             if self._file.readinto(memoryview(a).cast("B")) != a.nbytes:
-                raise OSError("the temporary file of top-k candidates was cut short")
+                raise SpillError("the temporary file of picked entries was cut short")
         return torch.from_numpy(pos), torch.from_numpy(values)
 
     def close(self) -> None:
@@ -110,4 +128,4 @@ class Candidates:
             self._file = None
 
 
-__all__ = ["Candidates"]
+__all__ = ["Candidates", "SpillError"]

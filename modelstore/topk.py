@@ -184,15 +184,14 @@ class WindowCounts:
         np.less(d, self.width, out=m)
         self._add(above, torch.from_numpy(d[m].view(np.int32)))
 
-    def pick(self, bits: torch.Tensor) -> torch.Tensor:
-        """Count a block of patterns; the indices (int64) of those at or above `lo`."""
+    def pick(self, bits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Count a block of patterns; the indices (int64) of those at or above `lo` (`mask`:
+        bits >= lo, which the caller made)."""
         if bits.device.type != "cpu":
-            idx = torch.nonzero(bits >= self.lo).view(-1)
+            idx = torch.nonzero(mask).view(-1)
             self._add(0, (bits[idx] - self.lo).clamp_(max=self.width))
             return idx
-        x = bits.numpy()
-        _, m = self._buffers(x.size)
-        np.greater_equal(x, self.lo, out=m)
+        x, m = bits.numpy(), mask.numpy()
         idx = np.flatnonzero(m)
         sel = x[idx]
         sel -= np.int32(self.lo)

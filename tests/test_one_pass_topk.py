@@ -122,3 +122,35 @@ def test_picked_entries_leave_no_file_behind(ties_model, tmp_path, monkeypatch):
     assert seen == [True, True]
     assert os.listdir(tmp) == []
     assert s.tasks() == ["t"]
+
+
+@pytest.mark.parametrize("trouble", ["disk-full-while-writing", "too-little-room"])
+def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ties_model, tmp_path, monkeypatch,
+                                                                               trouble):
+    """A full disk mid-pass (ENOSPC from the spill's writes) or too little free space up front: the
+    task is still stored, exactly, by the two counting passes."""
+    import errno
+    import shutil
+
+    from modelstore import candidates
+    pre, t, base, task = ties_model
+    _small_blocks(monkeypatch, 0)
+    if trouble == "disk-full-while-writing":
+        def full(self, *arrays):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(candidates.Candidates, "_write", full)
+    else:
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(candidates.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    seen = _spy(monkeypatch, lambda r: r is not None)
+    if trouble == "disk-full-while-writing":
+        with pytest.warns(UserWarning, match="No space left on device; counting the top-k in two passes"):
+            s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+    else:
+        s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+    assert seen == [False]
+    names = list(base)
+    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
+    got = s.load("t")
+    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
+        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from .. import dtypes
 from ..ahead import read_ahead
-from ..candidates import Candidates
+from ..candidates import Candidates, SpillError
 from ..errors import CorruptStoreError, InputError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
@@ -250,6 +251,23 @@ class _Deltas:
                         self._cache[(name, offset)] = u  # complete before another pass can see it
                 yield name, offset, u
 
+    def at_least(self, lo: int) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(name, flat offset, u, |u| bits, bits >= lo) for each block, in order: the bits and the
+        mask made in the worker thread too (torch releases the GIL there; numpy's nonzero, which
+        the consumer runs on the mask, does not), into buffers of their own ring."""
+        return read_ahead(self._masked(self._blocks(None, 1), lo), depth=self.RING - 2)
+
+    def _masked(self, blocks: Iterator[tuple[str, int, torch.Tensor]],
+                lo: int) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        ring = [(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool)) for _ in range(self.RING)]
+        turn = 0
+        for name, offset, u in blocks:
+            turn = (turn + 1) % self.RING
+            if ring[turn][0].numel() < u.numel():
+                ring[turn] = (torch.empty(u.numel(), dtype=torch.int32), torch.empty(u.numel(), dtype=torch.bool))
+            bits = magnitude_bits(u, out=ring[turn][0][:u.numel()])
+            yield name, offset, u, bits, torch.ge(bits, lo, out=ring[turn][1][:u.numel()])
+
     def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
         """|u| bit patterns per block (one reused buffer, see `blocks`)."""
         for _, _, u in self.blocks(names, every):
@@ -267,19 +285,25 @@ def _select_once(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) ->
     the pass keeps the entries at or above the sample's bracket (positions and values) while it
     counts the bracket, so the writing pass reads them instead of recomputing θt − θ* (two passes
     over the model fewer than counting, then selecting). None, having read nothing but the sample
-    or after that pass, when the bracket would hold over `limit` entries or misses the k-th
-    largest: the caller then counts in two passes."""
+    or after that pass, when the bracket would hold over `limit` entries (or more than the temporary
+    directory has room for), when it misses the k-th largest, or when the temporary file fails:
+    the caller then counts in two passes."""
     window = bracket(k, lambda: deltas.bits(every=SAMPLE_EVERY), total)
-    if window is None or window.lo == 0 or window.expected > limit:
+    picked = Candidates(CACHE_BYTES, wide)
+    if window is None or window.lo == 0 or window.expected > limit or not picked.room_for(window.expected):
         return None
-    counts, picked = WindowCounts(window), Candidates(CACHE_BYTES, wide)
+    counts = WindowCounts(window)
     try:
-        for name, offset, u in deltas.blocks():
-            idx = counts.pick(deltas.bits_of(u))
+        for name, offset, u, bits, mask in deltas.at_least(window.lo):
+            idx = counts.pick(bits, mask)
             picked.add(name, idx.to(torch.int64 if wide else torch.int32).add_(offset), u[idx])
         cut = counts.cut(k)
         if cut is None and picked.count >= k:  # the k-th largest lies above the bracket: among those picked
             cut = find_cut(k, lambda: (magnitude_bits(v) for v in picked.all()))
+    except SpillError as e:
+        picked.close()
+        warnings.warn(f"{e}; counting the top-k in two passes instead", stacklevel=2)
+        return None
     except BaseException:
         picked.close()
         raise
