@@ -74,7 +74,7 @@ def test_max_rel_error_meets_the_bound_at_few_bytes(store):
     e = store.add_task("e", original, max_rel_error=0.005)
     bits, err = _actual(store, "e", original)
     assert err <= 0.005 * 1.1 and e["params"]["budget"]["predicted_rel_error"] <= 0.005
-    loose = store.add_task("e-loose", original, max_rel_error=0.02)
+    store.add_task("e-loose", original, max_rel_error=0.02)
     assert _actual(store, "e-loose", original)[0] < bits  # a looser bound costs fewer bytes
     info = CliRunner().invoke(main, ["info", store.url, "e", "--json"])
     assert '"predicted_rel_error"' in info.output

@@ -169,3 +169,20 @@ def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dt
     want_t.view(-1)[rest] = base.reshape(-1)[rest].to(out_dtype or base_dtype)  # untouched entries: the base's own
     assert got.dtype == (out_dtype or base_dtype) and got.shape == (40, 5)
     assert torch.equal(got.reshape(-1).view(torch.uint8), want_t.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("gaps", [[3, 2, 4], [1, 0x7FFFFFFF, 2], [2, 0xFFFFFFF0]], ids=["past-the-end", "wraps-at-2**31", "wraps-negative"])
+def test_positions_outside_the_tensor_are_refused(gaps):
+    """Gaps whose sum leaves a 3x3 tensor (damage that passed its checksums, or a foreign writer):
+    summed in place as int32, a sum past 2**31 wraps negative; both ends are caught."""
+    from modelstore.errors import CorruptStoreError
+    from modelstore.kinds.sparse_delta import SparseDelta
+
+    class Segments:  # what a payload's reader hands the kind: fresh tensors of each array's slice
+        def get(self, array, start, count, dtype):
+            return torch.tensor(gaps, dtype=torch.int64).to(torch.uint32) if array == "indices" else torch.ones(count)
+
+    table = [{"name": "w", "kind": "sparse", "shape": [3, 3], "dtype": "float32", "start": 0, "count": 3}]
+    entry = {"params": {"index_dtype": "uint32", "value_dtype": "float32"}}
+    with pytest.raises(CorruptStoreError, match="outside the tensor"):
+        list(SparseDelta().edits(Segments(), table, entry, torch.device("cpu")))

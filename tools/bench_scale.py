@@ -14,6 +14,7 @@ memory) next to a floor measured in the same run:
     python -m tools.bench_scale --params 7e9 --dir /var/tmp/bench   # ~40 GB of disk for a while
     python -m tools.bench_scale --params 1e9 --s3   # also a cold load from a moto S3 server on 127.0.0.1
     python -m tools.bench_scale --params 1e9 --base-codec none   # the base written uncompressed
+    python -m tools.bench_scale --params 7e9 --cold   # every step starts with an empty page cache (root)
 
 Files are deleted at the end (or kept with --keep-files).
 """
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,6 +155,19 @@ def mem_available() -> int:
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache (needs root), so a step reads its files from disk as a fresh
+    machine does: at 7B the checkpoints and the store exceed the memory, so what a step finds
+    cached depends on what ran before it, and a warm safetensors load beside a cold store load
+    (or the reverse) measures the cache, not the code."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root to write /proc/sys/vm/drop_caches: {e}") from None
+
+
 def read_floor(*paths: str) -> None:
     """Read every tensor of the checkpoints into memory, one at a time (safetensors maps files
     lazily, so each tensor is copied to touch its bytes)."""
@@ -249,12 +263,13 @@ def main() -> None:
     ap.add_argument("--keep-files", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--s3", action="store_true", help="also time a cold load from a local moto S3 server")
+    ap.add_argument("--cold", action="store_true", help="empty the page cache before each step (needs root)")
     a = ap.parse_args()
     root = tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir)
     shapes = llama_shapes(a.params)
     n = sum(math.prod(s) for _, s in shapes)
     r: dict[str, Any] = {"params": n, "model_bytes": 2 * n, "threads": a.threads, "keep": a.keep,
-                         "base_codec": a.base_codec}
+                         "base_codec": a.base_codec, "cold": a.cold}
     log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
     try:
         t0 = time.perf_counter()
@@ -277,6 +292,8 @@ def main() -> None:
             if name == "warm_load" and 3 * r["model_bytes"] > 0.9 * mem_available():
                 log("warm_load: skipped (the cached base, the load and its clone would not fit in memory)")
                 continue
+            if a.cold:
+                drop_page_cache()
             r[name] = fresh(fn, *args, threads=a.threads)
             log(f"{name}: {r[name]['s']:.1f} s, {r[name]['anon'] / 1e9:.2f} GB anonymous")
         if a.s3:
@@ -302,7 +319,7 @@ def main() -> None:
         print(json.dumps(r, indent=2))
         return
     print(f"{n / 1e9:.2f}B bf16 parameters ({2 * n / 1e9:.1f} GB), keep {a.keep}, {a.threads} threads, "
-          f"base codec {a.base_codec}")
+          f"base codec {a.base_codec}{', page cache emptied before each step' if a.cold else ''}")
     for k, v in r["ratios"].items():
         print(f"  {k:28} {v:8.2f}")
 
