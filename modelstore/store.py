@@ -312,7 +312,7 @@ class Store:
             budget = parse_size(resident)
         except ValueError as e:
             raise InputError(f"resident: {e}") from None
-        switching.switch(model, _SwitchSource(self, task, ModuleTensors(model).device), strict, budget)
+        switching.switch(model, lambda device: _SwitchSource(self, task, device), strict, budget)
         return model
 
     # -- writing ---------------------------------------------------------------

@@ -20,7 +20,7 @@ next switch writes the base again.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,10 +119,13 @@ def forget(model: torch.nn.Module) -> None:
     model.__dict__.pop(_ATTR, None)
 
 
-def switch(model: torch.nn.Module, source: SwitchSource, strict: bool, resident: int = 0) -> None:
-    """Make `model` hold `source`'s task, rewriting only what differs from what it holds now;
-    keep its writes on the model's device within a `resident` budget of bytes (module docstring)."""
+def switch(model: torch.nn.Module, open_source: Callable[[torch.device], SwitchSource], strict: bool,
+           resident: int = 0) -> None:
+    """Make `model` hold the task of `open_source(the model's device)`, rewriting only what differs
+    from what it holds now; keep its writes on the model's device within a `resident` budget of
+    bytes (module docstring)."""
     target = ModuleTensors(model)
+    source = open_source(target.device)
     state = state_of(model, target)
     if state is not None:
         state.budget = resident
