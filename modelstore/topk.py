@@ -216,6 +216,18 @@ class WindowCounts:
             self.above += int(counts[self.width])
         self._pending, self._held = [], 0
 
+    def floor(self, k: int) -> int:
+        """The lowest pattern an entry still to be counted can need to be kept with, when the
+        entries come in global order: one above the k-th largest counted so far (the k-th of the
+        whole is no lower, and a later entry equal to it loses its tie to the earlier ones), `hi`
+        when k lie at or above `hi`, `lo` while fewer than k were counted."""
+        self._flush()
+        if self.above >= k:
+            return self.hi
+        if self.above + int(self.counts.sum()) < k:
+            return self.lo
+        return _cut(k, self.above, self.counts, self.lo).threshold + 1
+
     def cut(self, k: int) -> Cut | None:
         """The exact cut when the k-th largest of what was counted lies in the bracket, else None."""
         self._flush()

@@ -47,9 +47,13 @@ INDEX_DTYPES = ("uint32", "uint64")
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
 #: Entries of u = θt − θ* computed at once (whole rows): small enough to stay in the CPU's cache.
 BLOCK_ELEMENTS = 1 << 20
-#: The global top-k counts from a sample of every SAMPLE_EVERY-th block (topk.find_cut) when a pass
+#: The global top-k counts from a sample of every SAMPLE_EVERY-th run of blocks (topk.find_cut) when a pass
 #: has at least SAMPLED_FROM blocks; smaller tasks take the two plain counting passes.
 SAMPLE_EVERY, SAMPLED_FROM = 8, 64
+#: Blocks read one after another in a sample, at most (4 blocks: 8 MB of bf16 values).
+SAMPLE_RUN = 4
+#: Blocks between raisings of a one-pass selection's floor (topk.WindowCounts.floor).
+FLOOR_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -212,20 +216,27 @@ class _Deltas:
 
     def blocks(self, names: list[str] | None = None, every: int = 1) -> Iterator[tuple[str, int, torch.Tensor]]:
         """(name, flat offset, u) for each block of the tensors `names` (all by default), in order;
-        with `every` > 1, of every `every`-th block only (a sample spread over the model)."""
+        with `every` > 1, of every `every`-th run of `sample_run` blocks only (a sample spread over
+        the model, in runs long enough that reading them reads little else: a page fault of a
+        mapped checkpoint reads megabytes around it)."""
         return read_ahead(self._blocks(names, every), depth=self.RING - 2)
+
+    @property
+    def sample_run(self) -> int:
+        """Blocks per run of a sample: up to SAMPLE_RUN, fewer when a pass has few blocks."""
+        return max(1, min(SAMPLE_RUN, self.count() // 256))
 
     def _blocks(self, names: list[str] | None, every: int) -> Iterator[tuple[str, int, torch.Tensor]]:
         segments = self.base.stream(torch.device("cpu"), check=False)
         ring = [torch.empty(0) for _ in range(self.RING)]  # this pass's own
-        j, turn = -1, 0
+        j, turn, run = -1, 0, self.sample_run
         for name in self.names if names is None else names:
             e = self.base.entry_of(name)
             shape = self.src.shape(name)
             row = math.prod(shape[1:]) if shape else 1
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 j += 1
-                if j % every:
+                if (j // run) % every:
                     continue
                 offset, size = r0 * row, (r1 - r0) * row
                 with self._lock:
@@ -250,14 +261,15 @@ class _Deltas:
                         self._cache[(name, offset)] = u  # complete before another pass can see it
                 yield name, offset, u
 
-    def at_least(self, lo: int) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(name, flat offset, u, |u| bits, bits >= lo) for each block, in order: the bits and the
+    def at_least(self, lo: Callable[[], int]) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(name, flat offset, u, |u| bits, bits >= lo()) for each block, in order: the bits and the
         mask made in the worker thread too (torch releases the GIL there; numpy's nonzero, which
-        the consumer runs on the mask, does not), into buffers of their own ring."""
+        the consumer runs on the mask, does not), into buffers of their own ring. `lo()` is asked
+        anew for each block (the consumer may raise it as it counts)."""
         return read_ahead(self._masked(self._blocks(None, 1), lo), depth=self.RING - 2)
 
     def _masked(self, blocks: Iterator[tuple[str, int, torch.Tensor]],
-                lo: int) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+                lo: Callable[[], int]) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         ring = [(torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool)) for _ in range(self.RING)]
         turn = 0
         for name, offset, u in blocks:
@@ -265,7 +277,7 @@ class _Deltas:
             if ring[turn][0].numel() < u.numel():
                 ring[turn] = (torch.empty(u.numel(), dtype=torch.int32), torch.empty(u.numel(), dtype=torch.bool))
             bits = magnitude_bits(u, out=ring[turn][0][:u.numel()])
-            yield name, offset, u, bits, torch.ge(bits, lo, out=ring[turn][1][:u.numel()])
+            yield name, offset, u, bits, torch.ge(bits, lo(), out=ring[turn][1][:u.numel()])
 
     def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
         """|u| bit patterns per block (one reused buffer, see `blocks`)."""
@@ -292,10 +304,13 @@ def _select_once(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) ->
     if window is None or window.lo == 0 or window.expected > limit or not picked.room_for(window.expected):
         return None
     counts = WindowCounts(window)
+    floor = [window.lo]  # raised as the pass counts: what lies below it is never kept
     try:
-        for name, offset, u, bits, mask in deltas.at_least(window.lo):
+        for j, (name, offset, u, bits, mask) in enumerate(deltas.at_least(lambda: floor[0])):
             idx = counts.pick(bits, mask)
             picked.add(name, idx.to(torch.int64 if wide else torch.int32).add_(offset), u[idx])
+            if j % FLOOR_EVERY == FLOOR_EVERY - 1:
+                floor[0] = counts.floor(k)
         cut = counts.cut(k)
         if cut is None and picked.count >= k:  # the k-th largest lies above the bracket: among those picked
             cut = find_cut(k, lambda: (magnitude_bits(v) for v in picked.all()))
