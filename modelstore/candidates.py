@@ -2,8 +2,8 @@
 
 A pass over u = θt − θ* that knows, from a sample, the bracket of bit patterns holding the k-th
 largest |u| keeps every entry at or above the bracket: its position and float32 value, tensor by
-tensor in order. That is a little more than the k entries kept (about keep·N, against the 2·N
-values of θt and θ* a second pass would read again); past a memory budget they go to an unnamed
+tensor in order. That is a little more than the k entries kept (keep·N and the ties at the cut,
+against the 2·N values of θt and θ* a second pass would read again); past a memory budget they go to an unnamed
 temporary file (TMPDIR), which disappears with the process however it ends.
 """
 

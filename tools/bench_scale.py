@@ -244,7 +244,8 @@ def s3_steps(store: str, ckpt: str, threads: int) -> dict[str, Any]:
     server, opts = start_moto()
     try:
         fs = s3fs.S3FileSystem(**opts)
-        fs.put(ckpt, "models/ckpt", recursive=True)
+        # whole objects (< 5 GB): moto's server loses parts of concurrent multipart uploads of GB files
+        fs.put(ckpt, "models/ckpt", recursive=True, chunksize=5 << 30)
         modelstore.open(store).sync_to("s3://models/store", tasks=["t1"], dst_options=opts)
         out = {"s3_download": fresh(s3_download, opts, "models/ckpt", threads=threads),
                "s3_load": fresh(s3_load, opts, "s3://models/store", "t1", threads=threads)}
