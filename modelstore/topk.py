@@ -66,24 +66,20 @@ def _nonzero(mask: torch.Tensor) -> torch.Tensor:
         else torch.nonzero(mask).view(-1)
 
 
-def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]],
-             sample: Callable[[], Iterable[torch.Tensor]] | None = None, total: int = 0) -> Cut:
+def find_cut(k: int, tensors: Callable[[], Iterable[torch.Tensor]], window: Bracket | None = None) -> Cut:
     """Exact cut for the k largest non-zero magnitudes over `tensors()` (|u| bits).
 
-    Two counting passes over `tensors()`, or with `sample` (the bits of a spread part of the same
-    entries, `total` being their full count) usually one: the sample brackets the k-th largest
-    within a few high-bit buckets, and one pass counts the entries above them and every entry's
-    low bits inside them. When the bracket misses, the two passes run as without a sample; the cut
-    is exact either way. If fewer than k entries are non-zero, all non-zero entries are kept.
+    Two counting passes over `tensors()`, or with `window` (a sample's `bracket` of the k-th
+    largest) usually one: it counts the entries above the bracket and every entry's pattern inside
+    it. When the bracket misses, the two passes run as without one; the cut is exact either way.
+    If fewer than k entries are non-zero, all non-zero entries are kept.
     """
     if k <= 0:
         return Cut(threshold=0x7FFFFFFF, ties=0)
-    if sample is not None and total:
-        window = bracket(k, sample, total)
-        if window is not None:
-            cut = _cut_in_window(k, tensors, window)
-            if cut is not None:
-                return cut
+    if window is not None:
+        cut = _cut_in_window(k, tensors, window)
+        if cut is not None:
+            return cut
     high = _high_counts(tensors())
     from_top = high.flip(0).cumsum(0).flip(0)  # from_top[b] = count of entries with high bits >= b
     if int(from_top[0]) < k:  # fewer entries than k: keep every non-zero one

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import modelstore
 from conftest import np_f32, ref_topk_global
+from modelstore import candidates
 from modelstore.kinds import sparse_delta
 from modelstore.topk import Bracket, magnitude_bits
 
@@ -39,21 +40,21 @@ def _small_blocks(monkeypatch, cache_bytes):
 
 
 def _spy(monkeypatch, result_of):
-    """Record what _select_once returned (None: the two-pass path ran)."""
-    seen, real = [], sparse_delta._select_once
+    """Record what _global_cut returned (its picked entries None: the counting passes ran)."""
+    seen, real = [], sparse_delta._global_cut
 
     def spy(*a, **kw):
         r = real(*a, **kw)
         seen.append(result_of(r))
         return r
 
-    monkeypatch.setattr(sparse_delta, "_select_once", spy)
+    monkeypatch.setattr(sparse_delta, "_global_cut", spy)
     return seen
 
 
 def _two_pass(tmp_path, pre, t, keep):
     mp = pytest.MonkeyPatch()
-    mp.setattr(sparse_delta, "_select_once", lambda *a, **kw: None)
+    mp.setattr(candidates.Candidates, "room_for", lambda self, count: False)
     try:
         return modelstore.build(str(tmp_path / "two"), pre, {"t": t}, merge="none", keep=keep, value_dtype="float32")
     finally:
@@ -65,7 +66,7 @@ def _two_pass(tmp_path, pre, t, keep):
 def test_one_pass_keeps_the_brute_force_entries(ties_model, tmp_path, monkeypatch, cache_bytes, keep):
     pre, t, base, task = ties_model
     _small_blocks(monkeypatch, cache_bytes)
-    seen = _spy(monkeypatch, lambda r: None if r is None else (r[1].count, r[1]._file is not None))
+    seen = _spy(monkeypatch, lambda r: None if r[1] is None else (r[1].count, r[1]._file is not None))
     s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=keep, value_dtype="float32")
     assert seen and seen[0] is not None, "the one-pass selection did not run"
     count, spilled = seen[0]
@@ -92,7 +93,7 @@ def test_a_missed_bracket_still_gives_the_exact_cut(ties_model, tmp_path, monkey
     lo = int(magnitude_bits(torch.tensor([float(k_th - 1 if miss == "bracket-too-low" else k_th) + 0.5]))[0])
     wrong = Bracket(lo, lo + (1 << 16), 0)
     monkeypatch.setattr(sparse_delta, "bracket", lambda *a, **kw: wrong)
-    seen = _spy(monkeypatch, lambda r: r is not None)
+    seen = _spy(monkeypatch, lambda r: r[1] is not None)
     s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
     assert seen == [miss == "bracket-too-low"]
     names = list(base)
@@ -112,7 +113,7 @@ def test_picked_entries_leave_no_file_behind(ties_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp))
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
-    seen = _spy(monkeypatch, lambda r: None if r is None else r[1]._file is not None)
+    seen = _spy(monkeypatch, lambda r: None if r[1] is None else r[1]._file is not None)
     s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1)
     bad = dict(task)
     bad["b"] = task["b"].clone()
@@ -132,7 +133,6 @@ def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ti
     import errno
     import shutil
 
-    from modelstore import candidates
     pre, t, base, task = ties_model
     _small_blocks(monkeypatch, 0)
     if trouble == "disk-full-while-writing":
@@ -142,7 +142,7 @@ def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ti
     else:
         usage = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(candidates.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    seen = _spy(monkeypatch, lambda r: r is not None)
+    seen = _spy(monkeypatch, lambda r: r[1] is not None)
     if trouble == "disk-full-while-writing":
         with pytest.warns(UserWarning, match="No space left on device; counting the top-k in two passes"):
             s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelstore.topk import find_cut, magnitude_bits
+from modelstore.topk import bracket, find_cut, magnitude_bits
 
 
 def _reference(u: np.ndarray, k: int) -> tuple[int, int]:
@@ -38,11 +38,11 @@ def test_sampled_and_two_pass_cuts_are_exact(dist, keep):
     plain = find_cut(k, tensors)
     assert len(passes) == 2
     passes.clear()
-    sampled = find_cut(k, tensors, sample=lambda: (magnitude_bits(b) for b in blocks[::2]), total=n)
+    sampled = find_cut(k, tensors, bracket(k, lambda: (magnitude_bits(b) for b in blocks[::2]), n))
     if dist in ("normal", "heavy") and keep >= 0.1:  # a sample this large brackets the k-th largest
         assert len(passes) == 1
     passes.clear()
-    misled = find_cut(k, tensors, sample=lambda: (magnitude_bits(b * 1e3) for b in blocks[::2]), total=n)
+    misled = find_cut(k, tensors, bracket(k, lambda: (magnitude_bits(b * 1e3) for b in blocks[::2]), n))
     assert len(passes) >= 2  # the bracket missed: the two plain passes ran
     assert plain == sampled == misled
     nonzero = int((u != 0).sum())

@@ -282,27 +282,26 @@ class _Deltas:
     def bits(self, names: list[str] | None = None, every: int = 1) -> Iterator[torch.Tensor]:
         """|u| bit patterns per block (one reused buffer, see `blocks`)."""
         for _, _, u in self.blocks(names, every):
-            yield self.bits_of(u)
-
-    def bits_of(self, u: torch.Tensor) -> torch.Tensor:
-        """|u| bit patterns of a block, in this object's one reused buffer."""
-        if self._bits.numel() < u.numel():
-            self._bits = torch.empty(u.numel(), dtype=torch.int32)
-        return magnitude_bits(u, out=self._bits[:u.numel()])
+            if self._bits.numel() < u.numel():
+                self._bits = torch.empty(u.numel(), dtype=torch.int32)
+            yield magnitude_bits(u, out=self._bits[:u.numel()])
 
 
-def _select_once(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) -> tuple[Cut, Candidates] | None:
-    """The exact global cut and every entry it may keep, from a sample and one pass over the deltas:
-    the pass keeps the entries at or above the sample's bracket (positions and values) while it
-    counts the bracket, so the writing pass reads them instead of recomputing θt − θ* (two passes
-    over the model fewer than counting, then selecting). None, having read nothing but the sample
-    or after that pass, when the bracket would hold over `limit` entries (or more than the temporary
-    directory has room for), when it misses the k-th largest, or when the temporary file fails:
-    the caller then counts in two passes."""
-    window = bracket(k, lambda: deltas.bits(every=SAMPLE_EVERY), total)
+def _global_cut(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) -> tuple[Cut, Candidates | None]:
+    """The exact global cut over the deltas, and, when it was found in one pass, every entry it
+    may keep (else None: the writing pass recomputes the deltas).
+
+    With enough blocks, a sample brackets the k-th largest first. One pass then keeps the entries
+    at or above the bracket (positions and values) while it counts it, raising that floor as it
+    counts, so the writing pass reads them instead of recomputing θt − θ* (two passes over the
+    model fewer than counting, then selecting). When the bracket would hold over `limit` entries
+    (or more than the temporary directory has room for), or the temporary file fails, the bracket
+    is counted in one pass instead; when the pass finds fewer than k entries at or above it (the
+    bracket missed), or there is no bracket, two plain counting passes run."""
+    window = bracket(k, lambda: deltas.bits(every=SAMPLE_EVERY), total) if deltas.count() >= SAMPLED_FROM else None
     picked = Candidates(CACHE_BYTES, wide)
     if window is None or window.lo == 0 or window.expected > limit or not picked.room_for(window.expected):
-        return None
+        return find_cut(k, deltas.bits, window), None
     counts = WindowCounts(window)
     floor = [window.lo]  # raised as the pass counts: what lies below it is never kept
     try:
@@ -317,13 +316,13 @@ def _select_once(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) ->
     except SpillError as e:
         picked.close()
         warnings.warn(f"{e}; counting the top-k in two passes instead", stacklevel=2)
-        return None
+        return find_cut(k, deltas.bits, window), None
     except BaseException:
         picked.close()
         raise
-    if cut is None:
+    if cut is None:  # fewer than k at or above the bracket: it says nothing more
         picked.close()
-        return None
+        return find_cut(k, deltas.bits), None
     picked.rewind()
     return cut, picked
 
@@ -443,15 +442,9 @@ class SparseDelta(TaskKind):
             capacity, keeper = total, None
         elif opts.granularity == "global":
             k = kept_count(opts.keep, total)
-            many = deltas.count() >= SAMPLED_FROM  # then a sample of blocks saves a counting pass
-            # worth it while the picked entries (8 bytes each) are fewer bytes than the task's values
-            once = _select_once(k, deltas, total, sum(sizes[n] * source.dtype(n).itemsize for n in sparse) // 8,
-                                max(sizes.values(), default=0) >= 1 << 31) if many else None
-            if once is not None:
-                cut, picked = once
-            else:
-                cut = find_cut(k, deltas.bits, sample=(lambda: deltas.bits(every=SAMPLE_EVERY)) if many else None,
-                               total=total)
+            # one pass is worth it while the picked entries (8 bytes each) are fewer bytes than the task's values
+            cut, picked = _global_cut(k, deltas, total, sum(sizes[n] * source.dtype(n).itemsize for n in sparse) // 8,
+                                      max(sizes.values(), default=0) >= 1 << 31)
             keeper = cut.keeper()
             capacity = k
         else:
