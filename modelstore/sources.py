@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from .errors import InputError
 from .hub_inputs import resolve_input
+from .shard_reads import ShardReader
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -138,10 +139,13 @@ class Checkpoint:
         self._where: dict[str, int] = {}
         self._handles: dict[int, object] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._offsets: dict[str, int] = {}  # safetensors tensors: where their data begins in the file
+        self._readers: dict[int, ShardReader] = {}
         for i, f in enumerate(files):
             if f.endswith(".safetensors"):
-                for name, (shape, dtype) in _safetensors_header(f).items():
+                for name, (shape, dtype, offset) in _safetensors_header(f).items():
                     self._add(name, i, shape, dtype)
+                    self._offsets[name] = offset
             else:
                 sd = self._pickle(i)
                 for name, t in sd.items():
@@ -191,13 +195,14 @@ class Checkpoint:
         return self._pickle(i)[name]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of tensor `name`, read without the rest of it (safetensors slices)."""
+        """Rows [start, stop) of tensor `name`, read without the rest of it (from safetensors files
+        by pread, read ahead while the reads stream: modelstore/shard_reads.py)."""
         i = self._where[name]
-        f = self.files[i]
-        if f.endswith(".safetensors"):
-            if i not in self._handles:
-                self._handles[i] = safe_open(f, framework="pt")
-            return self._handles[i].get_slice(name)[start:stop]
+        if name in self._offsets:
+            if i not in self._readers:
+                self._readers[i] = ShardReader(self.files[i])
+            shape, dtype = self._meta[name]
+            return self._readers[i].rows(self._offsets[name], shape, dtype, start, stop)
         return self._pickle(i)[name][start:stop]
 
     def nbytes(self) -> int:
@@ -227,7 +232,8 @@ class Checkpoint:
         return "sha256:" + h.hexdigest()
 
 
-def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
+    """name -> (shape, dtype, byte offset of its data in the file), checked against the file's size."""
     try:
         with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
@@ -250,12 +256,13 @@ def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dty
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
-                or not isinstance(offsets, list) or len(offsets) != 2:
+                or not isinstance(offsets, list) or len(offsets) != 2 \
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise InputError(f"{path}: tensor {name!r} has no valid shape or data offsets; the file is malformed")
         if offsets[1] - offsets[0] != math.prod(shape) * dt.itemsize or offsets[0] < 0 or offsets[1] > data:
             raise InputError(f"{path}: tensor {name!r} lies past the end of the file or does not fit its shape; "
                              "the file is truncated or malformed, write it again")
-        out[name] = (tuple(shape), dt)
+        out[name] = (tuple(shape), dt, 8 + n + offsets[0])
     return out
 
 

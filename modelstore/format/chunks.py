@@ -31,12 +31,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from ..readahead import Streak
+
 #: Chunk objects fetched at once: enough to keep an object store's connections busy, little memory.
 WINDOW = 8
-#: Bytes of local chunk files the kernel is asked to read ahead of the chunk being read.
-ADVISE_BYTES = 64 << 20
-#: Chunks read one after another before reading ahead starts.
-STREAK = 4
 
 
 class ChunkError(Exception):
@@ -73,7 +71,7 @@ class Chunks:
         self._window = 1 if self._root else WINDOW  # local files are read one at a time into one buffer
         self._raw = np.empty(0, np.uint8)
         self._advised = -1  # local chunk files up to this index are being read ahead by the kernel
-        self._read_to, self._streak = -1, 0  # the last chunk read; chunks read one after another up to it
+        self._streak = Streak(self._advise, int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
                              shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
@@ -130,7 +128,7 @@ class Chunks:
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
         if self._root:
-            self._read_ahead(first, last)
+            self._streak.read(first * self.chunk * self.dtype.itemsize, (last + 1) * self.chunk * self.dtype.itemsize)
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
         parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
         pending: list[Future[None]] = []
@@ -158,25 +156,13 @@ class Chunks:
         for f in pending:  # the first error, in chunk order
             f.result()
 
-    def _read_ahead(self, first: int, last: int) -> None:
-        """Before reading chunks [first, last]: once more than STREAK chunks have been read one
-        after another, have the kernel read ahead as many more (up to ADVISE_BYTES), as its own
-        readahead grows, so a streaming read (a load) runs ahead while reads that skip (a sample's
-        runs of a few chunks) read nothing else."""
-        self._streak = self._streak + last - max(first, self._read_to + 1) + 1 if first <= self._read_to + 1 \
-            else last - first + 1
-        self._read_to = max(self._read_to, last)
-        ahead = min(self._streak - STREAK, ADVISE_BYTES // (self.chunk * self.dtype.itemsize))
-        if ahead > 0:
-            self._advise(first, last + ahead)
-
-    def _advise(self, first: int, last: int) -> None:
-        """Ask the kernel to read local chunk files [first, last] into the page cache in the
-        background (posix_fadvise WILLNEED), so a cold sequential read finds them there instead
-        of faulting each one in from disk in turn (a cold load spent 70% of its time so). A file
-        that is missing is left to the read that needs it."""
-        last = min(last, -(-int(self.array.shape[0]) // self.chunk) - 1)
-        for index in range(max(first, self._advised + 1), last + 1):
+    def _advise(self, start: int, stop: int) -> None:
+        """Ask the kernel to read the local chunk files holding bytes [start, stop) of the array
+        into the page cache in the background (modelstore/readahead.py). A file that is missing
+        is left to the read that needs it."""
+        size = self.chunk * self.dtype.itemsize
+        last = min((stop - 1) // size, -(-int(self.array.shape[0]) // self.chunk) - 1)
+        for index in range(max(start // size, self._advised + 1), last + 1):
             try:
                 fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
             except OSError:

@@ -32,6 +32,7 @@ from ..progress import bar
 from ..selection import recorded_selector
 from ..naming import renamer
 from ..sources import Checkpoint, Renamed, TensorSource, match_task_names, read_rows, row_blocks
+from ..threads import one_torch_thread
 from ..topk import Cut, WindowCounts, bracket, find_cut, kept_count, magnitude_bits
 from ..units import human_bytes, percent
 from .base import BaseTensors, Edit, Replace, TaskKind
@@ -407,7 +408,11 @@ class SparseDelta(TaskKind):
 
     def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
               options: FFTOptions, progress: bool) -> dict[str, Any]:
-        opts = options
+        with one_torch_thread():  # the stream's own threads share the cores (modelstore/threads.py)
+            return self._write(out, task, source, base, base_entry, options, progress)
+
+    def _write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
+               opts: FFTOptions, progress: bool) -> dict[str, Any]:
         opts.validate()
         selected = recorded_selector(base_entry.get("selection"))
         full_bytes = source.nbytes()

@@ -1,0 +1,56 @@
+"""Asking the kernel to read local files ahead of a reader that streams through them, and only then.
+
+A cold read that takes a file piece by piece waits on the disk for each piece in turn;
+posix_fadvise(WILLNEED) over the next tens of megabytes has the kernel fetch them in the
+background with many requests in flight (a cold 13.9 GB checkpoint read in 2 MB blocks: 23.7 s
+by page faults, 9.0 s with 64 MB advised ahead; a cold load spent 70% of its time faulting chunk
+files in one by one). A reader that skips, such as a sample's runs of a few megabytes, must not be
+read ahead: what it skips would be read for nothing. So a `Streak` watches the byte ranges a reader
+takes and advises only once more than STREAK_BYTES were read one after another, as far ahead as
+the streak is long, up to ADVISE_BYTES.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+#: Bytes read one after another before reading ahead starts (more than a sample's run).
+STREAK_BYTES = 16 << 20
+#: Bytes the kernel is asked to read ahead of the range being read, at most.
+ADVISE_BYTES = 64 << 20
+
+
+class Streak:
+    """Read-ahead advice for one reader of one byte space (a file, or an array of chunk files):
+    call `read(start, stop)` before reading bytes [start, stop); `advise(start, stop)` is called
+    with the bytes to read ahead beyond that, each byte once."""
+
+    def __init__(self, advise: Callable[[int, int], None], end: int):
+        self._advise, self._end = advise, end
+        self._to, self._length = -1, 0  # the end of the last range read; bytes read one after another up to it
+        self._advised = 0  # bytes before this offset were advised
+
+    def read(self, start: int, stop: int) -> None:
+        """Note a read of bytes [start, stop) about to happen; advise ahead of it if it streams."""
+        if 0 <= self._to and start <= self._to:
+            self._length += max(0, stop - self._to)
+        else:
+            self._length = stop - start
+        self._to = max(self._to, stop)
+        ahead = min(self._length - STREAK_BYTES, ADVISE_BYTES)
+        if ahead <= 0:
+            return
+        first, last = max(stop, self._advised), min(stop + ahead, self._end)  # the reader reads [start, stop)
+        if first < last:
+            self._advise(first, last)
+            self._advised = last
+
+
+
+def advise_file(fd: int, start: int, stop: int) -> None:
+    """Have the kernel read bytes [start, stop) of an open file into the page cache in the background."""
+    os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+
+
+__all__ = ["Streak", "STREAK_BYTES", "ADVISE_BYTES", "advise_file"]

@@ -1,0 +1,49 @@
+"""While a sparse delta is written, torch's intra-op threads are set aside for modelstore's own
+(reader, selector, chunk writer), and given back afterwards, also when the write fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import modelstore
+from modelstore import shard_reads
+from modelstore.errors import InputError
+from modelstore.threads import one_torch_thread
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_torch_thread_inside_and_restored_after(two_threads):
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError), one_torch_thread():
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+
+
+def test_add_task_reads_with_one_torch_thread_and_gives_threads_back(tmp_path, monkeypatch, two_threads):
+    g = torch.Generator().manual_seed(0)
+    pre = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}, str(tmp_path / "t.safetensors"))
+    store = modelstore.init(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"))
+    seen: list[int] = []
+    real = shard_reads.ShardReader.rows
+    monkeypatch.setattr(shard_reads.ShardReader, "rows",
+                        lambda self, *a: (seen.append(torch.get_num_threads()), real(self, *a))[1])
+    store.add_task("t", str(tmp_path / "t.safetensors"), keep=0.1)
+    assert seen and set(seen) == {1}  # rows are read in the stream's worker thread
+    assert torch.get_num_threads() == 2
+    save_file({k: v * float("nan") for k, v in pre.items()}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(InputError, match="NaN"):
+        store.add_task("nan", str(tmp_path / "nan.safetensors"), keep=0.1)
+    assert torch.get_num_threads() == 2
