@@ -149,8 +149,8 @@ def bracket(k: int, sample: Callable[[], Iterable[torch.Tensor]], total: int) ->
 
 class WindowCounts:
     """Counts of a bracket's pass: entries at or above `hi`, and a histogram of the patterns in
-    [lo, hi), fed block by block (`count`, or `pick`, which also says which entries lie at or above
-    `lo`); `cut` is exact when the k-th largest lies in the bracket. On CPU the steps run in numpy
+    [lo, hi), fed block by block (`count`, or `add_picked` with the patterns of the entries at or
+    above `lo` only); `cut` is exact when the k-th largest lies in the bracket. On CPU the steps run in numpy
     (its count is 7x torch's bool sum; one unsigned compare selects) into buffers reused from block
     to block: fresh temporaries per block fragment the C heap, which then holds on to several
     times a block's memory per pass."""
@@ -180,20 +180,16 @@ class WindowCounts:
         np.less(d, self.width, out=m)
         self._add(above, torch.from_numpy(d[m].view(np.int32)))
 
-    def pick(self, bits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Count a block of patterns; the indices (int64) of those at or above `lo` (`mask`:
-        bits >= lo, which the caller made)."""
+    def add_picked(self, bits: torch.Tensor) -> None:
+        """Count the patterns of a block's entries at or above `lo`, which the caller picked
+        (a tensor of its own: it is changed in place)."""
         if bits.device.type != "cpu":
-            idx = torch.nonzero(mask).view(-1)
-            self._add(0, (bits[idx] - self.lo).clamp_(max=self.width))
-            return idx
-        x, m = bits.numpy(), mask.numpy()
-        idx = np.flatnonzero(m)
-        sel = x[idx]
-        sel -= np.int32(self.lo)
-        np.minimum(sel, self.width, out=sel)  # bin `width` counts those at or above `hi`
-        self._add(0, torch.from_numpy(sel))
-        return torch.from_numpy(idx)
+            self._add(0, bits.sub_(self.lo).clamp_(max=self.width))
+            return
+        x = bits.numpy()
+        x -= np.int32(self.lo)
+        np.minimum(x, self.width, out=x)  # bin `width` counts those at or above `hi`
+        self._add(0, bits)
 
     def _add(self, above: int, inside: torch.Tensor) -> None:
         """`above` more entries at or above `hi`, and `inside`: patterns less `lo`, where `width`
