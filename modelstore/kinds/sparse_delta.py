@@ -466,43 +466,54 @@ class SparseDelta(TaskKind):
         values = value_writer(out, value_dtype, index_dtype, capacity, len(sparse), opts.group_size)
         out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
         seeds = {n: opts.seed + i for i, n in enumerate(sparse)}
+
+        def kept_entries() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+            """(tensor, positions, values) kept of each part of each sparse tensor, in order, checked."""
+            stream = deltas.blocks() if picked is None else None  # one pass over the sparse tensors, the base streamed once
+            for n in sparse:
+                pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
+                    keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
+                parts = picked.of(n) if picked is not None else (
+                    (offset, u) for _, offset, u in itertools.islice(stream, len(row_blocks(source.shape(n), BLOCK_ELEMENTS))))
+                for at, u in parts:  # at: the block's offset in the tensor, or each picked entry's position
+                    if dare:
+                        check_finite(u, f"task {task!r} tensor {n!r}")
+                    idx, kept_values = pick(u)
+                    # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
+                    if not kept_values.numel():
+                        check_finite(u, f"task {task!r} tensor {n!r}")
+                        continue
+                    largest = float(kept_values.abs().max())  # NaN if any is NaN
+                    if not math.isfinite(largest):
+                        raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
+                                         "fix the checkpoint before storing it")
+                    if largest > VALUE_LIMITS[value_dtype]:
+                        raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
+                                         "use --value-dtype float32")
+                    yield n, idx + at if isinstance(at, int) else at[idx], kept_values
+
         kept, dense_count = 0, 0
-        stream = deltas.blocks() if picked is None else None  # one pass over the sparse tensors, the base streamed once
+        entries = read_ahead(kept_entries())  # selecting in a worker overlaps encoding and dense tensors
         try:
+            ahead = next(entries, None)
             for n, kind in bar(steps, f"task {task}", progress):
                 if kind == "base":
                     out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
                                   start=0, count=0))
                     continue
-                shape = list(source.shape(n))
                 if kind == "sparse":
-                    pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
-                        keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
                     values.begin()
-                    parts = picked.of(n) if picked is not None else (
-                        (offset, u) for _, offset, u in itertools.islice(stream, len(row_blocks(tuple(shape), BLOCK_ELEMENTS))))
-                    for at, u in parts:  # at: the block's offset in the tensor, or each picked entry's position
-                        if dare:
-                            check_finite(u, f"task {task!r} tensor {n!r}")
-                        idx, kept_values = pick(u)
-                        # NaN/Inf have the largest magnitude bits, so any would be among the kept entries
-                        if not kept_values.numel():
-                            check_finite(u, f"task {task!r} tensor {n!r}")
-                            continue
-                        largest = float(kept_values.abs().max())  # NaN if any is NaN
-                        if not math.isfinite(largest):
-                            raise InputError(f"task {task!r} tensor {n!r} has NaN or Inf values; "
-                                             "fix the checkpoint before storing it")
-                        if largest > VALUE_LIMITS[value_dtype]:
-                            raise InputError(f"task {task!r} tensor {n!r}: a delta exceeds the {value_dtype} range; "
-                                             "use --value-dtype float32")
-                        values.add(idx + at if isinstance(at, int) else at[idx], kept_values)
+                    while ahead is not None and ahead[0] == n:
+                        values.add(ahead[1], ahead[2])
+                        ahead = next(entries, None)
                     fields = values.end()
-                    out.add(entry(n, kind="sparse", shape=shape, dtype=dtypes.dtype_name(source.dtype(n)), **fields))
+                    out.add(entry(n, kind="sparse", shape=list(source.shape(n)), dtype=dtypes.dtype_name(source.dtype(n)),
+                                  **fields))
                     kept += int(fields["count"])  # type: ignore[call-overload]
                     continue
                 dense_count += store_whole_or_same(out, task, n, source, base, entry)
         finally:
+            entries.close()  # stops the worker before the entries it reads are closed
             if picked is not None:
                 picked.close()
         merge = base_entry.get("merge", {})
