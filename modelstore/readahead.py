@@ -24,7 +24,9 @@ ADVISE_BYTES = 64 << 20
 class Streak:
     """Read-ahead advice for one reader of one byte space (a file, or an array of chunk files):
     call `read(start, stop)` before reading bytes [start, stop); `advise(start, stop)` is called
-    with the bytes to read ahead beyond that, each byte once."""
+    with the bytes to read ahead, each byte once: once the reads stream, those of the read about to
+    happen not yet asked for (a large read is then fetched with many requests in flight, not
+    faulted in piece by piece) and as many beyond it as the streak is long, up to ADVISE_BYTES."""
 
     def __init__(self, advise: Callable[[int, int], None], end: int):
         self._advise, self._end = advise, end
@@ -41,7 +43,7 @@ class Streak:
         ahead = min(self._length - STREAK_BYTES, ADVISE_BYTES)
         if ahead <= 0:
             return
-        first, last = max(stop, self._advised), min(stop + ahead, self._end)  # the reader reads [start, stop)
+        first, last = max(start, self._advised), min(stop + ahead, self._end)  # this read's own bytes too: at once
         if first < last:
             self._advise(first, last)
             self._advised = last
