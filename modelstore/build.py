@@ -157,19 +157,17 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
 
     def base_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for n in bar(base_ck.names(), "base", progress):
-            shape = base_ck.shape(n)
-            if n in merged and merge != "none" and method.rowwise and shape:
-                # in blocks, θ0 too (read ahead as it streams): memory for a block of each input, not a tensor
-                out = torch.empty(shape, dtype=base_ck.dtype(n))
-                for r0, r1 in row_blocks(shape, MERGE_BLOCK_ELEMENTS):
-                    t0 = read_rows(base_ck, n, r0, r1)
-                    check_finite(t0, f"pretrained tensor {n!r}")
-                    out[r0:r1] = merged_rows(n, t0, (r0, r1))
-                yield n, out
-                continue
             t0 = base_ck.get(n)
             check_finite(t0, f"pretrained tensor {n!r}")
-            yield n, merged_rows(n, t0, None) if n in merged and merge != "none" else t0
+            if n in merged and merge != "none":
+                if method.rowwise and t0.dim():  # in blocks: memory for a block of each task, not a tensor
+                    out = torch.empty_like(t0)
+                    for r0, r1 in row_blocks(tuple(t0.shape), MERGE_BLOCK_ELEMENTS):
+                        out[r0:r1] = merged_rows(n, t0[r0:r1], (r0, r1))
+                    t0 = out
+                else:
+                    t0 = merged_rows(n, t0, None)
+            yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
     out.write_base(base_id, specs, base_tensors(), fields, base_ck.side_files)
