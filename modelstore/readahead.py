@@ -49,7 +49,6 @@ class Streak:
             self._advised = last
 
 
-
 def advise_file(fd: int, start: int, stop: int) -> None:
     """Have the kernel read bytes [start, stop) of an open file into the page cache in the background."""
     os.posix_fadvise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)

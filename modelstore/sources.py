@@ -196,7 +196,7 @@ class Checkpoint:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of tensor `name`, read without the rest of it (from safetensors files
-        by pread, read ahead while the reads stream: modelstore/shard_reads.py)."""
+        a view of modelstore's own map, read ahead while the reads stream: modelstore/shard_reads.py)."""
         i = self._where[name]
         if name in self._offsets:
             if i not in self._readers:
