@@ -341,3 +341,48 @@ def test_base_codec_from_the_cli_and_config(bert_models, tmp_path):
     assert r.exit_code == 0 and modelstore.open(str(tmp_path / "c")).manifest["bases"]["merged"]["codec"] == "lz4"
     with pytest.raises(modelstore.InputError, match="unknown base codec 'zip'; use one of lz4, none"):
         modelstore.build(str(tmp_path / "d"), bert_models["pre"], {}, merge="none", base_codec="zip")
+
+
+def test_chunk_length_doubles_past_the_folder_limit():
+    from modelstore.format.codecs import CHUNK_ELEMENTS, MAX_CHUNKS, chunk_length
+    assert chunk_length(1) == 1 and chunk_length(1000) == 1000
+    assert chunk_length(CHUNK_ELEMENTS * MAX_CHUNKS) == CHUNK_ELEMENTS
+    assert chunk_length(CHUNK_ELEMENTS * MAX_CHUNKS + 1) == 2 * CHUNK_ELEMENTS
+    for capacity in (CHUNK_ELEMENTS * MAX_CHUNKS * 5 + 7, 70 * 10**9, 405 * 10**9):
+        n = chunk_length(capacity)
+        assert -(-capacity // n) <= MAX_CHUNKS < -(-capacity // (n // 2))  # as few doublings as it takes
+
+
+def test_large_arrays_are_written_in_at_most_max_chunks_objects(bert_models, tmp_path, monkeypatch):
+    """With chunks of 256 elements and at most 4 per array (a 17B base's case, made small), every
+    array of base and tasks has at most 4 chunk objects in its folder, written with longer chunks,
+    and every load, the check and a sync read the same weights as a store of default chunks (from
+    memory://, fetching one chunk at a time: longer chunks fetch fewer at once)."""
+    from modelstore.format import chunks, codecs
+    tasks = bert_models["tasks"]
+    args = (bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]})
+    plain = modelstore.build(str(tmp_path / "plain"), *args, keep=0.1)
+    monkeypatch.setattr(codecs, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(codecs, "MAX_CHUNKS", 4)
+    few = modelstore.build(str(tmp_path / "few"), *args, keep=0.1)
+    few.add_pretrained(bert_models["pre"])
+    lengths = []
+    for meta in (tmp_path / "few").rglob("zarr.json"):
+        m = json.loads(meta.read_text())
+        if m.get("node_type") != "array":
+            continue
+        n = m["chunk_grid"]["configuration"]["chunk_shape"][0]
+        lengths.append(n)
+        assert len(list((meta.parent / "c").iterdir())) == -(-m["shape"][0] // n) <= 4, meta
+        assert n == m["shape"][0] or (n % 256 == 0 and (n // 256) & (n // 256 - 1) == 0), (meta, n)
+    assert max(lengths) > 256 * 4  # some arrays needed longer chunks
+    assert few.check().ok
+    modelstore.sync(str(tmp_path / "few"), "memory://fewchunks")
+    monkeypatch.setattr(chunks, "WINDOW_BYTES", 1)
+    for task in ("alpha", "beta"):
+        want = plain.load(task)
+        for url, cache in ((str(tmp_path / "few"), False), (str(tmp_path / "few"), True), ("memory://fewchunks", False)):
+            got = modelstore.open(url, cache_base=cache).load(task)
+            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), (url, cache, task)
+    assert all(torch.equal(few.base("pretrained")[k], v) for k, v in bert_models["sd0"].items())
+    assert all(torch.equal(few.base("merged")[k], v) for k, v in plain.base("merged").items())

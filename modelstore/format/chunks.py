@@ -33,8 +33,10 @@ from zarr.storage import LocalStore
 
 from ..readahead import Streak
 
-#: Chunk objects fetched at once: enough to keep an object store's connections busy, little memory.
+#: Chunk objects fetched at once: enough to keep an object store's connections busy, little memory
+#: (fewer where chunks are longer than 8 MiB, so at most WINDOW_BYTES are held ahead of a reader).
 WINDOW = 8
+WINDOW_BYTES = 64 << 20
 
 
 class ChunkError(Exception):
@@ -68,7 +70,9 @@ class Chunks:
         self.trailers: dict[int, int] = {}
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
-        self._window = 1 if self._root else WINDOW  # local files are read one at a time into one buffer
+        chunk_bytes = self.chunk * self.dtype.itemsize
+        # local files are read one at a time into one buffer
+        self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // max(1, chunk_bytes)))
         self._raw = np.empty(0, np.uint8)
         self._advised = -1  # local chunk files up to this index are being read ahead by the kernel
         self._streak = Streak(self._advise, int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
@@ -190,13 +194,13 @@ class Chunks:
 
     def _fetch(self, indices: list[int]) -> list[np.ndarray]:
         """The chunk objects' bytes: a local file is read into one reused buffer (no event-loop round
-        trip, no allocation per chunk); other stores' objects are fetched WINDOW at a time,
+        trip, no allocation per chunk); other stores' objects are fetched a window at a time,
         concurrently, reading ahead of a sequential reader (a load asks for one chunk per tensor)."""
         if self._root:
             return [self._read_file(i) for i in indices]
         if any(i not in self._ahead for i in indices):
             last = -(-int(self.array.shape[0]) // self.chunk) - 1
-            want = sorted(set(indices) | set(range(indices[-1] + 1, min(last, indices[0] + WINDOW - 1) + 1)))
+            want = sorted(set(indices) | set(range(indices[-1] + 1, min(last, indices[0] + self._window - 1) + 1)))
             keep = {i: b for i, b in self._ahead.items() if i >= indices[0]}
             self._ahead = {**keep, **dict(zip(want, self._get(want)))}
         out = []
@@ -314,4 +318,4 @@ def _windows(first: int, stop: int, size: int) -> Iterator[list[int]]:
 
 _SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
-__all__ = ["Chunks", "ChunkError", "digest", "empty", "WINDOW"]
+__all__ = ["Chunks", "ChunkError", "digest", "empty", "WINDOW", "WINDOW_BYTES"]

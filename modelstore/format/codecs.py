@@ -21,6 +21,19 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 #: Elements per chunk: 2 Mi elements make 4-8 MB objects, few requests, bounded decode memory.
 CHUNK_ELEMENTS = 1 << 21
+#: Chunks per array at most: an array's chunk objects share one folder (`c/<i>`), and the Hugging
+#: Face Hub recommends under 10,000 files per folder. Chunks grow past CHUNK_ELEMENTS from arrays
+#: of 2**21 x 8192 elements on (a base of ~17B bf16 parameters); smaller stores are unchanged.
+MAX_CHUNKS = 8192
+
+
+def chunk_length(capacity: int) -> int:
+    """Elements per chunk of a flat array of `capacity` elements: CHUNK_ELEMENTS, doubled until the
+    array has at most MAX_CHUNKS chunks, and never longer than the array."""
+    n = CHUNK_ELEMENTS
+    while n * MAX_CHUNKS < capacity:
+        n *= 2
+    return max(1, min(n, capacity))
 ARRAY_KINDS = ("indices", "values", "raw")
 #: A base's codec choice (`build(base_codec=...)`) -> the kind of array its tensors are written as.
 BASE_CODECS = {"lz4": "values", "none": "raw"}
@@ -39,4 +52,4 @@ def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
     return [blosc, Crc32cCodec()]
 
 
-__all__ = ["CHUNK_ELEMENTS", "ARRAY_KINDS", "BASE_CODECS", "compressors"]
+__all__ = ["CHUNK_ELEMENTS", "MAX_CHUNKS", "chunk_length", "ARRAY_KINDS", "BASE_CODECS", "compressors"]

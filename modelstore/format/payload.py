@@ -21,7 +21,7 @@ import zarr
 from .. import dtypes
 from ..errors import CorruptStoreError, StorageError, is_io_error
 from .chunks import ChunkError, Chunks, digest, empty
-from .codecs import CHUNK_ELEMENTS, compressors
+from .codecs import chunk_length, compressors
 from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
 
 
@@ -34,7 +34,7 @@ class FlatWriter:
 
     def __init__(self, group: zarr.Group, name: str, dtype: str, capacity: int, kind: str = "values"):
         self.dtype = np.dtype(dtype)
-        self.chunk = max(1, min(CHUNK_ELEMENTS, capacity))
+        self.chunk = chunk_length(capacity)
         # every chunk is written, even all-zero ones, so a missing chunk is always damage
         self.array = group.create_array(
             name, shape=(capacity,), chunks=(self.chunk,), dtype=self.dtype,
