@@ -26,13 +26,15 @@ def _ref_task_arithmetic(sd0, sds, lam):
 @pytest.mark.parametrize("merge", ["task-arithmetic", "none"])
 def test_roundtrip_matches_numpy_reference(bert_models, tmp_path, granularity, merge, block, monkeypatch):
     """`block` splits every tensor's delta into row blocks of about that many entries (as an LLM's
-    large tensors are), with no delta cache, and a load applies kept entries that many at a time:
-    the same entries must be kept, in the same order, and read back the same."""
+    large tensors are), with no delta cache, and a load applies kept entries that many at a time,
+    in two threads from that many on: the same entries must be kept, in the same order, and read
+    back the same."""
     if block is not None:
         from modelstore.kinds import base as kind_base, sparse_delta
         monkeypatch.setattr(sparse_delta, "BLOCK_ELEMENTS", block)
         monkeypatch.setattr(sparse_delta, "CACHE_BYTES", 0)
         monkeypatch.setattr(kind_base, "APPLY_ENTRIES", block)
+        monkeypatch.setattr(kind_base, "SPLIT_ENTRIES", block)
     sd0, sds = bert_models["sd0"], bert_models["sds"]
     keep = 0.05
     store = modelstore.build(str(tmp_path / "s"), bert_models["pre"], bert_models["tasks"], merge=merge,
@@ -148,20 +150,29 @@ def test_unchanged_task_costs_nothing(bert_models, tmp_path):
     assert all(torch.equal(v, bert_models["sd0"][k]) for k, v in s.load("same").items())
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "two-threads"])
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.float16, torch.bfloat16])
-def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dtype, monkeypatch):
+def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dtype, split, monkeypatch):
     """Every load path (one index_add_ where it is the same arithmetic, gather-add-scatter else,
-    applied in parts) gives round(float32(B[p]) + float32(v)) at the kept positions, B elsewhere."""
+    applied in parts, by one thread or two on halves of the positions) gives
+    round(float32(B[p]) + float32(v)) at the kept positions, B elsewhere."""
     from modelstore.kinds import base as kinds_base, sparse_delta
     monkeypatch.setattr(kinds_base, "APPLY_ENTRIES", 7)  # several parts
+    if split:
+        monkeypatch.setattr(kinds_base, "SPLIT_ENTRIES", 8)
     g = torch.Generator().manual_seed(3)
     base = (torch.randn(40, 5, generator=g) * 3).to(base_dtype)
     pos = torch.sort(torch.randperm(200, generator=g)[:31]).values.to(torch.int32)
     delta = (torch.randn(31, generator=g) * 1e-2).to(value_dtype)
     edit = sparse_delta.AddAt("w", (40, 5), base_dtype, pos, delta)
-    got = edit.applied(base.clone(), out_dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # side_by_side runs halves in one thread where torch has one
+    try:
+        got = edit.applied(base.clone(), out_dtype)
+    finally:
+        torch.set_num_threads(threads)
     want = np_f32(base).reshape(-1).copy()
     want[pos.numpy()] += np_f32(delta)  # float32 sum, exact inputs
     want_t = torch.from_numpy(want).to(out_dtype or base_dtype)

@@ -1,7 +1,10 @@
 """While a sparse delta is written, torch's intra-op threads are set aside for modelstore's own
-(reader, selector, chunk writer), and given back afterwards, also when the write fails."""
+(reader, selector, chunk writer), and given back afterwards, also when the write fails; ops torch
+runs in one thread are run side by side in two."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from safetensors.torch import save_file
 import modelstore
 from modelstore import shard_reads
 from modelstore.errors import InputError
-from modelstore.threads import one_torch_thread
+from modelstore.threads import one_torch_thread, side_by_side
 
 
 @pytest.fixture
@@ -47,3 +50,25 @@ def test_add_task_reads_with_one_torch_thread_and_gives_threads_back(tmp_path, m
     with pytest.raises(InputError, match="NaN"):
         store.add_task("nan", str(tmp_path / "nan.safetensors"), keep=0.1)
     assert torch.get_num_threads() == 2
+
+
+def test_side_by_side_uses_a_second_thread_and_raises_the_first_error(two_threads):
+    ran = {}
+
+    def mark(key, error=None):
+        def run():
+            ran[key] = threading.current_thread().name
+            if error:
+                raise error
+        return run
+
+    side_by_side(mark("a"), mark("b"))
+    assert ran["a"] == threading.current_thread().name and ran["b"].startswith("modelstore-helper")
+    with pytest.raises(KeyError):  # the first one's error first; the second has ended too
+        side_by_side(mark("c", KeyError("c")), mark("d", ValueError("d")))
+    assert "d" in ran
+    with pytest.raises(ValueError):
+        side_by_side(mark("e"), mark("f", ValueError("f")))
+    torch.set_num_threads(1)
+    side_by_side(mark("g"), mark("h"))  # torch at one thread: one after the other, here
+    assert ran["g"] == ran["h"] == threading.current_thread().name

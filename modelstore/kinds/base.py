@@ -24,6 +24,7 @@ from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, Segments
 from ..options import Option
 from ..sources import TensorSource
+from ..threads import side_by_side
 
 
 class BaseTensors(Protocol):
@@ -69,6 +70,10 @@ class WithOtherBases:
 
 #: Positions a load applies at once (gather, compute, scatter): temporaries of a few MB.
 APPLY_ENTRIES = 1 << 20
+#: Positions from which a CPU load applies an edit in two threads, each half of them (the add of
+#: kept entries is bound by memory latency: 10.7M entries of a 2 GB model 0.27 -> 0.12 s); below
+#: it, handing half to the other thread costs more than it saves.
+SPLIT_ENTRIES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,19 @@ class Edit:
         flat = base.reshape(-1)
         out = flat if want == flat.dtype else flat.to(want)
         n = int(self.positions.numel())
-        for i in range(0, n, APPLY_ENTRIES):
-            (self if n <= APPLY_ENTRIES else self.part(i, i + APPLY_ENTRIES)).apply_part(out, flat, dtype)
+        if n >= SPLIT_ENTRIES and out.device.type == "cpu":  # sorted positions: disjoint halves of out
+            half = n // 2
+            side_by_side(lambda: self._apply(out, flat, dtype, 0, half), lambda: self._apply(out, flat, dtype, half, n))
+        else:
+            self._apply(out, flat, dtype, 0, n)
         return out.view(self.shape)
+
+    def _apply(self, out: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype | None, start: int, stop: int) -> None:
+        """`apply_part` of positions[start:stop], APPLY_ENTRIES at a time."""
+        n = self.count()
+        for i in range(start, stop, APPLY_ENTRIES):
+            j = min(i + APPLY_ENTRIES, stop)
+            (self if j - i == n else self.part(i, j)).apply_part(out, flat, dtype)
 
     def apply_part(self, out: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype | None) -> None:
         """out[positions] := the task's values there, from the flat base tensor `flat` (`out` is
