@@ -34,6 +34,8 @@ def chunk_length(capacity: int) -> int:
     while n * MAX_CHUNKS < capacity:
         n *= 2
     return max(1, min(n, capacity))
+
+
 ARRAY_KINDS = ("indices", "values", "raw")
 #: A base's codec choice (`build(base_codec=...)`) -> the kind of array its tensors are written as.
 BASE_CODECS = {"lz4": "values", "none": "raw"}
