@@ -70,9 +70,9 @@ class Chunks:
         self.trailers: dict[int, int] = {}
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
-        chunk_bytes = self.chunk * self.dtype.itemsize
+        self._chunk_bytes = self.chunk * self.dtype.itemsize
         # local files are read one at a time into one buffer
-        self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // max(1, chunk_bytes)))
+        self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
         self._advised = -1  # local chunk files up to this index are being read ahead by the kernel
         self._streak = Streak(self._advise, int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
@@ -132,7 +132,7 @@ class Chunks:
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
         if self._root:
-            self._streak.read(first * self.chunk * self.dtype.itemsize, (last + 1) * self.chunk * self.dtype.itemsize)
+            self._streak.read(first * self._chunk_bytes, (last + 1) * self._chunk_bytes)
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
         parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
         pending: list[Future[None]] = []
@@ -164,9 +164,8 @@ class Chunks:
         """Ask the kernel to read the local chunk files holding bytes [start, stop) of the array
         into the page cache in the background (modelstore/readahead.py). A file that is missing
         is left to the read that needs it."""
-        size = self.chunk * self.dtype.itemsize
-        last = min((stop - 1) // size, -(-int(self.array.shape[0]) // self.chunk) - 1)
-        for index in range(max(start // size, self._advised + 1), last + 1):
+        last = min((stop - 1) // self._chunk_bytes, -(-int(self.array.shape[0]) // self.chunk) - 1)
+        for index in range(max(start // self._chunk_bytes, self._advised + 1), last + 1):
             try:
                 fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
             except OSError:

@@ -4,9 +4,10 @@ Every chunk ends in a crc32c, so a damaged chunk is always detected. The compres
 chosen per kind of array by what it buys, measured on model data (tools/bench_scale): gap-coded
 indices (small integers) compress to 0.10-0.28 of their bytes with byte-shuffled zstd (keep 0.3 to
 0.01), at level 1 as small as at level 3 or smaller, encoded 1.6-3x as fast (0.9-1.5 GB/s, which
-an add-task waits on) and decoded at 0.6-1.3x the speed (0.9-1.4 GB/s); weights and delta values compress about as well with bit-shuffled lz4 as with zstd
-(0.755 against 0.738 of bf16 weights, 0.88 of fp32 ones, better than zstd's 0.90) but decode at
-5-7 GB/s instead of 1-1.8 and encode 14x faster, which is what a load and an add-task wait on.
+an add-task waits on) and decoded at 0.6-1.3x the speed (0.9-1.4 GB/s); weights and delta values
+compress about as well with bit-shuffled lz4 as with zstd (0.755 against 0.738 of bf16 weights,
+0.88 of fp32 ones, better than zstd's 0.90) but decode at 5-7 GB/s instead of 1-1.8 and encode
+14x faster, which is what a load and an add-task wait on.
 A base may instead be written uncompressed (`base_codec="none"`, array kind "raw": crc32c only):
 compression saves 25% of a bf16 base and 12% of a float32 one, but every load of a task decodes
 its whole base, and reading raw chunks straight into the output is what safetensors does.
