@@ -386,3 +386,30 @@ def test_large_arrays_are_written_in_at_most_max_chunks_objects(bert_models, tmp
             assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), (url, cache, task)
     assert all(torch.equal(few.base("pretrained")[k], v) for k, v in bert_models["sd0"].items())
     assert all(torch.equal(few.base("merged")[k], v) for k, v in plain.base("merged").items())
+
+
+def test_indices_are_written_in_blosc_blocks_of_the_chosen_size(bert_models, tmp_path, monkeypatch):
+    """Index chunks carry INDEX_BLOCK_BYTES as their blosc blocksize, in the metadata and in each
+    chunk's blosc header (the fast writer passes it on: 4 KiB here, so a chunk has several blocks),
+    and such a store loads the weights a default store does."""
+    from modelstore.format import codecs
+    tasks = bert_models["tasks"]
+    args = (bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]})
+    plain = modelstore.build(str(tmp_path / "plain"), *args, keep=0.3)
+    monkeypatch.setattr(codecs, "INDEX_BLOCK_BYTES", 4096)
+    small = modelstore.build(str(tmp_path / "small"), *args, keep=0.3)
+    for root, size in ((tmp_path / "plain", 1 << 20), (tmp_path / "small", 4096)):
+        metas = [m for m in root.rglob("indices/zarr.json")]
+        assert len(metas) == 2
+        for meta in metas:
+            blosc = json.loads(meta.read_text())["codecs"][1]["configuration"]
+            assert blosc["cname"] == "zstd" and blosc["blocksize"] == size
+            for chunk in (meta.parent / "c").iterdir():
+                header = chunk.read_bytes()[:16]
+                nbytes, blocksize = int.from_bytes(header[4:8], "little"), int.from_bytes(header[8:12], "little")
+                assert blocksize == min(size, nbytes) and (size == 1 << 20 or nbytes > 2 * size), chunk
+    assert small.check().ok
+    for task in ("alpha", "beta"):
+        want = plain.load(task)
+        got = modelstore.open(str(tmp_path / "small"), cache_base=False).load(task)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
