@@ -33,8 +33,9 @@ class Streak:
         self._to, self._length = -1, 0  # the end of the last range read; bytes read one after another up to it
         self._advised = 0  # bytes before this offset were advised
 
-    def read(self, start: int, stop: int) -> None:
-        """Note a read of bytes [start, stop) about to happen; advise ahead of it if it streams."""
+    def read(self, start: int, stop: int) -> bool:
+        """Note a read of bytes [start, stop) about to happen; advise ahead of it if it streams.
+        Returns whether the read streams (its bytes are advised, now or before)."""
         if 0 <= self._to and start <= self._to:
             self._length += max(0, stop - self._to)
         else:
@@ -42,11 +43,12 @@ class Streak:
         self._to = max(self._to, stop)
         ahead = min(self._length - STREAK_BYTES, ADVISE_BYTES)
         if ahead <= 0:
-            return
+            return False
         first, last = max(start, self._advised), min(stop + ahead, self._end)  # this read's own bytes too: at once
         if first < last:
             self._advise(first, last)
             self._advised = last
+        return True
 
 
 def advise_file(fd: int, start: int, stop: int) -> None:

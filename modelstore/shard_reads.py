@@ -46,8 +46,8 @@ class ShardReader:
             return torch.empty((stop - start, *shape[1:]), dtype=dtype)
         first = offset + start * math.prod(shape[1:]) * dtype.itemsize
         last = first + count * dtype.itemsize
-        advise_file(self._fd, first, last)  # what is read now, in the background and at once
-        self._streak.read(first, last)
+        if not self._streak.read(first, last):
+            self._advise(first, last)  # what is read now, in the background and at once
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=first).view(stop - start, *shape[1:])
 
     def __del__(self) -> None:

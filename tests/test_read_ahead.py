@@ -125,12 +125,16 @@ def test_streaming_shard_reads_read_ahead_and_samples_do_not(tmp_path, monkeypat
     real = shard_reads.ShardReader._advise
     monkeypatch.setattr(shard_reads.ShardReader, "_advise", lambda self, a, b: (calls.append((a, b)), real(self, a, b)))
     ck = open_checkpoint(path)
-    for r in range(0, 256, 16):  # one row of every sixteen, as a sample reads
+    data = os.path.getsize(path) - t.numel() * 4  # where the tensor's bytes begin
+    for r in range(0, 256, 16):  # one row of every sixteen, as a sample reads: each row's own bytes
         assert torch.equal(ck.rows("w", r, r + 1), t[r:r + 1])
-    assert calls == []
+    assert calls == [(data + 64 * r, data + 64 * (r + 1)) for r in range(0, 256, 16)]
+    calls.clear()
     for r in range(256):
         assert torch.equal(ck.rows("w", r, r + 1), t[r:r + 1])
-    assert calls and calls[-1][1] == os.path.getsize(path)
+    covered = [x for a, b in calls for x in range(a, b)]
+    assert covered == list(range(data, os.path.getsize(path)))  # streaming: every byte once, ahead of its read
+    assert max(b - a for a, b in calls) > 64
 
 
 @pytest.mark.parametrize("offsets", [[0, "64"], [0, 64.0], [True, 64], [0, 65], [-64, 0]])
