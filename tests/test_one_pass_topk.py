@@ -154,3 +154,45 @@ def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ti
     got = s.load("t")
     for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
         np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)
+
+
+def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, monkeypatch):
+    """Where the base's chunks are longer than a sample's run (a 70B base's case, made small: 66
+    chunks of 1024 entries, runs of 4 blocks of 37), the sample decodes only every 8th chunk of the
+    base, not most of them, and the one-pass selection still keeps the brute-force entries."""
+    from modelstore.format import chunks as chunk_io
+    from modelstore.format import codecs
+    pre, t, base, task = ties_model
+    _small_blocks(monkeypatch, 1 << 30)
+    monkeypatch.setattr(codecs, "CHUNK_ELEMENTS", 16)
+    monkeypatch.setattr(codecs, "MAX_CHUNKS", 128)
+    decoded: set[int] = set()
+    sampling = [False]
+    real_read, real_bracket = chunk_io.Chunks.read_into, sparse_delta.bracket
+
+    def read_into(self, start, stop, out):
+        if sampling[0]:
+            assert self.chunk == 1024
+            decoded.update(range(start // self.chunk, (stop - 1) // self.chunk + 1))
+        return real_read(self, start, stop, out)
+
+    def bracket(k, sample, total):
+        def watched():
+            sampling[0] = True
+            try:
+                yield from sample()
+            finally:
+                sampling[0] = False
+        return real_bracket(k, watched, total)
+
+    monkeypatch.setattr(chunk_io.Chunks, "read_into", read_into)
+    monkeypatch.setattr(sparse_delta, "bracket", bracket)
+    seen = _spy(monkeypatch, lambda r: r[1] is not None)
+    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+    assert seen == [True]
+    assert decoded and all(c % 8 == 0 for c in decoded) and len(decoded) >= 6, sorted(decoded)
+    names = list(base)
+    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
+    got = s.load("t")
+    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
+        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)

@@ -54,6 +54,11 @@ BLOCK_ELEMENTS = 1 << 20
 SAMPLE_EVERY, SAMPLED_FROM = 8, 64
 #: Blocks read one after another in a sample, at most (4 blocks: 8 MB of bf16 values).
 SAMPLE_RUN = 4
+#: A base array of at least this many chunks, longer than a run, is sampled chunk by chunk (bases of
+#: over 2**34 parameters, whose chunks grow past CHUNK_ELEMENTS): a chunk is decoded whole however
+#: little of it a run uses, so runs of every SAMPLE_EVERY-th 4M entries over 16M-entry chunks (70B)
+#: would decode every other chunk, and over 32M-entry ones every chunk.
+CHUNK_SAMPLED_FROM = 64
 #: Blocks between raisings of a one-pass selection's floor (topk.WindowCounts.floor).
 FLOOR_EVERY = 16
 
@@ -220,7 +225,8 @@ class _Deltas:
         """(name, flat offset, u) for each block of the tensors `names` (all by default), in order;
         with `every` > 1, of every `every`-th run of `sample_run` blocks only (a sample spread over
         the model, in runs long enough that reading them reads little else: a page fault of a
-        mapped checkpoint reads megabytes around it)."""
+        mapped checkpoint reads megabytes around it), or of every `every`-th chunk of the base
+        where its chunks are longer (`_sampled`)."""
         return read_ahead(self._blocks(names, every), depth=self.RING - 2)
 
     @property
@@ -238,9 +244,9 @@ class _Deltas:
             row = math.prod(shape[1:]) if shape else 1
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 j += 1
-                if (j // run) % every:
-                    continue
                 offset, size = r0 * row, (r1 - r0) * row
+                if every > 1 and not self._sampled(j, run, e["array"], e["start"] + offset, size, every):
+                    continue
                 with self._lock:
                     cached = self._cache.get((name, offset))
                     keep = cached is None and self._cached + size * 4 <= self._budget
@@ -262,6 +268,17 @@ class _Deltas:
                     with self._lock:
                         self._cache[(name, offset)] = u  # complete before another pass can see it
                 yield name, offset, u
+
+    def _sampled(self, j: int, run: int, array: str, start: int, size: int, every: int) -> bool:
+        """Whether a sample takes block `j`, of `size` elements at `start` of base array `array`:
+        one of every `every`-th run of `run` blocks, or, where the array's chunks are longer than
+        a run and it has at least CHUNK_SAMPLED_FROM of them (a sample still spread over the
+        model), one of every `every`-th chunk that does not end in the next chunk."""
+        chunk = self.base.chunk_len(array)
+        if chunk <= run * BLOCK_ELEMENTS or self.base.array_len(array) < CHUNK_SAMPLED_FROM * chunk:
+            return (j // run) % every == 0
+        first = start // chunk
+        return first % every == 0 and (start + size - 1) // chunk == first
 
     def at_least(self, lo: Callable[[], int], wide: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(name, positions, values, |u| bits) of the entries of each block whose |u| bits are at
