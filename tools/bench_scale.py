@@ -17,6 +17,7 @@ memory) next to a floor measured in the same run:
     python -m tools.bench_scale --params 1e9 --s3   # also a cold load from a moto S3 server on 127.0.0.1
     python -m tools.bench_scale --params 1e9 --base-codec none   # the base written uncompressed
     python -m tools.bench_scale --params 7e9 --cold   # every step starts with an empty page cache (root)
+    python -m tools.bench_scale --params 1e9 --tasks 3   # build merges three fine-tunes
 
 Files are deleted at the end (or kept with --keep-files).
 """
@@ -202,14 +203,14 @@ def safetensors_load(path: str) -> dict[str, Any]:
     return {"tensors": len(sd)}
 
 
-def build(store: str, pre: str, task: str, keep: float, base_codec: str) -> None:
+def build(store: str, pre: str, tasks: list[str], keep: float, base_codec: str) -> None:
     import modelstore
-    modelstore.build(store, pre, {"t0": task}, keep=keep, base_codec=base_codec)
+    modelstore.build(store, pre, {f"t{i}": t for i, t in enumerate(tasks)}, keep=keep, base_codec=base_codec)
 
 
 def add_task(store: str, task: str, keep: float) -> None:
     import modelstore
-    modelstore.add_task(store, "t1", task, keep=keep)
+    modelstore.add_task(store, "added", task, keep=keep)
 
 
 def load(store: str, task: str) -> None:
@@ -221,13 +222,13 @@ def load(store: str, task: str) -> None:
 def warm_load(store: str, task: str) -> dict[str, Any]:
     """Time a second load (base cached) against cloning the model, each from the same memory state:
     the load and the clone alternate, each freed before the other runs (the cost of fresh memory
-    on this machine depends on what was freed before it), three times; medians."""
+    on this machine depends on what was freed before it), five times; medians."""
     import modelstore
     s = modelstore.open(store, cache_base=True)
     s.load(task)  # the first load reads the base
     base = s.base(s.entry(task)["base"])
     warm, clone = [], []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         sd = s.load(task)
         warm.append(time.perf_counter() - t0)
@@ -236,7 +237,7 @@ def warm_load(store: str, task: str) -> dict[str, Any]:
         copy = {k: v.clone() for k, v in base.items()}
         clone.append(time.perf_counter() - t0)
         del copy
-    return {"warm_s": sorted(warm)[1], "clone_s": sorted(clone)[1]}
+    return {"warm_s": sorted(warm)[2], "clone_s": sorted(clone)[2]}
 
 
 def s3_download(opts: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -267,9 +268,9 @@ def s3_steps(store: str, ckpt: str, threads: int) -> dict[str, Any]:
         fs = s3fs.S3FileSystem(**opts)
         # whole objects (< 5 GB): moto's server loses parts of concurrent multipart uploads of GB files
         fs.put(ckpt, "models/ckpt", recursive=True, chunksize=5 << 30)
-        modelstore.open(store).sync_to("s3://models/store", tasks=["t1"], dst_options=opts)
+        modelstore.open(store).sync_to("s3://models/store", tasks=["added"], dst_options=opts)
         out = {"s3_download": fresh(s3_download, opts, "models/ckpt", threads=threads),
-               "s3_load": fresh(s3_load, opts, "s3://models/store", "t1", threads=threads)}
+               "s3_load": fresh(s3_load, opts, "s3://models/store", "added", threads=threads)}
     finally:
         server.stop()
     return out
@@ -279,6 +280,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=1e9)
     ap.add_argument("--keep", type=float, default=0.1)
+    ap.add_argument("--tasks", type=int, default=1, help="fine-tunes the build merges and stores")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--base-codec", choices=["lz4", "none"], default="lz4", help="how the store writes its base")
     ap.add_argument("--dir", default=None, help="where to write the checkpoints and stores")
@@ -291,25 +293,26 @@ def main() -> None:
     shapes = llama_shapes(a.params)
     n = sum(math.prod(s) for _, s in shapes)
     r: dict[str, Any] = {"params": n, "model_bytes": 2 * n, "threads": a.threads, "keep": a.keep,
-                         "base_codec": a.base_codec, "cold": a.cold}
+                         "tasks": a.tasks, "base_codec": a.base_codec, "cold": a.cold}
     log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
     try:
         t0 = time.perf_counter()
-        pre, t0p, t1p = (os.path.join(root, x) for x in ("pre", "task0", "task1"))
+        pre, t1p = os.path.join(root, "pre"), os.path.join(root, f"task{a.tasks}")
+        merged = [os.path.join(root, f"task{i}") for i in range(a.tasks)]
         write_sharded(pre, shapes, pretrained)
-        write_sharded(t0p, shapes, finetune(1))
-        write_sharded(t1p, shapes, finetune(2))
-        log(f"wrote 3 checkpoints of {n / 1e9:.2f}B bf16 parameters in {time.perf_counter() - t0:.0f} s")
+        for i, path in enumerate(merged + [t1p]):
+            write_sharded(path, shapes, finetune(i + 1))
+        log(f"wrote {a.tasks + 2} checkpoints of {n / 1e9:.2f}B bf16 parameters in {time.perf_counter() - t0:.0f} s")
         store = os.path.join(root, "store")
         steps: list[tuple[str, Callable[..., Any], tuple]] = [
-            ("read_floor_2", read_floor, (pre, t0p)),
-            ("build_1_task", build, (store, pre, t0p, a.keep, a.base_codec)),
+            ("read_floor_inputs", read_floor, (pre, *merged)),
+            ("build", build, (store, pre, merged, a.keep, a.base_codec)),
             ("read_floor_1", read_floor, (t1p,)),
             ("read_floor_add", read_floor_add, (store, t1p)),
             ("add_task", add_task, (store, t1p, a.keep)),
             ("safetensors_load", safetensors_load, (t1p,)),
-            ("load", load, (store, "t1")),
-            ("warm_load", warm_load, (store, "t1")),
+            ("load", load, (store, "added")),
+            ("warm_load", warm_load, (store, "added")),
         ]
         for name, fn, args in steps:
             if name == "warm_load" and 2 * r["model_bytes"] > 0.9 * mem_available():
@@ -324,11 +327,11 @@ def main() -> None:
             log(f"s3: download {r['s3_download']['s']:.1f} s, cold load {r['s3_load']['s']:.1f} s")
         # reading θt and θ*: θt and the stored base's files, or (faster where many small files are
         # slower to read than one large one) two checkpoints of the model's size: the same bytes
-        add_floor = min(r["read_floor_add"]["s"], r["read_floor_2"]["s"])
+        add_floor = min(r["read_floor_add"]["s"], 2 * r["read_floor_inputs"]["s"] / (a.tasks + 1))
         r["ratios"] = {
-            "build_vs_read_floor": r["build_1_task"]["s"] / r["read_floor_2"]["s"],
+            "build_vs_read_floor": r["build"]["s"] / r["read_floor_inputs"]["s"],
             # the goal: reading the inputs once, plus 3 x (reading θt and θ*) per task
-            "build_vs_goal": r["build_1_task"]["s"] / (r["read_floor_2"]["s"] + 3 * add_floor),
+            "build_vs_goal": r["build"]["s"] / (r["read_floor_inputs"]["s"] + 3 * a.tasks * add_floor),
             "add_task_vs_read_floor": r["add_task"]["s"] / add_floor,
             "add_task_vs_2x_theta_t": r["add_task"]["s"] / (2 * r["read_floor_1"]["s"]),
             "add_task_anon_GB": r["add_task"]["anon"] / 1e9,
