@@ -13,7 +13,6 @@ the streak is long, up to ADVISE_BYTES.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 #: Bytes read one after another before reading ahead starts (more than a sample's run).
 STREAK_BYTES = 16 << 20
@@ -23,19 +22,21 @@ ADVISE_BYTES = 64 << 20
 
 class Streak:
     """Read-ahead advice for one reader of one byte space (a file, or an array of chunk files):
-    call `read(start, stop)` before reading bytes [start, stop); `advise(start, stop)` is called
-    with the bytes to read ahead, each byte once: once the reads stream, those of the read about to
-    happen not yet asked for (a large read is then fetched with many requests in flight, not
-    faulted in piece by piece) and as many beyond it as the streak is long, up to ADVISE_BYTES."""
+    call `read(start, stop)` before reading bytes [start, stop); once the reads stream, it gives
+    the bytes to advise, each byte once: those of the read about to happen not yet asked for (a
+    large read is then fetched with many requests in flight, not faulted in piece by piece) and as
+    many beyond it as the streak is long, up to ADVISE_BYTES. It holds no reference to its reader
+    (a reader that held a callback holding the reader would live until the garbage collector
+    ran, with its buffers)."""
 
-    def __init__(self, advise: Callable[[int, int], None], end: int):
-        self._advise, self._end = advise, end
+    def __init__(self, end: int):
+        self._end = end
         self._to, self._length = -1, 0  # the end of the last range read; bytes read one after another up to it
         self._advised = 0  # bytes before this offset were advised
 
-    def read(self, start: int, stop: int) -> bool:
-        """Note a read of bytes [start, stop) about to happen; advise ahead of it if it streams.
-        Returns whether the read streams (its bytes are advised, now or before)."""
+    def read(self, start: int, stop: int) -> tuple[int, int] | None:
+        """Note a read of bytes [start, stop) about to happen. Returns None while the reads do not
+        stream, else the bytes to advise now (an empty range where they were advised before)."""
         if 0 <= self._to and start <= self._to:
             self._length += max(0, stop - self._to)
         else:
@@ -43,12 +44,10 @@ class Streak:
         self._to = max(self._to, stop)
         ahead = min(self._length - STREAK_BYTES, ADVISE_BYTES)
         if ahead <= 0:
-            return False
+            return None
         first, last = max(start, self._advised), min(stop + ahead, self._end)  # this read's own bytes too: at once
-        if first < last:
-            self._advise(first, last)
-            self._advised = last
-        return True
+        self._advised = max(self._advised, last)
+        return first, max(first, last)
 
 
 def advise_file(fd: int, start: int, stop: int) -> None:

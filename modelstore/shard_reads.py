@@ -31,7 +31,7 @@ class ShardReader:
         self._map = mmap.mmap(self._fd, size, flags=mmap.MAP_PRIVATE) if size else None  # writable views, never written
         if self._map is not None:
             self._map.madvise(mmap.MADV_RANDOM)
-        self._streak = Streak(self._advise, size)
+        self._streak = Streak(size)
 
     def _advise(self, start: int, stop: int) -> None:
         advise_file(self._fd, start, stop)
@@ -46,8 +46,9 @@ class ShardReader:
             return torch.empty((stop - start, *shape[1:]), dtype=dtype)
         first = offset + start * math.prod(shape[1:]) * dtype.itemsize
         last = first + count * dtype.itemsize
-        if not self._streak.read(first, last):
-            self._advise(first, last)  # what is read now, in the background and at once
+        advise = self._streak.read(first, last) or (first, last)  # not streaming: what is read now, at once
+        if advise[0] < advise[1]:
+            self._advise(*advise)
         return torch.frombuffer(self._map, dtype=dtype, count=count, offset=first).view(stop - start, *shape[1:])
 
     def __del__(self) -> None:

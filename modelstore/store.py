@@ -26,6 +26,7 @@ from .format.codecs import BASE_CODECS
 from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
 from .format.payload import PayloadFields, PayloadReader, PayloadWriter, Segments
 from .garbage import GcReport, collect, parse_duration
+from .heap import release_free_memory
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
 from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
 from .kinds.base import Edit, Replace
@@ -340,7 +341,8 @@ class Store:
         return PayloadWriter(rel, self.loc.create_group(rel))
 
     def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
-        """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted."""
+        """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted. Either
+        way, what the write freed goes back to the kernel (modelstore/heap.py)."""
         try:
             with self.loc.errors(f"write {out.path}"):
                 return fill(out)
@@ -348,6 +350,8 @@ class Store:
             out.abandon()
             self.loc.discard(out.path)
             raise
+        finally:
+            release_free_memory()
 
     def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
                    fields: Mapping[str, Any], files: Mapping[str, str] | None = None) -> BaseEntry:

@@ -75,7 +75,7 @@ class Chunks:
         self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
         self._advised = -1  # local chunk files up to this index are being read ahead by the kernel
-        self._streak = Streak(self._advise, int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
+        self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
                              shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
@@ -132,7 +132,9 @@ class Chunks:
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
         if self._root:
-            self._streak.read(first * self._chunk_bytes, (last + 1) * self._chunk_bytes)
+            ahead = self._streak.read(first * self._chunk_bytes, (last + 1) * self._chunk_bytes)
+            if ahead is not None and ahead[0] < ahead[1]:
+                self._advise(*ahead)
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
         parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
         pending: list[Future[None]] = []
