@@ -6,8 +6,8 @@ background with many requests in flight (a cold 13.9 GB checkpoint read in 2 MB 
 by page faults, 9.0 s with 64 MB advised ahead; a cold load spent 70% of its time faulting chunk
 files in one by one). A reader that skips, such as a sample's runs of a few megabytes, must not be
 read ahead: what it skips would be read for nothing. So a `Streak` watches the byte ranges a reader
-takes and advises only once more than STREAK_BYTES were read one after another, as far ahead as
-the streak is long, up to ADVISE_BYTES.
+takes and names bytes to advise only once more than STREAK_BYTES were read one after another, as
+far ahead as the streak is long, up to ADVISE_BYTES.
 """
 
 from __future__ import annotations

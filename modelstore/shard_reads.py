@@ -5,8 +5,8 @@ memory). Unlike a plain map, it tells the kernel what will be read: a page fault
 megabytes around it (the kernel's read-around, 8 MB here), so a sample of every eighth run of 8 MB
 of a cold 13.9 GB checkpoint read 10.6 GB of it, and a streaming read waited on the disk fault after
 fault (23.7 s). Here the map is advised MADV_RANDOM (no read-around), the rows asked for are advised
-WILLNEED before they are touched (read in the background, many requests in flight), and a `Streak`
-asks for the next 64 MB while the reader streams: the sample reads 1.75 GB, the stream 9 s.
+WILLNEED before they are touched (read in the background, many requests in flight), and while the
+reader streams, a `Streak` has the next 64 MB advised: the sample reads 1.75 GB, the stream 9 s.
 """
 
 from __future__ import annotations
