@@ -31,17 +31,18 @@ class Streak:
 
     def __init__(self, end: int):
         self._end = end
-        self._to, self._length = -1, 0  # the end of the last range read; bytes read one after another up to it
-        self._advised = 0  # bytes before this offset were advised
+        self._from, self._to, self._length = 0, -1, 0  # the last read's start; the streak's end and length
+        self._advised = 0  # bytes of this streak before this offset were advised
 
     def read(self, start: int, stop: int) -> tuple[int, int] | None:
         """Note a read of bytes [start, stop) about to happen. Returns None while the reads do not
         stream, else the bytes to advise now (an empty range where they were advised before)."""
-        if 0 <= self._to and start <= self._to:
+        if 0 <= self._to and self._from <= start <= self._to:  # continues the streak (reads may overlap)
             self._length += max(0, stop - self._to)
-        else:
-            self._length = stop - start
-        self._to = max(self._to, stop)
+            self._to = max(self._to, stop)
+        else:  # the first read, a skip ahead, or a new pass from further back: its pages may be gone since
+            self._length, self._to, self._advised = stop - start, stop, start
+        self._from = start
         ahead = min(self._length - STREAK_BYTES, ADVISE_BYTES)
         if ahead <= 0:
             return None

@@ -56,6 +56,17 @@ def test_a_stream_is_read_ahead_once_it_is_a_streak_each_byte_once(small_streaks
     assert covered == list(range(64, 10_000))  # every byte from there on once, none past the end
 
 
+def test_a_second_pass_from_the_start_is_read_ahead_again(small_streaks):
+    """A rewind starts a new streak: what the first pass advised may have left the page cache since
+    (a build reads a task's checkpoint to merge it, then again to store it)."""
+    s, calls = _streak(10_000)
+    for _ in range(2):
+        calls.clear()
+        for start in range(0, 10_000, 16):
+            s.read(start, start + 16)
+        assert [x for a, b in calls for x in range(a, b)] == list(range(64, 10_000))
+
+
 def test_reads_that_skip_ask_for_nothing(small_streaks):
     s, calls = _streak(100_000)
     for run in range(0, 100_000, 1024):  # 48 bytes of every 1024, as a sample reads
@@ -89,6 +100,14 @@ def test_streaming_chunk_reads_read_the_next_chunk_files_ahead(tmp_path, monkeyp
         assert (out == np.arange(i * 16, (i + 1) * 16)).all()
     assert calls and calls[0] == (64, 192)  # the second chunk makes the streak longer than 64 bytes
     assert calls[-1][1] == 40 * 64
+    advised: list[int] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, *a: (advised.append(os.fstat(fd).st_ino), real(fd, *a)))
+    for _ in range(2):  # a second pass from the start: every chunk file from the second on, once more
+        advised.clear()
+        for i in range(40):
+            c.read_into(i * 16, (i + 1) * 16, out)
+        assert len(advised) == len(set(advised)) == 39
 
 
 def test_chunk_reads_that_skip_ask_for_nothing(tmp_path, monkeypatch, small_streaks):
@@ -141,11 +160,13 @@ def test_streaming_shard_reads_read_ahead_and_samples_do_not(tmp_path, monkeypat
         assert torch.equal(ck.rows("w", r, r + 1), t[r:r + 1])
     assert calls == [(data + 64 * r, data + 64 * (r + 1)) for r in range(0, 256, 16)]
     calls.clear()
-    for r in range(256):
-        assert torch.equal(ck.rows("w", r, r + 1), t[r:r + 1])
-    covered = [x for a, b in calls for x in range(a, b)]
-    assert covered == list(range(data, os.path.getsize(path)))  # streaming: every byte once, ahead of its read
-    assert max(b - a for a, b in calls) > 64
+    for _ in range(2):  # the second pass, from the start, is advised again
+        calls.clear()
+        for r in range(256):
+            assert torch.equal(ck.rows("w", r, r + 1), t[r:r + 1])
+        covered = [x for a, b in calls for x in range(a, b)]
+        assert covered == list(range(data, os.path.getsize(path)))  # streaming: every byte once, ahead of its read
+        assert max(b - a for a, b in calls) > 64
 
 
 @pytest.mark.parametrize("offsets", [[0, "64"], [0, 64.0], [True, 64], [0, 65], [-64, 0]])

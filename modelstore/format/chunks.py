@@ -74,7 +74,6 @@ class Chunks:
         # local files are read one at a time into one buffer
         self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
-        self._advised = -1  # local chunk files up to this index are being read ahead by the kernel
         self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
@@ -163,11 +162,12 @@ class Chunks:
             f.result()
 
     def _advise(self, start: int, stop: int) -> None:
-        """Ask the kernel to read the local chunk files holding bytes [start, stop) of the array
-        into the page cache in the background (modelstore/readahead.py). A file that is missing
-        is left to the read that needs it."""
-        last = min((stop - 1) // self._chunk_bytes, -(-int(self.array.shape[0]) // self.chunk) - 1)
-        for index in range(max(start // self._chunk_bytes, self._advised + 1), last + 1):
+        """Ask the kernel to read the local chunk files that begin in bytes [start, stop) of the
+        array into the page cache in the background (modelstore/readahead.py: a streak's ranges
+        follow one another, so each file is advised once per streak). A file that is missing is
+        left to the read that needs it."""
+        stop_index = min(-(-stop // self._chunk_bytes), -(-int(self.array.shape[0]) // self.chunk))
+        for index in range(-(-start // self._chunk_bytes), stop_index):
             try:
                 fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
             except OSError:
@@ -176,7 +176,6 @@ class Chunks:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
-        self._advised = max(self._advised, last)
 
     def _decode_file(self, index: int, dest: np.ndarray) -> None:
         """A local compressed chunk read into this thread's buffer and decoded into `dest` (in the
