@@ -6,11 +6,7 @@ import numpy as np
 import pytest
 
 from modelstore import heap
-
-
-def _anon_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssAnon:"))
+from tools.bench_store import rss_anon
 
 
 @pytest.mark.skipif(heap._malloc_trim() is None, reason="glibc's malloc_trim only")
@@ -20,9 +16,9 @@ def test_free_memory_in_the_middle_of_the_heap_goes_back_to_the_kernel():
     bufs = [np.ones(96 << 10, np.uint8) for _ in range(2048)]
     kept = bufs[15::16]
     del bufs
-    before = _anon_bytes()
+    before = rss_anon()
     heap.release_free_memory()
-    assert before - _anon_bytes() > 100 << 20
+    assert before - rss_anon() > 100 << 20
     assert all(int(b[-1]) == 1 for b in kept)
 
 
