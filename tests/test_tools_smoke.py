@@ -82,3 +82,16 @@ def test_evaluate_refuses_a_state_dict_of_another_model() -> None:
     del state["encoder.layer.0.output.dense.weight"]
     with pytest.raises(ValueError, match="missing"):
         evaluate(state, "rt", limit=8)
+
+
+def test_bench_gpu_steps_on_the_cpu(tmp_path) -> None:
+    """tools.bench_gpu's steps on a tiny model: the store's load equals the CPU's and the checkpoint's size."""
+    from tools.bench_gpu import make_store, ratios, same_as_cpu, store_load, torch_load
+    made = make_store(str(tmp_path), [("a.weight", (64, 96)), ("b.weight", (32, 64)), ("n.weight", (96,))], 0.1, 1)
+    r = {"model_bytes": 2 * made["params"], "torch": torch_load(made["ckpt"], "cpu"),
+         "load": store_load(made["store"], "t", "cpu")}
+    assert made["params"] == 64 * 96 + 32 * 64 + 96
+    assert r["load"]["out_bytes"] == r["torch"]["out_bytes"] == r["model_bytes"]
+    assert same_as_cpu(made["store"], "t", "cpu")["n_differ"] == 0
+    got = ratios(r)
+    assert got["load_vs_torch"] > 0 and got["peak_vs_model"] is None and got["h2d_vs_model"] is None

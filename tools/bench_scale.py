@@ -36,7 +36,9 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -96,24 +98,37 @@ def write_sharded(path: str, shapes: list[tuple[str, tuple[int, ...]]],
         json.dump({"model_type": "llama", "hidden_size": D}, fh)
 
 
-def _seed(name: str, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((name, salt)) & 0x7FFFFFFF)
+def _fill_rows(out: torch.Tensor, name: str, salt: int,
+               fill: Callable[[torch.Tensor, torch.Generator], None]) -> torch.Tensor:
+    """`fill(block, generator)` over blocks of about 4M entries of `out` (whole rows), side by side in
+    threads, each with a generator seeded by (name, salt, block): torch's generators are sequential,
+    and a 7B model is billions of draws."""
+    rows = out.view(out.shape[0], -1) if out.dim() > 1 else out.view(1, -1)
+    step = max(1, (4 << 20) // max(1, rows.shape[1]))
+
+    def one(i: int) -> None:
+        fill(rows[i:i + step], torch.Generator().manual_seed(zlib.crc32(f"{name}/{salt}/{i}".encode())))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(0, rows.shape[0], step)))
+    return out
 
 
 def pretrained(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     if len(shape) == 1:
         return torch.ones(shape)
-    return torch.randn(shape, generator=_seed(name, 0)) * 0.02
+    return _fill_rows(torch.empty(shape), name, 0, lambda t, g: t.normal_(0.0, 0.02, generator=g))
 
 
 def finetune(salt: int) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
     """θ0 plus a dense small delta and 2% larger changes, like a real task vector."""
+    def fill(t: torch.Tensor, g: torch.Generator) -> None:
+        delta = torch.empty_like(t).normal_(0.0, 2e-4, generator=g)
+        delta[torch.empty_like(t).uniform_(generator=g) < 0.02] *= 20
+        t.add_(delta)
+
     def make(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        g = _seed(name, salt)
-        delta = torch.randn(shape, generator=g) * 2e-4
-        big = torch.rand(shape, generator=g) < 0.02
-        delta[big] *= 20
-        return pretrained(name, shape) + delta
+        return _fill_rows(pretrained(name, shape), name, salt, fill)
     return make
 
 
@@ -289,6 +304,8 @@ def main() -> None:
     ap.add_argument("--s3", action="store_true", help="also time a cold load from a local moto S3 server")
     ap.add_argument("--cold", action="store_true", help="empty the page cache before each step (needs root)")
     a = ap.parse_args()
+    if a.dir:
+        os.makedirs(a.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir)
     shapes = llama_shapes(a.params)
     n = sum(math.prod(s) for _, s in shapes)
@@ -346,13 +363,18 @@ def main() -> None:
     finally:
         if not a.keep_files:
             shutil.rmtree(root, ignore_errors=True)
-    if a.json:
+    report(r, a.json, f"{n / 1e9:.2f}B bf16 parameters ({2 * n / 1e9:.1f} GB), keep {a.keep}, {a.threads} threads, "
+           f"base codec {a.base_codec}{', page cache emptied before each step' if a.cold else ''}")
+
+
+def report(r: dict[str, Any], as_json: bool, title: str) -> None:
+    """The results as JSON, or a title line and each ratio (- where it was not measured)."""
+    if as_json:
         print(json.dumps(r, indent=2))
         return
-    print(f"{n / 1e9:.2f}B bf16 parameters ({2 * n / 1e9:.1f} GB), keep {a.keep}, {a.threads} threads, "
-          f"base codec {a.base_codec}{', page cache emptied before each step' if a.cold else ''}")
+    print(title)
     for k, v in r["ratios"].items():
-        print(f"  {k:28} {v:8.2f}")
+        print(f"  {k:28} {'-' if v is None else f'{v:8.2f}'}")
 
 
 if __name__ == "__main__":
