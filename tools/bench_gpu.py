@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from tools.bench_scale import finetune, fresh, llama_shapes, pretrained, report, write_sharded
+from tools.bench_scale import finetune, fresh, llama_shapes, load_shards, pretrained, report, write_sharded
 
 
 def start(device: torch.device) -> None:
@@ -76,20 +76,8 @@ def h2d_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 
 def torch_load(path: str, device: str) -> dict[str, Any]:
-    """The full checkpoint onto `device` by safetensors, shard by shard (on the CPU each tensor is
-    copied too: `load_file` maps the file, and a load returns a state dict in memory)."""
-    from safetensors.torch import load_file
-    dev = torch.device(device)
-    shards = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-
-    def run() -> dict[str, torch.Tensor]:
-        sd: dict[str, torch.Tensor] = {}
-        for f in shards:
-            part = load_file(f, device=str(dev))
-            sd.update({k: v.clone() for k, v in part.items()} if dev.type == "cpu" else part)
-        return sd
-
-    return _timed(run, dev)
+    """The full checkpoint onto `device` by safetensors, shard by shard (`bench_scale.load_shards`)."""
+    return _timed(lambda: load_shards(path, device), torch.device(device))
 
 
 def store_load(store: str, task: str, device: str) -> dict[str, Any]:

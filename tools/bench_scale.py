@@ -211,12 +211,19 @@ def read_floor_add(store: str, task: str) -> None:
 
 
 def safetensors_load(path: str) -> dict[str, Any]:
+    return {"tensors": len(load_shards(path, "cpu"))}
+
+
+def load_shards(path: str, device: str) -> dict[str, torch.Tensor]:
+    """Every shard of a checkpoint directory onto `device` by safetensors' `load_file` (on the CPU
+    each tensor is copied too: `load_file` maps the file, and a load returns a state dict in memory)."""
     from safetensors.torch import load_file
-    sd = {}
+    sd: dict[str, torch.Tensor] = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):
-            sd.update({k: v.clone() for k, v in load_file(os.path.join(path, f)).items()})
-    return {"tensors": len(sd)}
+            part = load_file(os.path.join(path, f), device=device)
+            sd.update({k: v.clone() for k, v in part.items()} if torch.device(device).type == "cpu" else part)
+    return sd
 
 
 def build(store: str, pre: str, tasks: list[str], keep: float, base_codec: str) -> None:
