@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -103,18 +106,21 @@ def ref_reconstruct(base: np.ndarray, u: np.ndarray, mask: np.ndarray, value_dty
 
 # ---- S3: moto's real S3 HTTP server on 127.0.0.1 ---------------------------------------------------
 
-def start_moto(port: int = 0):
-    """A moto S3 server on 127.0.0.1 with bucket "models"; returns (server, storage options)."""
+def start_moto(port: int = 0, bucket: str = "models"):
+    """A moto S3 server on 127.0.0.1 with `bucket`; returns (server, storage options). Quiet: moto
+    announces its start on stdout and logs every request, which would garble a tool's JSON."""
     import boto3
     from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    with contextlib.redirect_stdout(sys.stderr):
+        server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
                       region_name="us-east-1")
     try:
-        s3.create_bucket(Bucket="models")
+        s3.create_bucket(Bucket=bucket)
     except s3.exceptions.BucketAlreadyOwnedByYou:
         pass
     opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}

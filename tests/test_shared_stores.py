@@ -352,3 +352,15 @@ def test_a_lost_response_is_resolved_by_the_writer_id_and_transient_failures_are
     m = modelstore.open(url).manifest
     from modelstore.commits import WRITER_ID
     assert s.tasks() == ["alpha"] and m["generation"] == 2 and m["writer"]["id"] == WRITER_ID
+
+
+def test_bench_commit_json_is_only_json_and_loses_no_task() -> None:
+    """`python -m tools.bench_commit --json` on a local disk and moto's S3: stdout parses as JSON
+    (moto's start banner goes to stderr) and every contended writer's task is in the manifest."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "tools.bench_commit", "--commits", "2", "--tasks", "3",
+                          "--writers", "2", "--json"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["location"] for r in rows] == ["local", "s3 (moto, 127.0.0.1)"]
+    assert all(r["tasks_after_contention"] == r["tasks_expected"] for r in rows)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -127,19 +127,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         rows.append(bench("local", os.path.join(d, "store"), None, a))
     try:
-        import boto3
-        from moto.server import ThreadedMotoServer
+        import moto  # noqa: F401
+        import s3fs  # noqa: F401
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from conftest import start_moto
     except ImportError:
-        print("moto is not installed: S3 skipped (pip install 'moto[server]' s3fs)")
+        print("moto is not installed: S3 skipped (pip install 'moto[server]' s3fs)", file=sys.stderr)
     else:
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
-                     region_name="us-east-1").create_bucket(Bucket="bench")
-        opts = {"key": "k", "secret": "s", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+        server, opts = start_moto(bucket="bench")
         try:
             rows.append(bench("s3 (moto, 127.0.0.1)", "s3://bench/store", opts, a))
         finally:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import multiprocessing as mp
 import os
@@ -303,7 +302,6 @@ def s3_steps(store: str, ckpt: str, threads: int) -> dict[str, Any]:
     from conftest import start_moto
 
     import modelstore
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
     server, opts = start_moto()
     try:
         fs = s3fs.S3FileSystem(**opts)
