@@ -10,10 +10,12 @@ from . import stats
 from .api import add_lora_task, add_task, load, remove_task
 from .api import open_store as open  # noqa: A004
 from .build import build, init
+from .commits import UncertainCommit
 from .errors import (ConflictError, CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
                      SingleWriterWarning, StorageError, StoreNotFoundError, TaskExistsError, TaskNotFoundError)
 from .hf_models import load_model
 from .kinds import StoredAdapter
+from .lora import LoraError
 from .merging import merge
 from .store import Store
 from .transfer import SyncReport, sync
@@ -24,5 +26,5 @@ __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
     "Store", "StoredAdapter", "SyncReport",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
-    "TaskExistsError", "CorruptStoreError", "ConflictError", "StorageError", "SingleWriterWarning",
+    "TaskExistsError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit", "LoraError", "SingleWriterWarning",
 ]

@@ -24,9 +24,10 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Ma
         url: the store's location.
         mode: "r" to read, "a" to read and write (add_task, add_lora_task, remove, sync_to).
         storage_options: fsspec options of the location (endpoint_url, credentials...).
-        cache_base: keep each base on its device after the first load (True), never (False: each
+        cache_base: keep each base on its device from the first load (True), never (False: each
             load streams the base from storage into its output, needing the model's memory once),
-            or when it is at most $MODELSTORE_BASE_CACHE_BYTES, 4 GiB by default (None).
+            or from the second load on a base of at most $MODELSTORE_BASE_CACHE_BYTES, 4 GiB by
+            default (None: a one-shot load never holds the base beside its result).
 
     Raises:
         StoreNotFoundError: no store there. FormatVersionError: written by a newer modelstore.

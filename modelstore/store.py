@@ -38,17 +38,19 @@ from .transfer import SyncReport, sync
 from .units import parse_size
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
-#: Bases up to this size are kept on the device after the first load, so the next load reads only
-#: its task's arrays; larger ones are streamed from storage into each load's output, so a load
-#: needs about the model's memory once, not twice. `open(..., cache_base=True)` always keeps it.
+#: Bases up to this size are kept on the device from the second load of a task on that base, so
+#: later loads read only their task's arrays (a one-shot load streams it and never holds the base
+#: beside its result); larger ones are always streamed from storage into each load's output, so a
+#: load needs about the model's memory once, not twice. `open(..., cache_base=True)` keeps it from
+#: the first load, `cache_base=False` never.
 BASE_CACHE_BYTES = int(os.environ.get("MODELSTORE_BASE_CACHE_BYTES", 4 << 30))
 
 
 class Store:
     """An open store. Use `modelstore.open(url)` (read) or `modelstore.open(url, mode="a")` (read and write).
 
-    The base a task sits on is read once per device and kept, so loading a second task reads
-    only that task's arrays.
+    From the second load on a base (up to $MODELSTORE_BASE_CACHE_BYTES), the base is kept on its
+    device, so each further load reads only its task's arrays; a one-shot load streams it.
     """
 
     def __init__(self, url: str | os.PathLike[str], mode: str = "r",
@@ -69,6 +71,7 @@ class Store:
         else:
             self.manifest = self.loc.require_manifest()
         self._bases: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._streamed: set[tuple[str, str]] = set()  # (base, device) loads that streamed the base once
 
     @classmethod
     def create(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -231,11 +234,16 @@ class Store:
             raise CorruptStoreError(f"{self.url}: task {task!r}: {e}" if self.url not in str(e) else str(e)) from None
 
     def _cached_base(self, base_id: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-        """The base kept on `device`, reading it now if the cache policy keeps it, else None."""
+        """The base kept on `device`, reading it now if the cache policy keeps it, else None (the
+        caller streams it): by default a small base is kept from its second use on a device."""
         key = (base_id, str(device))
         if key not in self._bases:
-            size = self._base_entry(base_id).get("nbytes") or 0
-            if not (self.cache_base if self.cache_base is not None else size <= BASE_CACHE_BYTES):
+            if self.cache_base is None:
+                size = self._base_entry(base_id).get("nbytes") or 0
+                if size > BASE_CACHE_BYTES or key not in self._streamed:
+                    self._streamed.add(key)  # the next load on this base keeps it
+                    return None
+            elif not self.cache_base:
                 return None
         return self.base(base_id, device)
 

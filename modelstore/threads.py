@@ -10,6 +10,7 @@ thread, add-task of a 1.07B bf16 model on 2 cores takes 6.3 s instead of 7.9 s (
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -20,9 +21,11 @@ import torch
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Run the block with torch's intra-op parallelism at 1 thread (process-wide, as torch keeps
-    it), restored afterwards. Threads started inside the block take the setting too."""
+    it), restored afterwards. Threads started inside the block take the setting too.
+    `$MODELSTORE_KEEP_TORCH_THREADS=1` leaves torch's setting alone, for a process that runs other
+    torch work beside a write (slower writes on many cores)."""
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or os.environ.get("MODELSTORE_KEEP_TORCH_THREADS", "") not in ("", "0"):
         yield
         return
     torch.set_num_threads(1)

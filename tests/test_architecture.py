@@ -120,9 +120,24 @@ def test_typed_and_documented_public_surface():
         for p in sig.parameters.values():
             assert p.name == "self" or p.annotation is not inspect.Parameter.empty, \
                 f"{fn.__qualname__}({p.name}) has no type"
-    api = (PKG.parent / "docs" / "api.md").read_text()
+    api = (PKG.parent / "docs" / "python.md").read_text()
     for name in modelstore.__all__:
-        assert f"`{name}" in api or f"modelstore.{name}" in api, f"docs/api.md does not list {name}"
+        assert f"`{name}" in api or f"modelstore.{name}" in api, f"docs/python.md does not list {name}"
+
+
+def test_every_error_modelstore_raises_is_exported():
+    """A caller can catch any error modelstore raises on purpose by its public name."""
+    import importlib
+    import pkgutil
+    classes = set()
+    for info in pkgutil.walk_packages([str(PKG)], "modelstore."):
+        if info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        classes |= {c for _, c in inspect.getmembers(mod, inspect.isclass)
+                    if issubclass(c, modelstore.ModelStoreError) and c.__module__.startswith("modelstore")}
+    missing = sorted(c.__name__ for c in classes if getattr(modelstore, c.__name__, None) is not c)
+    assert not missing, f"errors not exported from modelstore: {missing}"
 
 
 def test_one_store_reads_and_writes(bert_models, store2, tmp_path):

@@ -33,6 +33,12 @@ def test_one_torch_thread_inside_and_restored_after(two_threads):
     assert torch.get_num_threads() == 2
 
 
+def test_the_thread_setting_can_be_left_alone(two_threads, monkeypatch):
+    monkeypatch.setenv("MODELSTORE_KEEP_TORCH_THREADS", "1")
+    with one_torch_thread():
+        assert torch.get_num_threads() == 2
+
+
 def test_add_task_reads_with_one_torch_thread_and_gives_threads_back(tmp_path, monkeypatch, two_threads):
     g = torch.Generator().manual_seed(0)
     pre = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
