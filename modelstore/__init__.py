@@ -6,6 +6,8 @@
 >>> modelstore.open("store").switch(model, "sst2")   # a resident model, in place, O(changed entries)
 """
 
+__version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
+
 from . import stats
 from .api import add_lora_task, add_task, load, remove_task
 from .api import open_store as open  # noqa: A004
@@ -20,7 +22,6 @@ from .merging import merge
 from .store import Store
 from .transfer import SyncReport, sync
 
-__version__ = "0.1.0"
 
 __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from . import __version__
 from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
 from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
@@ -90,7 +91,7 @@ def _emit(obj: Any) -> None:
 @click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for the store location (e.g. endpoint_url=...); JSON values allowed. "
                    "Also read as a JSON object from $MODELSTORE_STORAGE_OPTIONS.")
-@click.version_option(package_name="modelstore")
+@click.version_option(__version__, prog_name="modelstore")
 @click.pass_context
 @_errors
 def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:

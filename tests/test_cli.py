@@ -98,3 +98,12 @@ def test_console_script_piped_is_quiet(built):
     exe = os.path.join(os.path.dirname(sys.executable), "modelstore")
     p = subprocess.run([exe, "ls", str(built), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(p.stdout) and p.stderr == ""
+
+
+def test_version_is_the_package_version():
+    from click.testing import CliRunner
+
+    import modelstore
+    from modelstore.cli import main
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"modelstore, version {modelstore.__version__}"
