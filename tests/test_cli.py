@@ -83,15 +83,60 @@ def test_verify_json_and_threshold(built, bert_models):
     num = sum(float((got[k].double() - want[k].double()).square().sum()) for k in want)
     den = sum(float(want[k].double().square().sum()) for k in want)
     assert abs(r["rel_error"] - (num / den) ** 0.5) < 1e-9
-    r = run("verify", built, "alpha", "--original", t["alpha"], "--max-rel-error", "1e-9", code=1)
-    assert "FAILED" in r.output
+    r = run("verify", built, "alpha", "--original", t["alpha"], "--max-rel-error", "1e-9", code=3)
+    assert "FAILED" in r.output and "modelstore eval" in r.output
 
 
-def test_every_command_has_help():
+def test_every_command_has_help_and_json():
     from modelstore.cli import main
     assert set(main.commands) == {"build", "init", "add-task", "ls", "info", "rm", "export", "verify", "sync", "check", "gc", "eval"}
     for cmd in [[], *([c] for c in main.commands)]:
         assert "Usage:" in run(*cmd, "--help").output
+    for name, cmd in main.commands.items():
+        assert any("--json" in p.opts for p in cmd.params), f"{name} has no --json"
+
+
+def test_writes_report_what_they_wrote_as_json(bert_models, tmp_path):
+    import math
+
+    import modelstore
+    t = bert_models["tasks"]
+    url = tmp_path / "s"
+    built = json.loads(run("build", url, "--pretrained", bert_models["pre"], "--task", f"alpha={t['alpha']}",
+                           "--keep", "0.1", "--json").output)
+    s = modelstore.open(str(url))
+    assert built["generation"] == s.info()["generation"] and built["bytes"] == s.info()["bytes"]
+    [alpha] = built["tasks"]
+    params = sum(math.prod(v.shape) for v in bert_models["sds"]["alpha"].values())
+    assert alpha["task"] == "alpha" and alpha["kind"] == "fft" and alpha["params"] == params
+    assert alpha["bits_per_param"] == s.entry("alpha")["bytes"] * 8 / params
+    added = json.loads(run("add-task", url, "beta", t["beta"], "--value-dtype", "int4", "--json").output)
+    assert added["task"] == "beta" and added["generation"] == built["generation"] + 1
+    assert added["bytes"] == modelstore.open(str(url)).entry("beta")["bytes"] and added["bits_per_param"] < alpha["bits_per_param"]
+    out = json.loads(run("export", url, "beta", tmp_path / "x", "--json").output)
+    assert out["files"] == sorted(os.listdir(tmp_path / "x")) or set(out["files"]) <= set(os.listdir(tmp_path / "x"))
+    removed = json.loads(run("rm", url, "beta", "--json").output)
+    assert removed == {"task": "beta", "removed": True, "generation": added["generation"] + 1}
+    made = json.loads(run("init", tmp_path / "i", "--pretrained", bert_models["pre"], "--json").output)
+    assert made["bases"] == ["pretrained"] and made["generation"] == 1
+
+
+def test_exit_statuses_tell_errors_usage_and_findings_apart(built, bert_models, tmp_path):
+    run("ls", tmp_path / "nowhere", code=1)  # an error
+    run("ls", code=2)  # a malformed command line
+    run("add-task", built, "x", "--keep", "nope", code=2)
+    run("check", built, code=0)
+    chunk = next(p for p in (built / "tasks" / "alpha").rglob("c/*") if p.is_file())
+    chunk.write_bytes(b"\0" + chunk.read_bytes()[1:])
+    r = run("check", built, code=3)  # it ran and found damage
+    assert "DAMAGED" in r.output
+
+
+def test_quiet_prints_nothing_on_success(built, bert_models):
+    r = run("-q", "add-task", built, "gamma", bert_models["tasks"]["gamma"])
+    assert r.output == ""
+    r = run("-q", "rm", built, "nope", code=1)
+    assert r.output.startswith("Error:") and r.output.count("\n") == 1
 
 
 def test_console_script_piped_is_quiet(built):

@@ -164,7 +164,7 @@ def test_check_cli_reports_damage(pristine, tmp_path):
     entry = modelstore.open(url).entry("b")
     _flip(os.path.join(url, entry["path"], "values", "c", "0"))
     r = CliRunner().invoke(main, ["check", url])
-    assert r.exit_code == 1 and "DAMAGED  task 'b'" in r.output and "ok       task 'a'" in r.output
+    assert r.exit_code == 3 and "DAMAGED  task 'b'" in r.output and "ok       task 'a'" in r.output
 
 
 def test_sync_refuses_a_damaged_source_and_repairs_a_damaged_destination(pristine, tmp_path):
