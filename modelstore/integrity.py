@@ -45,12 +45,16 @@ def verify_payload(loc: Location, entry: PayloadFields, what: str, kind: TaskKin
     read_model_files(loc, entry, what)
 
 
-def write_model_files(loc: Location, payload: str, files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Copy local files (name -> path) into `<payload>/files/`; return their manifest records."""
+def write_model_files(loc: Location, payload: str, files: Mapping[str, str | bytes]) -> dict[str, dict[str, Any]]:
+    """Copy local files (name -> path, or name -> content) into `<payload>/files/`; return their
+    manifest records."""
     kept = {}
-    for name, path in sorted(files.items()):
-        with open(path, "rb") as fh:
-            data = fh.read()
+    for name, where in sorted(files.items()):
+        if isinstance(where, bytes):
+            data = where
+        else:
+            with open(where, "rb") as fh:
+                data = fh.read()
         with loc.open_write(f"{payload}/files/{name}") as out:
             out.write(data)
         kept[name] = {"sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -58,7 +62,8 @@ def write_model_files(loc: Location, payload: str, files: Mapping[str, str]) -> 
 
 
 def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict[str, bytes]:
-    """The files a base keeps beside its arrays (tokenizer, generation config), each checked.
+    """The files a base (tokenizer, generation config) or task (its config.json) keeps beside its
+    arrays, each checked.
 
     Raises:
         CorruptStoreError: a file is missing or fails its checksum.
