@@ -302,12 +302,13 @@ class Store:
         """Make `model` hold `task`'s weights in place, rewriting only the entries tasks change.
 
         The model (on any one device, float32/float16/bfloat16) then equals `load(task, dtype=its
-        dtype)` bit for bit. The switch puts back the entries the previous task changed (it kept
-        their old values: memory of the order of the entries tasks change, never a copy of the
-        model), rewrites the tensors whose base differs when `task` sits on another base, and
-        writes `task`'s changes. The first switch of a model (or of one moved or cast since) writes
-        the whole base first, like `load_into`, and so does the first switch after a `load_into`;
-        weights changed in place by other means are not noticed, so write them through the store.
+        dtype)` bit for bit, its tensors placed as `load_into` places them. The switch puts back the
+        entries the previous task changed (it kept their old values: memory of the order of the
+        entries tasks change, never a copy of the model), rewrites the tensors whose base differs
+        when `task` sits on another base, and writes `task`'s changes. The first switch of a model
+        (or of one moved or cast since) writes the whole base first, like `load_into`, and so does
+        the first switch after a `load_into`; weights changed in place by other means are not
+        noticed, so write them through the store.
 
         `resident` (bytes, or a size such as "2GB") keeps the writes of recently switched tasks on the
         model's device, most recently used first, within that budget (the model's own, across

@@ -150,15 +150,16 @@ def switch(model: torch.nn.Module, open_source: Callable[[torch.device], SwitchS
             _rewrite(target, state, source.task_key)
             return
         placement = target.fit(source.task, source.names(), strict, source.base_names())
+        held = {m: b for b, m in placement.base.items()}  # model tensor -> the base tensor it holds
         if state is not None:
             _restore(target, state)  # the model holds state.base again
         if state is None or state.base != source.base_key:
             forget(model)  # until the base is written whole: a failure part way leaves an unknown model
             _write_base(target, source, placement.base, compare=state is not None)
-            state = SwitchState(source.base_key, None, target.layout(), dict(_held(placement)), budget=resident)
+            state = SwitchState(source.base_key, None, target.layout(), held, budget=resident)
             model.__dict__[_ATTR] = state
         else:
-            todo = {b: m for m, b in _held(placement) if state.placed.get(m) != b}
+            todo = {b: m for m, b in held.items() if state.placed.get(m) != b}
             if todo:  # the task places the base where no task of this base did: write it there
                 state.resident.clear()  # their writes assumed the base as it was placed
                 _write_base(target, source, todo, compare=True)
@@ -188,11 +189,6 @@ def _rewrite(target: ModuleTensors, state: SwitchState, task: str) -> None:
         else:
             flat_view(dst, name).index_copy_(0, index, new)
     state.task = task
-
-
-def _held(placement: Placement) -> list[tuple[str, str]]:
-    """(model name, base name) of the model tensors that hold a base tensor under the task."""
-    return [(m, b) for b, m in placement.base.items()]
 
 
 def _write_base(target: ModuleTensors, source: SwitchSource, where: dict[str, str], compare: bool) -> None:

@@ -18,23 +18,11 @@ from safetensors.torch import load_file, save_file
 import modelstore
 from conftest import finetuned_copy, tiny_bert_config
 from modelstore.cli import main
+from test_eval import TEXTS, _tokenizer
 
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the mat sat", "a cat ran", "dog park cat mat the",
-         "in the park a dog sat on a mat", "cat", "the the the dog"]
 HELD_OUT = ["a mat ran in the cat", "park park dog", "on the dog a cat sat", "the in a", "mat", "dog ran on a park"]
 #: task -> its labels; sst and spam have the same head shape, so a model switches between them
 LABELS = {"sst": ["negative", "positive"], "spam": ["ham", "spam"], "nli": ["entail", "neutral", "contradict"]}
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import BertTokenizerFast
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(TEXTS * 5, trainers.WordPieceTrainer(vocab_size=60, special_tokens=[
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +32,7 @@ def clf(tmp_path_factory):
     original fine-tune directories (with the tokenizer, as a fine-tune ships)."""
     from transformers import BertForSequenceClassification, BertModel
     root = tmp_path_factory.mktemp("classifiers")
-    tok = _tokenizer()
+    tok = _tokenizer("bert")  # a WordPiece vocabulary trained here (offline), as test_eval makes it
     torch.manual_seed(0)
     cfg = tiny_bert_config(vocab_size=len(tok), architectures=["BertModel"])
     sd0 = {k: v.detach().clone() for k, v in BertModel(cfg).state_dict().items()}
@@ -57,14 +45,15 @@ def clf(tmp_path_factory):
     originals = {}
     for i, (name, labels) in enumerate(LABELS.items()):
         c = tiny_bert_config(vocab_size=len(tok), num_labels=len(labels), id2label=dict(enumerate(labels)),
-                             label2id={lab: j for j, lab in enumerate(labels)}, problem_type="single_label_classification")
+                             label2id={lab: j for j, lab in enumerate(labels)},
+                             problem_type="single_label_classification")
         m = BertForSequenceClassification(c)
         m.bert.load_state_dict(sd0)
         m.load_state_dict(finetuned_copy(m.state_dict(), seed=20 + i, scale=0.5))
         with torch.no_grad():  # a head that tells texts apart (an untrained one says the same for all)
             m.eval().classifier.weight.normal_(0, 20, generator=torch.Generator().manual_seed(i))
             pooled = m.bert(**tok(TEXTS, return_tensors="pt", padding=True)).pooler_output
-            m.classifier.bias.copy_(-m.classifier(pooled).mean(0) + m.classifier.bias)
+            m.classifier.bias.sub_(m.classifier(pooled).mean(0))
         m.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         originals[name] = str(root / name)
@@ -247,3 +236,34 @@ def test_one_bit_kinds_serve_classifiers(clf, kind, tmp_path):
     got = _pipeline_predictions(out)
     assert [p["label"] for p in got] == [m.config.id2label[int(i)] for i in predicted.indices]
     assert [p["score"] for p in got] == pytest.approx(predicted.values.tolist(), abs=1e-5)
+
+
+def test_a_switch_writes_the_base_where_an_earlier_task_left_it_out(clf, tmp_path):
+    """A task without the pooler (excluded from the store's selection) leaves a non-strict model's
+    pooler alone; the next task, whose pooler is the base's (frozen while fine-tuning: stored as
+    "the base's"), gets the base's pooler written first."""
+    from transformers import BertForSequenceClassification
+    base = load_file(os.path.join(clf["pre"], "model.safetensors"))
+    full = load_file(os.path.join(clf["originals"]["sst"], "model.safetensors"))
+    frozen, partial = str(tmp_path / "frozen.safetensors"), str(tmp_path / "no-pooler.safetensors")
+    save_file({**full, **{f"bert.{k}": v for k, v in base.items() if k.startswith("pooler.")}}, frozen)
+    save_file({k: v for k, v in full.items() if ".pooler." not in k}, partial)
+    url = str(tmp_path / "s")
+    modelstore.build(url, clf["pre"], {"frozen": frozen, "no-pooler": partial}, merge="none", exclude="pooler",
+                     keep=0.3)
+    store = modelstore.open(url)
+    assert {t["count"] for t in store.table("frozen") if ".pooler." in t["name"]} == {0}
+    fresh = modelstore.load_model(store, "frozen", BertForSequenceClassification)
+    model = BertForSequenceClassification(fresh.config).eval()
+    with pytest.raises(modelstore.InputError, match="does not fit this model: missing \\['bert.pooler"):
+        store.switch(model, "no-pooler")
+    pooler = model.bert.pooler.dense.weight.clone()
+    assert not torch.equal(pooler, fresh.bert.pooler.dense.weight)
+    for i, task in enumerate(("no-pooler", "frozen", "no-pooler", "frozen")):
+        store.switch(model, task, strict=False)
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in store.load(task).items() if k in got), task
+        if i == 0:
+            assert torch.equal(model.bert.pooler.dense.weight, pooler)  # not the task's: left alone
+        if task == "frozen":
+            _assert_same_tensors(model, fresh, task)
