@@ -8,6 +8,7 @@ the count and digest the manifest records (chunks are fetched and checked, not d
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -70,14 +71,20 @@ def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict
     """
     out = {}
     for name, info in sorted(entry.get("files", {}).items()):
+        rel = f"{entry['path']}/files/{name}"
+        staged = loc.hub.stage(rel) if loc.hub is not None else None  # written, not yet committed (a sync's copy)
         with loc.errors(f"read {name}"):
             try:
-                data = loc.fs.cat_file(loc.path(f"{entry['path']}/files/{name}"))
+                if staged is not None and os.path.isfile(staged):
+                    with open(staged, "rb") as fh:
+                        data = fh.read()
+                else:
+                    data = loc.fs.cat_file(loc.path(rel))
             except FileNotFoundError:
                 data = None
         if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CorruptStoreError(f"{loc.url}: {what}: model file {name!r} is "
-                                    f"{'missing' if data is None else 'damaged'}; restore the store or add the base again")
+                                    f"{'missing' if data is None else 'damaged'}; restore the store or add it again")
         out[name] = data
     return out
 
