@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import modelstore
 from conftest import finetuned_copy, tiny_bert_config
 from modelstore.cli import main
+from modelstore.export import export
 from test_eval import TEXTS, _tokenizer
 
 HELD_OUT = ["a mat ran in the cat", "park park dog", "on the dog a cat sat", "the in a", "mat", "dog ran on a park"]
@@ -229,7 +230,7 @@ def test_one_bit_kinds_serve_classifiers(clf, kind, tmp_path):
         store.switch(m, task)
         _assert_same_tensors(m, fresh[task], f"switch to {task}")
     out = str(tmp_path / "out")
-    modelstore.export(store, "one-bit", out)
+    export(store, "one-bit", out)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(out)
     predicted = _run(fresh["one-bit"], tok).softmax(-1).max(-1)
