@@ -188,6 +188,13 @@ def test_the_task_config_is_checked_and_travels(clf, tmp_path):
     os.remove(path)
     with pytest.raises(modelstore.CorruptStoreError, match="'config.json' is missing"):
         modelstore.open(url).task_config("nli")
+    bad = tmp_path / "bad"
+    shutil.copytree(clf["originals"]["sst"], bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(modelstore.InputError, match="config.json is not a JSON object") as e:
+        modelstore.open(url, mode="a").add_task("bad", str(bad))
+    assert "\n" not in str(e.value) and "bad" not in modelstore.open(url).tasks()
+    assert not os.path.exists(os.path.join(url, "tasks", "bad"))  # refused before anything was written
 
 
 def test_a_task_that_cannot_be_placed_is_a_one_line_error_and_writes_nothing(clf):
