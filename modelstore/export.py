@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from . import dtypes
 from .errors import InputError
+from .hf_models import placement, task_architecture
 from .kinds import KINDS
 from .store import Store
 from .units import parse_size
@@ -32,10 +33,13 @@ def export(store: Store, task: str, out: str | os.PathLike[str], fmt: str = "hf"
     """Write `task` into the new directory `out`; return the files written.
 
     `fmt="hf"` writes the full weights as safetensors, sharded past `max_shard_size` (with
-    model.safetensors.index.json, as `save_pretrained` writes them), in `dtype` if given, plus
-    config.json and the pre-trained model's tokenizer and generation files: a directory that
-    transformers' `from_pretrained(out)` and pipelines load. A kind's native format (e.g. "peft"
-    for LoRA tasks, which `PeftModel.from_pretrained` loads) writes the task without its base.
+    model.safetensors.index.json, as `save_pretrained` writes them), in `dtype` if given, plus the
+    task's config.json (the fine-tune's architecture and labels; its base's for tasks that keep
+    none) and the pre-trained model's tokenizer and generation files: a directory that
+    transformers' `from_pretrained(out)` and pipelines load. Buffers the task took from its base
+    that its architecture does not keep (transformers 5's position_ids) are left out, as
+    `save_pretrained` leaves them (with transformers installed). A kind's native format (e.g.
+    "peft" for LoRA tasks, which `PeftModel.from_pretrained` loads) writes the task without its base.
 
     Raises:
         InputError: `out` is not new and empty, the task's kind has no such format, or a bad
@@ -54,14 +58,27 @@ def export(store: Store, task: str, out: str | os.PathLike[str], fmt: str = "hf"
     _fresh(out)
     if fmt != "hf":
         return kind.export(fmt, store.load(task, merged=False), out)
+    config = store.task_config(task)
+    dropped = _unkept(store, task) if config else frozenset()
     os.makedirs(out, exist_ok=True)
-    files = _write_shards(store.tensors(task, dtype=want), out, limit, task)
-    base = store.entry(task)["base"]
-    config = store.manifest["bases"][base].get("config_json")
+    files = _write_shards(((n, t) for n, t in store.tensors(task, dtype=want) if n not in dropped), out, limit, task)
     if config:
         files.append(_write(out, "config.json", _config_for(config, want).encode()))
-    files += [_write(out, name, data) for name, data in store.model_files(base).items()]
+    files += [_write(out, name, data) for name, data in store.model_files(store.entry(task)["base"]).items()]
     return files
+
+
+def _unkept(store: Store, task: str) -> frozenset[str]:
+    """The task's tensors its architecture does not keep in a state dict (ModuleTensors.fit's
+    dropped buffers); none when transformers is missing or the task does not fit the class its
+    config names (then the export holds what the store holds, as exports always did)."""
+    try:
+        cls, config = task_architecture(store, task)
+        base = store.entry(task)["base"]
+        names = store.kind(task).output_names(store.table(task), store.stored_base(base).names())
+        return placement(task, names, cls, config).dropped
+    except InputError:
+        return frozenset()
 
 
 def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: str, limit: int, task: str) -> list[str]:

@@ -1,5 +1,7 @@
-"""A ready transformers model of a stored task: the architecture from the config.json its base
-keeps, the weights from the store. transformers is an optional dependency, imported here only."""
+"""A ready transformers model of a stored task: the architecture from the config.json the task keeps
+(its base's for tasks that keep none), the weights from the store, placed as every write of a task
+into a model places them (modules.ModuleTensors.fit). transformers is an optional dependency,
+imported here only."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from . import dtypes
 from .errors import InputError
+from .modules import ModuleTensors, Placement
 from .store import Store
 
 
@@ -18,13 +21,18 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise InputError("load_model needs transformers; install it with pip install 'modelstore[hf]'") from None
+        raise InputError("load_model needs transformers; install it with pip install 'peru-modelstore[hf]'") from None
     return transformers
 
 
 def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
-    """The class to build: `model_cls`, a transformers class name, or AutoModel's class for `config`."""
+    """The class to build: `model_cls`, a transformers class name, else the config's first
+    `architectures` entry (the class the task was fine-tuned as) when transformers has it, else
+    AutoModel's class for `config`."""
     if model_cls is None:
+        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+            return named
         cls = transformers.MODEL_MAPPING.get(type(config), None)
         if cls is None:
             raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
@@ -37,45 +45,77 @@ def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -
     return cls
 
 
-def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type | str | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto") -> torch.nn.Module:
-    """`task` as a transformers model in eval mode, built from the config.json its base keeps.
-
-    transformers' `from_pretrained` makes the model on the meta device and takes the task's
-    tensors, loaded on `device`, as its weights: they are allocated once. Buffers the store does
-    not hold are made as transformers makes them, and tied weights (lm_head and the input
-    embeddings) are tied.
-
-    >>> model = modelstore.load_model("store", "sst2", "BertForSequenceClassification", dtype="float16")
-
-    Args:
-        store: an open Store, or its URL.
-        task: the task's name.
-        model_cls: a transformers model class or its name; AutoModel's class for the config by default.
-        device: where the weights are made.
-        dtype: "auto" (or None) keeps the stored dtypes; a float dtype or its name casts them.
+def task_architecture(store: Store, task: str, model_cls: type | str | None = None) -> tuple[type, Any]:
+    """(model class, transformers config) of `task`, from the config.json it keeps (see the module).
 
     Raises:
-        InputError: transformers is missing, the base keeps no config.json, or the class does not
-            match the task's tensors.
+        InputError: transformers is missing, neither the task nor its base keeps a config.json, or
+            its model type or `model_cls` is unknown.
     """
     transformers = _transformers()
-    if not isinstance(store, Store):
-        store = Store(store)
-    config_json = store.manifest["bases"][store.entry(task)["base"]].get("config_json")
+    config_json = store.task_config(task)
     if not config_json:
-        raise InputError(f"the base of task {task!r} keeps no config.json (the store was built from a bare state "
-                         f"dict); build the model yourself and call store.load_into(model, {task!r})")
+        raise InputError(f"neither task {task!r} nor its base keeps a config.json (the store was built from bare "
+                         f"state dicts); build the model yourself and call store.load_into(model, {task!r})")
     fields = json.loads(config_json)
     model_type = fields.pop("model_type", None)
     try:
         config = transformers.AutoConfig.for_model(model_type, **fields)
     except ValueError:
-        raise InputError(f"the config.json of task {task!r}'s base has model_type {model_type!r}, which this "
+        raise InputError(f"the config.json of task {task!r} has model_type {model_type!r}, which this "
                          "transformers does not know; upgrade transformers") from None
-    cls = _model_class(transformers, model_cls, config)
+    return _model_class(transformers, model_cls, config), config
+
+
+def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:
+    """Where `task`'s tensors `names` go in a `cls` model of `config`, from one made on the meta
+    device (no memory: only its names are read).
+
+    Raises:
+        InputError: the task does not fit the class (ModuleTensors.fit).
+    """
+    try:
+        with torch.device("meta"):
+            probe = cls(config)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
+    return ModuleTensors(probe).fit(task, names, strict=True, model=cls.__name__,
+                                    hint="pass the model class it was fine-tuned as")
+
+
+def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type | str | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto") -> torch.nn.Module:
+    """`task` as a transformers model in eval mode, built from the config.json it keeps (the fine-tune's:
+    its architecture and labels), or its base's for tasks that keep none.
+
+    transformers' `from_pretrained` makes the model on the meta device and takes the task's
+    tensors, loaded on `device` and placed as `load_into` places them, as its weights: they are
+    allocated once. Buffers the store does not hold are made as transformers makes them, and
+    tied weights (lm_head and the input embeddings) are tied.
+
+    >>> model = modelstore.load_model("store", "sst2", dtype="float16")
+
+    Args:
+        store: an open Store, or its URL.
+        task: the task's name.
+        model_cls: a transformers model class or its name; by default the class the config's
+            `architectures` names (the one the task was fine-tuned as), else AutoModel's class.
+        device: where the weights are made.
+        dtype: "auto" (or None) keeps the stored dtypes; a float dtype or its name casts them.
+
+    Raises:
+        InputError: transformers is missing, neither the task nor its base keeps a config.json, or
+            the class does not match the task's tensors.
+    """
+    if not isinstance(store, Store):
+        store = Store(store)
+    cls, config = task_architecture(store, task, model_cls)
     want = dtypes.requested_dtype(dtype)
     sd = store.load(task, device=device, dtype=want)
+    placed = placement(task, list(sd), cls, config)
+    sd = {placed.model[n]: t for n, t in sd.items() if n in placed.model}
     floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
     init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
     try:
@@ -94,4 +134,4 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
     return model.eval()
 
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "task_architecture", "placement"]

@@ -8,6 +8,7 @@ the count and digest the manifest records (chunks are fetched and checked, not d
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,12 +46,16 @@ def verify_payload(loc: Location, entry: PayloadFields, what: str, kind: TaskKin
     read_model_files(loc, entry, what)
 
 
-def write_model_files(loc: Location, payload: str, files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Copy local files (name -> path) into `<payload>/files/`; return their manifest records."""
+def write_model_files(loc: Location, payload: str, files: Mapping[str, str | bytes]) -> dict[str, dict[str, Any]]:
+    """Copy local files (name -> path, or name -> content) into `<payload>/files/`; return their
+    manifest records."""
     kept = {}
-    for name, path in sorted(files.items()):
-        with open(path, "rb") as fh:
-            data = fh.read()
+    for name, where in sorted(files.items()):
+        if isinstance(where, bytes):
+            data = where
+        else:
+            with open(where, "rb") as fh:
+                data = fh.read()
         with loc.open_write(f"{payload}/files/{name}") as out:
             out.write(data)
         kept[name] = {"sha256": "sha256:" + hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -58,21 +63,28 @@ def write_model_files(loc: Location, payload: str, files: Mapping[str, str]) -> 
 
 
 def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict[str, bytes]:
-    """The files a base keeps beside its arrays (tokenizer, generation config), each checked.
+    """The files a base (tokenizer, generation config) or task (its config.json) keeps beside its
+    arrays, each checked.
 
     Raises:
         CorruptStoreError: a file is missing or fails its checksum.
     """
     out = {}
     for name, info in sorted(entry.get("files", {}).items()):
+        rel = f"{entry['path']}/files/{name}"
+        staged = loc.hub.stage(rel) if loc.hub is not None else None  # written, not yet committed (a sync's copy)
         with loc.errors(f"read {name}"):
             try:
-                data = loc.fs.cat_file(loc.path(f"{entry['path']}/files/{name}"))
+                if staged is not None and os.path.isfile(staged):
+                    with open(staged, "rb") as fh:
+                        data = fh.read()
+                else:
+                    data = loc.fs.cat_file(loc.path(rel))
             except FileNotFoundError:
                 data = None
         if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CorruptStoreError(f"{loc.url}: {what}: model file {name!r} is "
-                                    f"{'missing' if data is None else 'damaged'}; restore the store or add the base again")
+                                    f"{'missing' if data is None else 'damaged'}; restore the store or add it again")
         out[name] = data
     return out
 

@@ -31,8 +31,9 @@ class NameMatcher:
         return sorted(({stripped} & self.names) | set(self._by_tail.get(name, ())))
 
 
-def match_names(names: Iterable[str], base_names: Iterable[str], what: str) -> dict[str, str]:
-    """task name -> base name for every task tensor that matches one base tensor.
+def match_names(names: Iterable[str], base_names: Iterable[str], what: str, of: str = "base") -> dict[str, str]:
+    """task name -> base name for every task tensor that matches one base tensor (or the tensors of
+    what `of` names: a model's, when a task is written into one).
 
     Raises:
         ValueError: a name matches several base tensors, or two names match one (`what` names the
@@ -44,11 +45,11 @@ def match_names(names: Iterable[str], base_names: Iterable[str], what: str) -> d
     for n in names:
         found = matcher.candidates(n)
         if len(found) > 1:
-            raise ValueError(f"{what}: tensor {n!r} is ambiguous between base tensors {found}")
+            raise ValueError(f"{what}: tensor {n!r} is ambiguous between {of} tensors {found}")
         if not found:
             continue
         if found[0] in taken:
-            raise ValueError(f"{what}: tensors {taken[found[0]]!r} and {n!r} both match base tensor {found[0]!r}")
+            raise ValueError(f"{what}: tensors {taken[found[0]]!r} and {n!r} both match {of} tensor {found[0]!r}")
         out[n] = taken[found[0]] = found[0]
     return out
 

@@ -9,6 +9,7 @@ storage layer and the kinds.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,7 +31,7 @@ from .heap import release_free_memory
 from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
 from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
 from .kinds.base import Edit, Replace
-from .modules import ModuleTensors
+from .modules import ModuleTensors, Placement
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
 from .storage import Location
@@ -38,6 +39,8 @@ from .transfer import SyncReport, sync
 from .units import parse_size
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+#: The file a task keeps its fine-tune's config.json as (spec section 2), beside its payload.
+TASK_CONFIG = "config.json"
 #: Bases up to this size are kept on the device from the second load of a task on that base, so
 #: later loads read only their task's arrays (a one-shot load streams it and never holds the base
 #: beside its result); larger ones are always streamed from storage into each load's output, so a
@@ -271,23 +274,34 @@ class Store:
         return check_store(self.loc, self.loc.require_manifest())
 
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
-        """Copy `task`'s weights into `model` in place, on the model's device (strict by default).
+        """Copy `task`'s weights into `model` in place, on the model's device.
 
         Tensors are made and copied one at a time, so the model's memory is never needed twice.
-        Tied weights (one tensor under two names, like GPT-2's lm_head and wte) are written once,
-        and a tied name the store lacks is not missing.
+        Each task tensor goes to the model tensor of its name, or of its name with a first
+        component stripped or added (a `bert.…` classifier task into a `bert.…` model over a base
+        saved as `…`, as add-task matched them); a buffer the model does not keep in its state dict
+        (transformers 5's position_ids) is left to the model. Tied weights (one tensor under two
+        names, like GPT-2's lm_head and wte) are written once, and a tied name the store lacks is
+        not missing.
+
+        Args:
+            strict: also require every tensor of the model to get one (False leaves the model's
+                tensors the task lacks as they are).
 
         Raises:
-            InputError: the task's tensors do not fit the model.
+            InputError: a task tensor has no place in the model (nothing is written), or with
+                `strict` a model tensor gets none.
         """
         target = ModuleTensors(model)
         switching.forget(model)
         written: set[str] = set()
+        placed: list[Placement] = []  # set by the check, before the first tensor is made
         with torch.no_grad():
             for name, t in self._tensors(task, self.entry(task), target.device, None,
-                                         lambda names: target.check_fit(task, names, strict)):
-                dst = target.claim(task, name, t.shape, written)  # one tensor at a time
-                if dst is not None:
+                                         lambda names: placed.append(target.fit(task, names, strict))):
+                dst_name = placed[0].model_name(name)
+                dst = None if dst_name is None else target.claim(task, dst_name, t.shape, written)
+                if dst is not None:  # one tensor at a time
                     dst.copy_(t)
         return model
 
@@ -296,12 +310,13 @@ class Store:
         """Make `model` hold `task`'s weights in place, rewriting only the entries tasks change.
 
         The model (on any one device, float32/float16/bfloat16) then equals `load(task, dtype=its
-        dtype)` bit for bit. The switch puts back the entries the previous task changed (it kept
-        their old values: memory of the order of the entries tasks change, never a copy of the
-        model), rewrites the tensors whose base differs when `task` sits on another base, and
-        writes `task`'s changes. The first switch of a model (or of one moved or cast since) writes
-        the whole base first, like `load_into`, and so does the first switch after a `load_into`;
-        weights changed in place by other means are not noticed, so write them through the store.
+        dtype)` bit for bit, its tensors placed as `load_into` places them. The switch puts back the
+        entries the previous task changed (it kept their old values: memory of the order of the
+        entries tasks change, never a copy of the model), rewrites the tensors whose base differs
+        when `task` sits on another base, and writes `task`'s changes. The first switch of a model
+        (or of one moved or cast since) writes the whole base first, like `load_into`, and so does
+        the first switch after a `load_into`; weights changed in place by other means are not
+        noticed, so write them through the store.
 
         `resident` (bytes, or a size such as "2GB") keeps the writes of recently switched tasks on the
         model's device, most recently used first, within that budget (the model's own, across
@@ -420,6 +435,18 @@ class Store:
         """
         return read_model_files(self.loc, self._base_entry(base_id), f"base {base_id!r}")
 
+    def task_config(self, task: str) -> str | None:
+        """The text of the config.json `task` was fine-tuned with (its architecture, labels, problem
+        type), kept with it and checked; its base's for tasks that keep none (written before tasks
+        kept one, or from an input without one); None when neither has one.
+
+        Raises:
+            CorruptStoreError: the task's config.json is missing or fails its checksum.
+        """
+        entry = self.entry(task)
+        own = read_model_files(self.loc, entry, f"task {task!r}").get(TASK_CONFIG)
+        return own.decode() if own is not None else self._base_entry(entry["base"]).get("config_json")
+
     def write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
                    source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:
         """Write task `name` with task kind `kind` from its input `source`, and commit it.
@@ -461,9 +488,11 @@ class Store:
         base_entry = bases[base_id]
         stored = self.stored_base(base_id) if len(ids) == 1 else \
             WithOtherBases(self.stored_base(base_id), {b: self.stored_base(b) for b in ids[1:]})
+        config = task_config_file(source)  # checked before anything is written
         out = self._new_payload(task_dir(name))
         fields = self._written(out, lambda out: {
-            **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish()})
+            **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish(),
+            **({"files": write_model_files(self.loc, out.path, config)} if config else {})})
         entry: TaskEntry = {"kind": kind.name, "base": base_id, **({"bases": ids} if len(ids) > 1 else {}),
                             **fields, "source": dict(source_info)}  # type: ignore
 
@@ -676,6 +705,9 @@ class _SwitchSource:
     def base_dtype(self, name: str) -> torch.dtype | None:
         return self._dtypes.get(name)
 
+    def base_names(self) -> list[str]:
+        return list(self._dtypes)
+
     def base_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         base = _BaseTensors(self.store, self.base_id, self.device, fill_cache=False)
         for name in base.names():
@@ -696,6 +728,24 @@ class _SwitchSource:
         segments = self.payload.stream(self.device)
         yield from self.kind.edits(segments, self.payload.table, self.entry, self.device)
         segments.close()
+
+
+def task_config_file(source: Any) -> dict[str, bytes]:
+    """{TASK_CONFIG: its bytes} for an input with a config.json (a model directory), else {}.
+
+    Raises:
+        InputError: the config.json is not a JSON object.
+    """
+    text = getattr(source, "config_json", None)
+    if text is None:
+        return {}
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InputError(f"{source.path}: config.json is not a JSON object; fix it or give the weights alone")
+    return {TASK_CONFIG: text.encode()}
 
 
 def source_info(ck: Checkpoint) -> dict[str, str]:

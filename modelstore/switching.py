@@ -15,6 +15,11 @@ A model the switch does not know (never switched, or moved, cast or re-allocated
 tensors' memory changed) first gets its task's base written whole, like `load_into`. Weights
 changed in place by other means are not noticed: `Store.load_into` forgets the state, and the
 next switch writes the base again.
+
+Task tensors, and the base tensors they stand for, go where `ModuleTensors.fit` places them (a
+task saved as `bert.…` over a base saved as `…` writes the model's `bert.…`): the state records
+which base tensor each model tensor holds, and a task placing the base differently (rare: tasks
+saved under other prefixes) gets the differing tensors written first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Protocol
 import torch
 
 from .kinds.base import Edit
-from .modules import ModuleTensors, flat_view
+from .modules import ModuleTensors, Placement, flat_view
 
 _ATTR = "_modelstore_switch"
 
@@ -46,6 +51,10 @@ class SwitchSource(Protocol):
 
     def base_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of base tensor `name`, None if the base has no such tensor."""
+        ...
+
+    def base_names(self) -> list[str]:
+        """The names of the base's tensors."""
         ...
 
     def base_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,6 +78,8 @@ class SwitchState:
     base: str
     task: str | None
     layout: tuple
+    #: model tensor name -> the base tensor it holds (when no task is applied)
+    placed: dict[str, str] = field(default_factory=dict)
     #: tensor name -> (flat positions as int64, or None for the whole tensor; the values the task overwrote)
     saved: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
     #: task key -> its writes on this base, (name, positions or None, old values, new values) per
@@ -138,15 +149,22 @@ def switch(model: torch.nn.Module, open_source: Callable[[torch.device], SwitchS
             state.resident.move_to_end(source.task_key)
             _rewrite(target, state, source.task_key)
             return
-        target.check_fit(source.task, source.names(), strict)
+        placement = target.fit(source.task, source.names(), strict, source.base_names())
+        held = {m: b for b, m in placement.base.items()}  # model tensor -> the base tensor it holds
         if state is not None:
             _restore(target, state)  # the model holds state.base again
         if state is None or state.base != source.base_key:
             forget(model)  # until the base is written whole: a failure part way leaves an unknown model
-            _write_base(target, source, compare=state is not None)
-            state = SwitchState(source.base_key, None, target.layout(), budget=resident)
+            _write_base(target, source, placement.base, compare=state is not None)
+            state = SwitchState(source.base_key, None, target.layout(), held, budget=resident)
             model.__dict__[_ATTR] = state
-        _apply(target, source, state)
+        else:
+            todo = {b: m for m, b in held.items() if state.placed.get(m) != b}
+            if todo:  # the task places the base where no task of this base did: write it there
+                state.resident.clear()  # their writes assumed the base as it was placed
+                _write_base(target, source, todo, compare=True)
+                state.placed.update({m: b for b, m in todo.items()})
+        _apply(target, source, state, placement)
 
 
 def _restore(target: ModuleTensors, state: SwitchState) -> None:
@@ -173,23 +191,25 @@ def _rewrite(target: ModuleTensors, state: SwitchState, task: str) -> None:
     state.task = task
 
 
-def _write_base(target: ModuleTensors, source: SwitchSource, compare: bool) -> None:
-    """Copy the base into the model; with `compare`, only the tensors that differ from what it holds."""
+def _write_base(target: ModuleTensors, source: SwitchSource, where: dict[str, str], compare: bool) -> None:
+    """Copy the base tensors `where` names into the model tensors it maps them to; with `compare`,
+    only those that differ from what the model holds."""
     written: set[str] = set()
     for name, t in source.base_tensors():
-        dst = target.claim(source.task, name, t.shape, written)
+        dst = target.claim(source.task, where[name], t.shape, written) if name in where else None
         if dst is None or (compare and torch.equal(dst, t.to(dst.dtype))):
             continue
         dst.copy_(t)
 
 
-def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> None:
+def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState, placement: Placement) -> None:
     """Write the task's edits over the base, keeping what each overwrites in `state` first (so a
     failure part way still leaves a state the next switch can undo)."""
     written: set[str] = set()
     writes: list[Write] = []
     for e in source.edits():
-        dst = target.claim(source.task, e.name, e.shape, written)
+        name = placement.model_name(e.name)
+        dst = None if name is None else target.claim(source.task, name, e.shape, written)
         if dst is None or not e.count():
             continue
         exact = source.base_dtype(e.source) == dst.dtype  # then the model holds the base's own values
@@ -197,18 +217,18 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState) -> N
         if e.positions is None:
             old = dst.detach().clone()
             base = (old if exact else source.base_values(e.source, None)) if e.uses_base else None
-            state.saved[e.name] = (None, old)
+            state.saved[name] = (None, old)
             dst.copy_(e.values(base, dtype).view(dst.shape))
             if state.budget:
-                writes.append((e.name, None, old, dst.detach().clone()))
+                writes.append((name, None, old, dst.detach().clone()))
         else:
-            flat, index = flat_view(dst, e.name), e.index()
+            flat, index = flat_view(dst, name), e.index()
             old = torch.index_select(flat, 0, index)  # faster than flat[p] on CPU
             base = old if exact else source.base_values(e.source, index)
-            state.saved[e.name] = (index, old)
+            state.saved[name] = (index, old)
             e.write_at(flat, index, base, holds_base=exact)
             if state.budget:
-                writes.append((e.name, index, old, torch.index_select(flat, 0, index)))
+                writes.append((name, index, old, torch.index_select(flat, 0, index)))
     state.task = source.task_key
     if state.budget:
         state.keep(source.task_key, writes)

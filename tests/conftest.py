@@ -26,6 +26,14 @@ def tiny_bert_config(**kw):
     return BertConfig(**cfg)
 
 
+def flip_byte(path: str) -> None:
+    """Damage a file as a bad disk would: flip one bit of its middle byte."""
+    blob = bytearray(open(path, "rb").read())
+    if blob:
+        blob[len(blob) // 2] ^= 0x01
+        open(path, "wb").write(bytes(blob))
+
+
 def finetuned_copy(sd0: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
     """A fake fine-tune: dense small noise plus a few large changes, like real task vectors."""
     g = torch.Generator().manual_seed(seed)

@@ -15,9 +15,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import modelstore
-from conftest import np_f32, ref_topk_global
+from conftest import flip_byte, np_f32, ref_topk_global
 from modelstore.cli import main
-from test_corruption import _flip
 
 
 # ---- reading a task's arrays with zarr alone (spec sections 3-5, 7) ------------------------------
@@ -351,7 +350,7 @@ def test_damaged_payloads_are_detected(bert_models, tmp_path, kind, options, arr
     url = str(tmp_path / "s")
     modelstore.build(url, bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]}, kind=kind,
                      kind_options=options)
-    _flip(os.path.join(url, modelstore.open(url).entry("alpha")["path"], array, "c", "0"))
+    flip_byte(os.path.join(url, modelstore.open(url).entry("alpha")["path"], array, "c", "0"))
     with pytest.raises(modelstore.CorruptStoreError, match=f"array '{array}'") as e:
         modelstore.open(url).load("alpha")
     assert "\n" not in str(e.value)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import modelstore
+from conftest import flip_byte
 
 V1 = Path(__file__).parent / "data" / "v1" / "store"
 
@@ -49,19 +50,12 @@ def _files(url: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), url) for d, _, fs in os.walk(url) for f in fs)
 
 
-def _flip(path: str) -> None:
-    blob = bytearray(open(path, "rb").read())
-    if blob:
-        blob[len(blob) // 2] ^= 0x01
-        open(path, "wb").write(bytes(blob))
-
-
 def _truncate(path: str) -> None:
     blob = open(path, "rb").read()
     open(path, "wb").write(blob[: len(blob) // 2])
 
 
-DAMAGE = {"flip": _flip, "truncate": _truncate, "delete": os.remove}
+DAMAGE = {"flip": flip_byte, "truncate": _truncate, "delete": os.remove}
 
 
 def _judge(url: str, want: dict, case: str) -> str:
@@ -162,7 +156,7 @@ def test_check_cli_reports_damage(pristine, tmp_path):
     r = CliRunner().invoke(main, ["check", url, "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["ok"]
     entry = modelstore.open(url).entry("b")
-    _flip(os.path.join(url, entry["path"], "values", "c", "0"))
+    flip_byte(os.path.join(url, entry["path"], "values", "c", "0"))
     r = CliRunner().invoke(main, ["check", url])
     assert r.exit_code == 3 and "DAMAGED  task 'b'" in r.output and "ok       task 'a'" in r.output
 
@@ -172,12 +166,12 @@ def test_sync_refuses_a_damaged_source_and_repairs_a_damaged_destination(pristin
     shutil.copytree(pristine[0], src)
     modelstore.sync(src, dst)
     b = modelstore.open(dst).entry("b")
-    _flip(os.path.join(dst, b["path"], "values", "c", "0"))
+    flip_byte(os.path.join(dst, b["path"], "values", "c", "0"))
     report = modelstore.sync(src, dst)
     assert report.repaired == ["b"] and report.copied == ["b"] and sorted(report.up_to_date) == ["a", "bf", "l"]
     assert _equal(_snapshot(dst), pristine[1])
     a = modelstore.open(src).entry("a")
-    _flip(os.path.join(src, a["path"], "values", "c", "0"))
+    flip_byte(os.path.join(src, a["path"], "values", "c", "0"))
     fresh = str(tmp_path / "fresh")
     with pytest.raises(modelstore.CorruptStoreError, match=f"{src}.*task 'a'"):
         modelstore.sync(src, fresh)

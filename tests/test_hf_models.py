@@ -53,10 +53,12 @@ def test_tied_gpt2_generates_as_the_original_through_every_route(gpt2_store):
 
 
 def test_load_model_dtypes_and_class_names(gpt2_store):
-    from transformers import GPT2Model
+    from transformers import GPT2LMHeadModel, GPT2Model
     store = modelstore.open(gpt2_store["url"])
-    plain = modelstore.load_model(gpt2_store["url"], "ft")  # AutoModel's class for the config
-    assert type(plain) is GPT2Model and plain.wte.weight.dtype == torch.float32
+    plain = modelstore.load_model(gpt2_store["url"], "ft")  # the class the task's config.json names
+    assert type(plain) is GPT2LMHeadModel and plain.transformer.wte.weight.dtype == torch.float32
+    bare = modelstore.load_model(store, "ft", GPT2Model)  # its transformer.… tensors, placed as wte.…
+    assert torch.equal(bare.wte.weight, store.load("ft")["transformer.wte.weight"])
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("auto", torch.float32)):
         m = modelstore.load_model(store, "ft", "GPT2LMHeadModel", dtype=name)
         assert {p.dtype for p in m.parameters()} == {dtype} and _tied(m)
@@ -67,7 +69,8 @@ def test_load_model_dtypes_and_class_names(gpt2_store):
 def test_load_model_errors_are_one_line(gpt2_store, bert_models, tmp_path):
     from transformers import BertModel, GPT2ForSequenceClassification
     store = modelstore.open(gpt2_store["url"])
-    cases = [(BertModel, "cannot be built"), (GPT2ForSequenceClassification, "does not match.*missing.*score"),
+    cases = [(BertModel, "cannot be built"),
+             (GPT2ForSequenceClassification, "does not fit GPT2ForSequenceClassification.*missing.*score"),
              ("NoSuchModel", "model_cls must be"), (dict, "model_cls must be")]
     for cls, msg in cases:
         with pytest.raises(modelstore.InputError, match=msg) as e:
@@ -76,8 +79,9 @@ def test_load_model_errors_are_one_line(gpt2_store, bert_models, tmp_path):
     with pytest.raises(modelstore.InputError, match="floating dtype"):
         modelstore.load_model(store, "ft", dtype="int8")
     from safetensors.torch import save_file
-    bare = str(tmp_path / "pre.safetensors")
+    bare, task = str(tmp_path / "pre.safetensors"), str(tmp_path / "a.safetensors")
     save_file({k: v.contiguous() for k, v in bert_models["sd0"].items()}, bare)
-    s = modelstore.build(str(tmp_path / "s"), bare, {"a": bert_models["tasks"]["alpha"]}, merge="none")
-    with pytest.raises(modelstore.InputError, match="keeps no config.json.*load_into"):
+    save_file({k: v.contiguous() for k, v in bert_models["sds"]["alpha"].items()}, task)
+    s = modelstore.build(str(tmp_path / "s"), bare, {"a": task}, merge="none")
+    with pytest.raises(modelstore.InputError, match="nor its base keeps a config.json.*load_into"):
         modelstore.load_model(s, "a")

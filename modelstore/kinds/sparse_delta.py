@@ -562,7 +562,9 @@ class SparseDelta(TaskKind):
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
                 continue
-            gaps = segments.get("indices", s, c, p["index_dtype"])
+            # a count-0 entry (the base's tensor) may record start 0 after slices already read: nothing to read
+            gaps = segments.get("indices", s, c, p["index_dtype"]) if c else torch.empty(0, dtype=torch.int32,
+                                                                                        device=device)
             size = math.prod(shape)
             if size < 1 << 31:  # int32 positions: half the memory while the edit is held; `index` widens them
                 # a gap past the tensor (damage) wraps negative here or ends past it: both are caught below
