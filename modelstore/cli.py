@@ -86,7 +86,25 @@ def _emit(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Command(click.Command):
+    """A command whose unknown options are one line. Task names start with a letter or digit
+    (format/paths.py), so `-x` where a task name goes is an unknown option, and says so."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            takes_task = any(isinstance(p, click.Argument) and p.name in ("name", "task") for p in self.params)
+            hint = "; task names start with a letter or digit" if takes_task else ""
+            raise click.UsageError(f"no such option {e.option_name!r}{hint}; `{ctx.command_path} --help` "
+                                   "lists the options") from None  # no context: the message alone, one line
+
+
+class _Group(_Command, click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-o", "--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
               help="fsspec option for the store location (e.g. endpoint_url=...); JSON values allowed. "
                    "Also read as a JSON object from $MODELSTORE_STORAGE_OPTIONS.")
