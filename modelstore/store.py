@@ -112,8 +112,7 @@ class Store:
 
     def table(self, task: str) -> list[TableEntry]:
         """The tensor table of `task` (spec section 3), checked against the manifest's digest."""
-        return self._reading_task(task,
-                             lambda e: self._payload(e, f"task {task!r}", get_kind(e["kind"])).table)
+        return self._reading_task(task, lambda e: self._payload(e, f"task {task!r}", get_kind(e["kind"])).table)
 
     def kind(self, task: str) -> TaskKind:
         """The task kind that wrote `task` (modelstore.kinds)."""
@@ -257,8 +256,8 @@ class Store:
         self.entry(task)  # a missing task is reported here, not at the first tensor
 
         def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            yield from self._reading_task(task,
-                                     lambda e: _started(self._tensors(task, e, device, want)))
+            yield from self._reading_task(task, lambda e: _started(self._tensors(task, e, device, want)))
+
         return stream()
 
     def _tensors(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,

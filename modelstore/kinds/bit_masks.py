@@ -34,7 +34,7 @@ def _bytes_of(shape: tuple[int, ...] | list[int]) -> int:
 
 def base_name(t: TableEntry) -> str:
     """The name of the base tensor table entry `t` reads (a task saved under a head's prefix names it)."""
-    return t.get("base") or t["name"]
+    return str(t.get("base") or t["name"])
 
 
 class BitMaskKind(TaskKind):
@@ -77,12 +77,11 @@ class BitMaskKind(TaskKind):
               options: Any, progress: bool) -> dict[str, Any]:
         full_bytes = source.nbytes()
         given = fine_tune_input(task, source, base, base_entry)  # as fft: names matched, buffers, heads
-        source, entry = given.source, given.entry
-        steps = [(n, "bits" if kind == "sparse" and self.masked(source.shape(n)) else kind) for n, kind in given.steps]
-        bits_w = out.declare(BITS, "uint8", sum(_bytes_of(source.shape(n)) for n, kind in steps if kind == "bits"))
-        out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps
-                                    if kind not in ("bits", "base")))
-        srcs, state = [source, *self.sources(base)], self.start(options)
+        src, entry = given.source, given.entry
+        steps = [(n, "bits" if kind == "sparse" and self.masked(src.shape(n)) else kind) for n, kind in given.steps]
+        bits_w = out.declare(BITS, "uint8", sum(_bytes_of(src.shape(n)) for n, kind in steps if kind == "bits"))
+        out.declare_dense("dense", ((src.shape(n), src.dtype(n)) for n, kind in steps if kind not in ("bits", "base")))
+        srcs, state = [src, *self.sources(base)], self.start(options)
         kept = total = stored_whole = 0
         for n, kind in bar(steps, f"task {task}", progress):
             if kind == "base":  # a buffer the task lacks: the base's
@@ -90,9 +89,9 @@ class BitMaskKind(TaskKind):
                               start=0, count=0))
                 continue
             if kind != "bits":
-                stored_whole += store_whole_or_same(out, task, n, source, base, entry)
+                stored_whole += store_whole_or_same(out, task, n, src, base, entry)
                 continue
-            shape, packer, start = source.shape(n), BitPacker(), bits_w.position
+            shape, packer, start = src.shape(n), BitPacker(), bits_w.position
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 rows = [read_rows(s, n, r0, r1).to(torch.float32).reshape(-1) for s in srcs]
                 check_finite(rows[0], f"task {task!r} tensor {n!r}")
@@ -101,7 +100,7 @@ class BitMaskKind(TaskKind):
                 bits_w.append(packer.add(b))
             bits_w.append(packer.end())
             total += math.prod(shape)
-            out.add(entry(n, kind="bits", shape=list(shape), dtype=dtypes.dtype_name(source.dtype(n)), array=BITS,
+            out.add(entry(n, kind="bits", shape=list(shape), dtype=dtypes.dtype_name(src.dtype(n)), array=BITS,
                           start=start, count=_bytes_of(shape), **self.end_tensor(state)))
         return {"method": self.name, "params": self.params(options, state), "kept": kept, "total": total,
                 "dense_tensors": stored_whole, "full_bytes": full_bytes}
