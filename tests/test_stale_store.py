@@ -126,3 +126,31 @@ def test_damage_is_still_reported_as_damage(url):
         s.load("alpha")
     with pytest.raises(modelstore.CorruptStoreError):
         dict(s.tensors("alpha"))
+
+
+def test_reads_while_another_process_keeps_replacing_the_task(bert_models, url):
+    """A payload may vanish between a read's manifest read and its payload read (the replacing
+    writer deletes it on publish): the read follows the new manifest, and every result is one of
+    the two versions whole, never a damaged-store error or a mix."""
+    t = bert_models["tasks"]
+    versions = []
+    for path in (t["gamma"], t["alpha"]):
+        modelstore.open(url, mode="a").add_task("alpha", path, overwrite=True, keep=0.3)
+        versions.append(modelstore.open(url).load("alpha"))
+    code = (f"import modelstore\ns = modelstore.open({url!r}, mode='a')\n"
+            f"for i in range(12):\n"
+            f"    s.add_task('alpha', [{t['gamma']!r}, {t['alpha']!r}][i % 2], overwrite=True, keep=0.3)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    s, m, seen = modelstore.open(url), model(), set()
+    try:
+        while writer.poll() is None:
+            got = s.load("alpha")
+            seen.add(next(i for i, v in enumerate(versions) if same(got, v)))
+            s.switch(m, "alpha")
+            held = bert(m.state_dict())
+            assert any(all(torch.equal(held[k], v[k]) for k in v) for v in versions)
+    finally:
+        _, err = writer.communicate(timeout=300)
+    assert writer.returncode == 0, err
+    assert seen  # (which versions a run sees depends on timing)
+    assert same(s.load("alpha"), versions[1])
