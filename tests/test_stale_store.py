@@ -5,6 +5,7 @@ gives the task as it is now, bit for bit what a fresh Store loads, or TaskNotFou
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,15 +105,20 @@ def test_a_store_rebuilt_by_another_process_is_read_anew(bert_models, url, tmp_p
     s = modelstore.open(url, cache_base=True)
     s.load("alpha")
     old_base = s.base("merged")
+    assert "vocab.txt" not in s.model_files("merged")
     t = bert_models["tasks"]
+    pre = str(tmp_path / "pre")
+    shutil.copytree(bert_models["pre"], pre)
+    with open(os.path.join(pre, "vocab.txt"), "w") as fh:
+        fh.write("[PAD]\n[UNK]\nhello\n")
     subprocess.run(["rm", "-r", url], check=True)
-    cli("build", url, "--pretrained", bert_models["pre"], "--task", f"alpha={t['gamma']}", "--task",
-        f"beta={t['beta']}", "--keep", "0.3")
+    cli("build", url, "--pretrained", pre, "--task", f"alpha={t['gamma']}", "--task", f"beta={t['beta']}",
+        "--keep", "0.3")
     fresh = modelstore.open(url)
     assert not same(fresh.base("merged"), old_base)
     assert same(s.base("merged"), fresh.base("merged"))
     assert same(s.load("alpha"), fresh.load("alpha"))
-    assert s.model_files("merged") == fresh.model_files("merged")
+    assert s.model_files("merged") == {"vocab.txt": b"[PAD]\n[UNK]\nhello\n"}
 
 
 def test_damage_is_still_reported_as_damage(url):
