@@ -37,21 +37,6 @@ EXIT_FOUND = 3  # check, verify or eval ran and found damage or a miss
 EXIT_INTERRUPTED = 130
 
 
-class _Commands(click.Group):
-    """The command group: every command's modelstore errors become one line on stderr and an
-    exit status, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except ModelStoreError as e:
-            click.echo(f"Error: {e}", err=True)
-            ctx.exit(EXIT_ERROR)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing partial was committed; earlier tasks are intact.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
-
-
 def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     click.echo(f"Warning: {message}", err=True)
 
@@ -114,6 +99,37 @@ def _written(s: Store, task: str) -> dict[str, Any]:
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
+
+
+class _Command(click.Command):
+    """A command whose unknown options are one line. Task names start with a letter or digit
+    (format/paths.py), so `-x` where a task name goes is an unknown option, and says so."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            takes_task = any(isinstance(p, click.Argument) and p.name in ("name", "task") for p in self.params)
+            hint = "; task names start with a letter or digit" if takes_task else ""
+            raise click.UsageError(f"no such option {e.option_name!r}{hint}; `{ctx.command_path} --help` "
+                                   "lists the options") from None  # no context: the message alone, one line
+
+
+class _Commands(_Command, click.Group):
+    """The command group: every command's modelstore errors become one line on stderr and an
+    exit status, never a traceback."""
+
+    command_class = _Command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModelStoreError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing partial was committed; earlier tasks are intact.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})

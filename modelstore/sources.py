@@ -259,11 +259,34 @@ def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dty
                 or not isinstance(offsets, list) or len(offsets) != 2 \
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
             raise InputError(f"{path}: tensor {name!r} has no valid shape or data offsets; the file is malformed")
-        if offsets[1] - offsets[0] != math.prod(shape) * dt.itemsize or offsets[0] < 0 or offsets[1] > data:
-            raise InputError(f"{path}: tensor {name!r} lies past the end of the file or does not fit its shape; "
-                             "the file is truncated or malformed, write it again")
+        if offsets[1] - offsets[0] != math.prod(shape) * dt.itemsize:
+            raise InputError(f"{path}: tensor {name!r} has data offsets {offsets}, not the "
+                             f"{math.prod(shape) * dt.itemsize} bytes its shape {shape} of {info['dtype']} takes; "
+                             "the file is malformed, write it again")
+        if offsets[0] < 0 or offsets[1] > data:
+            raise InputError(f"{path}: tensor {name!r} (data offsets {offsets}) lies outside the {data}-byte data "
+                             "section; the file is truncated or malformed, write it again")
         out[name] = (tuple(shape), dt, 8 + n + offsets[0])
+    _check_tiling(path, {name: (o - 8 - n, math.prod(s) * d.itemsize) for name, (s, d, o) in out.items()}, data)
     return out
+
+
+def _check_tiling(path: str, spans: Mapping[str, tuple[int, int]], data: int) -> None:
+    """Refuse tensors whose bytes overlap, or data bytes no tensor owns: the format lays tensors end
+    to end over the whole data section (the safetensors library refuses anything else), and a reader
+    of offsets trusting an overlap would hand two tensors the same bytes."""
+    end, last = 0, None
+    for name, (start, size) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if start < end:
+            raise InputError(f"{path}: tensors {last!r} and {name!r} overlap (data bytes [{start}, {end})); "
+                             "the file is malformed, write it again")
+        if start > end:
+            raise InputError(f"{path}: data bytes [{end}, {start}) before tensor {name!r} belong to no tensor; "
+                             "the file is malformed, write it again")
+        end, last = start + size, name
+    if end != data:
+        raise InputError(f"{path}: the last {data - end} bytes of the data section belong to no tensor; "
+                         "the file is malformed, write it again")
 
 
 def _shards(index_path: str) -> list[str]:

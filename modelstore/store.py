@@ -14,7 +14,8 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Any, Literal, overload
+from itertools import chain
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
@@ -39,6 +40,8 @@ from .transfer import SyncReport, sync
 from .units import parse_size
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+Read = TypeVar("Read")
+Entry = TypeVar("Entry", TaskEntry, BaseEntry)
 #: The file a task keeps its fine-tune's config.json as (spec section 2), beside its payload.
 TASK_CONFIG = "config.json"
 #: Bases up to this size are kept on the device from the second load of a task on that base, so
@@ -73,8 +76,10 @@ class Store:
             self.manifest: Manifest = new_manifest()
         else:
             self.manifest = self.loc.require_manifest()
-        self._bases: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-        self._streamed: set[tuple[str, str]] = set()  # (base, device) loads that streamed the base once
+        #: (base id, payload path, device) -> the base kept on that device
+        self._bases: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+        #: (base id, payload path, device) of bases streamed once: the next load keeps them
+        self._streamed: set[tuple[str, str, str]] = set()
 
     @classmethod
     def create(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -87,35 +92,48 @@ class Store:
 
     # -- listing ---------------------------------------------------------------
     def tasks(self) -> list[str]:
-        """Names of the committed tasks, sorted."""
+        """Names of the committed tasks now (the manifest is read again), sorted."""
+        self._refresh()
         return sorted(self.manifest["tasks"])
 
     def entry(self, task: str) -> TaskEntry:
-        """The manifest entry of `task`.
+        """The manifest entry of `task`, as last read (by `tasks` or a read of the task's tensors);
+        a task not in it is looked for again in the current manifest before it is reported missing.
 
         Raises:
             TaskNotFoundError: the store has no such task.
         """
+        if task not in self.manifest["tasks"]:
+            self._refresh()
+        return self._task_entry(task)
+
+    def _task_entry(self, task: str, before: Manifest | None = None) -> TaskEntry:
+        """`task`'s entry in the manifest; `before`, the manifest as read before, tells a task
+        another writer removed meanwhile from one never there."""
         try:
             return self.manifest["tasks"][task]
         except KeyError:
+            if before is not None and task in before["tasks"]:
+                raise TaskNotFoundError(f"{self.url}: task {task!r} was removed by another writer") from None
             raise TaskNotFoundError(f"{self.url} has no task {task!r}; `modelstore ls {self.url}` lists them") from None
 
     def table(self, task: str) -> list[TableEntry]:
         """The tensor table of `task` (spec section 3), checked against the manifest's digest."""
-        return self._payload(self.entry(task), f"task {task!r}", self.kind(task)).table
+        return self._reading_task(task, lambda e: self._payload(e, f"task {task!r}", get_kind(e["kind"])).table)
 
     def kind(self, task: str) -> TaskKind:
         """The task kind that wrote `task` (modelstore.kinds)."""
         return get_kind(self.entry(task)["kind"])
 
     def info(self, task: str | None = None) -> dict[str, Any]:
-        """Summary of the store, or of one task (method, parameters, kept count, bytes on disk)."""
+        """Summary of the store now (the manifest is read again), or of one task as `entry` gives it
+        (method, parameters, kept count, bytes on disk)."""
         if task is not None:
             e: dict[str, Any] = dict(self.entry(task))
             e["name"] = task
             e["ratio"] = e["bytes"] / e["full_bytes"] if e.get("full_bytes") else None
             return e
+        self._refresh()
         bases = {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in self.manifest["bases"].items()}
         task_bytes = sum(e["bytes"] for e in self.manifest["tasks"].values())
         base_bytes = sum(b["bytes"] for b in self.manifest["bases"].values())
@@ -130,6 +148,33 @@ class Store:
     def _payload(self, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> PayloadReader:
         return payload_reader(self.loc, entry, what, kind)
 
+    def _reading_task(self, task: str, read: Callable[[TaskEntry], Read]) -> Read:
+        """`_reading` of task `task`."""
+        return self._reading(lambda before: self._task_entry(task, before), read)
+
+    def _reading(self, find: Callable[[Manifest], Entry], read: Callable[[Entry], Read]) -> Read:
+        """`read(entry)` of the entry `find` picks from the store's manifest as it is now (`find`
+        gets the one read before), for a Store that lives while other processes write: the
+        manifest is read again first, and once more if the payload vanished meanwhile (another
+        writer replaced or removed it between the two reads). So a read never serves a replaced
+        payload, and never calls a store damaged that is only newer than this object.
+
+        Raises:
+            TaskNotFoundError: no such task in the current manifest.
+            CorruptStoreError: the payload the current manifest lists is damaged or missing.
+        """
+        before = self.manifest
+        self._refresh()
+        entry = find(before)
+        try:
+            return read(entry)
+        except CorruptStoreError:
+            before = self.manifest
+            self._refresh()
+            if find(before)["path"] == entry["path"]:
+                raise
+        return read(find(before))
+
     def _base_entry(self, base_id: str) -> BaseEntry:
         b = self.manifest["bases"].get(base_id)
         if b is None:
@@ -141,15 +186,26 @@ class Store:
         return self._payload(self._base_entry(base_id), f"base {base_id!r}")
 
     def base(self, base_id: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """The base tensors (stored dtypes) on `device`, read once per open store and device."""
+        """The base tensors (stored dtypes) on `device`, read once per open store, device and
+        payload (a base another writer replaced is read again)."""
         device = torch.device(device)
-        key = (base_id, str(device))
+        return self._reading(lambda before: self._base_entry(base_id), lambda e: self._base(base_id, e, device))
+
+    def _base(self, base_id: str, entry: BaseEntry, device: torch.device) -> dict[str, torch.Tensor]:
+        key = (base_id, entry["path"], str(device))
         if key not in self._bases:
-            payload = self.stored_base(base_id)
+            payload = self._payload(entry, f"base {base_id!r}")
             arrays = payload.read_arrays(device)
-            self._bases[key] = {e["name"]: dtypes.logical_view(arrays[e["array"]][e["start"]:e["start"] + e["count"]],
-                                                                e["dtype"]).view(e["shape"]) for e in payload.table}
+            tensors = {e["name"]: dtypes.logical_view(arrays[e["array"]][e["start"]:e["start"] + e["count"]],
+                                                      e["dtype"]).view(e["shape"]) for e in payload.table}
+            for k in [k for k in self._bases if k[0] == base_id and k[2] == key[2]]:  # a replaced payload's
+                del self._bases[k]
+            self._bases[key] = tensors
         return self._bases[key]
+
+    def _kept_base(self, base_id: str, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The base kept on `device` if it is the manifest's payload, else None (reads nothing)."""
+        return self._bases.get((base_id, self._base_entry(base_id)["path"], str(device)))
 
     @overload
     def load(self, task: str, device: str | torch.device = ..., dtype: torch.dtype | str | None = ...,
@@ -178,19 +234,7 @@ class Store:
         """
         dtype = dtypes.requested_dtype(dtype)
         device = torch.device(device)
-        entry = self.entry(task)
-        try:
-            return self._load(task, entry, device, dtype, merged)
-        except CorruptStoreError:
-            # another writer may have replaced or removed the task since this store was opened
-            fresh = self.loc.read_manifest()
-            moved = fresh is not None and fresh["tasks"].get(task, {}).get("path") != entry["path"]
-            if not moved:
-                raise
-            self.manifest = fresh
-            if task not in fresh["tasks"]:
-                raise TaskNotFoundError(f"{self.url}: task {task!r} was removed by another writer") from None
-            return self._load(task, self.entry(task), device, dtype, merged)
+        return self._reading_task(task, lambda e: self._load(task, e, device, dtype, merged))
 
     def _load(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
               merged: bool) -> dict[str, torch.Tensor] | StoredAdapter:
@@ -209,12 +253,19 @@ class Store:
     def tensors(self, task: str, device: str | torch.device = "cpu",
                 dtype: torch.dtype | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """`task`'s full weights one tensor at a time (what `load` collects), so a caller writing
-        them out (export) or copying them into a model never holds the model twice.
+        them out (export) or copying them into a model never holds the model twice. The task is
+        the one the store holds when the first tensor is asked for.
 
         Raises:
             TaskNotFoundError, CorruptStoreError, InputError: as `load`.
         """
-        return self._tensors(task, self.entry(task), torch.device(device), dtypes.requested_dtype(dtype))
+        device, want = torch.device(device), dtypes.requested_dtype(dtype)
+        self.entry(task)  # a missing task is reported here, not at the first tensor
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            yield from self._reading_task(task, lambda e: _started(self._tensors(task, e, device, want)))
+
+        return stream()
 
     def _tensors(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
                  check: Callable[[list[str]], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -239,16 +290,16 @@ class Store:
     def _cached_base(self, base_id: str, device: torch.device) -> dict[str, torch.Tensor] | None:
         """The base kept on `device`, reading it now if the cache policy keeps it, else None (the
         caller streams it): by default a small base is kept from its second use on a device."""
-        key = (base_id, str(device))
-        if key not in self._bases:
+        entry = self._base_entry(base_id)
+        if self._kept_base(base_id, device) is None:
             if self.cache_base is None:
-                size = self._base_entry(base_id).get("nbytes") or 0
-                if size > BASE_CACHE_BYTES or key not in self._streamed:
+                key = (base_id, entry["path"], str(device))
+                if (entry.get("nbytes") or 0) > BASE_CACHE_BYTES or key not in self._streamed:
                     self._streamed.add(key)  # the next load on this base keeps it
                     return None
             elif not self.cache_base:
                 return None
-        return self.base(base_id, device)
+        return self._base(base_id, entry, device)
 
     def collect_garbage(self, grace: str | float = "1h", dry_run: bool = False) -> GcReport:
         """Remove payload directories no manifest references (left by writers killed before their
@@ -294,15 +345,19 @@ class Store:
         """
         target = ModuleTensors(model)
         switching.forget(model)
-        written: set[str] = set()
-        placed: list[Placement] = []  # set by the check, before the first tensor is made
-        with torch.no_grad():
-            for name, t in self._tensors(task, self.entry(task), target.device, None,
-                                         lambda names: placed.append(target.fit(task, names, strict))):
-                dst_name = placed[0].model_name(name)
-                dst = None if dst_name is None else target.claim(task, dst_name, t.shape, written)
-                if dst is not None:  # one tensor at a time
-                    dst.copy_(t)
+
+        def copy(entry: TaskEntry) -> None:
+            written: set[str] = set()
+            placed: list[Placement] = []  # set by the check, before the first tensor is made
+            with torch.no_grad():
+                for name, t in self._tensors(task, entry, target.device, None,
+                                             lambda names: placed.append(target.fit(task, names, strict))):
+                    dst_name = placed[0].model_name(name)
+                    dst = None if dst_name is None else target.claim(task, dst_name, t.shape, written)
+                    if dst is not None:  # one tensor at a time
+                        dst.copy_(t)
+
+        self._reading_task(task, copy)
         return model
 
     def switch(self, model: torch.nn.Module, task: str, strict: bool = True,
@@ -336,7 +391,9 @@ class Store:
             budget = parse_size(resident)
         except ValueError as e:
             raise InputError(f"resident: {e}") from None
-        switching.switch(model, lambda device: _SwitchSource(self, task, device), strict, budget)
+        # the source names the task by its current payload, so no switch state serves a replaced one
+        self._reading_task(task, lambda e: switching.switch(
+            model, lambda device: _SwitchSource(self, task, e, device), strict, budget))
         return model
 
     # -- writing ---------------------------------------------------------------
@@ -433,7 +490,8 @@ class Store:
         Raises:
             CorruptStoreError: a file is missing or fails its checksum.
         """
-        return read_model_files(self.loc, self._base_entry(base_id), f"base {base_id!r}")
+        return self._reading(lambda before: self._base_entry(base_id),
+                             lambda e: read_model_files(self.loc, e, f"base {base_id!r}"))
 
     def task_config(self, task: str) -> str | None:
         """The text of the config.json `task` was fine-tuned with (its architecture, labels, problem
@@ -443,9 +501,11 @@ class Store:
         Raises:
             CorruptStoreError: the task's config.json is missing or fails its checksum.
         """
-        entry = self.entry(task)
-        own = read_model_files(self.loc, entry, f"task {task!r}").get(TASK_CONFIG)
-        return own.decode() if own is not None else self._base_entry(entry["base"]).get("config_json")
+        def read(entry: TaskEntry) -> str | None:
+            own = read_model_files(self.loc, entry, f"task {task!r}").get(TASK_CONFIG)
+            return own.decode() if own is not None else self._base_entry(entry["base"]).get("config_json")
+
+        return self._reading_task(task, read)
 
     def write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
                    source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:
@@ -607,7 +667,8 @@ class Store:
         self._commit(change)
 
     def _refresh(self) -> None:
-        """Re-read the manifest before a write (other writers may have committed since it was opened)."""
+        """Re-read the manifest: other writers may have committed since it was read (before a write,
+        and before a read of tensors: `_reading`)."""
         if self.manifest["bases"]:  # else a new store whose first commit is still to come
             self.manifest = self.loc.require_manifest()
 
@@ -635,7 +696,7 @@ class _BaseTensors:
 
     def __init__(self, store: Store, base_id: str, device: torch.device, fill_cache: bool = True):
         self.others: dict[str, _BaseTensors] = {}
-        self._cached = store._cached_base(base_id, device) if fill_cache else store._bases.get((base_id, str(device)))
+        self._cached = store._cached_base(base_id, device) if fill_cache else store._kept_base(base_id, device)
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
@@ -679,9 +740,8 @@ class _SwitchSource:
     """Task `task` of `store` as a switch reads it (switching.SwitchSource), on `device`. Its
     storage is opened on first use: a switch to a resident task reads nothing."""
 
-    def __init__(self, store: Store, task: str, device: torch.device):
-        self.store, self.task, self.device = store, task, device
-        self.entry = store.entry(task)
+    def __init__(self, store: Store, task: str, entry: TaskEntry, device: torch.device):
+        self.store, self.task, self.device, self.entry = store, task, device, entry
         self.kind = get_kind(self.entry["kind"])
         self.base_id = self.entry["base"]
         self.base_key = f"{store.url}#{store._base_entry(self.base_id)['path']}"
@@ -746,6 +806,12 @@ def task_config_file(source: Any) -> dict[str, bytes]:
     if not ok:
         raise InputError(f"{source.path}: config.json is not a JSON object; fix it or give the weights alone")
     return {TASK_CONFIG: text.encode()}
+
+
+def _started(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` with its first item made now (so a read that fails opening its payload fails here)."""
+    first = next(tensors, None)
+    return iter(()) if first is None else chain([first], tensors)
 
 
 def source_info(ck: Checkpoint) -> dict[str, str]:

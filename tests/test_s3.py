@@ -76,8 +76,9 @@ def test_loading_a_task_takes_few_requests(s3, bert_models):
         log.removeHandler(handler)
         log.setLevel(old)
     assert len(sd) > 30
-    # task group + (metadata + one chunk) for indices and for values
-    assert len(second) <= 5, second
+    # the manifest read again (HEAD + GET: reads follow other writers), task group + (metadata + one
+    # chunk) for indices and for values
+    assert len(second) <= 7, second
 
 
 def test_sync_local_to_s3_and_back(s3, bert_models, tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from .base import BaseTensors
-from .bit_masks import BitMaskKind
+from .bit_masks import BitMaskKind, base_name
 
 
 class BitDelta(BitMaskKind):
@@ -55,7 +55,7 @@ class BitDelta(BitMaskKind):
     def rebuild(self, bits: torch.Tensor, base: BaseTensors, t: TableEntry, params: dict[str, Any]) -> torch.Tensor:
         """float32(θ_base) + (scale where the bit is set, else −scale), in float32."""
         s = torch.tensor(float(t.get("scale", 0.0)), dtype=torch.float32)
-        b = base.fresh(t["name"]).reshape(-1).to(torch.float32)
+        b = base.fresh(base_name(t)).reshape(-1).to(torch.float32)
         return b + torch.where(bits, s, -s)
 
 

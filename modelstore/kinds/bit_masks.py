@@ -20,17 +20,21 @@ from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadWriter, Segments
 from ..packing import BitPacker, unpack_bits
 from ..progress import bar
-from ..selection import recorded_selector
 from ..sources import Checkpoint, TensorSource, read_rows, row_blocks
 from ..units import human_bytes, percent
 from .base import BaseTensors, TaskKind
-from .sparse_delta import BLOCK_ELEMENTS, check_finite, plan, store_whole_or_same
+from .sparse_delta import BLOCK_ELEMENTS, check_finite, fine_tune_input, store_whole_or_same
 
 BITS = "bits.uint8"
 
 
 def _bytes_of(shape: tuple[int, ...] | list[int]) -> int:
     return -(-math.prod(shape) // 8)
+
+
+def base_name(t: TableEntry) -> str:
+    """The name of the base tensor table entry `t` reads (a task saved under a head's prefix names it)."""
+    return str(t.get("base") or t["name"])
 
 
 class BitMaskKind(TaskKind):
@@ -71,22 +75,23 @@ class BitMaskKind(TaskKind):
     # -- shared -------------------------------------------------------------------
     def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
               options: Any, progress: bool) -> dict[str, Any]:
-        selected = recorded_selector(base_entry.get("selection"))
-        steps = [(n, "bits" if kind == "sparse" and self.masked(source.shape(n)) else kind)
-                 for n, kind in plan(task, base, source, selected)]
-        bits_w = out.declare(BITS, "uint8", sum(_bytes_of(source.shape(n)) for n, kind in steps if kind == "bits"))
-        out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind != "bits"))
-        srcs, state = [source, *self.sources(base)], self.start(options)
+        full_bytes = source.nbytes()
+        given = fine_tune_input(task, source, base, base_entry)  # as fft: names matched, buffers, heads
+        src, entry = given.source, given.entry
+        steps = [(n, "bits" if kind == "sparse" and self.masked(src.shape(n)) else kind) for n, kind in given.steps]
+        bits_w = out.declare(BITS, "uint8", sum(_bytes_of(src.shape(n)) for n, kind in steps if kind == "bits"))
+        out.declare_dense("dense", ((src.shape(n), src.dtype(n)) for n, kind in steps if kind not in ("bits", "base")))
+        srcs, state = [src, *self.sources(base)], self.start(options)
         kept = total = stored_whole = 0
         for n, kind in bar(steps, f"task {task}", progress):
             if kind == "base":  # a buffer the task lacks: the base's
-                out.add({"name": n, "kind": "sparse", "shape": list(base.shape(n)),
-                         "dtype": dtypes.dtype_name(base.dtype(n)), "start": 0, "count": 0})
+                out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
+                              start=0, count=0))
                 continue
             if kind != "bits":
-                stored_whole += store_whole_or_same(out, task, n, source, base)
+                stored_whole += store_whole_or_same(out, task, n, src, base, entry)
                 continue
-            shape, packer, start = source.shape(n), BitPacker(), bits_w.position
+            shape, packer, start = src.shape(n), BitPacker(), bits_w.position
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 rows = [read_rows(s, n, r0, r1).to(torch.float32).reshape(-1) for s in srcs]
                 check_finite(rows[0], f"task {task!r} tensor {n!r}")
@@ -95,10 +100,10 @@ class BitMaskKind(TaskKind):
                 bits_w.append(packer.add(b))
             bits_w.append(packer.end())
             total += math.prod(shape)
-            out.add({"name": n, "kind": "bits", "shape": list(shape), "dtype": dtypes.dtype_name(source.dtype(n)),
-                     "array": BITS, "start": start, "count": _bytes_of(shape), **self.end_tensor(state)})
+            out.add(entry(n, kind="bits", shape=list(shape), dtype=dtypes.dtype_name(src.dtype(n)), array=BITS,
+                          start=start, count=_bytes_of(shape), **self.end_tensor(state)))
         return {"method": self.name, "params": self.params(options, state), "kept": kept, "total": total,
-                "dense_tensors": stored_whole, "full_bytes": source.nbytes()}
+                "dense_tensors": stored_whole, "full_bytes": full_bytes}
 
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -108,7 +113,7 @@ class BitMaskKind(TaskKind):
             if t["kind"] == "dense":
                 out = segments.get(t["array"], t["start"], t["count"], t["dtype"])
             elif t["kind"] == "sparse" and t["count"] == 0:
-                out = base.fresh(t["name"])
+                out = base.fresh(base_name(t))
             elif t["kind"] == "bits":
                 bits = unpack_bits(segments.get(t["array"], t["start"], t["count"], "uint8"), math.prod(t["shape"]))
                 out = self.rebuild(bits, base, t, entry["params"])

@@ -157,6 +157,39 @@ def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[s
     return out
 
 
+@dataclass(frozen=True)
+class FineTuneInput:
+    """A full fine-tune as a kind writes it over a base: `source`, the task under the base's names
+    where its tensors match one (naming.py) and its own tensors (a new head) as they are; `steps`,
+    its `plan`; `entry(name, **fields)`, a table entry under the task's own name, recording the
+    base's where they differ (spec section 7)."""
+
+    source: TensorSource
+    steps: list[tuple[str, str]]
+    entry: Callable[..., TableEntry]
+
+
+def fine_tune_input(task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry) -> FineTuneInput:
+    """The input handling every kind that stores a full fine-tune shares (fft and the 1-bit kinds).
+
+    Raises:
+        InputError: names match ambiguously, a selected tensor the base has is missing, or most
+            tensors differ in shape from the base.
+    """
+    base_names = set(base.names())
+    matched = match_task_names(source, list(base_names), f"task {task!r}")
+    task_names = {b: t for t, b in matched.items()}
+    # the task under the base's names where they match; its own tensors (a new head) as they are
+    renamed = Renamed(source, {**{t: t for t in source.names() if t not in matched}, **task_names})
+    own_name = renamer(matched)
+
+    def entry(n: str, **fields: Any) -> TableEntry:  # the task's own name, and the base's if it differs
+        name = task_names.get(n) or (own_name(n) if n in base_names else n)
+        return {"name": name, **({"base": n} if name != n and n in base_names else {}), **fields}
+
+    return FineTuneInput(renamed, plan(task, base, renamed, recorded_selector(base_entry.get("selection"))), entry)
+
+
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Refuse NaN/Inf. A sum accumulated in float32 is finite for any finite tensor short of ~1e29
     magnitudes, so the exact element-wise test (7x the time) runs only when the cheap reduction
@@ -436,20 +469,9 @@ class SparseDelta(TaskKind):
     def _write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
                opts: FFTOptions, progress: bool) -> dict[str, Any]:
         opts.validate()
-        selected = recorded_selector(base_entry.get("selection"))
         full_bytes = source.nbytes()
-        base_names = set(base.names())
-        matched = match_task_names(source, list(base_names), f"task {task!r}")
-        task_names = {b: t for t, b in matched.items()}
-        # the task under the base's names where they match; its own tensors (a new head) as they are
-        source = Renamed(source, {**{t: t for t in source.names() if t not in matched}, **task_names})
-        own_name = renamer(matched)
-        steps = plan(task, base, source, selected)
-
-        def entry(n: str, **fields: Any) -> TableEntry:  # the task's own name, and the base's if it differs
-            name = task_names.get(n) or (own_name(n) if n in base_names else n)
-            return {"name": name, **({"base": n} if name != n and n in base_names else {}), **fields}
-
+        given = fine_tune_input(task, source, base, base_entry)
+        source, steps, entry = given.source, given.steps, given.entry
         sparse = [n for n, kind in steps if kind == "sparse"]
         value_dtype = opts.value_dtype or (
             "bfloat16" if sparse and all(source.dtype(n) == torch.bfloat16 for n in sparse) else "float16")
@@ -599,4 +621,4 @@ class SparseDelta(TaskKind):
 
 
 __all__ = ["SparseDelta", "FFTOptions", "FFT_DECLARED", "GRANULARITIES", "SPARSIFIERS", "plan", "check_finite",
-           "store_whole_or_same"]
+           "store_whole_or_same", "FineTuneInput", "fine_tune_input"]

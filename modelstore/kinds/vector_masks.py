@@ -25,7 +25,7 @@ from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..options import Option
 from ..sources import TensorSource
 from .base import BaseTensors
-from .bit_masks import BitMaskKind
+from .bit_masks import BitMaskKind, base_name
 
 
 class _MergedVectorMask(BitMaskKind):
@@ -99,8 +99,8 @@ class TallMask(_MergedVectorMask):
 
     def rebuild(self, bits: torch.Tensor, base: BaseTensors, t: TableEntry, params: dict[str, Any]) -> torch.Tensor:
         """θ* where the bit is set, θ0 elsewhere: θ0 + m ⊙ (θ* − θ0) without a rounding."""
-        merged = base.fresh(t["name"]).reshape(-1)
-        return torch.where(bits, merged, base.other("pretrained").fresh(t["name"]).reshape(-1))
+        merged = base.fresh(base_name(t)).reshape(-1)
+        return torch.where(bits, merged, base.other("pretrained").fresh(base_name(t)).reshape(-1))
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         return {"bits": 1, "lambda": entry["params"]["tall_lambda"]}
@@ -137,8 +137,8 @@ class EMRMask(_MergedVectorMask):
 
     def rebuild(self, bits: torch.Tensor, base: BaseTensors, t: TableEntry, params: dict[str, Any]) -> torch.Tensor:
         """float32(θ0) + float32(λ_t)·(float32(θ*) − float32(θ0)) where the bit is set, θ0 elsewhere."""
-        b0 = base.other("pretrained").fresh(t["name"]).reshape(-1).to(torch.float32)
-        tau = base.fresh(t["name"]).reshape(-1).to(torch.float32) - b0
+        b0 = base.other("pretrained").fresh(base_name(t)).reshape(-1).to(torch.float32)
+        tau = base.fresh(base_name(t)).reshape(-1).to(torch.float32) - b0
         return torch.where(bits, b0 + tau * torch.tensor(params["scale"], dtype=torch.float32), b0)
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:

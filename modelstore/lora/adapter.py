@@ -140,6 +140,9 @@ def read_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX):
             raise LoraError(f"{path}: tensor {key!r} does not start with {PEFT_PREFIX!r}; is this a PEFT LoRA adapter?")
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"{path}: tensor {key!r} has NaN or Inf values; fix the adapter (or its training) "
+                            "before storing it")
         name = key[len(PEFT_PREFIX) :]
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
         if suffix is not None:
