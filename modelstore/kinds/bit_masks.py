@@ -38,6 +38,12 @@ class BitMaskKind(TaskKind):
 
     kept_label = "bits set"
     original_label = "the full checkpoint"
+    entry_kinds = ("dense", "sparse", "bits")
+
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        bad = next((t["name"] for t in table if t["kind"] == "sparse" and t["count"]
+                    or t["kind"] == "bits" and t["array"] != BITS), None)
+        return None if bad is None else f"entry {bad!r} is a sparse delta or lies outside {BITS}"
 
     # -- what a subclass says ---------------------------------------------------
     def sources(self, base: Any) -> list[TensorSource]:
@@ -75,7 +81,7 @@ class BitMaskKind(TaskKind):
         steps = [(n, "bits" if kind == "sparse" and self.masked(source.shape(n)) else kind)
                  for n, kind in plan(task, base, source, selected)]
         bits_w = out.declare(BITS, "uint8", sum(_bytes_of(source.shape(n)) for n, kind in steps if kind == "bits"))
-        out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind != "bits"))
+        out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind in ("dense", "sparse")))
         srcs, state = [source, *self.sources(base)], self.start(options)
         kept = total = stored_whole = 0
         for n, kind in bar(steps, f"task {task}", progress):
