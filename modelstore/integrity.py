@@ -20,7 +20,6 @@ from .format.payload import PayloadReader, base_problem
 from .kinds import TaskKind, get_kind
 from .storage import Location
 
-
 #: A base's tensors as a task's table is checked against them: name -> (shape, dtype), in base order.
 BaseSpecs = Mapping[str, tuple[list[int], str]]
 

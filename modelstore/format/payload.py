@@ -191,7 +191,8 @@ _LAYOUTS = ("linear", "fan_in_fan_out", "embedding")
 def table_problem(table: list[Any], arrays: Mapping[str, Any] | None,
                   kinds: tuple[str, ...] = _ENTRY_KINDS) -> str | None:
     """What is inconsistent in a tensor table (spec section 3: types, dtypes, sizes, names, slices
-    past their arrays or out of order), or None. `kinds`: the entry kinds this payload may hold."""
+    that do not tile their arrays in table order), or None. `kinds`: the entry kinds this payload
+    may hold."""
     names: set[str] = set()
     ends: dict[str, tuple[int, str]] = {}  # per array: where the last non-empty slice ended, and whose
     for e in table:
@@ -209,9 +210,13 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None,
             if arrays is not None and (a not in arrays or s + c > arrays[a]["count"]):
                 return f"entry {e['name']!r} points past its array {a!r}"
             end, prev = ends.get(a, (0, ""))
-            if s < end:
-                return f"entry {e['name']!r} starts at {s} of array {a!r}, inside or before {prev!r}'s slice"
+            if s != end:
+                after = f"the end of {prev!r}" if prev else "the array's start"
+                return f"entry {e['name']!r} starts at {s} of array {a!r}, not at {after} ({end})"
             ends[a] = (s + c, e["name"])
+    for a, info in (arrays or {}).items():
+        if ends.get(a, (0, ""))[0] != info["count"]:
+            return f"array {a!r} holds {info['count']} elements but its entries {ends.get(a, (0, ''))[0]}"
     return None
 
 
@@ -231,7 +236,7 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
         dims = [e.get(k) for k in ("rank", "d_out", "d_in")]
         if not all(_natural(x) for x in dims) or e.get("layout") not in _LAYOUTS:
             return "has bad factor sizes or layout"
-        q, d_out, d_in = dims
+        q, d_out, d_in = (int(x) for x in dims)  # type: ignore[arg-type]
         if count != q * (d_out + d_in + 1) or shape != ([d_out, d_in] if e["layout"] == "linear" else [d_in, d_out]):
             return f"has {count} factor elements of rank {q} for shape {shape}"
         if not isinstance(e.get("dropped", []), list) or not all(isinstance(x, (int, float)) for x in e.get("dropped", [])):
@@ -341,6 +346,9 @@ class PayloadReader:
             table = None
         if not isinstance(table, list) or table_digest(table) != entry["table_sha256"]:
             raise CorruptStoreError(f"{what}: the tensor table fails its checksum; the store is damaged")
+        if entry.get("tensors", len(table)) != len(table):
+            raise CorruptStoreError(f"{what}: the manifest counts {entry.get('tensors')} tensors, its table "
+                                    f"{len(table)}; the store is damaged")
         self.group, self.entry, self.what = group, entry, what
         self.table: list[TableEntry] = table
         self._dtypes = dict(array_dtypes or {})
