@@ -308,3 +308,32 @@ def test_resealed_tables_are_refused_by_load_and_check_alike(every_kind, tmp_pat
                     shutil.rmtree(url)
     assert verdicts["count 0 start"] == {"loads"}  # an empty slice's start is not used
     assert {"refused"} <= verdicts["kind"] and len(verdicts) >= 15
+
+
+def test_resealed_manifest_params_are_refused_by_load_and_check_alike(every_kind, tmp_path):
+    """Task fields a reader acts on, changed and re-sealed: refused in one line, or read, alike."""
+    import json
+    from modelstore.format.manifest import seal
+    edits = {"alpha": [("index_dtype", "uint64"), ("value_dtype", "bfloat16"), ("value_dtype", "int8")],
+             "q4": [("group_size", 16), ("value_dtype", "int8"), ("index_dtype", "uint64")],
+             "tall": [("base", "pretrained"), ("bases", ["merged"])],
+             "bd": [("kind", "tall-mask"), ("kind", "fft")],
+             "lora": [("kind", "bitdelta"), ("factor_dtype", "float16")]}
+    refused = 0
+    for task, changes in edits.items():
+        for field, value in changes:
+            url = str(tmp_path / "case")
+            shutil.copytree(every_kind, url)
+            m = json.load(open(os.path.join(url, "manifest.json")))
+            entry = m["tasks"][task]
+            (entry if field in ("base", "bases", "kind") else entry["params"])[field] = value
+            open(os.path.join(url, "manifest.json"), "wb").write(seal(m))
+            verdict = _outcome(url, task)
+            try:
+                damaged = f"task {task!r}" in modelstore.open(url).check().damaged
+            except modelstore.CorruptStoreError:  # the manifest itself is refused: no check to run
+                damaged = True
+            assert damaged == (verdict == "refused"), f"{task} {field}={value}"
+            refused += verdict == "refused"
+            shutil.rmtree(url)
+    assert refused == sum(map(len, edits.values()))

@@ -92,6 +92,10 @@ def test_count_0_entries_after_others_load(tmp_path):
         assert torch.equal(got[k], base[k]) and got[k].dtype == base[k].dtype
     for k in ("enc.b", "enc.w"):  # keep 1, float32 values: θ0 + (θt − θ0) in float32
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    from modelstore.export import export
+    files = export(s, "a", tmp_path / "exported")
+    exported = load_file(str(tmp_path / "exported" / files[0]))
+    assert all(torch.equal(exported[k], got[k]) for k in got)
     pre = str(tmp_path / "pre.safetensors")
     save_file({k: v.contiguous() for k, v in base.items()}, pre)
     again = modelstore.build(str(tmp_path / "s"), pre, {"a": str(url.parent / "a.safetensors")}, keep=1.0,

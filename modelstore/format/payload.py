@@ -368,10 +368,11 @@ class PayloadReader:
             return self._opened[name]
         info = self.entry.get("arrays", {}).get(name)
         want = self._dtypes.get(name) or name.rpartition(".")[2]
+        # a logical dtype (bfloat16 stored as uint16), or the task's index dtype (uint32 / uint64)
+        storage = dtypes.storage_dtype(want) if want in dtypes.LOGICAL_DTYPES else self._dtypes.get(name)
         try:
             arr = self._open(name, info.get("zarr_json_sha256") if info else None)
-            problem = array_problem(arr, dtypes.storage_dtype(want) if want in dtypes.LOGICAL_DTYPES else None,
-                                    info["count"] if info else None)
+            problem = array_problem(arr, storage, info["count"] if info else None)
         except CorruptStoreError:
             raise
         except Exception as e:  # missing or unreadable zarr.json of the array
