@@ -216,7 +216,7 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None,
             ends[a] = (s + c, e["name"])
     for a, info in (arrays or {}).items():
         if ends.get(a, (0, ""))[0] != info["count"]:
-            return f"array {a!r} holds {info['count']} elements but its entries {ends.get(a, (0, ''))[0]}"
+            return f"array {a!r} holds {info['count']} elements, its entries {ends.get(a, (0, ''))[0]}"
     return None
 
 
