@@ -2,38 +2,53 @@
 
 `modelstore check` and `sync` use this: a payload is sound when its table matches the manifest's
 digest and is consistent with its arrays, every chunk passes its crc32c, and every array matches
-the count and digest the manifest records (chunks are fetched and checked, not decoded).
+the count and digest the manifest records (chunks are fetched and checked, not decoded). `check`
+then reads each task as a load does (the same checks of its table against its bases, the same
+decoding), so a store it calls sound loads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import CorruptStoreError, ModelStoreError
 from .format.manifest import Manifest, PayloadFields
-from .format.payload import PayloadReader
+from .format.payload import PayloadReader, base_problem
 from .kinds import TaskKind, get_kind
 from .storage import Location
 
+#: A base's tensors as a task's table is checked against them: name -> (shape, dtype), in base order.
+BaseSpecs = Mapping[str, tuple[list[int], str]]
 
-def payload_reader(loc: Location, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> PayloadReader:
-    """The reader of a base's (`kind` None) or task's payload, the task's entry first checked by its kind.
+
+def payload_reader(loc: Location, entry: PayloadFields, what: str, kind: TaskKind | None = None,
+                   bases: Mapping[str, BaseSpecs] | None = None) -> PayloadReader:
+    """The reader of a base's (`kind` None) or task's payload, the task's entry first checked by its
+    kind, its table by its kind and against the `bases` it reads (id -> their tensors), where given.
 
     Raises:
         CorruptStoreError: the entry, the table or the group metadata is damaged.
     """
     what = f"{loc.url}: {what}"
-    array_dtypes = None
-    if kind is not None:
-        problem = kind.check_entry(entry)  # type: ignore[arg-type]
-        if problem:
-            raise CorruptStoreError(f"{what}: {problem}; the manifest is damaged, restore it")
-        array_dtypes = kind.array_dtypes(entry)  # type: ignore[arg-type]
-    return PayloadReader(loc.open_group(entry["path"]), entry, what, array_dtypes)
+    if kind is None:
+        return PayloadReader(loc.open_group(entry["path"]), entry, what)
+    problem = kind.check_entry(entry)  # type: ignore[arg-type]
+    if problem:
+        raise CorruptStoreError(f"{what}: {problem}; the manifest is damaged, restore it")
+    reader = PayloadReader(loc.open_group(entry["path"]), entry, what, kind.array_dtypes(entry),  # type: ignore[arg-type]
+                           kind.entry_kinds)
+    problem = kind.check_table(reader.table, entry)  # type: ignore[arg-type]
+    for b, specs in (bases or {}).items():
+        if problem is None:
+            problem = base_problem(reader.table, specs, kind.base_in_table_order)
+            problem = problem and f"{problem}, base {b!r}"
+    if problem:
+        raise CorruptStoreError(f"{what}: the tensor table is inconsistent ({problem}); the store is damaged")
+    return reader
 
 
 def verify_payload(loc: Location, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> None:
@@ -106,19 +121,22 @@ class CheckReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_store(loc: Location, manifest: Manifest) -> CheckReport:
-    """Verify every base and task of the store; damage is reported, not raised."""
+def check_store(loc: Location, manifest: Manifest, load: Callable[[str], None] | None = None) -> CheckReport:
+    """Verify every base and task of the store, then read each sound task with `load(task)` (as a
+    load reads it); damage is reported, not raised."""
     report = CheckReport(url=loc.url)
-    items: list[tuple[str, PayloadFields, TaskKind | None]] = [
-        (f"base {b!r}", e, None) for b, e in sorted(manifest["bases"].items())]
+    items: list[tuple[str, PayloadFields, TaskKind | None, str | None]] = [
+        (f"base {b!r}", e, None, None) for b, e in sorted(manifest["bases"].items())]
     for t, e in sorted(manifest["tasks"].items()):
         try:
-            items.append((f"task {t!r}", e, get_kind(e["kind"])))
+            items.append((f"task {t!r}", e, get_kind(e["kind"]), t))
         except CorruptStoreError as err:
             report.damaged[f"task {t!r}"] = str(err)
-    for what, entry, kind in items:
+    for what, entry, kind, task in items:
         try:
             verify_payload(loc, entry, what, kind)
+            if task is not None and load is not None:
+                load(task)
         except ModelStoreError as e:  # damage, or an unreadable location: reported, not hidden
             report.damaged[what] = str(e)
         else:

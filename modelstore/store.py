@@ -145,8 +145,10 @@ class Store:
                 "ratio": (base_bytes + task_bytes) / full if full else None}
 
     # -- reading ---------------------------------------------------------------
-    def _payload(self, entry: PayloadFields, what: str, kind: TaskKind | None = None) -> PayloadReader:
-        return payload_reader(self.loc, entry, what, kind)
+    def _payload(self, entry: PayloadFields, what: str, kind: TaskKind | None = None,
+                 bases: Mapping[str, _BaseTensors] | None = None) -> PayloadReader:
+        specs = {b: base.specs() for b, base in (bases or {}).items()}
+        return payload_reader(self.loc, entry, what, kind, specs)
 
     def _reading_task(self, task: str, read: Callable[[TaskEntry], Read]) -> Read:
         """`_reading` of task `task`."""
@@ -272,8 +274,13 @@ class Store:
         """The task's tensors one at a time: its arrays and (unless cached) its base are streamed.
         `check` sees the names that will come before the first tensor is made."""
         kind = get_kind(entry["kind"])
-        payload = self._payload(entry, f"task {task!r}", kind)
         bases = {b: _BaseTensors(self, b, device) for b in task_bases(entry)}
+        try:
+            payload = self._payload(entry, f"task {task!r}", kind, bases)  # its table checked against them
+        except BaseException:
+            for b in bases.values():
+                b.abandon()
+            raise
         base = bases[entry["base"]]
         base.others = bases
         if check is not None:
@@ -322,7 +329,13 @@ class Store:
         Returns:
             The sound and the damaged bases and tasks, with what is wrong with each.
         """
-        return check_store(self.loc, self.loc.require_manifest())
+        manifest = self.loc.require_manifest()
+
+        def load(task: str) -> None:  # as `load` reads it (the same checks, the same decoding), dropped
+            for _ in self._tensors(task, manifest["tasks"][task], torch.device("cpu"), None):
+                pass
+
+        return check_store(self.loc, manifest, load)
 
     def load_into(self, model: torch.nn.Module, task: str, strict: bool = True) -> torch.nn.Module:
         """Copy `task`'s weights into `model` in place, on the model's device.
@@ -700,13 +713,18 @@ class _BaseTensors:
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
-            self._names = [e["name"] for e in reader.table]
+            self._specs = {e["name"]: (e["shape"], e["dtype"]) for e in reader.table}
             self._stream = read_ahead(_read_all(self._segments, reader.table))
         else:
-            self._names = list(self._cached)
+            self._specs = {n: (list(t.shape), dtypes.dtype_name(t.dtype)) for n, t in self._cached.items()}
+        self._names = list(self._specs)
 
     def names(self) -> list[str]:
         return self._names
+
+    def specs(self) -> dict[str, tuple[list[int], str]]:
+        """Each base tensor's shape and dtype, in base order (what a task's table is checked against)."""
+        return self._specs
 
     def fresh(self, name: str) -> torch.Tensor:
         return self.view(name).clone() if self._cached is not None else self.view(name)
@@ -727,6 +745,11 @@ class _BaseTensors:
         if self._cached is None:
             self._stream.close()  # the worker stops; the rest is read and checked here
             self._segments.close()
+
+    def abandon(self) -> None:
+        """Stop reading (a load that failed before it began)."""
+        if self._cached is None:
+            self._stream.close()
 
 
 def _read_all(segments: Segments, table: list[TableEntry]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -176,3 +176,158 @@ def test_sync_refuses_a_damaged_source_and_repairs_a_damaged_destination(pristin
     with pytest.raises(modelstore.CorruptStoreError, match=f"{src}.*task 'a'"):
         modelstore.sync(src, fresh)
     assert "a" not in modelstore.open(fresh).tasks()
+
+
+# ---- tables re-sealed with valid digests: load and check refuse alike, in one line -------------
+
+def _reseal(url: str, owner: str, table: list) -> None:
+    """Write `table` as the payload's table with a valid digest, the manifest re-sealed over it
+    (what a faulty writer could publish; every checksum holds)."""
+    import json
+    from modelstore.format.manifest import seal, table_digest
+    m = json.load(open(os.path.join(url, "manifest.json")))
+    kind, name = owner.split(":")
+    entry = m[kind][name]
+    meta = os.path.join(url, entry["path"], "zarr.json")
+    group = json.load(open(meta))
+    group["attributes"]["tensors"] = table
+    json.dump(group, open(meta, "w"))
+    entry["table_sha256"], entry["tensors"] = table_digest(table), len(table)
+    open(os.path.join(url, "manifest.json"), "wb").write(seal(m))
+
+
+def _edits(table: list, rng, ordered: bool) -> dict[str, list | None]:
+    """Named edits of a table (None where one does not apply). "reversed", "shifted", "count" and
+    "names swapped" must be refused: the last swaps two entries of a task that read its base (a
+    tensor stored whole may take any name and shape) and differ in shape, or that the base is
+    read for in table order (`ordered`)."""
+    import copy
+    t = copy.deepcopy(table)
+    full = [i for i, e in enumerate(t) if e["count"]]
+    out: dict[str, list | None] = {}
+    out["reversed"] = t[::-1] if len(full) > 1 else None
+    if full:
+        i = int(rng.choice(full))
+        for name, field, by in (("shifted", "start", int(rng.choice([-1, 1, 3]))), ("count", "count", int(rng.choice([-1, 1])))):
+            e = copy.deepcopy(t)
+            e[i][field] += by
+            out[name] = e if e[i][field] >= 0 else None
+    if len(full) > 1:
+        i, j = (int(x) for x in rng.choice(full, 2, replace=False))
+        e = copy.deepcopy(t)
+        e[i]["name"], e[j]["name"] = e[j]["name"], e[i]["name"]
+        detectable = "dense" not in (t[i]["kind"], t[j]["kind"]) and (t[i]["shape"] != t[j]["shape"] or ordered)
+        out["names swapped" if detectable else "names swapped alike"] = e
+        e = copy.deepcopy(t)
+        e[i]["shape"], e[j]["shape"] = e[j]["shape"], e[i]["shape"]
+        out["shapes swapped"] = e
+        e = copy.deepcopy(t)
+        e.insert(j, e.pop(i))
+        out["moved"] = e
+    i = int(rng.integers(len(t)))
+    for name, change in (("duplicated", lambda e: e.append(dict(e[i]))),
+                         ("dropped", lambda e: e.pop(i)),
+                         ("dtype", lambda e: e[i].update(dtype=str(rng.choice(["float16", "bfloat16", "float32", "int64"])))),
+                         ("kind", lambda e: e[i].update(kind=str(rng.choice(["dense", "sparse", "lowrank", "bits"])))),
+                         ("base", lambda e: e[i].update(base=t[int(rng.integers(len(t)))]["name"])),
+                         ("transposed", lambda e: e[i].update(shape=e[i]["shape"][::-1])),
+                         ("rank", lambda e: e[i].update(rank=e[i].get("rank", 0) + 1)),
+                         ("layout", lambda e: e[i].update(layout="embedding")),
+                         ("segments", lambda e: e[i].update(segments={k: [s, c + 1] for k, (s, c) in e[i].get("segments", {}).items()})),
+                         ("scale", lambda e: e[i].update(scale="x")),
+                         ("count 0 start", lambda e: e[i].update(start=e[i]["start"] + 10 ** 6) if not e[i]["count"] else None)):
+        e = copy.deepcopy(t)
+        change(e)
+        out[name] = None if e == t else e
+    return out
+
+
+def _outcome(url: str, task: str) -> str:
+    """"loads" or the one-line CorruptStoreError of `load`; fails on any other exception."""
+    try:
+        modelstore.open(url).load(task)
+    except modelstore.CorruptStoreError as err:
+        assert "\n" not in str(err) and url in str(err), str(err)
+        return "refused"
+    except Exception as err:  # noqa: BLE001 - the point of the test
+        pytest.fail(f"raw {type(err).__name__}: {str(err)[:300]}")
+    return "loads"
+
+
+@pytest.fixture(scope="module")
+def every_kind(bert_models, tmp_path_factory):
+    """A store with fft (float16, int4), tall-mask, bitdelta and LoRA tasks on a merged base and θ0."""
+    from test_spec_reader import _peft_adapter
+    root = tmp_path_factory.mktemp("kinds")
+    url, tasks = str(root / "s"), bert_models["tasks"]
+    s = modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"]}, keep=0.1)
+    s.add_task("q4", tasks["beta"], value_dtype="int4", group_size=8)
+    s.add_task("tall", tasks["gamma"], kind="tall-mask", pretrained=bert_models["pre"])
+    s.add_task("bd", tasks["gamma"], kind="bitdelta")
+    s.add_lora_task("lora", _peft_adapter(bert_models, root / "adapter"), rank=4)
+    return url
+
+
+def test_resealed_tables_are_refused_by_load_and_check_alike(every_kind, tmp_path):
+    import json
+    import numpy as np
+    rng = np.random.default_rng(0)
+    count0 = str(tmp_path / "count0")
+    shutil.copytree(Path(__file__).parent / "data" / "v2-count0" / "store", count0)
+    verdicts: dict[str, set[str]] = {}
+    for src in (every_kind, count0):
+        m = json.load(open(os.path.join(src, "manifest.json")))
+        owners = [f"tasks:{t}" for t in m["tasks"]] + [f"bases:{b}" for b in m["bases"]]
+        for owner in owners:
+            task = owner.split(":")[1]
+            payload = os.path.join(src, m[owner.split(":")[0]][owner.split(":")[1]]["path"])
+            table = json.load(open(os.path.join(payload, "zarr.json")))["attributes"]["tensors"]
+            for round_ in range(2 if src == every_kind else 4):
+                ordered = owner.startswith("tasks") and m["tasks"][task]["kind"] != "lora"
+                for edit, new in _edits(table, rng, ordered).items():
+                    if new is None:
+                        continue
+                    url = str(tmp_path / "case")
+                    shutil.copytree(src, url)
+                    _reseal(url, owner, new)
+                    loads = {t: _outcome(url, t) for t in m["tasks"]}
+                    verdict = loads.get(task, "refused" if "refused" in loads.values() else "loads")
+                    report = modelstore.open(url).check()
+                    assert report.ok == (set(loads.values()) == {"loads"}), f"{owner} {edit}: {loads}, {report.damaged}"
+                    for t, v in loads.items():  # check's verdict on each task is its load's
+                        assert (f"task {t!r}" in report.damaged) == (v == "refused"), f"{owner} {edit}: {t} {v}"
+                    verdicts.setdefault(edit, set()).add(verdict)
+                    if edit in ("reversed", "shifted", "count", "names swapped"):
+                        assert verdict == "refused", f"{owner} {edit} loaded"
+                    shutil.rmtree(url)
+    assert verdicts["count 0 start"] == {"loads"}  # an empty slice's start is not used
+    assert {"refused"} <= verdicts["kind"] and len(verdicts) >= 15
+
+
+def test_resealed_manifest_params_are_refused_by_load_and_check_alike(every_kind, tmp_path):
+    """Task fields a reader acts on, changed and re-sealed: refused in one line, or read, alike."""
+    import json
+    from modelstore.format.manifest import seal
+    edits = {"alpha": [("index_dtype", "uint64"), ("value_dtype", "bfloat16"), ("value_dtype", "int8")],
+             "q4": [("group_size", 16), ("value_dtype", "int8"), ("index_dtype", "uint64")],
+             "tall": [("base", "pretrained"), ("bases", ["merged"])],
+             "bd": [("kind", "tall-mask"), ("kind", "fft")],
+             "lora": [("kind", "bitdelta"), ("factor_dtype", "float16")]}
+    refused = 0
+    for task, changes in edits.items():
+        for field, value in changes:
+            url = str(tmp_path / "case")
+            shutil.copytree(every_kind, url)
+            m = json.load(open(os.path.join(url, "manifest.json")))
+            entry = m["tasks"][task]
+            (entry if field in ("base", "bases", "kind") else entry["params"])[field] = value
+            open(os.path.join(url, "manifest.json"), "wb").write(seal(m))
+            verdict = _outcome(url, task)
+            try:
+                damaged = f"task {task!r}" in modelstore.open(url).check().damaged
+            except modelstore.CorruptStoreError:  # the manifest itself is refused: no check to run
+                damaged = True
+            assert damaged == (verdict == "refused"), f"{task} {field}={value}"
+            refused += verdict == "refused"
+            shutil.rmtree(url)
+    assert refused == sum(map(len, edits.values()))

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import modelstore
 
@@ -73,3 +73,33 @@ def _checkpoint_of(sd: dict[str, torch.Tensor], tmp_path: Path) -> str:
     path = str(tmp_path / "ck.safetensors")
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     return path
+
+
+def test_count_0_entries_after_others_load(tmp_path):
+    """tests/data/v2-count0 (made by modelstore 3085ac2, tests/data/v2-count0/make.py): `build
+    --exclude pooler` recorded the unchanged pooler tensors as `sparse` entries with start 0 after
+    the others, which loads refused with a raw AssertionError. They read as the base's tensors, and
+    tasks written now start such entries where the indices stand (starts never go back)."""
+    url = Path(__file__).parent / "data" / "v2-count0" / "store"
+    s = modelstore.open(str(url))
+    table = s.table("a")
+    assert [(t["name"], t["start"], t["count"]) for t in table if not t["count"]] == \
+        [("pos_ids", 0, 0), ("pooler.b", 0, 0), ("pooler.w", 0, 0)]
+    assert s.check().ok
+    got, base, want = s.load("a"), s.base("pretrained"), load_file(str(url.parent / "a.safetensors"))
+    assert set(got) == {*want, "pos_ids"}
+    for k in ("pooler.b", "pooler.w", "pos_ids"):
+        assert torch.equal(got[k], base[k]) and got[k].dtype == base[k].dtype
+    for k in ("enc.b", "enc.w"):  # keep 1, float32 values: θ0 + (θt − θ0) in float32
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    from modelstore.export import export
+    files = export(s, "a", tmp_path / "exported")
+    exported = load_file(str(tmp_path / "exported" / files[0]))
+    assert all(torch.equal(exported[k], got[k]) for k in got)
+    pre = str(tmp_path / "pre.safetensors")
+    save_file({k: v.contiguous() for k, v in base.items()}, pre)
+    again = modelstore.build(str(tmp_path / "s"), pre, {"a": str(url.parent / "a.safetensors")}, keep=1.0,
+                             value_dtype="float32", exclude="pooler", merge="none")
+    starts = [t["start"] for t in again.table("a")]
+    assert starts == sorted(starts) and again.table("a")[-1]["start"] == 136
+    assert all(torch.equal(again.load("a")[k], got[k]) for k in got)

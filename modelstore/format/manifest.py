@@ -30,6 +30,7 @@ class ArrayInfo(TypedDict, total=False):
     count: int
     chunks_crc32c: int
     crc32: int
+    zarr_json_sha256: str  # sha256 of the array's zarr.json bytes (absent in earlier stores)
 
 
 class TableEntry(TypedDict, total=False):
@@ -42,6 +43,9 @@ class TableEntry(TypedDict, total=False):
     array: str  # the flat array of a dense or lowrank entry
     start: int
     count: int
+    base: str  # a sparse entry's base tensor, when its name differs
+    segments: dict[str, Any]  # slices of further arrays: name -> [start, count]
+    scale: float  # a bitdelta entry's scale
 
 
 class PayloadFields(TypedDict):

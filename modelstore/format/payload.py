@@ -8,6 +8,8 @@ alike), `PayloadReader` the one way it is read back and checked.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -17,6 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.core.sync import sync
+from zarr.storage import StorePath
 
 from .. import dtypes
 from ..errors import CorruptStoreError, StorageError, is_io_error
@@ -100,7 +109,10 @@ class FlatWriter:
         self._collect()
         if self.written != self.capacity:
             self.array.resize((self.written,))
-        return {"count": self.written, "chunks_crc32c": digest(self._trailers)}
+        meta = sync(self.array.store.get(f"{self.array.path}/zarr.json", prototype=default_buffer_prototype()))
+        assert meta is not None, "an array just written has no metadata"
+        return {"count": self.written, "chunks_crc32c": digest(self._trailers),
+                "zarr_json_sha256": sha256_of(meta.to_bytes())}
 
 
 _WRITER: list[ThreadPoolExecutor] = []
@@ -172,37 +184,127 @@ class PayloadWriter:
 
 
 _ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits")
+#: LoRA layouts: the base weight holds D (`linear`) or Dᵀ (spec section 6).
+_LAYOUTS = ("linear", "fan_in_fan_out", "embedding")
 
 
-def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | None:
-    """What is inconsistent in a tensor table (types, dtypes, sizes, slices past their arrays), or None."""
+def table_problem(table: list[Any], arrays: Mapping[str, Any] | None,
+                  kinds: tuple[str, ...] = _ENTRY_KINDS) -> str | None:
+    """What is inconsistent in a tensor table (spec section 3: types, dtypes, sizes, names, slices
+    that do not tile their arrays in table order), or None. `kinds`: the entry kinds this payload
+    may hold."""
+    names: set[str] = set()
+    ends: dict[str, tuple[int, str]] = {}  # per array: where the last non-empty slice ended, and whose
     for e in table:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("kind") not in _ENTRY_KINDS:
             return "an entry without a name or kind"
-        shape, start, count = e.get("shape"), e.get("start"), e.get("count")
-        if not isinstance(shape, list) or not all(_natural(d) for d in shape) or not _natural(start) \
-                or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
-            return f"entry {e.get('name')!r} has a bad shape, dtype or slice"
-        size = math.prod(shape)
-        if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size \
-                or e["kind"] == "bits" and count != -(-size // 8):
-            return f"entry {e['name']!r} has {count} elements for shape {shape}"
-        if e["kind"] == "lowrank" and not (len(shape) == 2 and all(_natural(e.get(k)) for k in ("rank", "d_out", "d_in"))
-                                          and count == e["rank"] * (e["d_out"] + e["d_in"] + 1)):
-            return f"entry {e['name']!r} has inconsistent factor sizes"
-        if e["kind"] != "sparse" and not isinstance(e.get("array"), str):
-            return f"entry {e['name']!r} names no array"
-        if not isinstance(e.get("base", ""), str):
-            return f"entry {e['name']!r} names its base tensor badly"
-        segments = e.get("segments", {})
-        if not isinstance(segments, dict) or not all(
-                isinstance(v, list) and len(v) == 2 and all(_natural(x) for x in v) for v in segments.values()):
-            return f"entry {e['name']!r} has bad segments"
-        if arrays is not None and count:
-            for a, (s, c) in slices_of(e).items():
-                if c and (a not in arrays or s + c > arrays[a]["count"]):
-                    return f"entry {e['name']!r} points past its array {a!r}"
+        problem = _entry_problem(e, kinds)
+        if problem:
+            return f"entry {e['name']!r} {problem}"
+        if e["name"] in names:
+            return f"tensor {e['name']!r} has two entries"
+        names.add(e["name"])
+        for a, (s, c) in slices_of(e).items():
+            if not c:
+                continue  # an empty slice reads nothing; its start is not used (earlier writers wrote 0)
+            if arrays is not None and (a not in arrays or s + c > arrays[a]["count"]):
+                return f"entry {e['name']!r} points past its array {a!r}"
+            end, prev = ends.get(a, (0, ""))
+            if s != end:
+                after = f"the end of {prev!r}" if prev else "the array's start"
+                return f"entry {e['name']!r} starts at {s} of array {a!r}, not at {after} ({end})"
+            ends[a] = (s + c, e["name"])
+    for a, info in (arrays or {}).items():
+        if ends.get(a, (0, ""))[0] != info["count"]:
+            return f"array {a!r} holds {info['count']} elements, its entries {ends.get(a, (0, ''))[0]}"
     return None
+
+
+def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
+    """What is wrong with one table entry on its own, or None."""
+    if e["kind"] not in kinds:
+        return f"is of kind {e['kind']!r}, which this payload does not hold"
+    shape, start, count = e.get("shape"), e.get("start"), e.get("count")
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape) or not _natural(start) \
+            or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
+        return "has a bad shape, dtype or slice"
+    size = math.prod(shape)
+    if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size \
+            or e["kind"] == "bits" and count != -(-size // 8):
+        return f"has {count} elements for shape {shape}"
+    if e["kind"] == "lowrank":
+        dims = [e.get(k) for k in ("rank", "d_out", "d_in")]
+        if not all(_natural(x) for x in dims) or e.get("layout") not in _LAYOUTS:
+            return "has bad factor sizes or layout"
+        q, d_out, d_in = (int(x) for x in dims)  # type: ignore[arg-type]
+        if count != q * (d_out + d_in + 1) or shape != ([d_out, d_in] if e["layout"] == "linear" else [d_in, d_out]):
+            return f"has {count} factor elements of rank {q} for shape {shape}"
+        if not isinstance(e.get("dropped", []), list) or not all(isinstance(x, (int, float)) for x in e.get("dropped", [])):
+            return "has bad dropped singular values"
+    if e["kind"] != "sparse" and not isinstance(e.get("array"), str):
+        return "names no array"
+    if e["kind"] == "dense" and e["array"].rpartition(".")[2] != e["dtype"]:
+        return f"of dtype {e['dtype']} lies in array {e['array']!r}"
+    if "base" in e and (e["kind"] != "sparse" or not isinstance(e["base"], str)):
+        return "names its base tensor badly"
+    if e["kind"] in ("sparse", "lowrank", "bits") and (count or e["kind"] != "sparse") \
+            and not dtypes.torch_dtype(e["dtype"]).is_floating_point:
+        return f"changes a tensor of dtype {e['dtype']}, which is not floating point"
+    segments = e.get("segments", {})
+    if not isinstance(segments, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_natural(x) for x in v) for v in segments.values()):
+        return "has bad segments"
+    return None
+
+
+def base_problem(table: list[TableEntry], base: Mapping[str, tuple[list[int], str]], ordered: bool) -> str | None:
+    """What is inconsistent between a task's table and a base it reads (name -> (shape, dtype), in
+    base order), or None: every entry that reads the base (all but `dense` ones) names a base tensor
+    of its shape, a count-0 `sparse` entry (the base's tensor itself) also of its dtype, and, when
+    `ordered` (the base is streamed in table order), in base order."""
+    order = {n: i for i, n in enumerate(base)}
+    last = ("", -1)
+    for e in table:
+        if e["kind"] == "dense":
+            continue
+        src = e.get("base", e["name"])
+        if src not in base:
+            return f"entry {e['name']!r} applies to base tensor {src!r}, which the base lacks"
+        shape, dtype = base[src]
+        if list(shape) != e["shape"] or e["kind"] == "sparse" and not e["count"] and dtype != e["dtype"]:
+            return f"entry {e['name']!r} has shape {e['shape']} ({e['dtype']}) against {list(shape)} ({dtype}) of the base"
+        if ordered and order[src] <= last[1]:
+            return f"entry {e['name']!r} comes after {last[0]!r} but its base tensor before"
+        last = (e["name"], order[src])
+    return None
+
+
+def array_problem(arr: zarr.Array, dtype: str | None, count: int | None) -> str | None:
+    """What in a flat array's metadata differs from spec section 4 (1-D, regular chunks, fill value
+    0, codecs `bytes` little-endian[, `blosc`], `crc32c`), its storage `dtype` or the manifest's
+    `count`, or None."""
+    m = arr.metadata
+    if not isinstance(m, ArrayV3Metadata) or len(m.shape) != 1 or not isinstance(m.chunk_grid, RegularChunkGrid) \
+            or not arr.chunks[0] >= 1:
+        return "does not describe a flat, regularly chunked array"
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        return f"says {arr.dtype}, not {dtype}"
+    if count is not None and arr.shape[0] != count:
+        return f"says {arr.shape[0]} elements, not the manifest's {count}"
+    if m.fill_value != 0:
+        return f"has fill value {m.fill_value!r}, not 0"
+    codecs = list(m.codecs)
+    if not (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec) and isinstance(codecs[-1], Crc32cCodec)
+            and (len(codecs) == 2 or isinstance(codecs[1], BloscCodec))):
+        return "names other codecs than bytes[, blosc], crc32c"
+    if arr.dtype.itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
+        return "is not little-endian"
+    return None
+
+
+def sha256_of(blob: bytes) -> str:
+    """`sha256:<hex>` of bytes, as the manifest records digests."""
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _natural(x: Any) -> bool:
@@ -237,41 +339,70 @@ class PayloadReader:
     """
 
     def __init__(self, group: zarr.Group, entry: PayloadFields, what: str,
-                 array_dtypes: Mapping[str, str] | None = None):
+                 array_dtypes: Mapping[str, str] | None = None, kinds: tuple[str, ...] = ("dense",)):
         try:
             table = group.attrs.get("tensors")
         except Exception:  # unreadable attributes
             table = None
         if not isinstance(table, list) or table_digest(table) != entry["table_sha256"]:
             raise CorruptStoreError(f"{what}: the tensor table fails its checksum; the store is damaged")
+        if entry.get("tensors", len(table)) != len(table):
+            raise CorruptStoreError(f"{what}: the manifest counts {entry.get('tensors')} tensors, its table "
+                                    f"{len(table)}; the store is damaged")
         self.group, self.entry, self.what = group, entry, what
         self.table: list[TableEntry] = table
         self._dtypes = dict(array_dtypes or {})
         self._opened: dict[str, zarr.Array] = {}
         self._readers: dict[str, Chunks] = {}
-        problem = table_problem(table, entry.get("arrays"))
+        problem = table_problem(table, entry.get("arrays"), kinds)
         if problem:
             raise CorruptStoreError(f"{what}: the tensor table is inconsistent ({problem}); the store is damaged")
         self._by_name = {e["name"]: e for e in table}
+        for a in sorted({*entry.get("arrays", {}), *(a for e in table if e["count"] for a in arrays_of(e))}):
+            self._array(a)  # every array's metadata checked before a tensor is read
 
     def _array(self, name: str) -> zarr.Array:
-        """Flat array `name`, its metadata checked against what the table says it holds (opened once)."""
+        """Flat array `name`, its metadata checked against its digest in the manifest (where recorded)
+        and against what the table and the spec say it holds (opened once)."""
         if name in self._opened:
             return self._opened[name]
+        info = self.entry.get("arrays", {}).get(name)
+        want = self._dtypes.get(name) or name.rpartition(".")[2]
+        # a logical dtype (bfloat16 stored as uint16), or the task's index dtype (uint32 / uint64)
+        storage = dtypes.storage_dtype(want) if want in dtypes.LOGICAL_DTYPES else self._dtypes.get(name)
         try:
-            arr = self.group[name]
-            ok = isinstance(arr, zarr.Array) and arr.ndim == 1
+            arr = self._open(name, info.get("zarr_json_sha256") if info else None)
+            problem = array_problem(arr, storage, info["count"] if info else None)
+        except CorruptStoreError:
+            raise
         except Exception as e:  # missing or unreadable zarr.json of the array
             self._unless_io(e, name)
-            ok = False
-        want = self._dtypes.get(name) or name.rpartition(".")[2]
-        if ok and want in dtypes.LOGICAL_DTYPES:
-            ok = arr.dtype == np.dtype(dtypes.storage_dtype(want))
-        if not ok:
-            raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' is missing or damaged; "
+            problem = "is missing or unreadable"
+        if problem:
+            raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' {problem}; "
                                     "re-add this task or restore the store")
         self._opened[name] = arr
         return arr
+
+    def _open(self, name: str, sha256: str | None) -> zarr.Array:
+        """Array `name` of the group; with `sha256`, from the bytes of its zarr.json checked against it."""
+        if sha256 is None:
+            arr = self.group[name]
+            if not isinstance(arr, zarr.Array):
+                raise KeyError(name)
+            return arr
+        store, path = self.group.store_path.store, f"{self.group.path}/{name}"
+        raw = sync(store.get(f"{path}/zarr.json", prototype=default_buffer_prototype()))
+        if raw is None:
+            raise KeyError(name)
+        blob = raw.to_bytes()
+        if sha256_of(blob) != sha256:
+            raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' fails its checksum; "
+                                    "re-add this task or restore the store")
+        meta = json.loads(blob)
+        if not isinstance(meta, dict) or meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
+            raise ValueError("not a zarr v3 array")
+        return zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(meta), StorePath(store, path)))
 
     # -- whole arrays ----------------------------------------------------------
     def read_flat(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -428,8 +559,10 @@ class Segments:
 
     def get(self, array: str, start: int, count: int, dtype: str) -> torch.Tensor:
         """`array[start:start+count]` as logical dtype `dtype` on the device (a fresh tensor)."""
+        if not count:  # an empty slice reads nothing (earlier writers gave such entries start 0)
+            return dtypes.from_numpy(empty(0, np.dtype(dtypes.storage_dtype(dtype))), dtype).to(self.device)
         pos = self._pos.get(array, 0)
-        if start < pos:
+        if start < pos:  # the table's order was checked (table_problem): a caller's mistake
             raise AssertionError(f"{array}: slices must be read in order ({start} < {pos})")
         if start > pos and self.check:
             self._take(array, pos, start)  # skipped, but checked
@@ -495,4 +628,5 @@ class Segments:
                 self._take(array, pos, want["count"])
 
 
-__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "slices_of", "content_crc32", "table_problem"]
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "slices_of", "content_crc32", "table_problem",
+           "base_problem", "array_problem", "sha256_of"]

@@ -191,6 +191,11 @@ class TaskKind:
     default_merge: ClassVar[str | None] = None
     #: The kind's options (flags of `add-task` / `build`, keywords of `Store.add_task`).
     declared: ClassVar[tuple[Option, ...]] = ()
+    #: The kinds of table entries its tasks hold (spec section 3); a reader refuses others.
+    entry_kinds: ClassVar[tuple[str, ...]] = ("dense", "sparse")
+    #: Whether its tasks read their bases' tensors in table order (the bases are streamed), so that a
+    #: table whose entries are out of the base's order is damage.
+    base_in_table_order: ClassVar[bool] = True
 
     def parse_options(self, given: Mapping[str, Any]) -> Any:
         """The kind's options from those the user gave (the others take their defaults).
@@ -216,6 +221,11 @@ class TaskKind:
 
     def check_entry(self, entry: TaskEntry) -> str | None:
         """What is wrong with a task entry's kind-specific fields (a damaged manifest), or None."""
+        return None
+
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        """What is wrong with a task's table (already consistent with its arrays, `format.payload.
+        table_problem`) for this kind and the entry's params, or None."""
         return None
 
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:

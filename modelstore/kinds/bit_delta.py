@@ -6,6 +6,7 @@ matrices (biases, norms) are stored whole, as they are a tiny share of the bytes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,6 +52,11 @@ class BitDelta(BitMaskKind):
     def check_entry(self, entry: TaskEntry) -> str | None:
         return None if entry.get("bases", [entry.get("base")]) == [entry.get("base")] else \
             "a bitdelta task reads its own base only"
+
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        bad = next((t["name"] for t in table if t["kind"] == "bits" and not (
+            isinstance(t.get("scale"), (int, float)) and math.isfinite(t["scale"]))), None)
+        return super().check_table(table, entry) if bad is None else f"entry {bad!r} has no finite scale"
 
     def rebuild(self, bits: torch.Tensor, base: BaseTensors, t: TableEntry, params: dict[str, Any]) -> torch.Tensor:
         """float32(θ_base) + (scale where the bit is set, else −scale), in float32."""

@@ -42,6 +42,12 @@ class BitMaskKind(TaskKind):
 
     kept_label = "bits set"
     original_label = "the full checkpoint"
+    entry_kinds = ("dense", "sparse", "bits")
+
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        bad = next((t["name"] for t in table if t["kind"] == "sparse" and t["count"]
+                    or t["kind"] == "bits" and t["array"] != BITS), None)
+        return None if bad is None else f"entry {bad!r} is a sparse delta or lies outside {BITS}"
 
     # -- what a subclass says ---------------------------------------------------
     def sources(self, base: Any) -> list[TensorSource]:

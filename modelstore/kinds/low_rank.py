@@ -116,6 +116,13 @@ class LowRankAdapter(TaskKind):
     has_unmerged = True
     from_checkpoint = False
     export_formats = {"peft": "a rank-q PEFT adapter (adapter_config.json + adapter_model.safetensors)"}
+    entry_kinds = ("lowrank", "dense")
+    base_in_table_order = False  # the base is walked in its own order, the updates looked up by name
+
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        bad = next((t["name"] for t in table if t["kind"] == "lowrank" and t["array"] != FACTORS
+                    or t["kind"] == "dense" and not isinstance(t.get("peft_name"), str)), None)
+        return None if bad is None else f"entry {bad!r} names no adapter tensor or lies outside {FACTORS}"
 
     def check_entry(self, entry: TaskEntry) -> str | None:
         if entry["params"].get("factor_dtype") != "float32" or entry.get("base") != "pretrained":

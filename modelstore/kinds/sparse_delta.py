@@ -202,16 +202,17 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 
 def store_whole_or_same(out: PayloadWriter, task: str, name: str, source: TensorSource, base: TensorSource,
-                        entry: Callable[..., TableEntry] | None = None) -> int:
+                        entry: Callable[..., TableEntry] | None = None, at: int = 0) -> int:
     """Write a tensor that is not compressed: a count-0 `sparse` entry (read: the base's tensor) when
     it equals the base's, else stored whole; `entry(name, **fields)` makes the table entry (the
-    task's own name). Returns 1 when stored whole."""
+    task's own name). `at`: the count-0 entry's start, where the task's `indices` stand (so that
+    starts never go back, spec section 3). Returns 1 when stored whole."""
     entry = entry or (lambda n, **fields: {"name": n, **fields})
     t = source.get(name)
     check_finite(t, f"task {task!r} tensor {name!r}")
     if name in base.names() and base.shape(name) == tuple(t.shape) and base.dtype(name) == t.dtype \
             and torch.equal(base.get(name), t):
-        out.add(entry(name, kind="sparse", shape=list(t.shape), dtype=dtypes.dtype_name(t.dtype), start=0, count=0))
+        out.add(entry(name, kind="sparse", shape=list(t.shape), dtype=dtypes.dtype_name(t.dtype), start=at, count=0))
         return 0
     out.add_dense(entry(name)["name"], t, "dense")
     return 1
@@ -457,6 +458,21 @@ class SparseDelta(TaskKind):
             return f"group size {p.get('group_size')!r} of quantized values is not a positive integer"
         return None
 
+    def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
+        """Quantized values: each non-empty sparse entry's `values` and `scales` segments hold its count
+        (spec section 5); float values share the indices' slice."""
+        p = entry["params"]
+        group = p.get("group_size", 1)
+        for t in table:
+            if t["kind"] != "sparse" or not t["count"]:
+                continue
+            c, seg = t["count"], t.get("segments", {})
+            want = {} if p["value_dtype"] not in QUANT_MAX else {
+                "values": (c + 1) // 2 if p["value_dtype"] == "int4" else c, "scales": -(-c // group)}
+            if set(seg) != set(want) or any(seg[a][1] != n for a, n in want.items()):
+                return f"entry {t['name']!r} has segments {seg} for {c} {p['value_dtype']} values"
+        return None
+
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
         p = entry["params"]
         return {"indices": p["index_dtype"], "values": storage_dtype(p["value_dtype"]), "scales": "float16"}
@@ -538,7 +554,7 @@ class SparseDelta(TaskKind):
             for n, kind in bar(steps, f"task {task}", progress):
                 if kind == "base":
                     out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
-                                  start=0, count=0))
+                                  start=values.indices.position, count=0))
                     continue
                 if kind == "sparse":
                     values.begin()
@@ -550,7 +566,7 @@ class SparseDelta(TaskKind):
                                   **fields))
                     kept += int(fields["count"])  # type: ignore[call-overload]
                     continue
-                dense_count += store_whole_or_same(out, task, n, source, base, entry)
+                dense_count += store_whole_or_same(out, task, n, source, base, entry, values.indices.position)
         finally:
             entries.close()  # stops the worker before the entries it reads are closed
             if picked is not None:
@@ -594,9 +610,9 @@ class SparseDelta(TaskKind):
                 pos.cumsum_(0)  # in place (the gaps are this read's own): 10x numpy's cumsum into fresh memory
             else:
                 pos = torch.cumsum(gaps.to(torch.int64), 0)
-            if c and (int(pos[-1]) >= size or int(pos.min()) < 0):
-                raise CorruptStoreError(f"task tensor {name!r}: a stored index lies outside the tensor; "
-                                        "the store is damaged")
+            if c and (int(pos[-1]) >= size or int(pos.min()) < 0 or bool((pos[1:] <= pos[:-1]).any())):
+                raise CorruptStoreError(f"task tensor {name!r}: a stored index lies outside the tensor or repeats "
+                                        "one before it; the store is damaged")
             yield AddAt(name, shape, dtype, pos, read_values(segments, t, p) if c else torch.empty(0, device=device),
                         base_name=t.get("base"))
 

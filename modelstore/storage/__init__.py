@@ -217,10 +217,13 @@ class Location:
 
     # -- zarr groups -----------------------------------------------------------
     def create_root_group(self, attributes: dict[str, Any]) -> None:
-        """The zarr group at the store's root (its `zarr.json`), unless it is there."""
+        """The zarr group at the store's root (its `zarr.json`) with `attributes`, unless it has them
+        (writing a payload's group first writes the root's metadata without attributes)."""
         with self.errors("create the root group"):
-            if not self.fs.exists(self.path("zarr.json")):
-                zarr.open_group(self._zwrite, mode="a", attributes=attributes)
+            group = zarr.open_group(self._zwrite, mode="a")
+            missing = {k: v for k, v in attributes.items() if k not in group.attrs}
+            if missing:
+                group.attrs.update(missing)
 
     def create_group(self, rel: str) -> zarr.Group:
         """A new, empty zarr group at `rel` (and the group metadata of its parents)."""
