@@ -65,11 +65,7 @@ def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict
     """
     out = {}
     for name, info in sorted(entry.get("files", {}).items()):
-        with loc.errors(f"read {name}"):
-            try:
-                data = loc.fs.cat_file(loc.path(f"{entry['path']}/files/{name}"))
-            except FileNotFoundError:
-                data = None
+        data = loc.read_bytes(f"{entry['path']}/files/{name}")
         if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CorruptStoreError(f"{loc.url}: {what}: model file {name!r} is "
                                     f"{'missing' if data is None else 'damaged'}; restore the store or add the base again")
@@ -95,7 +91,8 @@ class CheckReport:
 
 
 def check_store(loc: Location, manifest: Manifest) -> CheckReport:
-    """Verify every base and task of the store; damage is reported, not raised."""
+    """Verify every base and task of the store, and that it holds no symbolic link; damage is
+    reported, not raised."""
     report = CheckReport(url=loc.url)
     items: list[tuple[str, PayloadFields, TaskKind | None]] = [
         (f"base {b!r}", e, None) for b, e in sorted(manifest["bases"].items())]
@@ -111,6 +108,11 @@ def check_store(loc: Location, manifest: Manifest) -> CheckReport:
             report.damaged[what] = str(e)
         else:
             report.sound.append(what)
+    try:  # a link outside the payloads too (group metadata, strays): sync and writers refuse it
+        loc.refuse_links("", tree=True)
+    except CorruptStoreError as e:
+        if str(e) not in report.damaged.values():
+            report.damaged["store"] = str(e)
     return report
 
 

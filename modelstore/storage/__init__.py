@@ -15,12 +15,17 @@ from typing import Any
 
 import fsspec
 import zarr
+from zarr.errors import ContainsGroupError
 
 from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError, is_io_error
 from ..format.manifest import Manifest, parse_manifest
 from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
 from .hub import HubRepo
 from .slots import ManifestSlot, slot_for
+
+
+#: Object stores whose first path component is a bucket that must exist before anything is written.
+BUCKETED = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 
 
 class Location:
@@ -83,6 +88,7 @@ class Location:
     # -- the manifest ----------------------------------------------------------
     def read_manifest_versioned(self) -> tuple[Manifest | None, Any]:
         """The manifest (checked) or None, and the token a conditional publish needs."""
+        self.refuse_links(MANIFEST)
         with self.errors("read manifest.json"):
             blob, token = self.slot.read()
         return (None if blob is None else parse_manifest(blob, self.url)), token
@@ -90,6 +96,22 @@ class Location:
     def read_manifest(self) -> Manifest | None:
         """The store's manifest, checked (modelstore's, not newer, not damaged), or None if absent."""
         return self.read_manifest_versioned()[0]
+
+    def require_bucket(self) -> None:
+        """Refuse an object-store location whose bucket does not exist, in one line: its store
+        would read as empty and every write would fail file by file.
+
+        Raises:
+            InputError: naming the bucket.
+        """
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        if not set(protocols) & BUCKETED:
+            return
+        bucket = self.root.split("/", 1)[0]
+        with self.errors(f"look up bucket {bucket}"):
+            found = self.fs.exists(bucket)
+        if not found:
+            raise InputError(f"{self.url}: bucket {bucket!r} does not exist; create it first, or give another location")
 
     def require_manifest(self) -> Manifest:
         """The store's manifest.
@@ -118,15 +140,57 @@ class Location:
     # -- directories -----------------------------------------------------------
     def _inside(self, rel: str) -> str:
         """The path of `rel`, refusing to follow a symbolic link on the way (local disks)."""
-        full = self.path(rel)
+        link = self._link_on_path(rel)
+        if link is not None:
+            raise StorageError(f"{self.url}: {link} is a symbolic link; "
+                               "modelstore never writes or deletes through links, remove it")
+        return self.path(rel)
+
+    def _link_on_path(self, rel: str) -> str | None:
+        """The first of `rel`'s components that is a symbolic link (local disks), relative to the root."""
         if self.local:
             here = self.root
-            for part in rel.split("/"):
+            for part in filter(None, rel.split("/")):
                 here = os.path.join(here, part)
                 if os.path.islink(here):
-                    raise StorageError(f"{self.url}: {os.path.relpath(here, self.root)} is a symbolic link; "
-                                       "modelstore never writes or deletes through links, remove it")
-        return full
+                    return os.path.relpath(here, self.root)
+        return None
+
+    def refuse_links(self, rel: str, tree: bool = False) -> None:
+        """Refuse to read `rel` (`""`: the root) through a symbolic link (local disks): one on the way
+        to it, or with `tree` anywhere below it. A store never holds links; one could serve, or let sync copy, bytes
+        from outside the store. One lstat per component, plus one directory listing per directory
+        of the tree (file types come with the listing), so checking a whole payload costs no stat per
+        chunk file.
+
+        Raises:
+            CorruptStoreError: naming the link.
+        """
+        link = self._link_on_path(rel)
+        if link is None and tree and self.local:
+            with self.errors(f"list {rel}"):
+                link = _link_below(self.root, self.path(rel))
+        if link is not None:
+            raise CorruptStoreError(f"{self.url}: {link} is a symbolic link, which a store never holds; the store "
+                                    "is damaged (remove the link and restore the store from a good copy)")
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The content of file `rel` (None if there is none), never read through a symbolic link."""
+        self.refuse_links(rel)
+        with self.errors(f"read {rel}"):
+            try:
+                return bytes(self.fs.cat_file(self.path(rel)))
+            except FileNotFoundError:
+                return None
+
+    def payload_files(self, rel: str) -> dict[str, int]:
+        """Every file under payload directory `rel`: its path and size (empty if it is missing).
+
+        Raises:
+            CorruptStoreError: a symbolic link is on the way to or inside it.
+        """
+        self.refuse_links(rel, tree=True)
+        return {path: int(info["size"]) for path, info in self._files(rel).items()}
 
     def open_write(self, rel: str) -> Any:
         """A new binary file at `rel` (staged for the next commit on the Hub), never through a link."""
@@ -220,7 +284,8 @@ class Location:
         """The zarr group at the store's root (its `zarr.json`), unless it is there."""
         with self.errors("create the root group"):
             if not self.fs.exists(self.path("zarr.json")):
-                zarr.open_group(self._zwrite, mode="a", attributes=attributes)
+                with contextlib.suppress(ContainsGroupError):  # another writer's first commit made it meanwhile
+                    zarr.open_group(self._zwrite, mode="a", attributes=attributes)
 
     def create_group(self, rel: str) -> zarr.Group:
         """A new, empty zarr group at `rel` (and the group metadata of its parents)."""
@@ -235,6 +300,7 @@ class Location:
             CorruptStoreError: it is missing or its metadata is unreadable.
         """
         staged = self.hub is not None and os.path.isdir(self.hub.stage(rel))  # written, not yet committed
+        self.refuse_links(rel, tree=True)
         with self.errors(f"read {rel}"):
             try:
                 return zarr.open_group(self._zwrite if staged else self.zstore, path=rel, mode="r", zarr_format=3)
@@ -244,6 +310,23 @@ class Location:
             except (ValueError, KeyError, TypeError) as e:  # unreadable zarr.json
                 raise CorruptStoreError(f"{self.url}: the metadata of {rel} is unreadable ({type(e).__name__}); "
                                         "the store is damaged") from None
+
+
+def _link_below(root: str, top: str) -> str | None:
+    """The first symbolic link in directory tree `top`, relative to `root`, or None (also when
+    `top` is missing: its readers report that)."""
+    try:
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return os.path.relpath(entry.path, root)
+                if entry.is_dir(follow_symlinks=False):
+                    link = _link_below(root, entry.path)
+                    if link is not None:
+                        return link
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return None
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:
