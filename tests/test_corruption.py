@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import modelstore
+from modelstore.format.paths import is_payload_dir
 
 V1 = Path(__file__).parent / "data" / "v1" / "store"
 
@@ -182,3 +183,25 @@ def test_sync_refuses_a_damaged_source_and_repairs_a_damaged_destination(pristin
     with pytest.raises(modelstore.CorruptStoreError, match=f"{src}.*task 'a'"):
         modelstore.sync(src, fresh)
     assert "a" not in modelstore.open(fresh).tasks()
+
+
+def test_every_file_and_directory_relinked_in_turn(pristine, tmp_path):
+    """Each file and directory replaced by a symbolic link to an identical copy outside the store:
+    `check` names the link every time; a load refuses it wherever it would read through it, and
+    otherwise (group metadata above the payloads, which loads do not read) returns the intact
+    weights."""
+    url0, want = pristine
+    dirs = sorted(os.path.relpath(os.path.join(d, n), url0) for d, ns, _ in os.walk(url0) for n in ns)
+    for i, rel in enumerate(_files(url0) + dirs):
+        url, outside = str(tmp_path / f"case-{i}"), str(tmp_path / f"outside-{i}")
+        shutil.copytree(url0, url)
+        path = os.path.join(url, rel)
+        shutil.move(path, outside)
+        os.symlink(outside, path)
+        parts = rel.split("/")  # loads read the manifest, payloads and the directories on the way
+        read = rel == "manifest.json" or rel in dirs or (len(parts) > 2 and is_payload_dir(parts[2]))
+        assert _judge(url, want, f"link {rel}") == ("error" if read else "intact")
+        if rel != "manifest.json":
+            report = modelstore.open(url).check()
+            assert any(f"{rel} is a symbolic link" in why for why in report.damaged.values()), rel
+        shutil.rmtree(url)
