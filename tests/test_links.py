@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import start_moto
 
 import modelstore
-from conftest import start_moto
 from modelstore.cli import main
 
 V1 = Path(__file__).parent / "data" / "v1" / "store"
@@ -206,7 +206,7 @@ def _sync_rounds(barrier, src: str, dests: list[str], opts, results) -> None:
         try:
             ms.sync(src, dst, tasks=["a"], dst_options=opts)
             results.put(None)
-        except Exception:  # the test prints what went wrong
+        except Exception:  # noqa: BLE001 - the test prints what went wrong
             results.put(traceback.format_exc(limit=-3))
 
 

@@ -2,8 +2,8 @@
 
 Everything that touches bytes at a location goes through `Location`: reading and publishing the
 manifest (conditionally, through the filesystem's slot, see slots.py), creating and reading the
-zarr groups of payloads, listing, and deleting. Writes and deletes never leave the store's root,
-symbolic links included, and I/O failures become one-line StorageErrors that name the location.
+zarr groups of payloads, listing, and deleting. Reads, writes and deletes never leave the store's
+root through a symbolic link, and I/O failures become one-line StorageErrors that name the location.
 """
 
 from __future__ import annotations
@@ -22,10 +22,6 @@ from ..format.manifest import Manifest, parse_manifest
 from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
 from .hub import HubRepo
 from .slots import ManifestSlot, slot_for
-
-
-#: Object stores whose first path component is a bucket that must exist before anything is written.
-BUCKETED = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 
 
 class Location:
@@ -98,20 +94,24 @@ class Location:
         return self.read_manifest_versioned()[0]
 
     def require_bucket(self) -> None:
-        """Refuse an object-store location whose bucket does not exist, in one line: its store
-        would read as empty and every write would fail file by file.
+        """Refuse an S3 location whose bucket does not exist, in one line: its store would read as
+        empty and every write would fail file by file.
 
         Raises:
             InputError: naming the bucket.
         """
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        if not set(protocols) & BUCKETED:
+        head = getattr(self.fs, "call_s3", None)  # s3fs
+        if head is None:
             return
         bucket = self.root.split("/", 1)[0]
         with self.errors(f"look up bucket {bucket}"):
-            found = self.fs.exists(bucket)
-        if not found:
-            raise InputError(f"{self.url}: bucket {bucket!r} does not exist; create it first, or give another location")
+            try:
+                head("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise InputError(f"{self.url}: bucket {bucket!r} does not exist; create it first, or give another "
+                                 "location") from None
+            except PermissionError:  # it may exist for credentials that write but do not look up buckets
+                pass
 
     def require_manifest(self) -> Manifest:
         """The store's manifest.
@@ -158,10 +158,9 @@ class Location:
 
     def refuse_links(self, rel: str, tree: bool = False) -> None:
         """Refuse to read `rel` (`""`: the root) through a symbolic link (local disks): one on the way
-        to it, or with `tree` anywhere below it. A store never holds links; one could serve, or let sync copy, bytes
-        from outside the store. One lstat per component, plus one directory listing per directory
-        of the tree (file types come with the listing), so checking a whole payload costs no stat per
-        chunk file.
+        to it, or with `tree` anywhere below it. A store never holds links; one could serve, or let
+        sync copy, bytes from outside the store. One lstat per component, plus one listing per
+        directory of the tree (file types come with the listing): no stat per chunk file.
 
         Raises:
             CorruptStoreError: naming the link.
