@@ -88,15 +88,11 @@ def read_model_files(loc: Location, entry: Mapping[str, Any], what: str) -> dict
     for name, info in sorted(entry.get("files", {}).items()):
         rel = f"{entry['path']}/files/{name}"
         staged = loc.hub.stage(rel) if loc.hub is not None else None  # written, not yet committed (a sync's copy)
-        with loc.errors(f"read {name}"):
-            try:
-                if staged is not None and os.path.isfile(staged):
-                    with open(staged, "rb") as fh:
-                        data = fh.read()
-                else:
-                    data = loc.fs.cat_file(loc.path(rel))
-            except FileNotFoundError:
-                data = None
+        if staged is not None and os.path.isfile(staged):
+            with loc.errors(f"read {name}"), open(staged, "rb") as fh:
+                data: bytes | None = fh.read()
+        else:
+            data = loc.read_bytes(rel)  # never through a symbolic link
         if data is None or "sha256:" + hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise CorruptStoreError(f"{loc.url}: {what}: model file {name!r} is "
                                     f"{'missing' if data is None else 'damaged'}; restore the store or add it again")
@@ -122,8 +118,8 @@ class CheckReport:
 
 
 def check_store(loc: Location, manifest: Manifest, load: Callable[[str], None] | None = None) -> CheckReport:
-    """Verify every base and task of the store, then read each sound task with `load(task)` (as a
-    load reads it); damage is reported, not raised."""
+    """Verify every base and task of the store and that it holds no symbolic link, then read each
+    sound task with `load(task)` (as a load reads it); damage is reported, not raised."""
     report = CheckReport(url=loc.url)
     items: list[tuple[str, PayloadFields, TaskKind | None, str | None]] = [
         (f"base {b!r}", e, None, None) for b, e in sorted(manifest["bases"].items())]
@@ -141,6 +137,11 @@ def check_store(loc: Location, manifest: Manifest, load: Callable[[str], None] |
             report.damaged[what] = str(e)
         else:
             report.sound.append(what)
+    try:  # a link outside the payloads too (group metadata, strays): sync and writers refuse it
+        loc.refuse_links("", tree=True)
+    except CorruptStoreError as e:
+        if str(e) not in report.damaged.values():
+            report.damaged["store"] = str(e)
     return report
 
 

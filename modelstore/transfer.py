@@ -96,6 +96,8 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
 
     dest_loc = Location(dst, dst_options, read_only=dry_run)
     dest_manifest = dest_loc.read_manifest()  # refuses a newer format, or someone else's manifest.json
+    if dest_manifest is None:
+        dest_loc.require_bucket()
     if dest_manifest is not None and src_loc.same_place(dest_loc):
         raise InputError(f"{src} and {dst} are the same store; give another destination")
     have_bases = dest_manifest["bases"] if dest_manifest else {}
@@ -214,19 +216,15 @@ def _copy_payload(src: Location, dst: Location, rel: str, on_bytes: Callable[[in
     directory and the bytes copied. A live payload is never written over."""
     target = new_payload_dir(rel.rsplit("/", 1)[0])
     root = src.path(rel)
-    with src.errors(f"list {rel}"):
-        try:
-            files = src.fs.find(root, detail=True)
-        except FileNotFoundError:
-            files = {}
+    files = src.payload_files(rel)  # refuses symbolic links: a copy never takes bytes from outside the store
     if not files:
         raise CorruptStoreError(f"{src.url}: {rel} is listed in the manifest but missing; the store is damaged")
-    jobs = [(path, f"{target}/{path[len(root):].lstrip('/')}", int(info["size"]))
-            for path, info in sorted(files.items())]  # fmt: skip
+    jobs = [(path, f"{target}/{path[len(root):].lstrip('/')}", size) for path, size in sorted(files.items())]
     parts = rel.split("/")
     with src.errors("read group metadata"):
         for i in range(len(parts) - 1, 0, -1):  # tasks/zarr.json, tasks/<name>/zarr.json: group metadata
             meta = "/".join(parts[:i]) + "/zarr.json"
+            src.refuse_links(meta)
             if src.fs.exists(src.path(meta)) and not dst.fs.exists(dst.path(meta)):
                 jobs.append((src.path(meta), meta, int(src.fs.size(src.path(meta)))))
     total = 0

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import modelstore
 from conftest import flip_byte
+from modelstore.format.paths import is_payload_dir
 
 V1 = Path(__file__).parent / "data" / "v1" / "store"
 
@@ -331,3 +332,23 @@ def test_resealed_manifest_params_are_refused_by_load_and_check_alike(every_kind
             refused += verdict == "refused"
             shutil.rmtree(url)
     assert refused == sum(map(len, edits.values()))
+def test_every_file_and_directory_relinked_in_turn(pristine, tmp_path):
+    """Each file and directory replaced by a symbolic link to an identical copy outside the store:
+    `check` names the link every time; a load refuses it wherever it would read through it, and
+    otherwise (group metadata above the payloads, which loads do not read) returns the intact
+    weights."""
+    url0, want = pristine
+    dirs = sorted(os.path.relpath(os.path.join(d, n), url0) for d, ns, _ in os.walk(url0) for n in ns)
+    for i, rel in enumerate(_files(url0) + dirs):
+        url, outside = str(tmp_path / f"case-{i}"), str(tmp_path / f"outside-{i}")
+        shutil.copytree(url0, url)
+        path = os.path.join(url, rel)
+        shutil.move(path, outside)
+        os.symlink(outside, path)
+        parts = rel.split("/")  # loads read the manifest, payloads and the directories on the way
+        read = rel == "manifest.json" or rel in dirs or (len(parts) > 2 and is_payload_dir(parts[2]))
+        assert _judge(url, want, f"link {rel}") == ("error" if read else "intact")
+        if rel != "manifest.json":
+            report = modelstore.open(url).check()
+            assert any(f"{rel} is a symbolic link" in why for why in report.damaged.values()), rel
+        shutil.rmtree(url)

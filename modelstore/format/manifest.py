@@ -157,6 +157,9 @@ def check_manifest(m: Any, url: str) -> Manifest:
     if not isinstance(v, int) or v > FORMAT_VERSION:
         raise FormatVersionError(f"{url} has store format version {v}, newer than this modelstore reads "
                                  f"(version {FORMAT_VERSION}); upgrade modelstore")
+    if "checksum" not in m and not _unsealed_v1(m):
+        raise CorruptStoreError(f"{url}: manifest.json has no checksum, which only a version-1 manifest may lack; "
+                                "the store is damaged (restore it, or `modelstore sync` a good copy over it)")
     if "checksum" in m and m["checksum"] != manifest_checksum(m):
         raise CorruptStoreError(f"{url}: manifest.json fails its checksum; the store is damaged (restore it, "
                                 "or `modelstore sync` a good copy over it)")
@@ -164,6 +167,18 @@ def check_manifest(m: Any, url: str) -> Manifest:
     if damaged:
         raise CorruptStoreError(f"{url}: manifest.json is damaged ({damaged}); restore it from a good copy")
     return m  # type: ignore[return-value]
+
+
+def _unsealed_v1(m: dict[str, Any]) -> bool:
+    """Whether `m` may lack its checksum: only version-1 writers left it out, and they recorded no
+    version-2 array (`seal` raises the version of a manifest that lists one), so a checksum deleted
+    from a later manifest, even with its version lowered, is caught."""
+    if m.get("version") != 1:
+        return False
+    entries = [e for key in ("bases", "tasks") if isinstance(m.get(key), dict) for e in m[key].values()]
+    return not any(isinstance(e, dict) and isinstance(e.get("arrays"), dict)
+                   and any(isinstance(a, dict) and "chunks_crc32c" in a for a in e["arrays"].values())
+                   for e in entries)
 
 
 def _manifest_problem(m: dict[str, Any]) -> str | None:

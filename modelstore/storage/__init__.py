@@ -2,8 +2,8 @@
 
 Everything that touches bytes at a location goes through `Location`: reading and publishing the
 manifest (conditionally, through the filesystem's slot, see slots.py), creating and reading the
-zarr groups of payloads, listing, and deleting. Writes and deletes never leave the store's root,
-symbolic links included, and I/O failures become one-line StorageErrors that name the location.
+zarr groups of payloads, listing, and deleting. Reads, writes and deletes never leave the store's
+root through a symbolic link, and I/O failures become one-line StorageErrors that name the location.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import fsspec
 import zarr
+from zarr.errors import ContainsGroupError
 
 from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError, is_io_error
 from ..format.manifest import Manifest, parse_manifest
@@ -83,6 +84,7 @@ class Location:
     # -- the manifest ----------------------------------------------------------
     def read_manifest_versioned(self) -> tuple[Manifest | None, Any]:
         """The manifest (checked) or None, and the token a conditional publish needs."""
+        self.refuse_links(MANIFEST)
         with self.errors("read manifest.json"):
             blob, token = self.slot.read()
         return (None if blob is None else parse_manifest(blob, self.url)), token
@@ -90,6 +92,26 @@ class Location:
     def read_manifest(self) -> Manifest | None:
         """The store's manifest, checked (modelstore's, not newer, not damaged), or None if absent."""
         return self.read_manifest_versioned()[0]
+
+    def require_bucket(self) -> None:
+        """Refuse an S3 location whose bucket does not exist, in one line: its store would read as
+        empty and every write would fail file by file.
+
+        Raises:
+            InputError: naming the bucket.
+        """
+        head = getattr(self.fs, "call_s3", None)  # s3fs
+        if head is None:
+            return
+        bucket = self.root.split("/", 1)[0]
+        with self.errors(f"look up bucket {bucket}"):
+            try:
+                head("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise InputError(f"{self.url}: bucket {bucket!r} does not exist; create it first, or give another "
+                                 "location") from None
+            except PermissionError:  # it may exist for credentials that write but do not look up buckets
+                pass
 
     def require_manifest(self) -> Manifest:
         """The store's manifest.
@@ -118,15 +140,56 @@ class Location:
     # -- directories -----------------------------------------------------------
     def _inside(self, rel: str) -> str:
         """The path of `rel`, refusing to follow a symbolic link on the way (local disks)."""
-        full = self.path(rel)
+        link = self._link_on_path(rel)
+        if link is not None:
+            raise StorageError(f"{self.url}: {link} is a symbolic link; "
+                               "modelstore never writes or deletes through links, remove it")
+        return self.path(rel)
+
+    def _link_on_path(self, rel: str) -> str | None:
+        """The first of `rel`'s components that is a symbolic link (local disks), relative to the root."""
         if self.local:
             here = self.root
-            for part in rel.split("/"):
+            for part in filter(None, rel.split("/")):
                 here = os.path.join(here, part)
                 if os.path.islink(here):
-                    raise StorageError(f"{self.url}: {os.path.relpath(here, self.root)} is a symbolic link; "
-                                       "modelstore never writes or deletes through links, remove it")
-        return full
+                    return os.path.relpath(here, self.root)
+        return None
+
+    def refuse_links(self, rel: str, tree: bool = False) -> None:
+        """Refuse to read `rel` (`""`: the root) through a symbolic link (local disks): one on the way
+        to it, or with `tree` anywhere below it. A store never holds links; one could serve, or let
+        sync copy, bytes from outside the store. One lstat per component, plus one listing per
+        directory of the tree (file types come with the listing): no stat per chunk file.
+
+        Raises:
+            CorruptStoreError: naming the link.
+        """
+        link = self._link_on_path(rel)
+        if link is None and tree and self.local:
+            with self.errors(f"list {rel}"):
+                link = _link_below(self.root, self.path(rel))
+        if link is not None:
+            raise CorruptStoreError(f"{self.url}: {link} is a symbolic link, which a store never holds; the store "
+                                    "is damaged (remove the link and restore the store from a good copy)")
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The content of file `rel` (None if there is none), never read through a symbolic link."""
+        self.refuse_links(rel)
+        with self.errors(f"read {rel}"):
+            try:
+                return bytes(self.fs.cat_file(self.path(rel)))
+            except FileNotFoundError:
+                return None
+
+    def payload_files(self, rel: str) -> dict[str, int]:
+        """Every file under payload directory `rel`: its path and size (empty if it is missing).
+
+        Raises:
+            CorruptStoreError: a symbolic link is on the way to or inside it.
+        """
+        self.refuse_links(rel, tree=True)
+        return {path: int(info["size"]) for path, info in self._files(rel).items()}
 
     def open_write(self, rel: str) -> Any:
         """A new binary file at `rel` (staged for the next commit on the Hub), never through a link."""
@@ -220,7 +283,10 @@ class Location:
         """The zarr group at the store's root (its `zarr.json`) with `attributes`, unless it has them
         (writing a payload's group first writes the root's metadata without attributes)."""
         with self.errors("create the root group"):
-            group = zarr.open_group(self._zwrite, mode="a")
+            try:
+                group = zarr.open_group(self._zwrite, mode="a")
+            except ContainsGroupError:  # another writer's first commit made it meanwhile
+                group = zarr.open_group(self._zwrite, mode="r+")
             missing = {k: v for k, v in attributes.items() if k not in group.attrs}
             if missing:
                 group.attrs.update(missing)
@@ -238,6 +304,7 @@ class Location:
             CorruptStoreError: it is missing or its metadata is unreadable.
         """
         staged = self.hub is not None and os.path.isdir(self.hub.stage(rel))  # written, not yet committed
+        self.refuse_links(rel, tree=True)
         with self.errors(f"read {rel}"):
             try:
                 return zarr.open_group(self._zwrite if staged else self.zstore, path=rel, mode="r", zarr_format=3)
@@ -247,6 +314,23 @@ class Location:
             except (ValueError, KeyError, TypeError) as e:  # unreadable zarr.json
                 raise CorruptStoreError(f"{self.url}: the metadata of {rel} is unreadable ({type(e).__name__}); "
                                         "the store is damaged") from None
+
+
+def _link_below(root: str, top: str) -> str | None:
+    """The first symbolic link in directory tree `top`, relative to `root`, or None (also when
+    `top` is missing: its readers report that)."""
+    try:
+        with os.scandir(top) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    return os.path.relpath(entry.path, root)
+                if entry.is_dir(follow_symlinks=False):
+                    link = _link_below(root, entry.path)
+                    if link is not None:
+                        return link
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return None
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:
