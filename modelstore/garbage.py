@@ -92,7 +92,7 @@ def collect(loc: Location, grace_s: float, dry_run: bool = False, force: bool = 
         gc.temp_files(top)
         for owner, entry in loc.entries(top).items():
             if entry.is_dir:
-                gc.folder(f"{top}/{owner}")
+                gc.folder(f"{top}/{owner}", entry.mtime)
     for found in (gc.report.removed, gc.report.leftovers, gc.report.kept_young, gc.report.kept_leased):
         found.sort()
     return gc.report
@@ -113,9 +113,9 @@ class _Collector:
             return self.grace_s <= 0 or self.loc.stages_locally
         return self.now - stamp >= self.grace_s
 
-    def folder(self, parent: str) -> None:
-        """The payloads, leases and temporary files in one task or base folder; then the folder,
-        if that leaves nothing in it but its group metadata."""
+    def folder(self, parent: str, made: float | None) -> None:
+        """The payloads, leases and temporary files in one task or base folder (written at `made`);
+        then the folder, if that leaves nothing in it but its group metadata."""
         loc, report = self.loc, self.report
         entries = loc.entries(parent)
         uids = {n for n in entries if is_payload_dir(n)} | \
@@ -134,8 +134,8 @@ class _Collector:
                 self.payload(rel, uid in entries, lease)
         self.temp_files(parent)
         rest = entries if report.dry_run else loc.entries(parent)
-        if set(rest) == {GROUP_META} and not any(p.startswith(parent + "/") for p in self.live) \
-                and self.old(rest[GROUP_META].mtime):
+        if set(rest) <= {GROUP_META} and not any(p.startswith(parent + "/") for p in self.live) \
+                and self.old(rest[GROUP_META].mtime if rest else made):
             report.leftovers.append(parent + "/")
             if not report.dry_run:
                 loc.remove_empty(parent)

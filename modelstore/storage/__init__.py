@@ -187,9 +187,10 @@ class Location:
             parent = parent.rpartition("/")[0]
 
     def remove_empty(self, rel: str) -> None:
-        """Delete folder `rel`, which holds only its group metadata, if it still does."""
+        """Delete folder `rel`, which holds at most its group metadata, if it still does."""
         with contextlib.suppress(OSError, ModelStoreError):  # another writer may be starting there
-            self.fs.rm_file(self._inside(f"{rel}/zarr.json"))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._inside(f"{rel}/zarr.json"))
             if self.local:
                 os.rmdir(self.path(rel))
 
@@ -214,10 +215,13 @@ class Location:
                 for info in found}
 
     def mtime(self, rel: str) -> float | None:
-        """When file `rel` was last written, by the store's clock (None if unknown)."""
+        """When file `rel` was last written, by the store's clock (None if unknown or gone)."""
         with self.errors(f"read {rel}"):
             self.fs.invalidate_cache(self.path(rel))
-            return _mtime(self.fs.info(self.path(rel)))
+            try:
+                return _mtime(self.fs.info(self.path(rel)))
+            except FileNotFoundError:
+                return None
 
     def remove_file(self, rel: str) -> None:
         """Delete file `rel`; nothing there is fine. Never through a link."""

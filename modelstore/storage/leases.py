@@ -22,10 +22,13 @@ import json
 import os
 import threading
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConflictError, ModelStoreError, StorageError, is_io_error
 from .slots import S3Slot
+
+if TYPE_CHECKING:
+    from . import Location
 
 #: Seconds a lease stays live after its last renewal (tests shorten it through the environment).
 LEASE_S = float(os.environ.get("MODELSTORE_LEASE_S", "120"))
@@ -45,7 +48,7 @@ def lease_path(payload: str) -> str:
     return payload + SUFFIX
 
 
-def _cas(loc: Any, rel: str) -> S3Slot | None:
+def _cas(loc: Location, rel: str) -> S3Slot | None:
     """The compare-and-swap slot of lease file `rel` where manifests are published without a lock."""
     return S3Slot(loc.fs, loc.path(rel)) if isinstance(loc.slot, S3Slot) else None
 
@@ -54,7 +57,7 @@ class Lease:
     """This writer's lease on its payload `payload` at location `loc`, renewed from a thread until
     `release()`. Create it before the payload directory."""
 
-    def __init__(self, loc: Any, payload: str, writer: str, ttl_s: float = LEASE_S):
+    def __init__(self, loc: Location, payload: str, writer: str, ttl_s: float = LEASE_S):
         self.loc, self.payload, self.rel = loc, payload, lease_path(payload)
         self.writer, self.ttl_s = writer, ttl_s
         self._slot = _cas(loc, self.rel)
@@ -160,7 +163,7 @@ def _broken(blob: bytes) -> bool:
         return False
 
 
-def lease_state(loc: Any, payload: str, now: float) -> tuple[State, Any] | None:
+def lease_state(loc: Location, payload: str, now: float) -> tuple[State, Any] | None:
     """The state of `payload`'s lease at time `now` and the token `break_lease` needs; None: none."""
     rel = lease_path(payload)
     slot = _cas(loc, rel)
@@ -188,14 +191,17 @@ def lease_state(loc: Any, payload: str, now: float) -> tuple[State, Any] | None:
     return ("live" if live else "expired"), token
 
 
-def break_lease(loc: Any, payload: str, token: Any) -> bool:
+def break_lease(loc: Location, payload: str, token: Any) -> bool:
     """Mark an expired lease broken, if it is still the version `token` (on S3; under the commit
-    lock elsewhere there is nothing to race). False: its writer renewed it meanwhile."""
+    lock elsewhere there is nothing to race). False: its writer renewed or deleted it meanwhile."""
     slot = _cas(loc, lease_path(payload))
     if slot is None:
         return True
     with loc.errors(f"break {lease_path(payload)}"):
-        return slot.replace(json.dumps({"broken": True}).encode(), token)
+        try:
+            return slot.replace(json.dumps({"broken": True}).encode(), token)
+        except FileNotFoundError:  # its writer deleted it meanwhile, having published or given up
+            return False
 
 
 __all__ = ["Lease", "PayloadLostError", "lease_path", "lease_state", "break_lease", "LEASE_S", "SUFFIX"]
