@@ -93,7 +93,7 @@ def test_gc_looped_against_concurrent_writers_damages_no_committed_task(shared, 
         os.makedirs(orphan)
         open(os.path.join(orphan, "zarr.json"), "w").write("{}")
         os.utime(orphan + "/zarr.json", (time.time() - 3600, time.time() - 3600))
-    env = {**_env(opts), "MODELSTORE_LEASE_S": "2"}  # leases that expire quickly unless renewed
+    env = {**_env(opts), "MODELSTORE_LEASE_S": "10"}  # gc forced to no grace: only renewed leases keep payloads
     procs = _writers([[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]], "--keep", "0.1"]
                        for r in range(rounds)] for w in range(writers)], env, tmp_path)
     gc = modelstore.open(url, mode="a", storage_options=opts)
