@@ -410,14 +410,17 @@ def check(ctx: click.Context, store: str, as_json: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--grace", default="1h", show_default=True, metavar="DURATION",
-              help="keep unreferenced payloads younger than this (0s, 30m, 1h, 2d): they may be in flight")
+              help="keep unreferenced payloads younger than this (30m, 1h, 2d): they may be in flight; "
+                   "under 10m needs --force")
+@click.option("--force", is_flag=True, help="allow a --grace under 10 minutes")
 @click.option("--dry-run", is_flag=True, help="say what would be removed; delete nothing")
 @_json_option
 @click.pass_context
-def gc(ctx: click.Context, store: str, grace: str, dry_run: bool, as_json: bool) -> None:
-    """Remove payload directories of STORE that no manifest entry references (left by killed writers)."""
+def gc(ctx: click.Context, store: str, grace: str, force: bool, dry_run: bool, as_json: bool) -> None:
+    """Remove payload directories of STORE that no manifest entry references (left by killed writers),
+    unless a writer at work holds a lease on them, and killed writers' leftovers."""
     s = open_store(store, mode="r" if dry_run else "a", storage_options=_storage_options(ctx))
-    report = s.collect_garbage(grace, dry_run=dry_run)
+    report = s.collect_garbage(grace, dry_run=dry_run, force=force)
     if as_json:
         _emit(report.as_dict())
         return
@@ -425,8 +428,10 @@ def gc(ctx: click.Context, store: str, grace: str, dry_run: bool, as_json: bool)
         return
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {len(report.removed)} unreferenced payload(s), {human_bytes(report.bytes_freed)}"
-               + (f"; kept {len(report.kept_young)} younger than {grace}" if report.kept_young else ""))
-    for rel in report.removed:
+               + (f", {len(report.leftovers)} leftover(s)" if report.leftovers else "")
+               + (f"; kept {len(report.kept_young)} younger than {grace}" if report.kept_young else "")
+               + (f"; kept {len(report.kept_leased)} leased by writers at work" if report.kept_leased else ""))
+    for rel in report.removed + report.leftovers:
         click.echo(f"  {rel}")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import dtypes, switching
 from .ahead import read_ahead
-from .commits import UncertainCommit, commit
+from .commits import WRITER_ID, UncertainCommit, commit
 from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
 from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
 from .format.codecs import BASE_CODECS
@@ -36,6 +36,7 @@ from .modules import ModuleTensors, Placement
 from .progress import bar
 from .sources import Checkpoint, open_checkpoint
 from .storage import Location
+from .storage.leases import Lease
 from .transfer import SyncReport, sync
 from .units import parse_size
 
@@ -69,7 +70,7 @@ class Store:
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.cache_base = cache_base
-        self.loc = Location(url, storage_options, read_only=(mode == "r"))
+        self.loc = Location(url, storage_options, read_only=(mode == "r"), create=_create)
         if _create:  # the manifest is first published with the store's first commit (its base)
             if self.loc.read_manifest() is not None:
                 raise InputError(f"{url} already holds a store; add tasks with `modelstore add-task` or remove it first")
@@ -80,6 +81,7 @@ class Store:
         self._bases: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
         #: (base id, payload path, device) of bases streamed once: the next load keeps them
         self._streamed: set[tuple[str, str, str]] = set()
+        self._leases: dict[str, Lease] = {}  # of this writer's payloads in flight
 
     @classmethod
     def create(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -308,20 +310,22 @@ class Store:
                 return None
         return self._base(base_id, entry, device)
 
-    def collect_garbage(self, grace: str | float = "1h", dry_run: bool = False) -> GcReport:
+    def collect_garbage(self, grace: str | float = "1h", dry_run: bool = False, force: bool = False) -> GcReport:
         """Remove payload directories no manifest references (left by writers killed before their
-        commit) that are older than `grace` ("30m", "1h", or seconds); never a referenced one.
+        commit) that are older than `grace` ("30m", "1h", or seconds) and that no writer at work
+        holds a lease on, and killed writers' leftovers; never a referenced one. A grace under 10
+        minutes needs `force` (a dry run deletes nothing and needs none).
 
         Returns:
-            What was removed, what was kept as younger than `grace`, and the bytes freed.
+            What was removed, what was kept as younger than `grace` or leased, and the bytes freed.
 
         Raises:
-            InputError: a read-only store, or `grace` is not a duration.
+            InputError: a read-only store, `grace` is not a duration, or is under 10 minutes without `force`.
         """
         if not dry_run:
             self._require_writable()
         grace_s = parse_duration(grace) if isinstance(grace, str) else float(grace)
-        return collect(self.loc, grace_s, dry_run)
+        return collect(self.loc, grace_s, dry_run, force)
 
     def check(self) -> CheckReport:
         """Read every base and task back and verify it (checksums, tables, sizes), without the originals.
@@ -411,17 +415,23 @@ class Store:
 
     # -- writing ---------------------------------------------------------------
     def _commit(self, change: Callable[[Manifest], Manifest], payload: str | None = None) -> Manifest:
-        """Publish `change` (commits.commit); on failure delete `payload`, this writer's own directory,
-        unless the publish may have happened."""
+        """Publish `change` (commits.commit), vouching for `payload`, this writer's own directory;
+        on failure delete it, unless the publish may have happened. Either way its lease ends."""
         self._require_writable()
+        lease = self._leases.pop(payload, None) if payload is not None else None
         try:
-            self.manifest = commit(self.loc, change, create=not self.manifest["bases"])
+            self.manifest = commit(self.loc, change, create=not self.manifest["bases"], payload=payload, lease=lease)
         except UncertainCommit:
             raise
         except BaseException:
             if payload is not None:
+                if lease is not None:
+                    lease.release()  # first, so that the folder it leaves empty goes too
                 self.loc.discard(payload)
             raise
+        finally:
+            if lease is not None:
+                lease.release()
         return self.manifest
 
     def _require_writable(self) -> None:
@@ -429,9 +439,22 @@ class Store:
             raise InputError(f"{self.url} is open read-only; open it with modelstore.open(url, mode=\"a\") to write")
 
     def _new_payload(self, parent: str) -> PayloadWriter:
+        """A new payload directory under `parent`, leased first so that gc leaves it alone until
+        its commit (storage/leases.py; not on the Hub, where it is staged off the location)."""
         self._require_writable()
         rel = new_payload_dir(parent)
-        return PayloadWriter(rel, self.loc.create_group(rel))
+        if not self.loc.stages_locally:
+            self._leases[rel] = Lease(self.loc, rel, WRITER_ID)
+        try:
+            return PayloadWriter(rel, self.loc.create_group(rel))
+        except BaseException:
+            self._end_lease(rel)
+            raise
+
+    def _end_lease(self, rel: str) -> None:
+        lease = self._leases.pop(rel, None)
+        if lease is not None:
+            lease.release()
 
     def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
         """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted. Either
@@ -441,6 +464,7 @@ class Store:
                 return fill(out)
         except BaseException:
             out.abandon()
+            self._end_lease(out.path)
             self.loc.discard(out.path)
             raise
         finally:

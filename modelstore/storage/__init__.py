@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import zarr
@@ -19,9 +19,16 @@ from zarr.errors import ContainsGroupError
 
 from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError, is_io_error
 from ..format.manifest import Manifest, parse_manifest
-from ..format.paths import BASES, MANIFEST, TASKS, is_payload_dir
+from ..format.paths import MANIFEST
 from .hub import HubRepo
-from .slots import ManifestSlot, slot_for
+from .slots import ManifestSlot, Vouch, slot_for
+
+
+class Entry(NamedTuple):
+    """One name in a listing: a folder or not, and when it was last written (None if unknown)."""
+
+    is_dir: bool
+    mtime: float | None
 
 
 class Location:
@@ -29,7 +36,9 @@ class Location:
     and a zarr store (arrays and groups), rooted at the same place."""
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
-                 read_only: bool = True):
+                 read_only: bool = True, create: bool | None = None):
+        """`create`: make a missing local directory (default: when writable); a store that is only
+        opened for writing is never created by it."""
         url = os.fspath(url)
         self.url = url
         self.storage_options = dict(storage_options or {})
@@ -47,7 +56,7 @@ class Location:
             self.root = os.path.abspath(self.root)
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise InputError(f"{url} is a file, not a store directory; give a directory path")
-            if not read_only:
+            if not read_only if create is None else create:
                 with self.errors("create the store directory"):
                     os.makedirs(self.root, exist_ok=True)
             self.zstore = zarr.storage.LocalStore(self.root, read_only=read_only)
@@ -125,16 +134,17 @@ class Location:
                                      "create one with `modelstore build` or `modelstore init`")
         return m
 
-    def publish(self, blob: bytes, token: Any, obsolete: Sequence[str] = ()) -> bool:
-        """Replace the manifest with `blob` if it is still version `token`; then delete `obsolete`
-        payload directories, which the new manifest no longer references. False on a conflict."""
+    def publish(self, blob: bytes, token: Any, obsolete: Sequence[str] = (), vouch: Vouch | None = None) -> bool:
+        """Replace the manifest with `blob` if it is still version `token`, `vouch` called right
+        before (slots.py); then delete `obsolete` payload directories, which the new manifest no
+        longer references, and their task's folder if that leaves it empty. False on a conflict."""
         if self.hub is not None:  # one commit: staged payloads, manifest, deletions
             return self.hub.replace(blob, token, tuple(obsolete))
-        if not self.slot.replace(blob, token):
+        if not self.slot.replace(blob, token, vouch):
             return False
         for rel in obsolete:
             with contextlib.suppress(ModelStoreError):  # space only: gc frees what is left
-                self.remove_tree(rel)
+                self.discard(rel)
         return True
 
     # -- directories -----------------------------------------------------------
@@ -230,16 +240,22 @@ class Location:
                 pass
 
     def discard(self, rel: str) -> None:
-        """Delete this writer's own uncommitted payload `rel`, and the folders above it that then hold
-        nothing but group metadata (a failed first write of a task leaves no directory behind)."""
+        """Delete payload `rel` (this writer's own uncommitted one, or one its publish unreferenced),
+        and the folders above it that then hold nothing but group metadata (a failed first write or
+        the removal of a task leaves no directory behind)."""
         self.remove_tree(rel)
         parent = rel.rpartition("/")[0]
         while parent and self.hub is None and self.listdir(parent) == ["zarr.json"]:
-            with contextlib.suppress(OSError, ModelStoreError):  # another writer may be starting there
-                self.fs.rm_file(self._inside(f"{parent}/zarr.json"))
-                if self.local:
-                    os.rmdir(self.path(parent))
+            self.remove_empty(parent)
             parent = parent.rpartition("/")[0]
+
+    def remove_empty(self, rel: str) -> None:
+        """Delete folder `rel`, which holds at most its group metadata, if it still does."""
+        with contextlib.suppress(OSError, ModelStoreError):  # another writer may be starting there
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._inside(f"{rel}/zarr.json"))
+            if self.local:
+                os.rmdir(self.path(rel))
 
     def remove_committed(self, rels: list[str]) -> None:
         """Delete committed directories (one commit on the Hub)."""
@@ -250,20 +266,44 @@ class Location:
         for rel in rels:
             self.remove_tree(rel)
 
-    def payload_dirs(self) -> Iterator[tuple[str, float | None]]:
-        """Every payload directory (`bases/<id>/<uid>`, `tasks/<name>/<uid>`) and the time its newest
-        file was written (None if unknown)."""
-        for top in (BASES, TASKS):
-            for owner in self.listdir(top):
-                if owner == "zarr.json":
-                    continue
-                for child in self.listdir(f"{top}/{owner}"):
-                    if is_payload_dir(child):
-                        rel = f"{top}/{owner}/{child}"
-                        yield rel, self._newest(rel)
+    def entries(self, rel: str) -> dict[str, Entry]:
+        """What is directly under `rel` (empty if it does not exist), never from a cached listing."""
+        with self.errors(f"list {rel}"):
+            self.fs.invalidate_cache(self.path(rel))  # other processes write here: never a cached listing
+            try:
+                found = self.fs.ls(self._inside(rel), detail=True)
+            except FileNotFoundError:
+                return {}
+        return {os.path.basename(info["name"].rstrip("/")): Entry(info.get("type") == "directory", _mtime(info))
+                for info in found}
+
+    def mtime(self, rel: str) -> float | None:
+        """When file `rel` was last written, by the store's clock (None if unknown or gone)."""
+        with self.errors(f"read {rel}"):
+            self.fs.invalidate_cache(self.path(rel))
+            try:
+                return _mtime(self.fs.info(self.path(rel)))
+            except FileNotFoundError:
+                return None
+
+    def remove_file(self, rel: str) -> None:
+        """Delete file `rel`; nothing there is fine. Never through a link."""
+        target = self._inside(rel)
+        with self.errors(f"delete {rel}"):
+            try:
+                self.fs.rm_file(target)
+            except FileNotFoundError:
+                pass
+
+    def files(self, rel: str) -> dict[str, int]:
+        """Every file under `rel` (path relative to it -> size in bytes)."""
+        prefix = self.path(rel).rstrip("/") + "/"
+        return {name[len(prefix):] if name.startswith(prefix) else name: int(info.get("size") or 0)
+                for name, info in self._files(rel).items() if info.get("type") != "directory"}
 
     def _files(self, rel: str) -> dict[str, Any]:
         with self.errors(f"list {rel}"):
+            self.fs.invalidate_cache(self.path(rel))
             try:
                 return self.fs.find(self.path(rel), detail=True)
             except FileNotFoundError:
@@ -273,7 +313,8 @@ class Location:
         """Bytes of the files under `rel`."""
         return sum(int(info.get("size") or 0) for info in self._files(rel).values())
 
-    def _newest(self, rel: str) -> float | None:
+    def newest(self, rel: str) -> float | None:
+        """When the newest file under `rel` was written, by the store's clock (None if unknown)."""
         times = [_mtime(info) for info in self._files(rel).values()]
         known = [t for t in times if t is not None]
         return max(known) if known else None
@@ -352,4 +393,4 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
-__all__ = ["Location"]
+__all__ = ["Location", "Entry"]

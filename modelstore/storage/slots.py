@@ -13,6 +13,7 @@ conflict, re-reads and tries again. How the condition is enforced is the filesys
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -20,6 +21,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from ..errors import StorageError
@@ -28,6 +30,10 @@ from ..errors import StorageError
 LOCK_TIMEOUT_S = 60.0
 #: Reads of an S3 manifest that another writer keeps replacing between its HEAD and its GET.
 READ_ATTEMPTS = 20
+
+#: A writer's last check before it publishes (commits.py: its payload is intact); it raises to stop
+#: the publish. Called after the token compare while the lock is held where there is one.
+Vouch = Callable[[], None]
 
 
 class ManifestSlot:
@@ -42,13 +48,20 @@ class ManifestSlot:
         """The manifest's bytes (None if there is none) and a token for `replace`."""
         raise NotImplementedError
 
-    def replace(self, blob: bytes, token: Any) -> bool:
-        """Write `blob` as the manifest if it is still the version `token` names (None: absent).
+    def replace(self, blob: bytes, token: Any, vouch: Vouch | None = None) -> bool:
+        """Write `blob` as the manifest if it is still the version `token` names (None: absent),
+        calling `vouch` right before the write (inside the lock where there is one).
 
         Returns False on a conflict; raises on other failures (the write may or may not have
-        happened: the caller re-reads to find out).
+        happened: the caller re-reads to find out) and whatever `vouch` raises (nothing written).
         """
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every publish while inside (the lock `replace` takes; a no-op where there is
+        none, such as S3, whose writers and gc rely on payload leases instead: leases.py)."""
+        yield
 
 
 def _digest(blob: bytes | None) -> str | None:
@@ -70,12 +83,12 @@ class LocalSlot(ManifestSlot):
             blob = None
         return blob, _digest(blob)
 
-    def replace(self, blob: bytes, token: Any) -> bool:
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            self._lock(fd)
+    def replace(self, blob: bytes, token: Any, vouch: Vouch | None = None) -> bool:
+        with self.exclusive():
             if self.read()[1] != token:
                 return False
+            if vouch is not None:
+                vouch()
             tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
             try:
                 with open(tmp, "xb") as fh:
@@ -92,6 +105,13 @@ class LocalSlot(ManifestSlot):
             finally:
                 os.close(dfd)
             return True
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            self._lock(fd)
+            yield
         finally:
             os.close(fd)  # closing drops the lock
 
@@ -113,12 +133,15 @@ class S3Slot(ManifestSlot):
 
     def __init__(self, fs: Any, path: str):
         self.fs, self.path = fs, path
+        #: the LastModified of the object last read (the store's clock; leases.py)
+        self.modified: Any = None
 
     def read(self) -> tuple[bytes | None, Any]:
         for attempt in range(READ_ATTEMPTS):
             self.fs.invalidate_cache(self.path)
             try:
                 with self.fs.open(self.path, "rb") as fh:  # the body is fetched If-Match the ETag it reports
+                    self.modified = fh.details.get("LastModified")
                     return fh.read(), fh.details["ETag"]
             except FileNotFoundError:
                 return None, None
@@ -127,7 +150,9 @@ class S3Slot(ManifestSlot):
                     raise
         raise AssertionError("unreachable")
 
-    def replace(self, blob: bytes, token: Any) -> bool:
+    def replace(self, blob: bytes, token: Any, vouch: Vouch | None = None) -> bool:
+        if vouch is not None:
+            vouch()
         try:
             if token is None:
                 self.fs.pipe_file(self.path, blob, mode="create")
@@ -166,12 +191,19 @@ class ProcessLockedSlot(ManifestSlot):
             blob = None
         return blob, _digest(blob)
 
-    def replace(self, blob: bytes, token: Any) -> bool:
+    def replace(self, blob: bytes, token: Any, vouch: Vouch | None = None) -> bool:
         with self._lock:
             if self.read()[1] != token:
                 return False
+            if vouch is not None:
+                vouch()
             self.fs.pipe_file(self.path, blob)
             return True
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._lock:
+            yield
 
 
 class UnconditionalSlot(ProcessLockedSlot):
@@ -193,4 +225,4 @@ def slot_for(fs: Any, path: str, local: bool) -> ManifestSlot:
     return UnconditionalSlot(fs, path)
 
 
-__all__ = ["ManifestSlot", "LocalSlot", "S3Slot", "ProcessLockedSlot", "UnconditionalSlot", "slot_for"]
+__all__ = ["Vouch", "ManifestSlot", "LocalSlot", "S3Slot", "ProcessLockedSlot", "UnconditionalSlot", "slot_for"]
