@@ -184,7 +184,7 @@ def _bits(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]]
         if t["kind"] == "dense":
             out[t["name"]] = _dense(p, t)
             continue
-        b, bdtype = base[t["name"]]
+        b, bdtype = base[t.get("base", t["name"])]
         if t["kind"] == "sparse":  # count 0: the base's tensor
             out[t["name"]] = b, bdtype
             continue
@@ -195,7 +195,7 @@ def _bits(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]]
             s = np.float32(t["scale"])
             x = B + np.where(m, s, -s)
         else:
-            b0, b0dtype = bases["pretrained"][t["name"]]
+            b0, b0dtype = bases["pretrained"][t.get("base", t["name"])]
             B0 = _to_f32(b0, b0dtype).reshape(-1)
             if entry["kind"] == "tall-mask":
                 x = np.where(m, B, B0)

@@ -64,7 +64,9 @@ def stores(bert_models, tmp_path_factory):
     cls.bert.load_state_dict(bert_models["sds"]["gamma"], strict=False)
     cls.save_pretrained(str(root / "cls"))
     s.add_task("head", str(root / "cls"), keep=0.2)
-    out += [(merged, t) for t in ["alpha", "beta", *variants, "tall", "head"]]
+    s.add_task("head-tall", str(root / "cls"), kind="tall-mask")  # 1-bit entries naming their base tensor
+    s.add_task("head-bits", str(root / "cls"), kind="bitdelta")
+    out += [(merged, t) for t in ["alpha", "beta", *variants, "tall", "head", "head-tall", "head-bits"]]
 
     emr = str(root / "emr")
     modelstore.build(emr, pre, {"alpha": tasks["alpha"], "beta": tasks["beta"]}, kind="emr")

@@ -245,7 +245,7 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
         return "names no array"
     if e["kind"] == "dense" and e["array"].rpartition(".")[2] != e["dtype"]:
         return f"of dtype {e['dtype']} lies in array {e['array']!r}"
-    if "base" in e and (e["kind"] != "sparse" or not isinstance(e["base"], str)):
+    if "base" in e and (e["kind"] not in ("sparse", "lowrank", "bits") or not isinstance(e["base"], str)):
         return "names its base tensor badly"
     if e["kind"] in ("sparse", "lowrank", "bits") and (count or e["kind"] != "sparse") \
             and not dtypes.torch_dtype(e["dtype"]).is_floating_point:
