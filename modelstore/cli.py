@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -117,7 +118,9 @@ class _Command(click.Command):
 
 class _Commands(_Command, click.Group):
     """The command group: every command's modelstore errors become one line on stderr and an
-    exit status, never a traceback."""
+    exit status, never a traceback. Statuses are raised as SystemExit (not click's Exit, which
+    `main(standalone_mode=False)` would return instead), so a caller running commands in-process
+    sees them too."""
 
     command_class = _Command
 
@@ -126,10 +129,10 @@ class _Commands(_Command, click.Group):
             return super().invoke(ctx)
         except ModelStoreError as e:
             click.echo(f"Error: {e}", err=True)
-            ctx.exit(EXIT_ERROR)
+            sys.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("Interrupted: nothing partial was committed; earlier tasks are intact.", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -404,7 +407,7 @@ def check(ctx: click.Context, store: str, as_json: bool) -> None:
             click.echo(f"DAMAGED  {what}: {why}")
         click.echo(f"{len(report.sound)} sound, {len(report.damaged)} damaged")
     if not report.ok:
-        ctx.exit(EXIT_FOUND)
+        sys.exit(EXIT_FOUND)
 
 
 @main.command()
@@ -543,7 +546,7 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str, data: st
     if min_agreement is not None and not r["ok"]:
         if not as_json:
             click.echo(f"FAILED: agreement below --min-agreement {min_agreement}")
-        ctx.exit(EXIT_FOUND)
+        sys.exit(EXIT_FOUND)
 
 
 @main.command()
@@ -573,4 +576,4 @@ def verify(ctx: click.Context, store: str, task: str, original: str | None, lora
         click.echo("OK" if r["ok"] else f"FAILED: above --max-rel-error {max_rel_error}")
         click.echo("(weight-space error does not predict accuracy; `modelstore eval` measures outputs)")
     if not r["ok"]:
-        ctx.exit(EXIT_FOUND)
+        sys.exit(EXIT_FOUND)
