@@ -44,7 +44,10 @@ def chunk_length(capacity: int) -> int:
 #: (one thread, this machine type). lz4 has no such setup and blosc's own blocks serve it as well.
 INDEX_BLOCK_BYTES = 1 << 20
 
-ARRAY_KINDS = ("indices", "values", "raw")
+#: zstd level of byte-plane arrays (exact tasks, kinds/exact.py).
+PLANES_LEVEL = 1
+
+ARRAY_KINDS = ("indices", "values", "raw", "planes")
 #: A base's codec choice (`build(base_codec=...)`) -> the kind of array its tensors are written as.
 BASE_CODECS = {"lz4": "values", "none": "raw"}
 
@@ -55,7 +58,9 @@ def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
         raise ValueError(f"unknown array kind {kind!r}")
     if kind == "raw":
         return [Crc32cCodec()]
-    if kind == "indices":
+    if kind == "planes":
+        blosc = BloscCodec(cname="zstd", clevel=PLANES_LEVEL, shuffle="noshuffle", typesize=1, blocksize=INDEX_BLOCK_BYTES)
+    elif kind == "indices":
         blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=INDEX_BLOCK_BYTES)
     else:
         blosc = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)
