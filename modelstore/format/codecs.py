@@ -8,6 +8,11 @@ blocks (INDEX_BLOCK_BYTES) they encode at ~2 GB/s and decode at ~5 GB/s; weights
 compress about as well with bit-shuffled lz4 as with zstd (0.755 against 0.738 of bf16 weights,
 0.88 of fp32 ones, better than zstd's 0.90) but decode at 5-7 GB/s instead of 1-1.8 and encode
 14x faster, which is what a load and an add-task wait on.
+The XORed words of exact tasks ("words") take the indices' codec: blosc's byte shuffle splits each
+1 MiB block into byte planes (the high bytes, nearly all zero after the XOR, then the low ones), and
+zstd at level 1 then makes them 0.284 of a float32 MiniLM fine-tune's bytes, as small as whole-tensor
+planes without shuffle (0.284) and smaller than zstd 3 (0.287), lz4 (0.328) or bit-shuffled zstd
+(0.295), while the unshuffle restores the words in C (tools/bench_exact --codecs).
 A base may instead be written uncompressed (`base_codec="none"`, array kind "raw": crc32c only):
 compression saves 25% of a bf16 base and 12% of a float32 one, but every load of a task decodes
 its whole base, and reading raw chunks straight into the output is what safetensors does.
@@ -44,23 +49,18 @@ def chunk_length(capacity: int) -> int:
 #: (one thread, this machine type). lz4 has no such setup and blosc's own blocks serve it as well.
 INDEX_BLOCK_BYTES = 1 << 20
 
-#: zstd level of byte-plane arrays (exact tasks, kinds/exact.py).
-PLANES_LEVEL = 1
-
-ARRAY_KINDS = ("indices", "values", "raw", "planes")
+ARRAY_KINDS = ("indices", "values", "raw", "words")
 #: A base's codec choice (`build(base_codec=...)`) -> the kind of array its tensors are written as.
 BASE_CODECS = {"lz4": "values", "none": "raw"}
 
 
 def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
-    """Codec chain after the bytes serializer for an array of `kind` ("indices", "values" or "raw")."""
+    """Codec chain after the bytes serializer for an array of `kind` ("indices", "values", "raw" or "words")."""
     if kind not in ARRAY_KINDS:
         raise ValueError(f"unknown array kind {kind!r}")
     if kind == "raw":
         return [Crc32cCodec()]
-    if kind == "planes":
-        blosc = BloscCodec(cname="zstd", clevel=PLANES_LEVEL, shuffle="noshuffle", typesize=1, blocksize=INDEX_BLOCK_BYTES)
-    elif kind == "indices":
+    if kind in ("indices", "words"):
         blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=INDEX_BLOCK_BYTES)
     else:
         blosc = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)

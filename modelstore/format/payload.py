@@ -171,7 +171,7 @@ class PayloadWriter:
                 "arrays": arrays, "bytes": stored}
 
 
-_ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits", "planes")
+_ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits", "words")
 
 
 def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | None:
@@ -184,7 +184,7 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None) -> str | N
                 or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
             return f"entry {e.get('name')!r} has a bad shape, dtype or slice"
         size = math.prod(shape)
-        if e["kind"] in ("dense", "planes") and count != size or e["kind"] == "sparse" and count > size \
+        if e["kind"] in ("dense", "words") and count != size or e["kind"] == "sparse" and count > size \
                 or e["kind"] == "bits" and count != -(-size // 8):
             return f"entry {e['name']!r} has {count} elements for shape {shape}"
         if e["kind"] == "lowrank" and not (len(shape) == 2 and all(_natural(e.get(k)) for k in ("rank", "d_out", "d_in"))

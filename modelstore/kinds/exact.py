@@ -1,16 +1,18 @@
 """Task kind `exact`: a fine-tune kept bit for bit, as an archive beside a lossy task of the same model.
 
-Each tensor's bits are XORed with those of its base tensor (the matching tensor of θ0, or of the
-merged θ* where the store keeps only that) when the base has one of the same shape and dtype, else
-kept as they are; the words are split into byte planes (most significant byte first) and each plane
-goes to the flat array of that plane (`planes<k>_<i>.uint8` for k-byte dtypes), compressed (spec
-section 11). A fine-tune moves few sign and exponent bits, so the high planes are nearly all zero
-and compress to little, while the low mantissa planes stay close to random: what is left is about
-the entropy of the changed bits. Any dtype is kept; a load gives back the checkpoint's bits.
+Each tensor's bits, as integers of its size, are XORed with those of its base tensor (the matching
+tensor of θ0, or of the merged θ* where the store keeps only that) when the base has one of the same
+shape and dtype, else kept as they are, and appended to the flat array `words.<int dtype>` of that
+size, whose codec (codecs.py, "words") splits every 1 MiB block into byte planes and compresses
+them (spec section 11). A fine-tune moves few sign and exponent bits, so the high planes are nearly
+all zero and compress to little, while the low mantissa bits stay close to random: what is left is
+about the entropy of the changed bits. A tensor equal to its base, bit for bit, is recorded as the
+base's (a count-0 entry, as other kinds do) and costs a load no decoding. Any dtype is kept.
 
-Why these choices (tools/bench_exact.py, MiniLM-L6 fine-tuned 150 steps on `rt`, one core):
-XOR against θ0 gives fewer bytes than against a task-arithmetic θ*, as θ* moved every entry the
-merged tasks touched; split planes and `planes` codecs.py measurements are in codecs.py.
+Measured (tools/bench_exact.py, MiniLM-L6 fine-tuned on `rt`; docs/performance.md): XOR with θ0
+gives fewer bytes than with a task-arithmetic θ* (the merge moved every entry its tasks touched),
+so θ0 is the default base; byte planes per 1 MiB block (blosc's shuffle, undone in C on a load)
+are as small as whole-tensor planes, and zstd 1 beats zstd 3, lz4 and bit shuffling (codecs.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import dtypes
@@ -28,45 +29,35 @@ from ..errors import CorruptStoreError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
 from ..format.payload import PayloadReader, PayloadWriter, Segments
 from ..progress import bar
-from ..sources import Checkpoint, match_task_names, read_rows, row_blocks
+from ..sources import Checkpoint, TensorSource, match_task_names, read_rows, row_blocks
 from ..threads import one_torch_thread
 from ..units import human_bytes, percent
 from .base import BaseTensors, TaskKind
 from .sparse_delta import BLOCK_ELEMENTS
 
-#: The integer dtype a tensor's bits are XORed in, by bytes per element.
-_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: The integer dtype a tensor's bits are XORed and stored in, by bytes per element.
+WORD_DTYPES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
 
 
-def plane_array(itemsize: int, plane: int) -> str:
-    """The flat array holding byte plane `plane` (0: the most significant byte) of `itemsize`-byte tensors."""
-    return f"planes{itemsize}_{plane}.uint8"
+def words_array(itemsize: int) -> str:
+    """The flat array of the words of `itemsize`-byte tensors."""
+    return f"words.{WORD_DTYPES[itemsize]}"
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
-    """The bits of `t` as integers of its size (a view where `t` is contiguous)."""
-    return t.contiguous().view(_WORDS[t.element_size()])
+def words(t: torch.Tensor) -> torch.Tensor:
+    """The bits of `t` as flat integers of its size (a view where `t` is contiguous)."""
+    return t.contiguous().view(dtypes.torch_dtype(WORD_DTYPES[t.element_size()])).reshape(-1)
 
 
-def split_planes(words: torch.Tensor) -> list[np.ndarray]:
-    """Byte planes of CPU integer `words`, the most significant byte's first (strided views)."""
-    k = words.element_size()
-    raw = words.reshape(-1).view(torch.uint8).numpy().reshape(-1, k)
-    little = raw.dtype.byteorder in "<|=" and np.little_endian
-    return [raw[:, k - 1 - i] if little else raw[:, i] for i in range(k)]
-
-
-def join_planes(planes: list[torch.Tensor]) -> torch.Tensor:
-    """Words of len(planes) bytes from their byte planes (most significant first), on their device."""
-    k = len(planes)
-    out = torch.empty((planes[0].numel(), k), dtype=torch.uint8, device=planes[0].device)
-    for i, p in enumerate(planes):
-        out[:, k - 1 - i if np.little_endian else i] = p
-    return out.view(_WORDS[k]).reshape(-1)
+def same_bits(a: TensorSource, an: str, b: TensorSource, bn: str) -> bool:
+    """Whether tensor `an` of `a` and `bn` of `b` (same shape and dtype) hold the same bits, read
+    row block by row block (NaN payloads and -0.0 count: floats are compared as integers)."""
+    return all(torch.equal(words(read_rows(a, an, r0, r1)), words(read_rows(b, bn, r0, r1)))
+               for r0, r1 in row_blocks(a.shape(an), BLOCK_ELEMENTS))
 
 
 class Exact(TaskKind):
-    """Per tensor: its bits XOR the base tensor's bits (or its own bits), in byte planes."""
+    """Per tensor: its bits XOR the base tensor's bits (or its own bits), as integer words."""
 
     name = "exact"
     title = "an exact task"
@@ -98,59 +89,57 @@ class Exact(TaskKind):
         for n in steps:
             k = source.dtype(n).itemsize
             sizes[k] = sizes.get(k, 0) + math.prod(source.shape(n))
-        writers = {k: [out.declare(plane_array(k, i), "uint8", size, kind="planes") for i in range(k)]
-                   for k, size in sizes.items()}
-        xored = total = 0
+        writers = {k: out.declare(words_array(k), WORD_DTYPES[k], size, kind="words") for k, size in sizes.items()}
+        xored = same = 0
         for n in bar(steps, f"task {task}", progress):
             shape, dt, b = source.shape(n), source.dtype(n), against.get(n)
-            planes = writers[dt.itemsize]
-            starts = [w.position for w in planes]
+            fields = {"name": n, "shape": list(shape), "dtype": dtypes.dtype_name(dt),
+                      **({"base": b} if b is not None and b != n else {})}
+            if b is not None and same_bits(source, n, base, b):
+                out.add({**fields, "kind": "sparse", "start": 0, "count": 0})
+                same += 1
+                continue
+            w = writers[dt.itemsize]
+            start = w.position
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
-                words = _words(read_rows(source, n, r0, r1))
-                if b is not None:
-                    words = words ^ _words(read_rows(base, b, r0, r1))
-                for w, p in zip(planes, split_planes(words)):
-                    w.append(p)
-            count = math.prod(shape)
-            total += count
-            xored += count if b is not None else 0
-            out.add({"name": n, "kind": "planes", "shape": list(shape), "dtype": dtypes.dtype_name(dt),
-                     "array": planes[0].name, "start": starts[0], "count": count,
-                     "segments": {w.name: [s, count] for w, s in zip(planes[1:], starts[1:])},
-                     "xor": b is not None, **({"base": b} if b is not None and b != n else {})})
-        return {"method": "exact", "params": {}, "kept": xored, "total": total,
-                "dense_tensors": len(steps) - len(against), "full_bytes": source.nbytes()}
+                x = words(read_rows(source, n, r0, r1))
+                w.append((x if b is None else x ^ words(read_rows(base, b, r0, r1))).numpy())
+            xored += 1 if b is not None else 0
+            out.add({**fields, "kind": "words", "array": w.name, "start": start, "count": math.prod(shape),
+                     "xor": b is not None})
+        return {"method": "exact", "params": {}, "kept": sum(math.prod(source.shape(n)) for n in against),
+                "total": sum(math.prod(source.shape(n)) for n in steps), "dense_tensors": len(steps) - len(against),
+                "same_tensors": same, "full_bytes": source.nbytes()}
 
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Planes joined into words, XORed with the base tensor's where the entry says so; decoding
-        the next tensor's planes (a worker thread) overlaps joining this one."""
-        for t, words in read_ahead(self._words(segments, table)):
+        """Each tensor's words, XORed into a fresh copy of its base tensor where the entry says so;
+        count-0 entries the base tensor itself. Reading and decoding the next tensor's words (a worker
+        thread) overlaps the XOR of this one."""
+        for t, w in read_ahead(self._words(segments, table)):
             dt = dtypes.torch_dtype(t["dtype"])
-            if t.get("xor"):
-                b = base.fresh(t.get("base") or t["name"])
-                if b.dtype != dt or b.numel() != words.numel():
+            if w is None or t["xor"]:
+                out = base.fresh(t.get("base") or t["name"]).contiguous()
+                if out.dtype != dt or list(out.shape) != t["shape"]:
                     raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
-                                            "or size; the store is damaged")
-                words ^= _words(b).reshape(-1)
-            yield t["name"], words.view(dt).reshape(t["shape"]).to(dtypes.output_dtype(dt, dtype))
+                                            "or shape; the store is damaged")
+                if w is not None:
+                    words(out).bitwise_xor_(w)
+            else:
+                out = w.view(dt).view(t["shape"])
+            yield t["name"], out.to(dtypes.output_dtype(dt, dtype))
 
-    def _words(self, segments: Segments, table: list[TableEntry]) -> Iterator[tuple[TableEntry, torch.Tensor]]:
-        """(entry, its words on the segments' device) of each table entry, in order, checked."""
+    def _words(self, segments: Segments, table: list[TableEntry]) -> Iterator[tuple[TableEntry, torch.Tensor | None]]:
+        """(entry, its words on the segments' device, or None for the base's tensor), in order, checked."""
         for t in table:
-            if t["kind"] != "planes" or t["dtype"] not in dtypes.LOGICAL_DTYPES:
-                raise CorruptStoreError(f"task tensor {t['name']!r} has an entry of kind {t['kind']!r}, which "
-                                        "exact tasks do not have; the store is damaged")
-            k, count = dtypes.torch_dtype(t["dtype"]).itemsize, t["count"]
-            slices = [(t["array"], t["start"]), *((a, s) for a, (s, _) in t.get("segments", {}).items())]
-            want = [plane_array(k, i) for i in range(k)]
-            if [a for a, _ in slices] != want or any(c != count for _, c in t.get("segments", {}).values()):
-                raise CorruptStoreError(f"task tensor {t['name']!r}: its byte planes do not match its dtype; "
-                                        "the store is damaged")
-            if not count:
-                yield t, torch.empty(0, dtype=_WORDS[k], device=segments.device)
+            if t["kind"] == "sparse" and t["count"] == 0:
+                yield t, None
                 continue
-            yield t, join_planes([segments.get(a, s, count, "uint8") for a, s in slices])
+            k = dtypes.torch_dtype(t["dtype"]).itemsize
+            if t["kind"] != "words" or t["array"] != words_array(k) or not isinstance(t.get("xor"), bool):
+                raise CorruptStoreError(f"task tensor {t['name']!r} has an entry of kind {t['kind']!r} in array "
+                                        f"{t.get('array')!r}, which exact tasks do not have; the store is damaged")
+            yield t, segments.get(t["array"], t["start"], t["count"], WORD_DTYPES[k])
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         return {"bits": "exact"}
@@ -160,4 +149,4 @@ class Exact(TaskKind):
                 f"{human_bytes(info['bytes'])} ({percent(info['ratio'])} of the full checkpoint)")
 
 
-__all__ = ["Exact", "plane_array", "split_planes", "join_planes"]
+__all__ = ["Exact", "WORD_DTYPES", "words_array", "words", "same_bits"]

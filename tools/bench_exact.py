@@ -1,0 +1,178 @@
+"""Benchmark of `--kind exact` on a real pre-trained / fine-tuned pair, each figure beside its
+baseline measured in the same run:
+
+- bytes of the exact task (as stored: XOR with θ0, byte planes, codecs.py's `planes` codec)
+  against the checkpoint's bytes, and against ZipNN's method on the fine-tune alone: the same byte
+  planes without the XOR, compressed with the same codec;
+- with --merged: the same task XORed against a task-arithmetic θ* (θ0 + λ·τ) instead of θ0;
+- load time of the task (a freshly opened store: its base read and decoded too; and with the base
+  cached, as a store serving several tasks keeps it) against safetensors: `load_file` of the
+  checkpoint plus a copy of each tensor (load_file alone only maps the file);
+- with --codecs: the XORed planes under other codecs (bytes and decode speed, one thread), which is
+  how codecs.py's choice was made.
+
+    python -m tools.bench_exact PRE FT [--cast bfloat16] [--merged] [--codecs] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from numcodecs import Blosc
+from safetensors.torch import load_file, save_file
+
+import modelstore
+from modelstore.build import init
+from modelstore.format.codecs import CHUNK_ELEMENTS, compressors
+from modelstore.kinds.exact import split_planes
+
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def checkpoint_file(path: str) -> str:
+    """The safetensors file of a checkpoint given as a file or an HF model directory."""
+    return os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+
+
+def planes(task: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None) -> dict[tuple[int, int], np.ndarray]:
+    """(bytes per element, plane) -> that plane of every tensor, concatenated in order; XORed with
+    `base`'s bits where it has the tensor in the same shape and dtype (the exact kind's rule)."""
+    out: dict[tuple[int, int], list[np.ndarray]] = {}
+    for k, v in task.items():
+        w = v.contiguous().view(_WORDS[v.element_size()])
+        b = None if base is None else base.get(k)
+        if b is not None and b.shape == v.shape and b.dtype == v.dtype:
+            w = w ^ b.contiguous().view(_WORDS[v.element_size()])
+        for i, p in enumerate(split_planes(w)):
+            out.setdefault((v.element_size(), i), []).append(np.ascontiguousarray(p))
+    return {key: np.concatenate(ps) for key, ps in out.items()}
+
+
+def chunks(a: np.ndarray) -> list[np.ndarray]:
+    return [a[i:i + CHUNK_ELEMENTS] for i in range(0, a.size, CHUNK_ELEMENTS)] or [a]
+
+
+def coded(arrays: dict[tuple[int, int], np.ndarray], codec: Any, words: bool = False) -> tuple[int, float]:
+    """(compressed bytes, decode seconds) of the arrays in CHUNK_ELEMENTS chunks under `codec`;
+    `words`: each itemsize's planes interleaved back into words first (for shuffling codecs)."""
+    if words:
+        by_size: dict[int, list[np.ndarray]] = {}
+        for (k, i), a in sorted(arrays.items()):
+            by_size.setdefault(k, []).append(a)
+        # word bytes in memory order (little-endian: the last plane first), as a flat byte array
+        arrays = {(k, 0): np.stack(ps[::-1], axis=1).reshape(-1).view(f"<u{k}") for k, ps in by_size.items()}
+    blobs = [codec.encode(c) for a in arrays.values() for c in chunks(a)]
+    t0 = time.perf_counter()
+    for b in blobs:
+        codec.decode(b)
+    return sum(len(b) for b in blobs), time.perf_counter() - t0
+
+
+def stored_codec() -> Blosc:
+    """The numcodecs twin of the zarr codec codecs.py gives byte planes."""
+    c = compressors("planes", 1)[0].to_dict()["configuration"]
+    return Blosc(cname=c["cname"], clevel=c["clevel"], shuffle=Blosc.NOSHUFFLE, blocksize=c["blocksize"])
+
+
+CANDIDATES: dict[str, Callable[[], Any]] = {
+    **{f"zstd{lv}": (lambda lv=lv: Blosc("zstd", lv, Blosc.NOSHUFFLE, blocksize=1 << 20)) for lv in (1, 3, 6, 9)},
+    "zstd1-bitshuffle": lambda: Blosc("zstd", 1, Blosc.BITSHUFFLE, blocksize=1 << 20),
+    "lz4": lambda: Blosc("lz4", 5, Blosc.NOSHUFFLE),
+    "lz4-bitshuffle": lambda: Blosc("lz4", 5, Blosc.BITSHUFFLE),
+    "lz4hc": lambda: Blosc("lz4hc", 5, Blosc.NOSHUFFLE),
+}
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(pre: str, ft: str, cast: str | None, merged: bool, codecs: bool, repeat: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-exact-") as root:
+        pre_f, ft_f = checkpoint_file(pre), checkpoint_file(ft)
+        if cast:
+            dt = getattr(torch, cast)
+            for src, dst in ((pre_f, f"{root}/pre.safetensors"), (ft_f, f"{root}/ft.safetensors")):
+                save_file({k: v.to(dt) if v.dtype.is_floating_point else v for k, v in load_file(src).items()}, dst)
+            pre_f, ft_f = f"{root}/pre.safetensors", f"{root}/ft.safetensors"
+        sd0, sd1 = load_file(pre_f), load_file(ft_f)
+        full = sum(v.numel() * v.element_size() for v in sd1.values())
+        r: dict[str, Any] = {"dtype": cast or "as saved", "params": sum(v.numel() for v in sd1.values()),
+                             "checkpoint_bytes": full, "changed_fraction": sum(
+                                 int((sd1[k] != sd0[k]).sum()) for k in sd1 if k in sd0 and sd0[k].shape == sd1[k].shape)
+                             / sum(v.numel() for v in sd1.values())}
+        url = f"{root}/s"
+        init(url, pre_f)
+        t0 = time.perf_counter()
+        s = modelstore.add_task(url, "t", ft_f, kind="exact")
+        r["add_task_s"] = round(time.perf_counter() - t0, 3)
+        got = s.load("t")
+        r["bit_identical"] = got.keys() == sd1.keys() and all(
+            torch.equal(got[k].view(torch.uint8), sd1[k].contiguous().view(torch.uint8)) for k in sd1)
+        r["exact_bytes"] = s.info("t")["bytes"]
+        r["exact_ratio"] = r["exact_bytes"] / full
+        plain = planes(sd1, None)
+        r["zipnn_bytes"], _ = coded(plain, stored_codec())
+        r["zipnn_ratio"] = r["zipnn_bytes"] / full
+        r["exact_vs_zipnn"] = r["exact_bytes"] / r["zipnn_bytes"]
+        if merged:
+            theta = {k: (v.float() + 0.3 * (sd1[k].float() - v.float())).to(v.dtype) if v.dtype.is_floating_point
+                     else v for k, v in sd0.items()}
+            r["exact_vs_merged_bytes"], _ = coded(planes(sd1, theta), stored_codec())
+            r["exact_vs_theta0_bytes_same_coder"], _ = coded(planes(sd1, sd0), stored_codec())
+        r["safetensors_load_s"] = best_of(lambda: {k: v.clone() for k, v in load_file(ft_f).items()}, repeat)
+        r["load_s"] = best_of(lambda: modelstore.open(url).load("t"), repeat)
+        warm = modelstore.open(url)
+        warm.load("t")
+        r["load_cached_base_s"] = best_of(lambda: warm.load("t"), repeat)
+        r["load_vs_safetensors"] = r["load_s"] / r["safetensors_load_s"]
+        r["load_cached_vs_safetensors"] = r["load_cached_base_s"] / r["safetensors_load_s"]
+        if codecs:
+            xor = planes(sd1, sd0)
+            nbytes = sum(a.size for a in xor.values())
+            table = {name: make() for name, make in CANDIDATES.items()}
+            r["codecs"] = {}
+            for name, codec in table.items():
+                size, dec = coded(xor, codec)
+                r["codecs"][name] = {"ratio": size / full, "decode_GBps": nbytes / dec / 1e9}
+            for name in ("zstd1", "lz4"):
+                size, dec = coded(xor, Blosc(name[:4].rstrip("1"), 1 if name == "zstd1" else 5, Blosc.SHUFFLE), words=True)
+                r["codecs"][f"{name}-words-shuffle"] = {"ratio": size / full, "decode_GBps": nbytes / dec / 1e9}
+        return r
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_exact", description=__doc__.split("\n\n")[0])
+    p.add_argument("pretrained", help="pre-trained checkpoint (HF dir or .safetensors)")
+    p.add_argument("finetuned", help="fine-tuned checkpoint of it")
+    p.add_argument("--cast", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="cast both checkpoints' float tensors first (a bf16 release of a float32 fine-tune)")
+    p.add_argument("--merged", action="store_true", help="also XOR against θ* = θ0 + 0.3·τ")
+    p.add_argument("--codecs", action="store_true", help="also measure other codecs on the XORed planes")
+    p.add_argument("--repeat", type=int, default=5, help="loads timed (best of)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    r = run(a.pretrained, a.finetuned, a.cast, a.merged, a.codecs, a.repeat)
+    if a.json:
+        print(json.dumps(r))
+        return
+    for k, v in r.items():
+        print(f"{k:>34}: {json.dumps(v) if isinstance(v, dict) else (round(v, 4) if isinstance(v, float) else v)}")
+
+
+if __name__ == "__main__":
+    main()
