@@ -13,11 +13,11 @@ import torch
 import zarr
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_corruption import DAMAGE
 
 import modelstore
 from modelstore.build import init
 from modelstore.cli import main
-from test_corruption import DAMAGE
 
 _INTS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -105,7 +105,7 @@ def test_every_dtype_loads_bit_identical(mixed):
 
 
 def test_xor_where_the_base_matches_own_bits_elsewhere(mixed):
-    s, pre, task = mixed
+    s, _, task = mixed
     table = {t["name"]: t for t in s.table("t-exact")}
     own, same = {"head.weight", "empty", "reshaped", "recast"}, {"ids", "i8"}
     assert {n for n, t in table.items() if t["kind"] == "sparse" and t["count"] == 0} == same

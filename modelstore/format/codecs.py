@@ -67,4 +67,4 @@ def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
     return [blosc, Crc32cCodec()]
 
 
-__all__ = ["CHUNK_ELEMENTS", "MAX_CHUNKS", "INDEX_BLOCK_BYTES", "chunk_length", "ARRAY_KINDS", "BASE_CODECS", "compressors"]
+__all__ = ["ARRAY_KINDS", "BASE_CODECS", "CHUNK_ELEMENTS", "INDEX_BLOCK_BYTES", "MAX_CHUNKS", "chunk_length", "compressors"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -27,7 +27,7 @@ from .. import dtypes
 from ..ahead import read_ahead
 from ..errors import CorruptStoreError
 from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadReader, PayloadWriter, Segments
+from ..format.payload import PayloadWriter, Segments
 from ..progress import bar
 from ..sources import Checkpoint, TensorSource, match_task_names, read_rows, row_blocks
 from ..threads import one_torch_thread
@@ -72,12 +72,12 @@ class Exact(TaskKind):
         return None if entry.get("bases", [entry.get("base")]) == [entry.get("base")] else \
             "an exact task reads its own base only"
 
-    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
+    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
               options: None, progress: bool) -> dict[str, Any]:
         with one_torch_thread():
             return self._write(out, task, source, base, progress)
 
-    def _write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader,
+    def _write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource,
                progress: bool) -> dict[str, Any]:
         order = {n: i for i, n in enumerate(base.names())}
         matched = match_task_names(source, list(order), f"task {task!r}")
@@ -90,13 +90,14 @@ class Exact(TaskKind):
             k = source.dtype(n).itemsize
             sizes[k] = sizes.get(k, 0) + math.prod(source.shape(n))
         writers = {k: out.declare(words_array(k), WORD_DTYPES[k], size, kind="words") for k, size in sizes.items()}
-        xored = same = 0
+        same = 0
         for n in bar(steps, f"task {task}", progress):
             shape, dt, b = source.shape(n), source.dtype(n), against.get(n)
-            fields = {"name": n, "shape": list(shape), "dtype": dtypes.dtype_name(dt),
-                      **({"base": b} if b is not None and b != n else {})}
+            # the task's name, and its base tensor's where that differs
+            named = {"name": n, "shape": list(shape), "dtype": dtypes.dtype_name(dt),
+                     **({"base": b} if b is not None and b != n else {})}
             if b is not None and same_bits(source, n, base, b):
-                out.add({**fields, "kind": "sparse", "start": 0, "count": 0})
+                out.add(cast(TableEntry, {**named, "kind": "sparse", "start": 0, "count": 0}))
                 same += 1
                 continue
             w = writers[dt.itemsize]
@@ -104,9 +105,8 @@ class Exact(TaskKind):
             for r0, r1 in row_blocks(shape, BLOCK_ELEMENTS):
                 x = words(read_rows(source, n, r0, r1))
                 w.append((x if b is None else x ^ words(read_rows(base, b, r0, r1))).numpy())
-            xored += 1 if b is not None else 0
-            out.add({**fields, "kind": "words", "array": w.name, "start": start, "count": math.prod(shape),
-                     "xor": b is not None})
+            out.add(cast(TableEntry, {**named, "kind": "words", "array": w.name, "start": start,
+                                      "count": math.prod(shape), "xor": b is not None}))
         return {"method": "exact", "params": {}, "kept": sum(math.prod(source.shape(n)) for n in against),
                 "total": sum(math.prod(source.shape(n)) for n in steps), "dense_tensors": len(steps) - len(against),
                 "same_tensors": same, "full_bytes": source.nbytes()}
@@ -118,8 +118,8 @@ class Exact(TaskKind):
         thread) overlaps the XOR of this one."""
         for t, w in read_ahead(self._words(segments, table)):
             dt = dtypes.torch_dtype(t["dtype"])
-            if w is None or t["xor"]:
-                out = base.fresh(t.get("base") or t["name"]).contiguous()
+            if w is None or t.get("xor"):
+                out = base.fresh(str(t.get("base") or t["name"])).contiguous()
                 if out.dtype != dt or list(out.shape) != t["shape"]:
                     raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
                                             "or shape; the store is damaged")
@@ -149,4 +149,4 @@ class Exact(TaskKind):
                 f"{human_bytes(info['bytes'])} ({percent(info['ratio'])} of the full checkpoint)")
 
 
-__all__ = ["Exact", "WORD_DTYPES", "words_array", "words", "same_bits"]
+__all__ = ["WORD_DTYPES", "Exact", "same_bits", "words", "words_array"]
