@@ -4,14 +4,15 @@ baseline measured in the same run:
 - bytes of the exact task (as stored: XOR with θ0, byte planes, codecs.py's `planes` codec)
   against the checkpoint's bytes, and against ZipNN's method on the fine-tune alone: the same byte
   planes without the XOR, compressed with the same codec;
-- with --merged: the same task XORed against a task-arithmetic θ* (θ0 + λ·τ) instead of θ0;
+- with --merged [OTHER ...]: the same task XORed against a task-arithmetic θ* = θ0 + 0.3·Σ τ over
+  it and the other fine-tunes given, instead of θ0 (both through the same coder);
 - load time of the task (a freshly opened store: its base read and decoded too; and with the base
   cached, as a store serving several tasks keeps it) against safetensors: `load_file` of the
   checkpoint plus a copy of each tensor (load_file alone only maps the file);
 - with --codecs: the XORed planes under other codecs (bytes and decode speed, one thread), which is
   how codecs.py's choice was made.
 
-    python -m tools.bench_exact PRE FT [--cast bfloat16] [--merged] [--codecs] [--json]
+    python -m tools.bench_exact PRE FT [--cast bfloat16] [--merged [OTHER ...]] [--codecs] [--json]
 """
 
 from __future__ import annotations
@@ -108,13 +109,17 @@ def best_of(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def run(pre: str, ft: str, cast: str | None, merged: bool, codecs: bool, repeat: int) -> dict[str, Any]:
+def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: bool, repeat: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as root:
         pre_f, ft_f = checkpoint_file(pre), checkpoint_file(ft)
+        dt = getattr(torch, cast) if cast else None
+
+        def cast_to(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(dt) if dt is not None and v.dtype.is_floating_point else v for k, v in sd.items()}
+
         if cast:
-            dt = getattr(torch, cast)
             for src, dst in ((pre_f, f"{root}/pre.safetensors"), (ft_f, f"{root}/ft.safetensors")):
-                save_file({k: v.to(dt) if v.dtype.is_floating_point else v for k, v in load_file(src).items()}, dst)
+                save_file(cast_to(load_file(src)), dst)
             pre_f, ft_f = f"{root}/pre.safetensors", f"{root}/ft.safetensors"
         sd0, sd1 = load_file(pre_f), load_file(ft_f)
         full = sum(v.numel() * v.element_size() for v in sd1.values())
@@ -136,11 +141,13 @@ def run(pre: str, ft: str, cast: str | None, merged: bool, codecs: bool, repeat:
         r["zipnn_bytes"], _ = coded(plain, planes_codec())
         r["zipnn_ratio"] = r["zipnn_bytes"] / full
         r["exact_vs_zipnn"] = r["exact_bytes"] / r["zipnn_bytes"]
-        if merged:
-            theta = {k: (v.float() + 0.3 * (sd1[k].float() - v.float())).to(v.dtype) if v.dtype.is_floating_point
-                     else v for k, v in sd0.items()}
-            r["exact_vs_merged_bytes"], _ = coded(planes(sd1, theta), planes_codec())
-            r["exact_vs_theta0_bytes_same_coder"], _ = coded(planes(sd1, sd0), planes_codec())
+        if merged is not None:
+            fts = [sd1, *(cast_to(load_file(checkpoint_file(p))) for p in merged)]
+            theta = {k: (v.float() + 0.3 * sum(f[k].float() - v.float() for f in fts)).to(v.dtype)
+                     if v.dtype.is_floating_point else v for k, v in sd0.items()}
+            r["merged_tasks"] = len(fts)
+            r["xor_theta0_bytes"], _ = coded(planes(sd1, sd0), planes_codec())
+            r["xor_merged_bytes"], _ = coded(planes(sd1, theta), planes_codec())
         r["safetensors_load_s"] = best_of(lambda: {k: v.clone() for k, v in load_file(ft_f).items()}, repeat)
         r["load_s"] = best_of(lambda: modelstore.open(url).load("t"), repeat)
         warm = modelstore.open(url)
@@ -164,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("finetuned", help="fine-tuned checkpoint of it")
     p.add_argument("--cast", choices=("bfloat16", "float16", "float32"), default=None,
                    help="cast both checkpoints' float tensors first (a bf16 release of a float32 fine-tune)")
-    p.add_argument("--merged", action="store_true", help="also XOR against θ* = θ0 + 0.3·τ")
+    p.add_argument("--merged", nargs="*", default=None, metavar="OTHER",
+                   help="also XOR against θ* = θ0 + 0.3·Σ τ over the task and these other fine-tunes")
     p.add_argument("--codecs", action="store_true", help="also measure other codecs on the XORed planes")
     p.add_argument("--repeat", type=int, default=5, help="loads timed (best of)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
