@@ -192,15 +192,15 @@ def test_beside_an_fft_task_on_a_merged_base(store2, bert_models):
 
 
 def test_base_choice(bert_models, tmp_path):
-    """θ0 when the store has it (beside θ*), else θ*; --base picks one."""
+    """θ* when the store has it (beside θ0), else θ0; --base picks one."""
     url = str(tmp_path / "s")
     modelstore.build(url, bert_models["pre"], {"beta": bert_models["tasks"]["beta"]}, kind="tall-mask")
     s = modelstore.open(url)
     assert set(s.manifest["bases"]) == {"merged", "pretrained"}
     alpha = bert_models["tasks"]["alpha"]
     s = modelstore.add_task(url, "a0", alpha, kind="exact")
-    s = modelstore.add_task(url, "a1", alpha, kind="exact", base="merged")
-    assert s.entry("a0")["base"] == "pretrained" and s.entry("a1")["base"] == "merged"
+    s = modelstore.add_task(url, "a1", alpha, kind="exact", base="pretrained")
+    assert s.entry("a0")["base"] == "merged" and s.entry("a1")["base"] == "pretrained"
     for t in ("a0", "a1"):
         _assert_bits(s.load(t), bert_models["sds"]["alpha"])
 

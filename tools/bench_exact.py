@@ -6,8 +6,9 @@ baseline measured in the same run:
   planes without the XOR, compressed with the same codec;
 - with --merged [OTHER ...]: the same task XORed against a task-arithmetic θ* = θ0 + 0.3·Σ τ over
   it and the other fine-tunes given, instead of θ0 (both through the same coder);
-- load time of the task (a freshly opened store: its base read and decoded too; and with the base
-  cached, as a store serving several tasks keeps it) against safetensors: `load_file` of the
+- load time of the task (a freshly opened store: its base read and decoded too, into the store's
+  cache or streamed; and with the base cached, as a store serving several tasks keeps it) against
+  safetensors: `load_file` of the
   checkpoint plus a copy of each tensor (load_file alone only maps the file);
 - with --codecs: the XORed planes under other codecs (bytes and decode speed, one thread), which is
   how codecs.py's choice was made.
@@ -109,7 +110,8 @@ def best_of(fn: Callable[[], Any], repeat: int) -> float:
     return best
 
 
-def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: bool, repeat: int) -> dict[str, Any]:
+def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: bool, repeat: int,
+        base_codec: str = "lz4") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-exact-") as root:
         pre_f, ft_f = checkpoint_file(pre), checkpoint_file(ft)
         dt = getattr(torch, cast) if cast else None
@@ -123,12 +125,12 @@ def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: b
             pre_f, ft_f = f"{root}/pre.safetensors", f"{root}/ft.safetensors"
         sd0, sd1 = load_file(pre_f), load_file(ft_f)
         full = sum(v.numel() * v.element_size() for v in sd1.values())
-        r: dict[str, Any] = {"dtype": cast or "as saved", "params": sum(v.numel() for v in sd1.values()),
+        r: dict[str, Any] = {"dtype": cast or "as saved", "base_codec": base_codec, "params": sum(v.numel() for v in sd1.values()),
                              "checkpoint_bytes": full, "changed_fraction": sum(
                                  int((sd1[k] != sd0[k]).sum()) for k in sd1 if k in sd0 and sd0[k].shape == sd1[k].shape)
                              / sum(v.numel() for v in sd1.values())}
         url = f"{root}/s"
-        init(url, pre_f)
+        init(url, pre_f, base_codec=base_codec)
         t0 = time.perf_counter()
         s = modelstore.add_task(url, "t", ft_f, kind="exact")
         r["add_task_s"] = round(time.perf_counter() - t0, 3)
@@ -150,10 +152,12 @@ def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: b
             r["xor_merged_bytes"], _ = coded(planes(sd1, theta), planes_codec())
         r["safetensors_load_s"] = best_of(lambda: {k: v.clone() for k, v in load_file(ft_f).items()}, repeat)
         r["load_s"] = best_of(lambda: modelstore.open(url).load("t"), repeat)
+        r["load_streamed_base_s"] = best_of(lambda: modelstore.open(url, cache_base=False).load("t"), repeat)
         warm = modelstore.open(url)
         warm.load("t")
         r["load_cached_base_s"] = best_of(lambda: warm.load("t"), repeat)
         r["load_vs_safetensors"] = r["load_s"] / r["safetensors_load_s"]
+        r["load_streamed_vs_safetensors"] = r["load_streamed_base_s"] / r["safetensors_load_s"]
         r["load_cached_vs_safetensors"] = r["load_cached_base_s"] / r["safetensors_load_s"]
         if codecs:
             xor = planes(sd1, sd0)
@@ -174,11 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merged", nargs="*", default=None, metavar="OTHER",
                    help="also XOR against θ* = θ0 + 0.3·Σ τ over the task and these other fine-tunes")
     p.add_argument("--codecs", action="store_true", help="also measure other codecs on the XORed planes")
+    p.add_argument("--base-codec", choices=("lz4", "none"), default="lz4", help="how the store keeps θ0")
     p.add_argument("--repeat", type=int, default=5, help="loads timed (best of)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    r = run(a.pretrained, a.finetuned, a.cast, a.merged, a.codecs, a.repeat)
+    r = run(a.pretrained, a.finetuned, a.cast, a.merged, a.codecs, a.repeat, a.base_codec)
     if a.json:
         print(json.dumps(r))
         return
