@@ -7,8 +7,8 @@ baseline measured in the same run:
 - with --merged [OTHER ...]: the same task XORed against a task-arithmetic θ* = θ0 + 0.3·Σ τ over
   it and the other fine-tunes given, instead of θ0 (both through the same coder);
 - load time of the task (a freshly opened store: its base read and decoded too, into the store's
-  cache or streamed; and with the base cached, as a store serving several tasks keeps it) against
-  safetensors: `load_file` of the
+  cache or streamed; and with the base cached, as a store serving several tasks keeps it; and cold:
+  the store's and the checkpoint's files dropped from the page cache first) against safetensors: `load_file` of the
   checkpoint plus a copy of each tensor (load_file alone only maps the file);
 - with --codecs: the XORed planes under other codecs (bytes and decode speed, one thread), which is
   how codecs.py's choice was made.
@@ -72,6 +72,8 @@ def coded(arrays: dict[tuple[int, int], np.ndarray], codec: Any, whole: bool = F
         # word bytes in memory order (little-endian: the last plane first), as a flat byte array
         arrays = {(k, 0): np.stack(ps[::-1], axis=1).reshape(-1).view(f"<u{k}") for k, ps in by_size.items()}
     blobs = [codec.encode(c) for a in arrays.values() for c in chunks(a)]
+    for b in blobs:  # once untimed: the first decode pays for fresh memory
+        codec.decode(b)
     t0 = time.perf_counter()
     for b in blobs:
         codec.decode(b)
@@ -101,9 +103,23 @@ CANDIDATES: dict[str, tuple[Callable[[], Any], bool]] = {
 }
 
 
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
+def evict(*paths: str) -> None:
+    """Drop these files (directories walked) from the page cache, so a read goes to the disk (this
+    process's own files only: the machine's other page cache stays as it is)."""
+    for p in paths:
+        files = [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs] if os.path.isdir(p) else [p]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def best_of(fn: Callable[[], Any], repeat: int, cold: tuple[str, ...] = ()) -> float:
     best = float("inf")
     for _ in range(repeat):
+        evict(*cold)
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
@@ -158,6 +174,11 @@ def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: b
         r["load_cached_base_s"] = best_of(lambda: warm.load("t"), repeat)
         r["load_vs_safetensors"] = r["load_s"] / r["safetensors_load_s"]
         r["load_streamed_vs_safetensors"] = r["load_streamed_base_s"] / r["safetensors_load_s"]
+        r["cold_safetensors_load_s"] = best_of(lambda: {k: v.clone() for k, v in load_file(ft_f).items()}, repeat,
+                                               (ft_f,))
+        r["cold_load_streamed_base_s"] = best_of(lambda: modelstore.open(url, cache_base=False).load("t"), repeat,
+                                                 (url,))
+        r["cold_load_vs_safetensors"] = r["cold_load_streamed_base_s"] / r["cold_safetensors_load_s"]
         r["load_cached_vs_safetensors"] = r["load_cached_base_s"] / r["safetensors_load_s"]
         if codecs:
             xor = planes(sd1, sd0)

@@ -114,18 +114,18 @@ class Exact(TaskKind):
 
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each tensor's words, XORed into a fresh copy of its base tensor where the entry says so;
-        count-0 entries the base tensor itself. Reading and decoding the next tensor's words (a worker
+        """Each tensor's words XORed into a fresh copy of its base tensor where the entry says so;
+        count-0 entries that copy itself. Reading and decoding the next tensor's words (a worker
         thread) overlaps the XOR of this one."""
         for t, w in read_ahead(self._words(segments, table)):
             dt = dtypes.torch_dtype(t["dtype"])
             if w is None or t.get("xor"):
-                out = base.fresh(str(t.get("base") or t["name"])).contiguous()
-                if out.dtype != dt or list(out.shape) != t["shape"]:
+                name = str(t.get("base") or t["name"])
+                b = base.fresh(name).contiguous()
+                if b.dtype != dt or list(b.shape) != t["shape"]:
                     raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
                                             "or shape; the store is damaged")
-                if w is not None:
-                    words(out).bitwise_xor_(w)
+                out = b if w is None else words(b).bitwise_xor_(w).view(dt).view(b.shape)
             else:
                 out = w.view(dt).view(t["shape"])
             yield t["name"], out.to(dtypes.output_dtype(dt, dtype))
