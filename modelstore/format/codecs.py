@@ -10,9 +10,11 @@ compress about as well with bit-shuffled lz4 as with zstd (0.755 against 0.738 o
 14x faster, which is what a load and an add-task wait on.
 The XORed words of exact tasks ("words") take the indices' codec: blosc's byte shuffle splits each
 1 MiB block into byte planes (the high bytes, nearly all zero after the XOR, then the low ones), and
-zstd at level 1 then makes them 0.284 of a float32 MiniLM fine-tune's bytes, as small as whole-tensor
-planes without shuffle (0.284) and smaller than zstd 3 (0.287), lz4 (0.328) or bit-shuffled zstd
-(0.295), while the unshuffle restores the words in C (tools/bench_exact --codecs).
+zstd at level 1 makes a real MiniLM fine-tune 0.321 of its float32 bytes (0.174 of bf16), as small
+as byte planes of whole tensors (0.321 / 0.174) and smaller than zstd 3 (0.323 / 0.178), bit
+shuffling (0.337 / 0.204) or lz4 (0.372 / 0.273); the unshuffle in C decodes at 2.2 GB/s where
+whole-tensor planes decode at 2.4 GB/s but need a join at 1.4 GB/s (tools/bench_exact --codecs;
+decode speeds on two float32 encoder layers, one thread, best of 10).
 A base may instead be written uncompressed (`base_codec="none"`, array kind "raw": crc32c only):
 compression saves 25% of a bf16 base and 12% of a float32 one, but every load of a task decodes
 its whole base, and reading raw chunks straight into the output is what safetensors does.

@@ -10,7 +10,7 @@ about the entropy of the changed bits. A tensor equal to its base, bit for bit, 
 base's (a count-0 entry, as other kinds do) and costs a load no decoding. Any dtype is kept.
 
 Measured (tools/bench_exact.py, real MiniLM-L6 fine-tunes; docs/performance.md): XOR with a
-task-arithmetic θ* of two tasks (λ 0.3) gives 2% (float32) to 8% (bf16) fewer bytes than with θ0,
+task-arithmetic θ* of two tasks (λ 0.3) gives 2% (float32) to 9% (bf16) fewer bytes than with θ0,
 as θt lies nearer θ* than θ0 while few tasks are merged, so θ* is the default base, as for the
 lossy kinds; byte planes per 1 MiB block (blosc's shuffle, undone in C on a load) are as small as
 whole-tensor planes, and zstd 1 beats zstd 3, lz4 and bit shuffling (codecs.py).
