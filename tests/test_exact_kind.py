@@ -239,3 +239,34 @@ def test_every_file_of_the_payload_damaged_in_turn(mixed, tmp_path):
                 _assert_bits(got, task)
             shutil.rmtree(url)
     assert errors >= 3 * len(chunks)
+
+
+def test_build_with_kind_exact(tmp_path):
+    """`build --kind exact`: every task bit for bit on the merged base the build makes."""
+    g = torch.Generator().manual_seed(2)
+    pre = {"w": torch.randn(64, 64, generator=g), "b": torch.randn(64, generator=g).bfloat16()}
+    tasks = {t: {k: v + (1e-3 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in pre.items()} for t in "xy"}
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    for t, sd in tasks.items():
+        save_file(sd, str(tmp_path / f"{t}.safetensors"))
+    s = modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"),
+                         {t: str(tmp_path / f"{t}.safetensors") for t in tasks}, kind="exact")
+    for t, sd in tasks.items():
+        assert s.entry(t)["base"] == "merged"
+        _assert_bits(s.load(t), sd)
+
+
+def test_bench_exact_reports_bytes_against_zipnn(tmp_path):
+    """tools/bench_exact on a small pair: bit-identical, and fewer bytes than byte planes of the
+    fine-tune alone (the XOR leaves the high planes nearly all zero)."""
+    from tools.bench_exact import run
+    g = torch.Generator().manual_seed(3)
+    pre = {"w": torch.randn(256, 256, generator=g), "ids": torch.arange(16)}
+    ft = {"w": pre["w"] + 1e-4 * torch.randn(256, 256, generator=g), "ids": pre["ids"].clone()}
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    r = run(str(tmp_path / "pre.safetensors"), str(tmp_path / "ft.safetensors"), "bfloat16", [], True, 1)
+    assert r["bit_identical"] and r["dtype"] == "bfloat16" and r["checkpoint_bytes"] == 256 * 256 * 2 + 16 * 8
+    assert r["exact_ratio"] < 0.8 * r["zipnn_ratio"] and r["zipnn_ratio"] < 1.0
+    assert set(r["codecs"]) >= {"words zstd1 shuffle (stored)", "planes zstd1"}
+    assert r["load_cached_base_s"] > 0 and r["safetensors_load_s"] > 0
