@@ -181,7 +181,7 @@ def _kind_options(f: Callable) -> Callable:
     return click.option("--kind", type=click.Choice(checkpoint_kinds()), default="fft", show_default=True,
                         help="how each task is kept: fft (a sparse delta, PERU-FFT), tall-mask (TALL mask over "
                              "θ*−θ0), emr (EMR-Merging mask and rescaler), bitdelta (sign bits and a scale per "
-                             "matrix)")(f)
+                             "matrix), exact (bit for bit: XOR with the base, compressed)")(f)
 
 
 def _given_kind_options(flags: dict[str, Any]) -> dict[str, Any]:

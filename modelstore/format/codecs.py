@@ -8,6 +8,13 @@ blocks (INDEX_BLOCK_BYTES) they encode at ~2 GB/s and decode at ~5 GB/s; weights
 compress about as well with bit-shuffled lz4 as with zstd (0.755 against 0.738 of bf16 weights,
 0.88 of fp32 ones, better than zstd's 0.90) but decode at 5-7 GB/s instead of 1-1.8 and encode
 14x faster, which is what a load and an add-task wait on.
+The XORed words of exact tasks ("words") take the indices' codec: blosc's byte shuffle splits each
+1 MiB block into byte planes (the high bytes, nearly all zero after the XOR, then the low ones), and
+zstd at level 1 makes a real MiniLM fine-tune 0.321 of its float32 bytes (0.174 of bf16), as small
+as byte planes of whole tensors (0.321 / 0.174) and smaller than zstd 3 (0.323 / 0.178), bit
+shuffling (0.337 / 0.204) or lz4 (0.372 / 0.273); the unshuffle in C decodes at 2.2 GB/s where
+whole-tensor planes decode at 2.4 GB/s but need a join at 1.4 GB/s (tools/bench_exact --codecs;
+decode speeds on two float32 encoder layers, one thread, best of 10).
 A base may instead be written uncompressed (`base_codec="none"`, array kind "raw": crc32c only):
 compression saves 25% of a bf16 base and 12% of a float32 one, but every load of a task decodes
 its whole base, and reading raw chunks straight into the output is what safetensors does.
@@ -44,22 +51,22 @@ def chunk_length(capacity: int) -> int:
 #: (one thread, this machine type). lz4 has no such setup and blosc's own blocks serve it as well.
 INDEX_BLOCK_BYTES = 1 << 20
 
-ARRAY_KINDS = ("indices", "values", "raw")
+ARRAY_KINDS = ("indices", "values", "raw", "words")
 #: A base's codec choice (`build(base_codec=...)`) -> the kind of array its tensors are written as.
 BASE_CODECS = {"lz4": "values", "none": "raw"}
 
 
 def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
-    """Codec chain after the bytes serializer for an array of `kind` ("indices", "values" or "raw")."""
+    """Codec chain after the bytes serializer for an array of `kind` ("indices", "values", "raw" or "words")."""
     if kind not in ARRAY_KINDS:
         raise ValueError(f"unknown array kind {kind!r}")
     if kind == "raw":
         return [Crc32cCodec()]
-    if kind == "indices":
+    if kind in ("indices", "words"):
         blosc = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=INDEX_BLOCK_BYTES)
     else:
         blosc = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize)
     return [blosc, Crc32cCodec()]
 
 
-__all__ = ["CHUNK_ELEMENTS", "MAX_CHUNKS", "INDEX_BLOCK_BYTES", "chunk_length", "ARRAY_KINDS", "BASE_CODECS", "compressors"]
+__all__ = ["ARRAY_KINDS", "BASE_CODECS", "CHUNK_ELEMENTS", "INDEX_BLOCK_BYTES", "MAX_CHUNKS", "chunk_length", "compressors"]

@@ -183,7 +183,7 @@ class PayloadWriter:
                 "arrays": arrays, "bytes": stored}
 
 
-_ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits")
+_ENTRY_KINDS = ("dense", "sparse", "lowrank", "bits", "words")
 #: LoRA layouts: the base weight holds D (`linear`) or Dᵀ (spec section 6).
 _LAYOUTS = ("linear", "fan_in_fan_out", "embedding")
 
@@ -229,7 +229,7 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
             or not _natural(count) or e.get("dtype") not in dtypes.LOGICAL_DTYPES:
         return "has a bad shape, dtype or slice"
     size = math.prod(shape)
-    if e["kind"] == "dense" and count != size or e["kind"] == "sparse" and count > size \
+    if e["kind"] in ("dense", "words") and count != size or e["kind"] == "sparse" and count > size \
             or e["kind"] == "bits" and count != -(-size // 8):
         return f"has {count} elements for shape {shape}"
     if e["kind"] == "lowrank":
@@ -245,7 +245,7 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
         return "names no array"
     if e["kind"] == "dense" and e["array"].rpartition(".")[2] != e["dtype"]:
         return f"of dtype {e['dtype']} lies in array {e['array']!r}"
-    if "base" in e and (e["kind"] not in ("sparse", "lowrank", "bits") or not isinstance(e["base"], str)):
+    if "base" in e and (e["kind"] not in ("sparse", "lowrank", "bits", "words") or not isinstance(e["base"], str)):
         return "names its base tensor badly"
     if e["kind"] in ("sparse", "lowrank", "bits") and (count or e["kind"] != "sparse") \
             and not dtypes.torch_dtype(e["dtype"]).is_floating_point:

@@ -6,11 +6,12 @@ from __future__ import annotations
 from ..errors import CorruptStoreError, InputError
 from .base import TaskKind, WithOtherBases
 from .bit_delta import BitDelta
+from .exact import Exact
 from .low_rank import AdapterInput, LoraOptions, LowRankAdapter, StoredAdapter
 from .sparse_delta import FFTOptions, SparseDelta
 from .vector_masks import EMRMask, TallMask
 
-KINDS: list[TaskKind] = [SparseDelta(), LowRankAdapter(), TallMask(), EMRMask(), BitDelta()]
+KINDS: list[TaskKind] = [SparseDelta(), LowRankAdapter(), TallMask(), EMRMask(), BitDelta(), Exact()]
 
 
 def kind_names() -> list[str]:
@@ -50,5 +51,5 @@ def checkpoint_kind(name: str) -> TaskKind:
 
 
 __all__ = ["TaskKind", "WithOtherBases", "KINDS", "kind_names", "get_kind", "checkpoint_kinds", "checkpoint_kind",
-           "TallMask", "EMRMask", "BitDelta", "SparseDelta", "LowRankAdapter", "FFTOptions",
+           "TallMask", "EMRMask", "BitDelta", "Exact", "SparseDelta", "LowRankAdapter", "FFTOptions",
            "LoraOptions", "AdapterInput", "StoredAdapter"]
