@@ -19,6 +19,7 @@ from .hf_models import load_model
 from .kinds import StoredAdapter
 from .lora import LoraError
 from .merging import merge
+from .storage.leases import PayloadLostError
 from .store import Store
 from .transfer import SyncReport, sync
 
@@ -27,5 +28,5 @@ __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
     "Store", "StoredAdapter", "SyncReport",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
-    "TaskExistsError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit", "LoraError", "SingleWriterWarning",
+    "TaskExistsError", "PayloadLostError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit", "LoraError", "SingleWriterWarning",
 ]
