@@ -103,7 +103,8 @@ def read_task(root: str, task: str) -> dict[str, Tensor]:
     entry = m["tasks"][task]
     bases = {b: read_base(root, m, b) for b in entry.get("bases", [entry["base"]])}
     p = Payload(root, entry)
-    reader = {"fft": _fft, "lora": _lora, "tall-mask": _bits, "emr": _bits, "bitdelta": _bits}[entry["kind"]]
+    reader = {"fft": _fft, "lora": _lora, "tall-mask": _bits, "emr": _bits, "bitdelta": _bits,
+              "exact": _exact}[entry["kind"]]
     return reader(p, entry, bases)
 
 
@@ -202,4 +203,22 @@ def _bits(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]]
             else:  # emr
                 x = np.where(m, B0 + np.float32(entry["params"]["scale"]) * (B - B0), B0)
         out[t["name"]] = _from_f32(x.astype(np.float32), t["dtype"]).reshape(t["shape"]), t["dtype"]
+    return out
+
+
+def _exact(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Section 11: the words, XORed with the base tensor's bits where `xor`, as the tensor's bits."""
+    base, out = bases[entry["base"]], {}
+    for t in p.table:
+        b, bdtype = base[t.get("base", t["name"])] if t.get("xor") or t["kind"] == "sparse" else (None, None)
+        if t["kind"] == "sparse":  # count 0: the base's tensor
+            out[t["name"]] = b, bdtype
+            continue
+        w = p.slice(t["array"], t["start"], t["count"])
+        if t["xor"]:
+            if bdtype != t["dtype"] or b.shape != tuple(t["shape"]):
+                raise SpecError(f"{t['name']}: XOR against a base tensor of another shape or dtype")
+            w = w ^ np.ascontiguousarray(b).reshape(-1).view(w.dtype)
+        logical = np.dtype(np.uint16) if t["dtype"] == "bfloat16" else np.dtype(t["dtype"])
+        out[t["name"]] = w.view(logical).reshape(t["shape"]), t["dtype"]
     return out
