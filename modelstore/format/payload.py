@@ -259,19 +259,21 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
 
 def base_problem(table: list[TableEntry], base: Mapping[str, tuple[list[int], str]], ordered: bool) -> str | None:
     """What is inconsistent between a task's table and a base it reads (name -> (shape, dtype), in
-    base order), or None: every entry that reads the base (all but `dense` ones) names a base tensor
-    of its shape, a count-0 `sparse` entry (the base's tensor itself) also of its dtype, and, when
-    `ordered` (the base is streamed in table order), in base order."""
+    base order), or None: every entry that reads the base (all but `dense` ones and `words` ones
+    without `xor`) names a base tensor of its shape, a count-0 `sparse` entry (the base's tensor
+    itself) and a `words` one also of its dtype, and, when `ordered` (the base is streamed in table
+    order), in base order."""
     order = {n: i for i, n in enumerate(base)}
     last = ("", -1)
     for e in table:
-        if e["kind"] == "dense":
+        if e["kind"] == "dense" or e["kind"] == "words" and not e.get("xor"):
             continue
         src = e.get("base", e["name"])
         if src not in base:
             return f"entry {e['name']!r} applies to base tensor {src!r}, which the base lacks"
         shape, dtype = base[src]
-        if list(shape) != e["shape"] or e["kind"] == "sparse" and not e["count"] and dtype != e["dtype"]:
+        if list(shape) != e["shape"] or (e["kind"] == "sparse" and not e["count"] or e["kind"] == "words") \
+                and dtype != e["dtype"]:
             return f"entry {e['name']!r} has shape {e['shape']} ({e['dtype']}) against {list(shape)} ({dtype}) of the base"
         if ordered and order[src] <= last[1]:
             return f"entry {e['name']!r} comes after {last[0]!r} but its base tensor before"
