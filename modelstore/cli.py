@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
+from .api import add_lora_task as add_lora, add_task as add_fft, env_storage_options, open_store, remove_task
 from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
 from .errors import InputError, ModelStoreError
@@ -95,15 +94,7 @@ def _emit(obj: Any) -> None:
 @_errors
 def main(ctx: click.Context, storage_option: tuple[str, ...]) -> None:
     """Keep many fine-tuned models of one pre-trained model as one base plus small task deltas."""
-    opts: dict[str, Any] = {}
-    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
-    if env:
-        try:
-            opts.update(json.loads(env))
-        except ValueError:
-            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object") from None
-    opts.update(_json_pairs(storage_option, "--storage-option"))
-    ctx.obj = {"storage_options": opts}
+    ctx.obj = {"storage_options": env_storage_options(_json_pairs(storage_option, "--storage-option"))}
     warnings.showwarning = _warning_line
 
 
