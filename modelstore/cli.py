@@ -120,7 +120,7 @@ def _kind_options(f: Callable) -> Callable:
         f = click.option(flag, _kind_param(o), type=_click_type(o), default=None, help=o.help + default)(f)
     return click.option("--kind", type=click.Choice(checkpoint_kinds()), default="fft", show_default=True,
                         help="how each task is kept: fft (a sparse delta, PERU-FFT), tall-mask (TALL mask over "
-                             "θ*−θ0), emr (EMR-Merging mask and rescaler), bitdelta (sign bits and a scale per "
+                             "θ*−θ0; build merges with --lambda 1 unless given), emr (EMR-Merging mask and rescaler), bitdelta (sign bits and a scale per "
                              "matrix)")(f)
 
 
