@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,25 @@ import torch
 from .errors import InputError
 from .format.paths import check_task_name
 from .store import Store
+
+
+def env_storage_options(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """$MODELSTORE_STORAGE_OPTIONS (a JSON object) updated with `storage_options`: the environment
+    gives defaults that explicit options override, in the CLI (`-o`) as in `load`.
+
+    Raises:
+        InputError: the variable is set but is not a JSON object.
+    """
+    opts: dict[str, Any] = {}
+    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
+    if env:
+        try:
+            opts = json.loads(env)
+        except ValueError:
+            opts = None  # type: ignore[assignment]
+        if not isinstance(opts, dict):
+            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
+    return {**opts, **(storage_options or {})}
 
 
 def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None,
@@ -36,20 +56,26 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Ma
 
 
 def load(task: str, store: str | os.PathLike[str] | Store | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str | None = None) -> dict[str, torch.Tensor]:
-    """Load one task's full weights; `store` defaults to $MODELSTORE_URL.
+         dtype: torch.dtype | str | None = None, *,
+         storage_options: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Load one task's full weights; `store` defaults to $MODELSTORE_URL, and a store given by URL
+    opens with `storage_options` over $MODELSTORE_STORAGE_OPTIONS (see env_storage_options).
 
     >>> sd = modelstore.load("sst2", device="cuda")
 
     Raises:
-        InputError: no store given and $MODELSTORE_URL unset. TaskNotFoundError: no such task.
+        InputError: no store given and $MODELSTORE_URL unset, or storage options with an open Store.
+        TaskNotFoundError: no such task.
     """
     if store is None:
         store = os.environ.get("MODELSTORE_URL")
         if not store:
             raise InputError("no store given and $MODELSTORE_URL is not set; pass store=... or set it")
-    if not isinstance(store, Store):
-        store = open_store(store)
+    if isinstance(store, Store):
+        if storage_options:
+            raise InputError("storage_options apply to a store given by URL; this Store is already open")
+    else:
+        store = open_store(store, storage_options=env_storage_options(storage_options))
     return store.load(check_task_name(task), device=device, dtype=dtype)
 
 
@@ -97,4 +123,4 @@ def remove_task(store: str | os.PathLike[str], name: str, *, storage_options: Ma
     open_store(store, mode="a", storage_options=storage_options).remove(name)
 
 
-__all__ = ["open_store", "load", "add_task", "add_lora_task", "remove_task"]
+__all__ = ["env_storage_options", "open_store", "load", "add_task", "add_lora_task", "remove_task"]

@@ -116,7 +116,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     for name in tasks:
         check_task_name(name)
     selected = selector(include, exclude)
-    method = get_method(merge, **{**(merge_options or {}), **options, **_stats_option(merge, tasks, stats)})
+    method = get_method(merge, **{**task_kind.merge_defaults.get(merge, {}), **(merge_options or {}), **options,
+                                  **_stats_option(merge, tasks, stats)})
     base_ck = open_checkpoint(pretrained)
     task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
     base_id = "pretrained" if merge == "none" else "merged"

@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
+from .api import add_lora_task as add_lora, add_task as add_fft, env_storage_options, open_store, remove_task
 from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
 from .errors import InputError, ModelStoreError
@@ -146,15 +146,7 @@ class _Commands(_Command, click.Group):
 @click.pass_context
 def main(ctx: click.Context, quiet: bool, storage_option: tuple[str, ...]) -> None:
     """Keep many fine-tuned models of one pre-trained model as one base plus small task deltas."""
-    opts: dict[str, Any] = {}
-    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
-    if env:
-        try:
-            opts.update(json.loads(env))
-        except ValueError:
-            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object") from None
-    opts.update(_json_pairs(storage_option, "--storage-option"))
-    ctx.obj = {"storage_options": opts, "quiet": quiet}
+    ctx.obj = {"storage_options": env_storage_options(_json_pairs(storage_option, "--storage-option")), "quiet": quiet}
     warnings.showwarning = _warning_line
 
 
@@ -180,8 +172,9 @@ def _kind_options(f: Callable) -> Callable:
         f = click.option(flag, _kind_param(o), type=_click_type(o), default=None, help=o.help + default)(f)
     return click.option("--kind", type=click.Choice(checkpoint_kinds()), default="fft", show_default=True,
                         help="how each task is kept: fft (a sparse delta, PERU-FFT), tall-mask (TALL mask over "
-                             "θ*−θ0), emr (EMR-Merging mask and rescaler), bitdelta (sign bits and a scale per "
-                             "matrix), exact (bit for bit: XOR with the base, compressed)")(f)
+                             "θ*−θ0; build merges with --lambda 1 unless given), emr (EMR-Merging mask and "
+                             "rescaler), bitdelta (sign bits and a scale per matrix), exact (bit for bit: XOR with "
+                             "the base, compressed)")(f)
 
 
 def _given_kind_options(flags: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,11 @@ imported here only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +26,23 @@ def _transformers() -> Any:
     except ImportError:
         raise InputError("load_model needs transformers; install it with pip install 'peru-modelstore[hf]'") from None
     return transformers
+
+
+def _not_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Hold back transformers 5's "LOAD REPORT" table of the keys a `from_pretrained` missed or did
+    not expect (a multi-line warning) where the caller checks the keys itself or another load
+    already reported them; transformers still raises its errors, and other warnings pass."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_load_report)
 
 
 def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
@@ -119,8 +139,9 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
     floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
     init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
     try:
-        model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
-                                          device_map={"": torch.device(device)}, output_loading_info=True)
+        with quiet_load_report():  # the keys are checked below, into one line
+            model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
+                                              device_map={"": torch.device(device)}, output_loading_info=True)
     except (AttributeError, TypeError, ValueError, RuntimeError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): {why}; "
@@ -134,4 +155,4 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
     return model.eval()
 
 
-__all__ = ["load_model", "task_architecture", "placement"]
+__all__ = ["load_model", "task_architecture", "placement", "quiet_load_report"]

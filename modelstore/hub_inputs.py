@@ -42,12 +42,21 @@ def resolve_input(spec: str | os.PathLike[str]) -> str:
     except RevisionNotFoundError:
         raise InputError(f"{spec}: the Hub repository {repo_id} has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise InputError(f"{spec}: no such model on the Hub (or it is private: log in with `hf auth login`)") from None
+        raise _not_found(spec, "no such model on the Hub (or it is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
-        raise InputError(f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached "
-                         "(HF_HUB_OFFLINE or no network); download it once online, or give a local path") from None
+        raise _not_found(spec, "not in the local Hugging Face cache and the Hub cannot be reached "
+                               "(HF_HUB_OFFLINE or no network); download it once online") from None
     except OSError as e:
         raise InputError(f"{spec}: could not download it from the Hub ({type(e).__name__}); give a local path") from None
+
+
+def _not_found(spec: str, hub: str) -> InputError:
+    """`spec` is neither a local path nor a Hub model: a mistyped path (its first directory
+    exists) is named as one, any other id gets both reasons."""
+    first = spec.split("/")[0]
+    if os.path.isdir(first):
+        return InputError(f"no such file or directory: {spec} ({first}/ exists; as a Hub id: {hub})")
+    return InputError(f"{spec}: no such file or directory, and as a Hub id: {hub}")
 
 
 __all__ = ["is_hub_id", "resolve_input"]

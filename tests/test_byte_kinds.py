@@ -410,3 +410,23 @@ def test_frontier_table_lists_every_row_in_percent():
     assert lines[0] == "| method | setting | bits / param | avg | rt | trump |"
     assert lines[2] == "| DARE int4 | m1 | 0.057 | **72.7** | 80.0 | 65.3 |"
     assert lines[3] == "| Single-Task |  | 32.000 | **74.2** | 80.5 | 67.9 |" and len(lines) == 4
+
+
+def test_a_tall_mask_build_merges_with_lambda_1_unless_told(bert_models, tmp_path):
+    """TALL masks τ_MTL = Σt τt: a tall-mask build's task arithmetic defaults to λ = 1 (fft keeps 0.3)."""
+    from click.testing import CliRunner
+
+    from modelstore.cli import main
+    sd0, sds = bert_models["sd0"], bert_models["sds"]
+    tasks = [f"{n}={p}" for n, p in bert_models["tasks"].items()]
+    for args, lam in [(("--kind", "tall-mask"), 1.0), (("--kind", "tall-mask", "--lambda", "0.3"), 0.3), ((), 0.3)]:
+        url = str(tmp_path / f"s{len(args)}")
+        r = CliRunner().invoke(main, ["build", url, "--pretrained", bert_models["pre"], *sum((("--task", t) for t in tasks), ()),
+                                      *args])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        merged = modelstore.open(url).base("merged")
+        for k in _floats(sd0):
+            want = np_f32(sd0[k]) + lam * sum(np_f32(sd[k]) - np_f32(sd0[k]) for sd in sds.values())
+            np.testing.assert_allclose(np_f32(merged[k]), want, rtol=1e-6, atol=1e-7, err_msg=f"{args} {k}")
+    s = modelstore.build(str(tmp_path / "api"), bert_models["pre"], bert_models["tasks"], kind="tall-mask")
+    assert s.manifest["bases"]["merged"]["merge"] == {"method": "task-arithmetic", "lam": 1.0}

@@ -3,6 +3,8 @@ load_into and switch, generating what the original fine-tune generates; load_mod
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -85,3 +87,28 @@ def test_load_model_errors_are_one_line(gpt2_store, bert_models, tmp_path):
     s = modelstore.build(str(tmp_path / "s"), bare, {"a": task}, merge="none")
     with pytest.raises(modelstore.InputError, match="nor its base keeps a config.json.*load_into"):
         modelstore.load_model(s, "a")
+
+
+def test_a_mismatched_class_gives_the_error_without_transformers_load_report(gpt2_store):
+    """transformers 5 logs a "LOAD REPORT" table of the keys; load_model states them in its one-line
+    error instead. A handler of transformers' logger sees the report of a plain from_pretrained."""
+    from transformers import GPT2ForSequenceClassification
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger, root = logging.getLogger("transformers.modeling_utils"), logging.getLogger("transformers")
+    level = root.level
+    root.setLevel(logging.WARNING)  # conftest sets TRANSFORMERS_VERBOSITY=error
+    logger.addHandler(handler)
+    try:
+        store = modelstore.open(gpt2_store["url"])
+        with pytest.raises(modelstore.InputError, match="does not match.*missing.*score"):
+            modelstore.load_model(store, "ft", GPT2ForSequenceClassification)
+        assert not [m for m in seen if "LOAD REPORT" in m]
+        config = gpt2_store["cfg"]
+        GPT2ForSequenceClassification.from_pretrained(None, config=config, state_dict=store.load("ft"),
+                                                      device_map={"": torch.device("cpu")})
+        assert [m for m in seen if "LOAD REPORT" in m]  # the filter went with load_model's call
+    finally:
+        logger.removeHandler(handler)
+        root.setLevel(level)

@@ -54,3 +54,16 @@ def test_unknown_hub_ids_are_one_line_errors(bert_models, hub_cache, tmp_path):
                        ("acme/tiny-bert-alpha@v9", "v9")]:
         r = CliRunner().invoke(main, ["add-task", url, "x", spec])
         assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_a_mistyped_local_path_is_named_as_one(bert_models, hub_cache, tmp_path, monkeypatch):
+    """`ft/rte` is shaped like a Hub id: when `ft/` exists it is a mistyped path, else both readings fail."""
+    url = str(tmp_path / "s")
+    modelstore.init(url, "acme/tiny-bert")
+    (tmp_path / "ft").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec, want in [("ft/rte", "no such file or directory: ft/rte (ft/ exists; as a Hub id: not in the local"),
+                       ("nodir/rte", "nodir/rte: no such file or directory, and as a Hub id: not in the local"),
+                       ("./ft/rte", "no such file"), ("ft/rte/x", "no such file")]:
+        r = CliRunner().invoke(main, ["add-task", url, "x", spec])
+        assert r.exit_code == 1 and want in r.output and r.output.count("\n") == 1, (spec, r.output)

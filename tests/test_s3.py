@@ -99,3 +99,30 @@ def test_sync_local_to_s3_and_back(s3, bert_models, tmp_path):
     assert sync(url, back, tasks=["beta"], src_options=s3).copied == ["beta"]
     got = modelstore.open(back).load("beta")
     assert all(torch.equal(got[k], v) for k, v in want.load("beta").items())
+
+
+def test_load_by_url_takes_storage_options_over_the_environment(s3, bert_models, monkeypatch):
+    from modelstore.errors import InputError
+    url = "s3://models/store-load"
+    s = modelstore.build(url, bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]}, keep=0.1,
+                         storage_options=s3)
+    want = s.load("alpha")
+    monkeypatch.setenv("MODELSTORE_STORAGE_OPTIONS", json.dumps(s3))
+    got = modelstore.load("alpha", url)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    monkeypatch.setenv("MODELSTORE_URL", url)
+    assert torch.equal(modelstore.load("alpha")["embeddings.word_embeddings.weight"],
+                       want["embeddings.word_embeddings.weight"])
+    # explicit options win over the environment's: a dead endpoint there is overridden here
+    monkeypatch.setenv("MODELSTORE_STORAGE_OPTIONS", json.dumps({**s3, "endpoint_url": "http://127.0.0.1:9"}))
+    got = modelstore.load("alpha", url, storage_options={"endpoint_url": s3["endpoint_url"]})
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    monkeypatch.delenv("MODELSTORE_STORAGE_OPTIONS")
+    got = modelstore.load("alpha", url, storage_options=s3)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for bad in ("not json", "[1, 2]"):
+        monkeypatch.setenv("MODELSTORE_STORAGE_OPTIONS", bad)
+        with pytest.raises(InputError, match="MODELSTORE_STORAGE_OPTIONS is not a JSON object"):
+            modelstore.load("alpha", url)
+    with pytest.raises(InputError, match="already open"):
+        modelstore.load("alpha", s, storage_options=s3)

@@ -95,3 +95,52 @@ def test_bench_gpu_steps_on_the_cpu(tmp_path) -> None:
     assert same_as_cpu(made["store"], "t", "cpu")["n_differ"] == 0
     got = ratios(r)
     assert got["load_vs_torch"] > 0 and got["peak_vs_model"] is None and got["h2d_vs_model"] is None
+
+
+AVX2_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
+BF16_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+
+
+def test_training_dtype_is_bfloat16_only_on_native_bfloat16_cpus() -> None:
+    from tools.finetune import choose_dtype
+
+    assert choose_dtype(None, AVX2_CPUINFO)[0] == torch.float32
+    assert choose_dtype(None, "flags\t: avx2 avx512f avx512bw\n")[0] == torch.float32  # AVX512 without BF16
+    assert choose_dtype(None, "")[0] == torch.float32  # no /proc/cpuinfo
+    assert choose_dtype(None, BF16_CPUINFO)[0] == torch.bfloat16
+    assert choose_dtype(None, "flags : avx2 amx_tile amx_bf16\n")[0] == torch.bfloat16
+    assert choose_dtype("bfloat16", AVX2_CPUINFO)[0] == torch.bfloat16
+    assert choose_dtype("float32", BF16_CPUINFO)[0] == torch.float32
+    with pytest.raises(ValueError, match="MODELSTORE_TRAIN_DTYPE='fp8'"):
+        choose_dtype("fp8", BF16_CPUINFO)
+
+
+@pytest.mark.parametrize("cpuinfo, env, want", [(AVX2_CPUINFO, None, "float32"), (BF16_CPUINFO, None, "bfloat16"),
+                                                (BF16_CPUINFO, "float32", "float32")])  # fmt: skip
+def test_a_training_step_computes_in_the_dtype_the_cpu_flags_choose(cpuinfo, env, want, tmp_path, monkeypatch) -> None:
+    """finetune reads the flags (here a file standing in for /proc/cpuinfo), trains a real step in
+    that dtype (the dtype of a linear layer's output) and records it."""
+    from tools import finetune as ft
+
+    _task_or_skip("rt")
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(ft, "CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.delenv(ft.DTYPE_ENV, raising=False)
+    if env:
+        monkeypatch.setenv(ft.DTYPE_ENV, env)
+    ft.train_dtype.cache_clear()
+    seen: list[torch.dtype] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(o.dtype) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        before = ft.pretrained_model().state_dict()
+        path = ft.finetune("rt", "full", 1, n_train=32, cache_dir=tmp_path / "cache")
+    finally:
+        handle.remove()
+        ft.train_dtype.cache_clear()
+    assert seen and set(seen) == {getattr(torch, want)}
+    meta = json.loads((tmp_path / "cache" / f"{path.name}.json").read_text())
+    assert meta["dtype"] == want and path.name.endswith("-fp32") == (want == "float32")
+    after = ft.load_state_dict(path)
+    assert not torch.equal(after["encoder.layer.0.output.dense.weight"], before["encoder.layer.0.output.dense.weight"])
+    assert after["encoder.layer.0.output.dense.weight"].dtype == torch.float32  # autocast leaves the weights fp32

@@ -29,6 +29,8 @@ DEFAULT_TASKS = ("rt", "trump", "healthsrc")
 DEFAULT_STEPS = 150
 DEFAULT_KEEP = 0.1
 
+log = logging.getLogger(__name__)
+
 
 def run(
     tasks: tuple[str, ...] = DEFAULT_TASKS,
@@ -38,7 +40,8 @@ def run(
     store_path: str | Path,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Fine-tune `tasks` (cached), build a store at `store_path` and return one result row per task."""
+    """Fine-tune `tasks` (cached), build a store at `store_path` and return one result row per task.
+    Progress (training steps, build, evaluation) is logged, at INFO."""
     import modelstore
 
     checkpoints = {t: finetune(t, "full", steps) for t in tasks}
@@ -54,6 +57,7 @@ def run(
     base = pretrained_model()
     rows = []
     for t in tasks:
+        log.info("evaluating %s: zero-shot, fine-tuned, from the store", t)
         info = store.info(t)
         rows.append({
             "task": t,

@@ -11,7 +11,11 @@ encoder changes, so every task model is a full encoder checkpoint that a store c
   adapter dir.
 
 Checkpoints are cached under ``.cache/modelstore-tools/`` keyed by (task, split version, mode,
-steps, seed, lr, train size, LoRA rank) and reused.
+steps, seed, lr, train size, LoRA rank, training dtype) and reused.
+
+Training runs under bfloat16 autocast only where the CPU has bfloat16 instructions (AVX512-BF16
+or AMX-BF16); elsewhere torch emulates bfloat16 some 30 times slower than float32, so training
+runs in float32. ``$MODELSTORE_TRAIN_DTYPE`` (``bfloat16`` / ``float32``) overrides the choice.
 
     python -m tools.finetune --task rt --mode full --steps 300
 """
@@ -19,6 +23,7 @@ steps, seed, lr, train size, LoRA rank) and reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -41,6 +46,8 @@ from tools.tasks import SPLIT_VERSION, load_task
 __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_LR",
+    "DTYPE_ENV",
+    "choose_dtype",
     "embed",
     "encoded",
     "evaluate",
@@ -52,6 +59,7 @@ __all__ = [
     "pretrained_model",
     "pretrained_path",
     "train",
+    "train_dtype",
 ]
 
 Mode = Literal["full", "lora"]
@@ -66,6 +74,14 @@ LORA_RANK = 16
 LORA_TARGETS = (
     r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 )
+
+LOG_EVERY = 10
+"""Training reports its loss and speed at the first step and every LOG_EVERY steps."""
+DTYPE_ENV = "MODELSTORE_TRAIN_DTYPE"
+CPUINFO = Path("/proc/cpuinfo")
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""CPU flags of native bfloat16 arithmetic: torch's capability string ("AVX512") does not tell them."""
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +136,7 @@ def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def head(task: str) -> torch.Tensor:
     """The task's frozen zero-shot head [classes, 384]: pre-trained embeddings of its class prompts."""
     spec = load_task(task)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: a float32 training step saves the head for backward
         return embed(_pretrained(), *_encode(spec.prompts, 64))
 
 
@@ -196,6 +212,32 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
+def choose_dtype(override: str | None, cpuinfo: str) -> tuple[torch.dtype, str]:
+    """The training dtype and why: `override` (a name in _DTYPES) if set, else bfloat16 when the
+    flags of `cpuinfo` (the text of /proc/cpuinfo) include a native bfloat16 set, else float32."""
+    if override:
+        if override not in _DTYPES:
+            raise ValueError(f"{DTYPE_ENV}={override!r}: use one of {', '.join(_DTYPES)}")
+        return _DTYPES[override], f"set by {DTYPE_ENV}"
+    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "flags" for f in line.split(":", 1)[1].split()}
+    if flags & BF16_FLAGS:
+        return torch.bfloat16, f"this CPU has {'/'.join(sorted(flags & BF16_FLAGS))}"
+    return torch.float32, f"this CPU has no {'/'.join(sorted(BF16_FLAGS))}: bfloat16 would be emulated"
+
+
+@functools.cache
+def train_dtype() -> torch.dtype:
+    """This machine's training dtype (see choose_dtype), logged once."""
+    try:
+        cpuinfo = CPUINFO.read_text()
+    except OSError:  # not Linux: no flags to read, and float32 is never slow
+        cpuinfo = ""
+    dtype, why = choose_dtype(os.environ.get(DTYPE_ENV), cpuinfo)
+    name = str(dtype).removeprefix("torch.")
+    log.info("training in %s (%s; %s=bfloat16|float32 overrides)", name, why, DTYPE_ENV)
+    return dtype
+
+
 def _lr(mode: str, lr: float | None, rank: int = LORA_RANK) -> float:
     """`lr`, or the default: a LoRA of rank r gets DEFAULT_LR · 16 / r, because with α = r each Adam
     step moves B·A by about r times the step of one rank-1 term."""
@@ -228,13 +270,16 @@ def train(
     lr: float | None = None,
     n_train: int | None = None,
     rank: int = LORA_RANK,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Fine-tune in memory and return the model (a BertModel, or a PeftModel of LoRA rank `rank`
     for ``lora``).
 
     AdamW (weight decay 0.1), linear warm-up over 10% of the steps then cosine decay, batch 32,
-    bf16 autocast, gradient clipping at 1; `n_train` caps the training examples used."""
+    gradient clipping at 1; `n_train` caps the training examples used. `dtype`: bfloat16 (autocast)
+    or float32, default train_dtype()."""
     lr = _lr(mode, lr, rank)
+    dtype = train_dtype() if dtype is None else dtype
     ids, mask, labels = encoded(task, "train")
     n = len(labels) if n_train is None else min(n_train, len(labels))
     task_head = head(task)
@@ -251,25 +296,25 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     order = torch.randperm(n, generator=gen)
-    pos, start, running = 0, time.perf_counter(), 0.0
+    pos, start, running, since = 0, time.perf_counter(), 0.0, 0
     for step in range(steps):
         if pos + BATCH_SIZE > n:
             order, pos = torch.randperm(n, generator=gen), 0
         batch = order[pos : pos + BATCH_SIZE]
         pos += BATCH_SIZE
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext():
             loss = F.cross_entropy(logits(model, ids[batch], mask[batch], task_head), labels[batch])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        running += loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            k = (step % 50) + 1
-            log.info("%s/%s step %d/%d loss %.3f (%.2f s/step)", task, mode, step + 1, steps, running / k,
-                     (time.perf_counter() - start) / (step + 1))  # fmt: skip
-            running = 0.0
+        running, since = running + loss.item(), since + 1
+        if step == 0 or (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+            per_step = (time.perf_counter() - start) / (step + 1)
+            log.info("%s/%s step %d/%d loss %.3f (%.2f s/step, %.0f s left)", task, mode, step + 1, steps,
+                     running / since, per_step, per_step * (steps - step - 1))  # fmt: skip
+            running, since = 0.0, 0
     return model.eval()
 
 
@@ -282,9 +327,12 @@ def _unpersisted_tensors() -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys() if k not in keep}
 
 
-def _cache_key(task: str, mode: Mode, steps: int, seed: int, lr: float, n_train: int | None, rank: int) -> str:
+def _cache_key(task: str, mode: Mode, steps: int, seed: int, lr: float, n_train: int | None, rank: int,
+               dtype: torch.dtype) -> str:
+    """The run's cache name; a float32 run is marked (bfloat16 runs, the first kind, are not)."""
     key = f"{task}-{mode}-split{SPLIT_VERSION}-steps{steps}-seed{seed}-lr{lr:g}"
-    return key + ("" if n_train is None else f"-n{n_train}") + (f"-r{rank}" if mode == "lora" and rank != LORA_RANK else "")
+    key += ("" if n_train is None else f"-n{n_train}") + (f"-r{rank}" if mode == "lora" and rank != LORA_RANK else "")
+    return key + ("" if dtype == torch.bfloat16 else "-fp32")
 
 
 def finetune(
@@ -302,13 +350,15 @@ def finetune(
     for ``full``, a PEFT adapter dir of rank `rank` for ``lora``. A JSON file beside it records the run."""
     lr = _lr(mode, lr, rank)
     cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    key = _cache_key(task, mode, steps, seed, lr, n_train, rank)
+    dtype = train_dtype()
+    key = _cache_key(task, mode, steps, seed, lr, n_train, rank, dtype)
     out = cache / key
     if out.is_dir():
         return out
     load_task(task)  # fail fast on missing data, before loading the model
+    log.info("fine-tuning %s (%s, %d steps)", task, mode, steps)
     start = time.perf_counter()
-    model = train(task, mode, steps, seed=seed, lr=lr, n_train=n_train, rank=rank)
+    model = train(task, mode, steps, seed=seed, lr=lr, n_train=n_train, rank=rank, dtype=dtype)
     seconds = time.perf_counter() - start
     tmp = cache / f".{key}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -324,7 +374,8 @@ def finetune(
         shutil.rmtree(tmp)  # a concurrent run of the same key finished first; its result is identical
         return out
     meta = {"task": task, "mode": mode, "steps": steps, "seed": seed, "lr": lr, "n_train": n_train,
-            **({"rank": rank} if mode == "lora" else {}), "train_seconds": round(seconds, 1)}  # fmt: skip
+            **({"rank": rank} if mode == "lora" else {}), "dtype": str(dtype).removeprefix("torch."),
+            "train_seconds": round(seconds, 1)}  # fmt: skip
     (cache / f"{key}.json").write_text(json.dumps(meta, indent=1) + "\n")
     log.info("saved %s (%.0f s)", out, seconds)
     return out

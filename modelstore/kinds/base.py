@@ -189,6 +189,8 @@ class TaskKind:
     extra_bases: ClassVar[tuple[str, ...]] = ()
     #: The merge method `build` makes the base with when the user names none (None: task-arithmetic).
     default_merge: ClassVar[str | None] = None
+    #: Per merge method, the options `build` gives it unless the user gives them.
+    merge_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: The kind's options (flags of `add-task` / `build`, keywords of `Store.add_task`).
     declared: ClassVar[tuple[Option, ...]] = ()
     #: The kinds of table entries its tasks hold (spec section 3); a reader refuses others.

@@ -79,6 +79,9 @@ class TallMask(_MergedVectorMask):
 
     name = "tall-mask"
     title = "a TALL-masked task"
+    # TALL masks τ_MTL = Σt τt (λ = 1); task arithmetic's λ = 0.3 scored 5-6 points lower on the
+    # MiniLM tasks of tools/ (docs/results/frontier measures λ = 1).
+    merge_defaults = {"task-arithmetic": {"lam": 1.0}}
     declared = (Option("tall_lambda", 0.6, "tall-mask: λ_t of m_t = 1{|τ_t| >= λ_t·|τ_MTL − τ_t|} "
                        "(FusionBench's default 0.6; larger keeps fewer entries of τ_MTL)"),)
 
