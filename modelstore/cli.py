@@ -517,11 +517,6 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str, data: st
               min_agreement: float | None, as_json: bool) -> None:
     """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
     sequence classifier; perplexity, top-1 next-token agreement and KL for a causal LM."""
-    try:
-        from transformers.utils import logging as transformers_logging
-        transformers_logging.disable_progress_bar()  # its per-model loading bars; eval draws its own
-    except ImportError:
-        pass  # evaluate says what to install
     r = evaluate(_open(ctx, store), task, original, data, batch_size=batch_size, max_length=max_length,
                  progress=_progress(ctx, as_json))
     agreement = r["top1_agreement"] if r["kind"] == "causal-lm" else r["agreement"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .hf_models import quiet_load_report
+from .hf_models import no_loading_bars, quiet_load_report
 from .progress import bar
 from .store import Store
 
@@ -89,9 +89,10 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
     if kind is None:
         raise InputError(f"{original} is a {arch}; eval runs sequence classifiers and causal LMs")
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
-    ref = cls.from_pretrained(original).eval()
-    with quiet_load_report():  # the same load as ref's: transformers reported its keys once
-        mine = cls.from_pretrained(original).eval()
+    with no_loading_bars():  # eval draws its own bar
+        ref = cls.from_pretrained(original).eval()
+        with quiet_load_report():  # the same load as ref's: transformers reported its keys once
+            mine = cls.from_pretrained(original).eval()
     store.load_into(mine, task)
     tokenizer = _tokenizer(store, task, original)
     texts, labels = read_data(data, getattr(config, "label2id", None))

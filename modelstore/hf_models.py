@@ -33,6 +33,21 @@ def _not_load_report(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' per-model loading bars off for the block, then as they were: its switch turns
+    huggingface_hub's bars off process-wide (modelstore's own among them)."""
+    from transformers.utils import logging as transformers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled
+    was_on = transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_load_report() -> Iterator[None]:
     """Hold back transformers 5's "LOAD REPORT" table of the keys a `from_pretrained` missed or did
     not expect (a multi-line warning) where the caller checks the keys itself or another load
@@ -155,4 +170,4 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
     return model.eval()
 
 
-__all__ = ["load_model", "task_architecture", "placement", "quiet_load_report"]
+__all__ = ["load_model", "task_architecture", "placement", "no_loading_bars", "quiet_load_report"]
