@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,26 +10,7 @@ import torch
 
 from .errors import InputError
 from .format.paths import check_task_name
-from .store import Store
-
-
-def env_storage_options(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """$MODELSTORE_STORAGE_OPTIONS (a JSON object) updated with `storage_options`: the environment
-    gives defaults that explicit options override, in the CLI (`-o`) as in `load`.
-
-    Raises:
-        InputError: the variable is set but is not a JSON object.
-    """
-    opts: dict[str, Any] = {}
-    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
-    if env:
-        try:
-            opts = json.loads(env)
-        except ValueError:
-            opts = None  # type: ignore[assignment]
-        if not isinstance(opts, dict):
-            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
-    return {**opts, **(storage_options or {})}
+from .store import Store, serving_store
 
 
 def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None,
@@ -67,16 +47,7 @@ def load(task: str, store: str | os.PathLike[str] | Store | None = None, device:
         InputError: no store given and $MODELSTORE_URL unset, or storage options with an open Store.
         TaskNotFoundError: no such task.
     """
-    if store is None:
-        store = os.environ.get("MODELSTORE_URL")
-        if not store:
-            raise InputError("no store given and $MODELSTORE_URL is not set; pass store=... or set it")
-    if isinstance(store, Store):
-        if storage_options:
-            raise InputError("storage_options apply to a store given by URL; this Store is already open")
-    else:
-        store = open_store(store, storage_options=env_storage_options(storage_options))
-    return store.load(check_task_name(task), device=device, dtype=dtype)
+    return serving_store(store, storage_options).load(check_task_name(task), device=device, dtype=dtype)
 
 
 def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, kind: str = "fft",
@@ -123,4 +94,4 @@ def remove_task(store: str | os.PathLike[str], name: str, *, storage_options: Ma
     open_store(store, mode="a", storage_options=storage_options).remove(name)
 
 
-__all__ = ["env_storage_options", "open_store", "load", "add_task", "add_lora_task", "remove_task"]
+__all__ = ["open_store", "load", "add_task", "add_lora_task", "remove_task"]

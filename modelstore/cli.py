@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__
-from .api import add_lora_task as add_lora, add_task as add_fft, env_storage_options, open_store, remove_task
+from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
 from .build import build as build_store, init as init_store
 from .config import BuildConfig, load_config
 from .errors import InputError, ModelStoreError
@@ -25,7 +25,7 @@ from .kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
 from .merging import METHODS, method_class, method_names
 from .options import Option
 from .progress import counter
-from .store import Store
+from .store import Store, env_storage_options
 from .transfer import sync as run_sync
 from .units import human_bytes, percent
 from .verify import verify as run_verify

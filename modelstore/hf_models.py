@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from . import dtypes
 from .errors import InputError
 from .modules import ModuleTensors, Placement
-from .store import Store
+from .store import Store, serving_store
 
 
 def _transformers() -> Any:
@@ -120,8 +120,9 @@ def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:
                                     hint="pass the model class it was fine-tuned as")
 
 
-def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type | str | None = None,
-               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto") -> torch.nn.Module:
+def load_model(task: str, store: Store | str | os.PathLike[str] | None = None, model_cls: type | str | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto", *,
+               storage_options: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """`task` as a transformers model in eval mode, built from the config.json it keeps (the fine-tune's:
     its architecture and labels), or its base's for tasks that keep none.
 
@@ -130,22 +131,22 @@ def load_model(store: Store | str | os.PathLike[str], task: str, model_cls: type
     allocated once. Buffers the store does not hold are made as transformers makes them, and
     tied weights (lm_head and the input embeddings) are tied.
 
-    >>> model = modelstore.load_model("store", "sst2", dtype="float16")
+    >>> model = modelstore.load_model("sst2", "store", dtype="float16")
 
     Args:
-        store: an open Store, or its URL.
         task: the task's name.
+        store: an open Store, or its URL (opened with `storage_options` over
+            $MODELSTORE_STORAGE_OPTIONS); by default $MODELSTORE_URL, as `modelstore.load`.
         model_cls: a transformers model class or its name; by default the class the config's
             `architectures` names (the one the task was fine-tuned as), else AutoModel's class.
         device: where the weights are made.
         dtype: "auto" (or None) keeps the stored dtypes; a float dtype or its name casts them.
 
     Raises:
-        InputError: transformers is missing, neither the task nor its base keeps a config.json, or
-            the class does not match the task's tensors.
+        InputError: transformers is missing, neither the task nor its base keeps a config.json, the
+            class does not match the task's tensors, or no store is given and $MODELSTORE_URL is unset.
     """
-    if not isinstance(store, Store):
-        store = Store(store)
+    store = serving_store(store, storage_options)
     cls, config = task_architecture(store, task, model_cls)
     want = dtypes.requested_dtype(dtype)
     sd = store.load(task, device=device, dtype=want)

@@ -861,6 +861,44 @@ def _started(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
     return iter(()) if first is None else chain([first], tensors)
 
 
+def env_storage_options(storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """$MODELSTORE_STORAGE_OPTIONS (a JSON object) updated with `storage_options`: the environment
+    gives defaults that explicit options override, in the CLI (`-o`) as in `load`.
+
+    Raises:
+        InputError: the variable is set but is not a JSON object.
+    """
+    opts: dict[str, Any] = {}
+    env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
+    if env:
+        try:
+            opts = json.loads(env)
+        except ValueError:
+            opts = None  # type: ignore[assignment]
+        if not isinstance(opts, dict):
+            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
+    return {**opts, **(storage_options or {})}
+
+
+def serving_store(store: str | os.PathLike[str] | Store | None,
+                  storage_options: Mapping[str, Any] | None = None) -> Store:
+    """The store serving code names (`modelstore.load`, `load_model`): an open Store, a URL opened
+    with `storage_options` over $MODELSTORE_STORAGE_OPTIONS, or $MODELSTORE_URL when None.
+
+    Raises:
+        InputError: no store given and $MODELSTORE_URL unset, or storage options with an open Store.
+    """
+    if store is None:
+        store = os.environ.get("MODELSTORE_URL")
+        if not store:
+            raise InputError("no store given and $MODELSTORE_URL is not set; pass store=... or set it")
+    if isinstance(store, Store):
+        if storage_options:
+            raise InputError("storage_options apply to a store given by URL; this Store is already open")
+        return store
+    return Store(store, storage_options=env_storage_options(storage_options))
+
+
 def source_info(ck: Checkpoint) -> dict[str, str]:
     """Path and fingerprint of an input checkpoint, as entries record them."""
     return {"path": os.path.abspath(ck.path), "fingerprint": ck.fingerprint()}
@@ -874,4 +912,4 @@ def base_fields(ck: Checkpoint, kind: str, merge: Mapping[str, Any], merged_task
             "config_json": ck.config_json}
 
 
-__all__ = ["Store", "source_info", "base_fields"]
+__all__ = ["Store", "env_storage_options", "serving_store", "source_info", "base_fields"]

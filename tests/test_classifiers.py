@@ -90,7 +90,7 @@ def test_load_model_builds_each_task_with_its_own_labels(clf):
     for name, labels in LABELS.items():
         original = BertForSequenceClassification.from_pretrained(clf["originals"][name]).eval()
         for cls in (None, "BertForSequenceClassification", BertForSequenceClassification):
-            m = modelstore.load_model(store, name, cls)
+            m = modelstore.load_model(name, store, cls)
             assert type(m) is BertForSequenceClassification and m.config.num_labels == len(labels)
             assert m.config.id2label == dict(enumerate(labels)) and m.config.label2id == original.config.label2id
             assert m.config.problem_type == "single_label_classification"
@@ -102,7 +102,7 @@ def test_load_model_builds_each_task_with_its_own_labels(clf):
         assert json.loads(store.task_config(name))["architectures"] == ["BertForSequenceClassification"]
     # a task added without a config.json takes its base's: the architecture must then be named
     assert store.task_config("bare") == store.manifest["bases"]["merged"]["config_json"]
-    m = modelstore.load_model(store, "bare", "BertForSequenceClassification")
+    m = modelstore.load_model("bare", store, "BertForSequenceClassification")
     assert m.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
     torch.testing.assert_close(m.classifier.weight, store.load("bare")["classifier.weight"], rtol=0, atol=0)
 
@@ -114,11 +114,11 @@ def test_switching_back_and_forth_equals_fresh_loads(clf, dtype):
     from transformers import BertForSequenceClassification
     store = modelstore.open(clf["url"])
     two_labels = ["sst", "spam", "sst-lossy", "bare"]
-    fresh = {t: modelstore.load_model(store, t, BertForSequenceClassification, dtype=dtype) for t in two_labels}
+    fresh = {t: modelstore.load_model(t, store, BertForSequenceClassification, dtype=dtype) for t in two_labels}
     rng = random.Random(3)
     order = ["spam", "sst", "spam", "sst-lossy", "bare", "sst"] + [rng.choice(two_labels) for _ in range(6)]
     for resident in (0, "1GB"):
-        model = modelstore.load_model(store, "sst", dtype=dtype)
+        model = modelstore.load_model("sst", store, dtype=dtype)
         for task in order:
             assert store.switch(model, task, resident=resident) is model
             _assert_same_tensors(model, fresh[task], f"switch to {task} (resident {resident})")
@@ -137,7 +137,7 @@ def test_load_into_and_eval_take_the_task_into_its_original_architecture(clf, tm
             for p in model.parameters():
                 p.zero_()
         store.load_into(model, name)  # position_ids, taken from the base, is the model's own buffer
-        _assert_same_tensors(model, modelstore.load_model(store, name), f"load_into {name}")
+        _assert_same_tensors(model, modelstore.load_model(name, store), f"load_into {name}")
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(HELD_OUT)))
     r = CliRunner().invoke(main, ["eval", clf["url"], "nli", "--original", clf["originals"]["nli"],
@@ -184,7 +184,7 @@ def test_the_task_config_is_checked_and_travels(clf, tmp_path):
         fh.write(b" ")
     assert "task 'nli'" in modelstore.open(url).check().damaged
     with pytest.raises(modelstore.CorruptStoreError, match="model file 'config.json' is damaged"):
-        modelstore.load_model(url, "nli")
+        modelstore.load_model("nli", url)
     os.remove(path)
     with pytest.raises(modelstore.CorruptStoreError, match="'config.json' is missing"):
         modelstore.open(url).task_config("nli")
@@ -200,7 +200,7 @@ def test_the_task_config_is_checked_and_travels(clf, tmp_path):
 def test_a_task_that_cannot_be_placed_is_a_one_line_error_and_writes_nothing(clf):
     from transformers import BertForSequenceClassification, BertModel, GPT2Config, GPT2Model
     store = modelstore.open(clf["url"])
-    cfg = modelstore.load_model(store, "sst").config
+    cfg = modelstore.load_model("sst", store).config
     models = {"GPT2Model": GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16)),
               "bare BertModel": BertModel(cfg)}  # the head has no place in it
     for what, model in models.items():
@@ -215,7 +215,7 @@ def test_a_task_that_cannot_be_placed_is_a_one_line_error_and_writes_nothing(clf
         store.switch(model, "nli")
     assert "\n" not in str(e.value)
     with pytest.raises(modelstore.InputError, match="does not fit BertModel: unexpected.*classifier"):
-        modelstore.load_model(store, "sst", BertModel)
+        modelstore.load_model("sst", store, BertModel)
 
 
 @pytest.mark.parametrize("kind", ["tall-mask", "emr", "bitdelta"])
@@ -230,9 +230,9 @@ def test_one_bit_kinds_serve_classifiers(clf, kind, tmp_path):
         store.add_task("one-bit", clf["originals"]["spam"], kind=kind, pretrained=clf["pre"])
     except modelstore.InputError as e:
         pytest.skip(f"{kind} tasks refuse head fine-tunes on this branch ({e})")
-    m = modelstore.load_model(store, "one-bit")
+    m = modelstore.load_model("one-bit", store)
     assert m.config.id2label == {0: "ham", 1: "spam"}
-    fresh = {t: modelstore.load_model(store, t, BertForSequenceClassification) for t in ("sst", "one-bit")}
+    fresh = {t: modelstore.load_model(t, store, BertForSequenceClassification) for t in ("sst", "one-bit")}
     for task in ("sst", "one-bit", "sst", "one-bit"):
         store.switch(m, task)
         _assert_same_tensors(m, fresh[task], f"switch to {task}")
@@ -261,7 +261,7 @@ def test_a_switch_writes_the_base_where_an_earlier_task_left_it_out(clf, tmp_pat
                      keep=0.3)
     store = modelstore.open(url)
     assert {t["count"] for t in store.table("frozen") if ".pooler." in t["name"]} == {0}
-    fresh = modelstore.load_model(store, "frozen", BertForSequenceClassification)
+    fresh = modelstore.load_model("frozen", store, BertForSequenceClassification)
     model = BertForSequenceClassification(fresh.config).eval()
     with pytest.raises(modelstore.InputError, match="does not fit this model: missing \\['bert.pooler"):
         store.switch(model, "no-pooler")

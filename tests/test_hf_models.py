@@ -46,7 +46,7 @@ def test_tied_gpt2_generates_as_the_original_through_every_route(gpt2_store):
     want = _greedy(gpt2_store["tuned"])
     store = modelstore.open(gpt2_store["url"])
     assert "lm_head.weight" not in store.load("ft")  # saved once, under wte
-    loaded = modelstore.load_model(store, "ft", GPT2LMHeadModel)
+    loaded = modelstore.load_model("ft", store, GPT2LMHeadModel)
     assert _tied(loaded) and not loaded.training and _greedy(loaded) == want
     for write in (store.load_into, store.switch):
         m = GPT2LMHeadModel(gpt2_store["cfg"]).eval()
@@ -57,12 +57,12 @@ def test_tied_gpt2_generates_as_the_original_through_every_route(gpt2_store):
 def test_load_model_dtypes_and_class_names(gpt2_store):
     from transformers import GPT2LMHeadModel, GPT2Model
     store = modelstore.open(gpt2_store["url"])
-    plain = modelstore.load_model(gpt2_store["url"], "ft")  # the class the task's config.json names
+    plain = modelstore.load_model("ft", gpt2_store["url"])  # the class the task's config.json names
     assert type(plain) is GPT2LMHeadModel and plain.transformer.wte.weight.dtype == torch.float32
-    bare = modelstore.load_model(store, "ft", GPT2Model)  # its transformer.… tensors, placed as wte.…
+    bare = modelstore.load_model("ft", store, GPT2Model)  # its transformer.… tensors, placed as wte.…
     assert torch.equal(bare.wte.weight, store.load("ft")["transformer.wte.weight"])
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16), ("auto", torch.float32)):
-        m = modelstore.load_model(store, "ft", "GPT2LMHeadModel", dtype=name)
+        m = modelstore.load_model("ft", store, "GPT2LMHeadModel", dtype=name)
         assert {p.dtype for p in m.parameters()} == {dtype} and _tied(m)
         want = store.load("ft", dtype=dtype)
         assert all(torch.equal(m.state_dict()[k], v) for k, v in want.items())
@@ -76,17 +76,17 @@ def test_load_model_errors_are_one_line(gpt2_store, bert_models, tmp_path):
              ("NoSuchModel", "model_cls must be"), (dict, "model_cls must be")]
     for cls, msg in cases:
         with pytest.raises(modelstore.InputError, match=msg) as e:
-            modelstore.load_model(store, "ft", cls)
+            modelstore.load_model("ft", store, cls)
         assert "\n" not in str(e.value)
     with pytest.raises(modelstore.InputError, match="floating dtype"):
-        modelstore.load_model(store, "ft", dtype="int8")
+        modelstore.load_model("ft", store, dtype="int8")
     from safetensors.torch import save_file
     bare, task = str(tmp_path / "pre.safetensors"), str(tmp_path / "a.safetensors")
     save_file({k: v.contiguous() for k, v in bert_models["sd0"].items()}, bare)
     save_file({k: v.contiguous() for k, v in bert_models["sds"]["alpha"].items()}, task)
     s = modelstore.build(str(tmp_path / "s"), bare, {"a": task}, merge="none")
     with pytest.raises(modelstore.InputError, match="nor its base keeps a config.json.*load_into"):
-        modelstore.load_model(s, "a")
+        modelstore.load_model("a", s)
 
 
 def test_a_mismatched_class_gives_the_error_without_transformers_load_report(gpt2_store):
@@ -102,8 +102,8 @@ def test_a_mismatched_class_gives_the_error_without_transformers_load_report(gpt
     logger.addHandler(handler)
     try:
         store = modelstore.open(gpt2_store["url"])
-        with pytest.raises(modelstore.InputError, match="does not match.*missing.*score"):
-            modelstore.load_model(store, "ft", GPT2ForSequenceClassification)
+        with pytest.raises(modelstore.InputError, match="does not (match|fit).*missing.*score"):
+            modelstore.load_model("ft", store, GPT2ForSequenceClassification)
         assert not [m for m in seen if "LOAD REPORT" in m]
         config = gpt2_store["cfg"]
         GPT2ForSequenceClassification.from_pretrained(None, config=config, state_dict=store.load("ft"),
@@ -112,3 +112,14 @@ def test_a_mismatched_class_gives_the_error_without_transformers_load_report(gpt
     finally:
         logger.removeHandler(handler)
         root.setLevel(level)
+
+
+def test_load_model_takes_the_task_first_and_the_store_from_the_environment(gpt2_store, monkeypatch):
+    from transformers import GPT2LMHeadModel
+    monkeypatch.setenv("MODELSTORE_URL", str(gpt2_store["url"]))
+    by_env = modelstore.load_model("ft", model_cls=GPT2LMHeadModel)
+    given = modelstore.load_model("ft", gpt2_store["url"], GPT2LMHeadModel)
+    assert all(torch.equal(a, b) for a, b in zip(by_env.state_dict().values(), given.state_dict().values()))
+    monkeypatch.delenv("MODELSTORE_URL")
+    with pytest.raises(modelstore.InputError, match="MODELSTORE_URL"):
+        modelstore.load_model("ft")
