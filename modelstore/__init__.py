@@ -8,21 +8,30 @@
 
 __version__ = "0.1.0"  # the one version source (pyproject.toml reads it)
 
-from . import stats
-from .api import add_lora_task, add_task, load, remove_task
-from .api import open_store as open  # noqa: A004
-from .build import build, init
-from .commits import UncertainCommit
-from .errors import (ConflictError, CorruptStoreError, FormatVersionError, InputError, ModelStoreError,
-                     SingleWriterWarning, StorageError, StoreNotFoundError, TaskExistsError, TaskNotFoundError)
-from .hf_models import load_model
-from .kinds import StoredAdapter
-from .lora import LoraError
-from .merging import merge
-from .storage.leases import PayloadLostError
-from .store import Store
-from .transfer import SyncReport, sync
-
+from modelstore.api import add_lora_task, add_task, load, remove_task
+from modelstore.api import open_store as open  # noqa: A004
+from modelstore.build import build, init
+from modelstore.errors import (
+                     ConflictError,
+                     CorruptStoreError,
+                     FormatVersionError,
+                     InputError,
+                     ModelStoreError,
+                     SingleWriterWarning,
+                     StorageError,
+                     StoreNotFoundError,
+                     TaskExistsError,
+                     TaskNotFoundError,
+)
+from modelstore.kinds import StoredAdapter
+from modelstore.kinds.lora import LoraError
+from modelstore.merging import merge
+from modelstore.merging import statistics as stats
+from modelstore.serving.hf_models import load_model
+from modelstore.storage.commits import UncertainCommit
+from modelstore.storage.leases import PayloadLostError
+from modelstore.storage.transfer import SyncReport, sync
+from modelstore.store import Store
 
 __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",

@@ -1,5 +1,5 @@
 """`python -m modelstore ...`: the command line."""
 
-from .cli import main
+from modelstore.cli import main
 
 main()

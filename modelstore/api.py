@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .format.paths import check_task_name
-from .store import Store, serving_store
+from modelstore.errors import InputError
+from modelstore.format.paths import check_task_name
+from modelstore.store import Store, serving_store
 
 
 def open_store(url: str | os.PathLike[str], mode: str = "r", storage_options: Mapping[str, Any] | None = None,

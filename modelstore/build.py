@@ -8,16 +8,21 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, StoreNotFoundError
-from .format.codecs import BASE_CODECS
-from .format.paths import check_task_name
-from .kinds import checkpoint_kind
-from .kinds.sparse_delta import check_finite
-from .merging import get_method, mergeable, method_class
-from .progress import bar
-from .selection import selector
-from .sources import as_base_named, open_checkpoint, read_rows, row_blocks
-from .store import Store, base_fields
+from modelstore._runtime.progress import bar
+from modelstore.errors import InputError, StoreNotFoundError
+from modelstore.format.codecs import BASE_CODECS
+from modelstore.format.paths import check_task_name
+from modelstore.inputs.selection import selector
+from modelstore.inputs.sources import (
+    as_base_named,
+    open_checkpoint,
+    read_rows,
+    row_blocks,
+)
+from modelstore.kinds import checkpoint_kind
+from modelstore.kinds.fft.sparse_delta import check_finite
+from modelstore.merging import get_method, mergeable, method_class
+from modelstore.store import Store, base_fields
 
 
 def _stats_option(merge: str, tasks: Mapping[str, Any], stats: Mapping[str, str] | None) -> dict[str, Any]:

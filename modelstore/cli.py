@@ -13,23 +13,26 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from . import __version__
-from .api import add_lora_task as add_lora, add_task as add_fft, open_store, remove_task
-from .build import build as build_store, init as init_store
-from .config import BuildConfig, load_config
-from .errors import InputError, ModelStoreError
-from .evaluate import evaluate
-from .export import FORMATS, MAX_SHARD_SIZE, export as export_task
-from .format.codecs import BASE_CODECS
-from .kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
-from .merging import METHODS, method_class, method_names
-from .options import Option
-from .progress import counter
-from .store import Store, env_storage_options
-from .transfer import sync as run_sync
-from .units import human_bytes, percent
-from .verify import verify as run_verify
-
+from modelstore import __version__
+from modelstore._runtime.progress import counter
+from modelstore._runtime.units import human_bytes, percent
+from modelstore.api import add_lora_task as add_lora
+from modelstore.api import add_task as add_fft
+from modelstore.api import open_store, remove_task
+from modelstore.build import build as build_store
+from modelstore.build import init as init_store
+from modelstore.config import BuildConfig, load_config
+from modelstore.errors import InputError, ModelStoreError
+from modelstore.evaluation.outputs import evaluate
+from modelstore.evaluation.weights import verify as run_verify
+from modelstore.format.codecs import BASE_CODECS
+from modelstore.kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
+from modelstore.merging import METHODS, method_class, method_names
+from modelstore.options import Option
+from modelstore.serving.export import FORMATS, MAX_SHARD_SIZE
+from modelstore.serving.export import export as export_task
+from modelstore.storage.transfer import sync as run_sync
+from modelstore.store import Store, env_storage_options
 
 #: Exit statuses (docs/cli.md): a script tells a failed check from a crash by them.
 EXIT_ERROR = 1  # the command could not do its work (a bad input, a missing store, an outage)
@@ -78,7 +81,7 @@ def _emit(obj: Any) -> None:
 
 
 def _progress(ctx: click.Context, as_json: bool = False) -> bool:
-    """Whether a command draws progress bars (on a terminal only: modelstore.progress)."""
+    """Whether a command draws progress bars (on a terminal only: modelstore._runtime.progress)."""
     return not (ctx.obj.get("quiet") or as_json)
 
 
@@ -226,7 +229,7 @@ _base_codec_option = click.option(
                    "--kind emr, else task-arithmetic]")
 @_merge_options
 @click.option("--stats", "stats", multiple=True, metavar="TASK=PATH",
-              help="fisher/regmean: the task's statistics file from modelstore.stats (repeat per task)")
+              help="fisher/regmean: the task's statistics file from modelstore.merging.statistics (repeat per task)")
 @_kind_options
 @click.option("--include", default=None, metavar="REGEX", help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
-from .kinds import KINDS
-from .merging import method_class
+from modelstore.errors import InputError
+from modelstore.kinds import KINDS
+from modelstore.merging import method_class
 
 #: The task kinds' declared options, by config key.
 KIND_KEYS = {o.key: o for k in KINDS for o in k.declared}

@@ -19,26 +19,61 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from . import dtypes, switching
-from .ahead import read_ahead
-from .commits import WRITER_ID, UncertainCommit, commit
-from .errors import ConflictError, CorruptStoreError, InputError, TaskExistsError, TaskNotFoundError
-from .format.manifest import BaseEntry, Manifest, TableEntry, TaskEntry, new_manifest, now, same_content, task_bases
-from .format.codecs import BASE_CODECS
-from .format.paths import base_dir, check_task_name, new_payload_dir, task_dir
-from .format.payload import PayloadFields, PayloadReader, PayloadWriter, Segments
-from .garbage import GcReport, collect, parse_duration
-from .heap import release_free_memory
-from .integrity import CheckReport, check_store, payload_reader, read_model_files, write_model_files
-from .kinds import AdapterInput, LoraOptions, StoredAdapter, TaskKind, WithOtherBases, checkpoint_kind, get_kind
-from .kinds.base import Edit, Replace
-from .modules import ModuleTensors, Placement
-from .progress import bar
-from .sources import Checkpoint, open_checkpoint
-from .storage import Location
-from .storage.leases import Lease
-from .transfer import SyncReport, sync
-from .units import parse_size
+from modelstore._runtime.heap import release_free_memory
+from modelstore._runtime.prefetch import read_ahead
+from modelstore._runtime.progress import bar
+from modelstore._runtime.units import parse_size
+from modelstore.errors import (
+    ConflictError,
+    CorruptStoreError,
+    InputError,
+    TaskExistsError,
+    TaskNotFoundError,
+)
+from modelstore.format import dtypes
+from modelstore.format.codecs import BASE_CODECS
+from modelstore.format.manifest import (
+    BaseEntry,
+    Manifest,
+    TableEntry,
+    TaskEntry,
+    new_manifest,
+    now,
+    same_content,
+    task_bases,
+)
+from modelstore.format.paths import base_dir, check_task_name, new_payload_dir, task_dir
+from modelstore.format.payload import (
+    PayloadFields,
+    PayloadReader,
+    PayloadWriter,
+    Segments,
+)
+from modelstore.inputs.sources import Checkpoint, open_checkpoint
+from modelstore.kinds import (
+    AdapterInput,
+    LoraOptions,
+    StoredAdapter,
+    TaskKind,
+    WithOtherBases,
+    checkpoint_kind,
+    get_kind,
+)
+from modelstore.kinds.base import Edit, Replace
+from modelstore.serving import switching
+from modelstore.serving.modules import ModuleTensors, Placement
+from modelstore.storage import Location
+from modelstore.storage.commits import WRITER_ID, UncertainCommit, commit
+from modelstore.storage.garbage import GcReport, collect, parse_duration
+from modelstore.storage.integrity import (
+    CheckReport,
+    check_store,
+    payload_reader,
+    read_model_files,
+    write_model_files,
+)
+from modelstore.storage.leases import Lease
+from modelstore.storage.transfer import SyncReport, sync
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
 Read = TypeVar("Read")
@@ -458,7 +493,7 @@ class Store:
 
     def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
         """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted. Either
-        way, what the write freed goes back to the kernel (modelstore/heap.py)."""
+        way, what the write freed goes back to the kernel (modelstore/_runtime/heap.py)."""
         try:
             with self.loc.errors(f"write {out.path}"):
                 return fill(out)

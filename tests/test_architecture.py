@@ -76,7 +76,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_circles_counting_imports_inside_functions():
     mods = _modules()
     graph = {m: _imports(m, p, set(mods)) - {m} for m, p in mods.items()}
-    assert "modelstore.kinds.sparse_delta" in graph["modelstore.kinds"]  # the walk sees the package
+    assert "modelstore.kinds.fft.sparse_delta" in graph["modelstore.kinds"]  # the walk sees the package
     cycle = _find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
@@ -185,9 +185,10 @@ class WholeCopy(TaskKind):
 
 
 def test_a_new_kind_is_one_class_and_one_registry_entry(bert_models, tmp_path, monkeypatch):
-    from modelstore.cli import main
     from click.testing import CliRunner
-    from modelstore.sources import open_checkpoint
+
+    from modelstore.cli import main
+    from modelstore.inputs.sources import open_checkpoint
     from modelstore.store import source_info
     monkeypatch.setattr(kinds, "KINDS", [*kinds.KINDS, WholeCopy()])
     url = str(tmp_path / "s")
@@ -211,3 +212,48 @@ def test_an_unknown_kind_in_the_manifest_is_a_clear_error(store2):
     open(path, "wb").write(seal(m))
     with pytest.raises(modelstore.CorruptStoreError, match="unknown task kind 'hologram'"):
         modelstore.open(store2).load("alpha")
+
+
+#: The package's layers, lowest first: a module imports only modules of its own layer or lower ones,
+#: so data flows one way (inputs -> merge -> compress -> store; store -> decode -> serve). The
+#: longest matching prefix names a module's layer.
+LAYERS: list[list[str]] = [
+    ["modelstore.errors"],
+    ["modelstore._runtime", "modelstore.options"],
+    ["modelstore.format"],
+    ["modelstore.inputs"],
+    ["modelstore.kinds"],
+    ["modelstore.merging", "modelstore.storage"],
+    ["modelstore.serving.switching", "modelstore.serving.modules"],
+    ["modelstore.store"],
+    ["modelstore.build", "modelstore.serving", "modelstore.config"],
+    ["modelstore.evaluation"],
+    ["modelstore.api"],
+    ["modelstore.cli", "modelstore", "modelstore.__main__"],
+]
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, rank = len(p), i
+    assert rank >= 0, f"{module} is in no layer of tests/test_architecture.py"
+    return rank
+
+
+def test_imports_go_down_the_layers_only():
+    mods = _modules()
+    upward = [f"{m} -> {n}" for m, p in mods.items() for n in _imports(m, p, set(mods))
+              if n != m and not m.startswith(n + ".") and _layer(n) > _layer(m)]
+    assert not upward, "imports against the layers: " + ", ".join(sorted(upward))
+
+
+def test_few_top_level_modules_and_private_plumbing():
+    top = sorted(p.stem for p in PKG.glob("*.py"))
+    assert len(top) <= 12, top
+    runtime = sorted(p.stem for p in (PKG / "_runtime").glob("*.py") if p.stem != "__init__")
+    exported = {getattr(getattr(modelstore, n), "__module__", "") for n in modelstore.__all__}
+    assert not any(m.startswith("modelstore._runtime") for m in exported), "public API from _runtime"
+    assert runtime, "modelstore/_runtime holds the plumbing"

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_bert_config
 
 import modelstore
-from conftest import tiny_bert_config
 
 
 def cli(*args: str) -> None:

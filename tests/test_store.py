@@ -195,8 +195,8 @@ def test_nan_and_missing_tensors_are_refused(bert_models, tmp_path):
 
 
 def test_other_architecture_is_refused(bert_models, tmp_path):
-    from transformers import BertModel
     from conftest import tiny_bert_config
+    from transformers import BertModel
     other = BertModel(tiny_bert_config(hidden_size=48, intermediate_size=96))
     other.save_pretrained(str(tmp_path / "other"))
     modelstore.init(str(tmp_path / "s"), bert_models["pre"])
@@ -326,6 +326,7 @@ def test_uncompressed_base_loads_the_same_weights(bert_models, tmp_path):
 
 def test_base_codec_from_the_cli_and_config(bert_models, tmp_path):
     from click.testing import CliRunner
+
     from modelstore.cli import main
     r = CliRunner().invoke(main, ["init", str(tmp_path / "i"), "--pretrained", bert_models["pre"], "--base-codec", "none"])
     assert r.exit_code == 0, r.output

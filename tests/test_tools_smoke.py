@@ -49,7 +49,14 @@ def test_unknown_task_is_refused() -> None:
 def test_finetune_saves_a_checkpoint_whose_state_dict_evaluates_like_the_model(mode, tmp_path) -> None:
     from safetensors import safe_open
 
-    from tools.finetune import evaluate, finetune, load_state_dict, pretrained_model, pretrained_path, train
+    from tools.finetune import (
+        evaluate,
+        finetune,
+        load_state_dict,
+        pretrained_model,
+        pretrained_path,
+        train,
+    )
 
     _task_or_skip("rt")
     path = finetune("rt", mode, STEPS, n_train=N_TRAIN, cache_dir=tmp_path)

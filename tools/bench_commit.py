@@ -4,7 +4,7 @@ For a local directory and for moto's S3 server on 127.0.0.1 (started here), with
 `--tasks` entries, each of `--commits` commits adds one task entry:
 
 - single writer (the old commit): read the manifest, change it, write it (atomic rename / one PUT);
-- protocol: `modelstore.commits.commit`: read with a version token, change, seal (generation,
+- protocol: `modelstore.storage.commits.commit`: read with a version token, change, seal (generation,
   writer, checksum), conditional publish (flock + rename / If-Match PUT).
 
 Then `--writers` threads commit at once through the protocol (none is lost; conflicts are retried).
@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from modelstore.commits import commit
 from modelstore.format.manifest import new_manifest, seal
 from modelstore.storage import Location
+from modelstore.storage.commits import commit
 
 ENTRY: dict[str, Any] = {
     "path": "tasks/t/0123456789abcdef", "kind": "fft", "base": "pretrained", "method": "post-pruning",

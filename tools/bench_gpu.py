@@ -36,7 +36,15 @@ from typing import Any
 
 import torch
 
-from tools.bench_scale import finetune, fresh, llama_shapes, load_shards, pretrained, report, write_sharded
+from tools.bench_scale import (
+    finetune,
+    fresh,
+    llama_shapes,
+    load_shards,
+    pretrained,
+    report,
+    write_sharded,
+)
 
 
 def start(device: torch.device) -> None:

@@ -1,7 +1,7 @@
 """Time PERU-LoRA's SVD of s*B@A by the factor route (QR + r x r core) against the dense route.
 
 The dense route forms the d x d product and runs torch.linalg.svd on it (float32, as a user
-would); the factor route is modelstore.lora.truncated_svd (float64, the default). Both are timed
+would); the factor route is modelstore.kinds.lora.truncated_svd (float64, the default). Both are timed
 in the same run and process, so the ratio dense/factor is meaningful on any machine.
 
     python -m tools.bench_lora_svd            # d = 1024, 2048, 4096; r = 16, 32, 64, 128
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from modelstore.lora import truncated_svd
+from modelstore.kinds.lora import truncated_svd
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -189,7 +189,7 @@ def drop_page_cache() -> None:
 def read_floor(*paths: str) -> None:
     """Read every tensor of the checkpoints into memory, one at a time (safetensors maps files
     lazily, so each tensor is copied to touch its bytes)."""
-    from modelstore.sources import open_checkpoint
+    from modelstore.inputs.sources import open_checkpoint
     for path in paths:
         ck = open_checkpoint(path)
         for n in ck.names():

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import modelstore
-from modelstore.topk import find_cut, kept_count, magnitude_bits
+from modelstore.kinds.fft.topk import find_cut, kept_count, magnitude_bits
 
 
 def synthetic(root: str, params: float, tasks: int, dtype: torch.dtype) -> tuple[str, dict[str, str]]:

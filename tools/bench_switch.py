@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 import modelstore
-from modelstore import switching
+from modelstore.serving import switching
 from tools.bench_lora_svd import median_time
 
 

@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.finetune import evaluate, finetune, load_state_dict, pretrained_model, pretrained_path
+from tools.finetune import (
+    evaluate,
+    finetune,
+    load_state_dict,
+    pretrained_model,
+    pretrained_path,
+)
 from tools.tasks import TASKS, parse_tasks
 
 DEFAULT_TASKS = ("rt", "trump", "healthsrc")

@@ -74,7 +74,7 @@ def read_data(path: Path, classes: list[str] | None) -> Data:
 def original_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights of the original, read as modelstore reads a task's checkpoint (a PEFT adapter dir:
     merged into the pre-trained MiniLM by tools.finetune)."""
-    from modelstore.sources import open_checkpoint
+    from modelstore.inputs.sources import open_checkpoint
     from tools.finetune import load_state_dict
 
     if path.is_dir() and (path / "adapter_config.json").is_file():
@@ -87,7 +87,12 @@ class Scorer:
     """Predicts classes with a model built from the stored config: its own classifier, or the zero-shot head."""
 
     def __init__(self, config_json: str | None, tokenizer_dir: Path, data: Data, prompts: list[str] | None):
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         from tools.finetune import pretrained_model, pretrained_path
 
@@ -150,7 +155,6 @@ def check(store: str, task: str, original: Path, data_path: Path, classes: list[
           prompts: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Accuracy of `task` loaded from `store` and of its `original` on the data, and their difference."""
     import modelstore
-
     from tools.finetune import pretrained_path
 
     data = read_data(data_path, classes)

@@ -25,8 +25,18 @@ from typing import Any
 
 import modelstore
 from tools.finetune import evaluate, pretrained_path
-from tools.paper_table import (DEFAULT_CACHE, ROOT, Config, _base_variant, _open, _originals, checkpoints, fft_store,
-                               merge_options, smoke_config)
+from tools.paper_table import (
+    DEFAULT_CACHE,
+    ROOT,
+    Config,
+    _base_variant,
+    _open,
+    _originals,
+    checkpoints,
+    fft_store,
+    merge_options,
+    smoke_config,
+)
 from tools.tasks import TASKS, parse_tasks
 
 KEEPS = (0.01, 0.02, 0.05, 0.1, 0.2)

@@ -36,8 +36,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import modelstore
-from tools.finetune import (LORA_RANK, encoded, logits, model_from_state_dict, evaluate, finetune, head, load_state_dict,
-                            pretrained_path)
+from tools.finetune import (
+    LORA_RANK,
+    encoded,
+    evaluate,
+    finetune,
+    head,
+    load_state_dict,
+    logits,
+    model_from_state_dict,
+    pretrained_path,
+)
 from tools.tasks import SPLIT_VERSION, TASKS, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -192,9 +201,9 @@ def statistics(cfg: Config, merge: str, mode: str, ckpts: dict[str, Path], names
                 model.requires_grad_(False)
                 model.encoder.requires_grad_(True)  # the fine-tuned (merged) parameters only
                 task_head = head(t).clone()  # an inference-mode tensor cannot enter autograd
-                modelstore.stats.fisher(model, _unpadded(t, cfg.n_stats), loss_fn=_nll(task_head), out=path)
+                modelstore.merging.statistics.fisher(model, _unpadded(t, cfg.n_stats), loss_fn=_nll(task_head), out=path)
             else:
-                modelstore.stats.gram(model, (b[:2] for b in _unpadded(t, cfg.n_stats)), out=path)
+                modelstore.merging.statistics.gram(model, (b[:2] for b in _unpadded(t, cfg.n_stats)), out=path)
             log.info("%s statistics of %s/%s: %.0f s", kind, mode, t, time.perf_counter() - start)
         out[names[t]] = str(path)
     return out

@@ -3,10 +3,28 @@
 Everything that knows how bytes are laid out lives here; task kinds and the Store use it.
 """
 
-from .manifest import (FORMAT_NAME, FORMAT_VERSION, BaseEntry, Manifest, PayloadFields, TableEntry, TaskEntry,
-                       check_manifest, new_manifest, now, same_content, table_digest)
-from .paths import MANIFEST, base_dir, check_task_name, new_payload_dir, task_dir
-from .payload import PayloadReader, PayloadWriter, Segments
+from modelstore.format.manifest import (
+                       FORMAT_NAME,
+                       FORMAT_VERSION,
+                       BaseEntry,
+                       Manifest,
+                       PayloadFields,
+                       TableEntry,
+                       TaskEntry,
+                       check_manifest,
+                       new_manifest,
+                       now,
+                       same_content,
+                       table_digest,
+)
+from modelstore.format.paths import (
+                       MANIFEST,
+                       base_dir,
+                       check_task_name,
+                       new_payload_dir,
+                       task_dir,
+)
+from modelstore.format.payload import PayloadReader, PayloadWriter, Segments
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "BaseEntry", "Manifest", "PayloadFields", "TableEntry", "TaskEntry",
            "check_manifest", "new_manifest", "now", "same_content", "table_digest", "MANIFEST", "base_dir",

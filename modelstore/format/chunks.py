@@ -31,7 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from ..readahead import Streak
+from modelstore._runtime.page_advice import Streak
 
 #: Chunk objects fetched at once: enough to keep an object store's connections busy, little memory
 #: (fewer where chunks are longer than 8 MiB, so at most WINDOW_BYTES are held ahead of a reader).
@@ -163,7 +163,7 @@ class Chunks:
 
     def _advise(self, start: int, stop: int) -> None:
         """Ask the kernel to read the local chunk files that begin in bytes [start, stop) of the
-        array into the page cache in the background (modelstore/readahead.py: a streak's ranges
+        array into the page cache in the background (modelstore/_runtime/page_advice.py: a streak's ranges
         follow one another, so each file is advised once per streak). A file that is missing is
         left to the read that needs it."""
         stop_index = min(-(-stop // self._chunk_bytes), -(-int(self.array.shape[0]) // self.chunk))

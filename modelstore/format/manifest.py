@@ -14,8 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
-from ..errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
-from .paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
+from modelstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
+from modelstore.format.paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
 
 FORMAT_NAME = "modelstore"
 FORMAT_VERSION = 2

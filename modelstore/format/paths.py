@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from ..errors import InputError
+from modelstore.errors import InputError
 
 MANIFEST = "manifest.json"
 GROUP_META = "zarr.json"

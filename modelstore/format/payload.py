@@ -27,11 +27,16 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage import StorePath
 
-from .. import dtypes
-from ..errors import CorruptStoreError, StorageError, is_io_error
-from .chunks import ChunkError, Chunks, digest, empty
-from .codecs import chunk_length, compressors
-from .manifest import ArrayInfo, PayloadFields, TableEntry, table_digest
+from modelstore.errors import CorruptStoreError, StorageError, is_io_error
+from modelstore.format import dtypes
+from modelstore.format.chunks import ChunkError, Chunks, digest, empty
+from modelstore.format.codecs import chunk_length, compressors
+from modelstore.format.manifest import (
+    ArrayInfo,
+    PayloadFields,
+    TableEntry,
+    table_digest,
+)
 
 
 class FlatWriter:

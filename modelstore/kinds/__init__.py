@@ -3,13 +3,18 @@ one section in spec/FORMAT.md."""
 
 from __future__ import annotations
 
-from ..errors import CorruptStoreError, InputError
-from .base import TaskKind, WithOtherBases
-from .bit_delta import BitDelta
-from .exact import Exact
-from .low_rank import AdapterInput, LoraOptions, LowRankAdapter, StoredAdapter
-from .sparse_delta import FFTOptions, SparseDelta
-from .vector_masks import EMRMask, TallMask
+from modelstore.errors import CorruptStoreError, InputError
+from modelstore.kinds.base import TaskKind, WithOtherBases
+from modelstore.kinds.exact import Exact
+from modelstore.kinds.fft.sparse_delta import FFTOptions, SparseDelta
+from modelstore.kinds.lora.low_rank import (
+    AdapterInput,
+    LoraOptions,
+    LowRankAdapter,
+    StoredAdapter,
+)
+from modelstore.kinds.masks.bit_delta import BitDelta
+from modelstore.kinds.masks.vector_masks import EMRMask, TallMask
 
 KINDS: list[TaskKind] = [SparseDelta(), LowRankAdapter(), TallMask(), EMRMask(), BitDelta(), Exact()]
 

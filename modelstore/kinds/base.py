@@ -18,13 +18,13 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .. import dtypes
-from ..errors import InputError
-from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadWriter, Segments
-from ..options import Option
-from ..sources import TensorSource
-from ..threads import side_by_side
+from modelstore._runtime.threads import side_by_side
+from modelstore.errors import InputError
+from modelstore.format import dtypes
+from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
+from modelstore.format.payload import PayloadWriter, Segments
+from modelstore.inputs.sources import TensorSource
+from modelstore.options import Option
 
 
 class BaseTensors(Protocol):

@@ -24,17 +24,23 @@ from typing import Any, cast
 
 import torch
 
-from .. import dtypes
-from ..ahead import read_ahead
-from ..errors import CorruptStoreError
-from ..format.manifest import BaseEntry, TableEntry, TaskEntry
-from ..format.payload import PayloadWriter, Segments
-from ..progress import bar
-from ..sources import Checkpoint, TensorSource, match_task_names, read_rows, row_blocks
-from ..threads import one_torch_thread
-from ..units import human_bytes, percent
-from .base import BaseTensors, TaskKind
-from .sparse_delta import BLOCK_ELEMENTS
+from modelstore._runtime.prefetch import read_ahead
+from modelstore._runtime.progress import bar
+from modelstore._runtime.threads import one_torch_thread
+from modelstore._runtime.units import human_bytes, percent
+from modelstore.errors import CorruptStoreError
+from modelstore.format import dtypes
+from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
+from modelstore.format.payload import PayloadWriter, Segments
+from modelstore.inputs.sources import (
+    Checkpoint,
+    TensorSource,
+    match_task_names,
+    read_rows,
+    row_blocks,
+)
+from modelstore.kinds.base import BaseTensors, TaskKind
+from modelstore.kinds.fft.sparse_delta import BLOCK_ELEMENTS
 
 #: The integer dtype a tensor's bits are XORed and stored in, by bytes per element.
 WORD_DTYPES = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}

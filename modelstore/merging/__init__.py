@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..sources import DictSource
-from .base import MergeMethod
-from .registry import METHODS, get_method, method_class, method_names
+from modelstore.errors import InputError
+from modelstore.inputs.sources import DictSource
+from modelstore.merging.base import MergeMethod
+from modelstore.merging.registry import METHODS, get_method, method_class, method_names
 
 __all__ = ["MergeMethod", "METHODS", "get_method", "method_class", "method_names", "merge", "mergeable"]
 
@@ -26,7 +26,7 @@ def merge(method: str, pretrained: Mapping[str, torch.Tensor], tasks: Sequence[M
 
     >>> theta = modelstore.merge("task-arithmetic", sd0, [sd1, sd2], lam=0.3)
     >>> theta = modelstore.merge("ties", sd0, [sd1, sd2], density=0.2, lam=1.0)
-    >>> theta = modelstore.merge("regmean", sd0, [sd1, sd2], grams=[g1, g2])  # from modelstore.stats.gram
+    >>> theta = modelstore.merge("regmean", sd0, [sd1, sd2], grams=[g1, g2])  # from modelstore.merging.statistics.gram
 
     Tensors that are not floating point, or that some task lacks or has in another
     shape, are returned as θ0's. Methods and options: docs/merging.md.

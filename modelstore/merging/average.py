@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import MergeMethod
+from modelstore.merging.base import MergeMethod
 
 
 def mean_of(tasks: Sequence[torch.Tensor]) -> torch.Tensor:

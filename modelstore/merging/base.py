@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError
-from ..options import Option
-from ..sources import TensorSource
+from modelstore.errors import InputError
+from modelstore.inputs.sources import TensorSource
+from modelstore.options import Option
 
 
 class MergeMethod:

@@ -4,7 +4,7 @@ sign γ (0 where Σt τt = 0). The per-task masks and rescalers are the `emr` ta
 
 import torch
 
-from .base import MergeMethod
+from modelstore.merging.base import MergeMethod
 
 
 class EMRElect(MergeMethod):

@@ -2,7 +2,7 @@
 
 Each Ft is floored at `eps` (as `fisher_floor` in the paper's code, default 1e-6), so
 entries no task is sensitive to get the plain average instead of 0/0. Tensors that no
-task's Fisher has (e.g. a layer left out of `modelstore.stats.fisher(names=...)`) are
+task's Fisher has (e.g. a layer left out of `modelstore.merging.statistics.fisher(names=...)`) are
 averaged; a tensor that only some tasks' Fishers have is an error.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InputError
-from ..sources import TensorSource
-from .average import mean_of
-from .base import Option
-from .stats_inputs import StatsMethod
+from modelstore.errors import InputError
+from modelstore.inputs.sources import TensorSource
+from modelstore.merging.average import mean_of
+from modelstore.merging.base import Option
+from modelstore.merging.stats_inputs import StatsMethod
 
 
 class Fisher(StatsMethod):

@@ -1,6 +1,6 @@
 """No merge: θ* = θ0, so the stored deltas are Post-Pruning's vt = θt − θ0."""
 
-from .base import MergeMethod
+from modelstore.merging.base import MergeMethod
 
 
 class NoMerge(MergeMethod):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InputError
-from .average import Average
-from .base import MergeMethod
-from .emr import EMRElect
-from .fisher import Fisher
-from .none import NoMerge
-from .regmean import RegMean
-from .task_arithmetic import TaskArithmetic
-from .ties import Ties
+from modelstore.errors import InputError
+from modelstore.merging.average import Average
+from modelstore.merging.base import MergeMethod
+from modelstore.merging.emr import EMRElect
+from modelstore.merging.fisher import Fisher
+from modelstore.merging.none import NoMerge
+from modelstore.merging.regmean import RegMean
+from modelstore.merging.task_arithmetic import TaskArithmetic
+from modelstore.merging.ties import Ties
 
 METHODS: list[type[MergeMethod]] = [TaskArithmetic, Average, NoMerge, Ties, Fisher, RegMean, EMRElect]
 

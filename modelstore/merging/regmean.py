@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import InputError
-from ..sources import TensorSource
-from ..stats import IN_OUT_SUFFIX
-from .average import mean_of
-from .base import Option
-from .stats_inputs import StatsMethod
+from modelstore.errors import InputError
+from modelstore.inputs.sources import TensorSource
+from modelstore.merging.average import mean_of
+from modelstore.merging.base import Option
+from modelstore.merging.statistics import IN_OUT_SUFFIX
+from modelstore.merging.stats_inputs import StatsMethod
 
 #: Ridge added to a singular Σ G̃, relative to the mean of its diagonal.
 RIDGE = 1e-6
@@ -98,5 +98,5 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor, average: Callable[[], torch.Te
     chol, info = torch.linalg.cholesky_ex(gram)
     if info.item() != 0:
         raise InputError(f"regmean: cannot solve for {name!r}: its summed Gram is not positive semi-definite; "
-                         "recompute the Grams with modelstore.stats.gram()")
+                         "recompute the Grams with modelstore.merging.statistics.gram()")
     return torch.cholesky_solve(rhs, chol)

@@ -2,7 +2,7 @@
 
 The statistics of a method come in one data option (`fishers`, `grams`): a list with one
 entry per task, in task order, each a path to a safetensors file written by
-`modelstore.stats`, an in-memory dict of tensors, or any TensorSource. Everything is
+`modelstore.merging.statistics`, an in-memory dict of tensors, or any TensorSource. Everything is
 checked in `prepare` (count, presence in every task or none, shapes) so a bad file fails
 before any tensor is merged.
 """
@@ -15,16 +15,16 @@ from typing import ClassVar
 
 from safetensors import safe_open
 
-from ..errors import InputError
-from ..sources import DictSource, TensorSource, open_checkpoint
-from ..stats import KIND_KEY
-from .base import MergeMethod
+from modelstore.errors import InputError
+from modelstore.inputs.sources import DictSource, TensorSource, open_checkpoint
+from modelstore.merging.base import MergeMethod
+from modelstore.merging.statistics import KIND_KEY
 
 
 class StatsMethod(MergeMethod):
     """A merge method that needs one statistics source per task, given in `data_options[0]`."""
 
-    #: What the statistics are ("fisher", "gram"): the `modelstore.stats` function that makes them.
+    #: What the statistics are ("fisher", "gram"): the `modelstore.merging.statistics` function that makes them.
     stats_kind: ClassVar[str]
 
     @property
@@ -43,7 +43,7 @@ class StatsMethod(MergeMethod):
         if value is None:
             raise InputError(f"merge method {self.name!r} needs {self.stats_kind} statistics of every task: "
                              f"pass --stats TASK=FILE for each task (or {self.stats_option}=[...]); "
-                             f"make them with modelstore.stats.{self.stats_kind}()")
+                             f"make them with modelstore.merging.statistics.{self.stats_kind}()")
         if len(value) != n_tasks:
             raise InputError(f"merge method {self.name!r} got {self.stats_kind} statistics for {len(value)} "
                              f"task(s) but there are {n_tasks} tasks; give exactly one per task")
@@ -65,7 +65,7 @@ class StatsMethod(MergeMethod):
                     kind = (f.metadata() or {}).get(KIND_KEY)
                 if kind is not None and kind != self.stats_kind:
                     raise InputError(f"{path} holds {kind} statistics but merge method {self.name!r} needs "
-                                     f"{self.stats_kind} statistics (modelstore.stats.{self.stats_kind}())")
+                                     f"{self.stats_kind} statistics (modelstore.merging.statistics.{self.stats_kind}())")
             return src, path
         label = f"{self.stats_kind} statistics of task #{i + 1}"
         if isinstance(value, Mapping):

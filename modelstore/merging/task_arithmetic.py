@@ -2,8 +2,8 @@
 
 import torch
 
-from ..errors import InputError
-from .base import MergeMethod, Option
+from modelstore.errors import InputError
+from modelstore.merging.base import MergeMethod, Option
 
 LAMBDA_HELP = "scale λ of the merged task vectors: θ* = θ0 + λ·(merged delta)"
 

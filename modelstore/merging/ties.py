@@ -9,7 +9,7 @@ the merged delta is the mean of the trimmed entries that agree with the elected 
 
 `granularity="global"` trims with one threshold per task over all merged tensors, as
 the paper's reference code does on the flattened model; the threshold is found in
-`prepare` by streaming over the checkpoints (modelstore.topk). Ties in magnitude
+`prepare` by streaming over the checkpoints (modelstore.kinds.fft.topk). Ties in magnitude
 at the threshold go to the lowest index (tensor order, then position); exact zeros are
 never kept, which changes nothing as they add nothing and cast no vote.
 """
@@ -21,10 +21,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..topk import Cut, find_cut, magnitude_bits
-from ..sources import TensorSource
-from .base import MergeMethod, Option
-from .task_arithmetic import LAMBDA_HELP
+from modelstore.inputs.sources import TensorSource
+from modelstore.kinds.fft.topk import Cut, find_cut, magnitude_bits
+from modelstore.merging.base import MergeMethod, Option
+from modelstore.merging.task_arithmetic import LAMBDA_HELP
 
 MAJORITY_SIGNS = ("total", "frequency")
 GRANULARITIES = ("per-tensor", "global")

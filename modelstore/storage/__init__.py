@@ -17,11 +17,18 @@ import fsspec
 import zarr
 from zarr.errors import ContainsGroupError
 
-from ..errors import CorruptStoreError, InputError, ModelStoreError, StorageError, StoreNotFoundError, is_io_error
-from ..format.manifest import Manifest, parse_manifest
-from ..format.paths import MANIFEST
-from .hub import HubRepo
-from .slots import ManifestSlot, Vouch, slot_for
+from modelstore.errors import (
+    CorruptStoreError,
+    InputError,
+    ModelStoreError,
+    StorageError,
+    StoreNotFoundError,
+    is_io_error,
+)
+from modelstore.format.manifest import Manifest, parse_manifest
+from modelstore.format.paths import MANIFEST
+from modelstore.storage.hub import HubRepo
+from modelstore.storage.slots import ManifestSlot, Vouch, slot_for
 
 
 class Entry(NamedTuple):

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from .slots import ManifestSlot
+from modelstore.storage.slots import ManifestSlot
 
 
 class HubRepo(ManifestSlot):

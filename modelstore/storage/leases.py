@@ -24,11 +24,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..errors import ConflictError, ModelStoreError, StorageError, is_io_error
-from .slots import S3Slot
+from modelstore.errors import ConflictError, ModelStoreError, StorageError, is_io_error
+from modelstore.storage.slots import S3Slot
 
 if TYPE_CHECKING:
-    from . import Location
+    from modelstore.storage import Location
 
 #: Seconds a lease stays live after its last renewal (tests shorten it through the environment).
 LEASE_S = float(os.environ.get("MODELSTORE_LEASE_S", "120"))

@@ -24,14 +24,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
-from ..errors import StorageError
+from modelstore.errors import StorageError
 
 #: How long a writer waits for another's short read-compare-replace before giving up.
 LOCK_TIMEOUT_S = 60.0
 #: Reads of an S3 manifest that another writer keeps replacing between its HEAD and its GET.
 READ_ATTEMPTS = 20
 
-#: A writer's last check before it publishes (commits.py: its payload is intact); it raises to stop
+#: A writer's last check before it publishes (storage/commits.py: its payload is intact); it raises to stop
 #: the publish. Called after the token compare while the lock is held where there is one.
 Vouch = Callable[[], None]
 

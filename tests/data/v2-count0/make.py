@@ -1,7 +1,13 @@
 """Made by modelstore 3085ac2 (before count-0 entries were written at the array's position)."""
-import os, sys, torch, shutil
+import os
+import shutil
+import sys
+
+import torch
 from safetensors.torch import save_file
+
 import modelstore
+
 out = sys.argv[1]
 shutil.rmtree(out, ignore_errors=True); os.makedirs(out)
 g = torch.Generator().manual_seed(3)

@@ -1,0 +1,174 @@
+"""A ready transformers model of a stored task: the architecture from the config.json the task keeps
+(its base's for tasks that keep none), the weights from the store, placed as every write of a task
+into a model places them (modules.ModuleTensors.fit). transformers is an optional dependency,
+imported here only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from modelstore.errors import InputError
+from modelstore.format import dtypes
+from modelstore.serving.modules import ModuleTensors, Placement
+from modelstore.store import Store, serving_store
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("load_model needs transformers; install it with pip install 'peru-modelstore[hf]'") from None
+    return transformers
+
+
+def _not_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' per-model loading bars off for the block, then as they were: its switch turns
+    huggingface_hub's bars off process-wide (modelstore's own among them)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+    was_on = transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Hold back transformers 5's "LOAD REPORT" table of the keys a `from_pretrained` missed or did
+    not expect (a multi-line warning) where the caller checks the keys itself or another load
+    already reported them; transformers still raises its errors, and other warnings pass."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_load_report)
+
+
+def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
+    """The class to build: `model_cls`, a transformers class name, else the config's first
+    `architectures` entry (the class the task was fine-tuned as) when transformers has it, else
+    AutoModel's class for `config`."""
+    if model_cls is None:
+        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+            return named
+        cls = transformers.MODEL_MAPPING.get(type(config), None)
+        if cls is None:
+            raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
+                             "pass model_cls=...")
+        return cls
+    cls = getattr(transformers, model_cls, None) if isinstance(model_cls, str) else model_cls
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise InputError(f"model_cls must be a transformers model class or its name (like 'GPT2LMHeadModel'), "
+                         f"not {model_cls!r}")
+    return cls
+
+
+def task_architecture(store: Store, task: str, model_cls: type | str | None = None) -> tuple[type, Any]:
+    """(model class, transformers config) of `task`, from the config.json it keeps (see the module).
+
+    Raises:
+        InputError: transformers is missing, neither the task nor its base keeps a config.json, or
+            its model type or `model_cls` is unknown.
+    """
+    transformers = _transformers()
+    config_json = store.task_config(task)
+    if not config_json:
+        raise InputError(f"neither task {task!r} nor its base keeps a config.json (the store was built from bare "
+                         f"state dicts); build the model yourself and call store.load_into(model, {task!r})")
+    fields = json.loads(config_json)
+    model_type = fields.pop("model_type", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError:
+        raise InputError(f"the config.json of task {task!r} has model_type {model_type!r}, which this "
+                         "transformers does not know; upgrade transformers") from None
+    return _model_class(transformers, model_cls, config), config
+
+
+def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:
+    """Where `task`'s tensors `names` go in a `cls` model of `config`, from one made on the meta
+    device (no memory: only its names are read).
+
+    Raises:
+        InputError: the task does not fit the class (ModuleTensors.fit).
+    """
+    try:
+        with torch.device("meta"):
+            probe = cls(config)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
+    return ModuleTensors(probe).fit(task, names, strict=True, model=cls.__name__,
+                                    hint="pass the model class it was fine-tuned as")
+
+
+def load_model(task: str, store: Store | str | os.PathLike[str] | None = None, model_cls: type | str | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | str | None = "auto", *,
+               storage_options: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """`task` as a transformers model in eval mode, built from the config.json it keeps (the fine-tune's:
+    its architecture and labels), or its base's for tasks that keep none.
+
+    transformers' `from_pretrained` makes the model on the meta device and takes the task's
+    tensors, loaded on `device` and placed as `load_into` places them, as its weights: they are
+    allocated once. Buffers the store does not hold are made as transformers makes them, and
+    tied weights (lm_head and the input embeddings) are tied.
+
+    >>> model = modelstore.load_model("sst2", "store", dtype="float16")
+
+    Args:
+        task: the task's name.
+        store: an open Store, or its URL (opened with `storage_options` over
+            $MODELSTORE_STORAGE_OPTIONS); by default $MODELSTORE_URL, as `modelstore.load`.
+        model_cls: a transformers model class or its name; by default the class the config's
+            `architectures` names (the one the task was fine-tuned as), else AutoModel's class.
+        device: where the weights are made.
+        dtype: "auto" (or None) keeps the stored dtypes; a float dtype or its name casts them.
+
+    Raises:
+        InputError: transformers is missing, neither the task nor its base keeps a config.json, the
+            class does not match the task's tensors, or no store is given and $MODELSTORE_URL is unset.
+    """
+    store = serving_store(store, storage_options)
+    cls, config = task_architecture(store, task, model_cls)
+    want = dtypes.requested_dtype(dtype)
+    sd = store.load(task, device=device, dtype=want)
+    placed = placement(task, list(sd), cls, config)
+    sd = {placed.model[n]: t for n, t in sd.items() if n in placed.model}
+    floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
+    init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
+    try:
+        with quiet_load_report():  # the keys are checked below, into one line
+            model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
+                                              device_map={"": torch.device(device)}, output_loading_info=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
+    wrong = [f"{what} {sorted(info[key])[:3]}" for key, what in
+             (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "other shape"))
+             if info.get(key)]
+    if wrong or info.get("error_msgs"):
+        raise InputError(f"{cls.__name__} does not match task {task!r}'s tensors ("
+                         f"{'; '.join(wrong) or info['error_msgs'][0]}); pass the model class it was fine-tuned as")
+    return model.eval()
+
+
+__all__ = ["load_model", "task_architecture", "placement", "no_loading_bars", "quiet_load_report"]
