@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from modelstore.errors import InputError
 from modelstore.format.paths import check_task_name
 from modelstore.store import Store, serving_store
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from modelstore._runtime.progress import counter
 from modelstore._runtime.units import human_bytes, percent
 from modelstore.api import add_lora_task as add_lora
 from modelstore.api import add_task as add_fft
-from modelstore.api import open_store, remove_task
+from modelstore.api import open_store
 from modelstore.build import build as build_store
 from modelstore.build import init as init_store
 from modelstore.config import BuildConfig, load_config

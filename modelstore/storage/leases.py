@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from modelstore.errors import ConflictError, ModelStoreError, StorageError, is_io_error
