@@ -34,6 +34,16 @@ def flip_byte(path: str) -> None:
         open(path, "wb").write(bytes(blob))
 
 
+def truncate_half(path: str) -> None:
+    """Damage a file as an interrupted copy would: keep its first half."""
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])
+
+
+#: The ways a stored file is damaged in the corruption sweeps.
+DAMAGE = {"flip": flip_byte, "truncate": truncate_half, "delete": os.remove}
+
+
 def finetuned_copy(sd0: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
     """A fake fine-tune: dense small noise plus a few large changes, like real task vectors."""
     g = torch.Generator().manual_seed(seed)
@@ -133,3 +143,38 @@ def start_moto(port: int = 0, bucket: str = "models"):
         pass
     opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
     return server, opts
+
+
+#: Short texts for tiny tokenizers and evaluation data.
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the mat sat", "a cat ran", "dog park cat mat the",
+         "in the park a dog sat on a mat", "cat", "the the the dog"]
+
+
+def make_tokenizer(kind: str):
+    """A tiny tokenizer trained on TEXTS: WordPiece for BERT (`kind` "bert"), byte-level BPE otherwise."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
+    if kind == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(TEXTS * 5, trainers.WordPieceTrainer(vocab_size=60, special_tokens=[
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                 sep_token="[SEP]", mask_token="[MASK]")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+
+
+def peft_adapter(bert_models, path) -> str:
+    """A PEFT LoRA adapter of the tiny BertModel (query, value and word embeddings), saved at `path`."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertModel
+    m = BertModel(bert_models["cfg"])
+    m.load_state_dict(bert_models["sd0"], strict=False)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights=False, r=8, lora_alpha=16,
+                                                target_modules=["query", "value", "word_embeddings"]))
+    pm.save_pretrained(str(path))
+    return str(path)

@@ -9,29 +9,10 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import finetuned_copy, tiny_bert_config
+from conftest import TEXTS, finetuned_copy, make_tokenizer, tiny_bert_config
 
 import modelstore
 from modelstore.cli import main
-
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the mat sat", "a cat ran", "dog park cat mat the",
-         "in the park a dog sat on a mat", "cat", "the the the dog"]
-
-
-def _tokenizer(kind: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import BertTokenizerFast, PreTrainedTokenizerFast
-    if kind == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.train_from_iterator(TEXTS * 5, trainers.WordPieceTrainer(vocab_size=60, special_tokens=[
-            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
-        return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                 sep_token="[SEP]", mask_token="[MASK]")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(TEXTS * 5, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +23,7 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     out = {}
     for kind in ("bert", "gpt2"):
-        tok = _tokenizer(kind)
+        tok = make_tokenizer(kind)
         if kind == "bert":
             cfg = tiny_bert_config(vocab_size=len(tok), num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
                                    label2id={"neg": 0, "neu": 1, "pos": 2})

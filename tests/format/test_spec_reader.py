@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import finetuned_copy
+from conftest import finetuned_copy, peft_adapter
 from safetensors.torch import save_file
 from spec_reader import SpecError, lora_tolerance, read_task
 
@@ -78,7 +78,7 @@ def stores(bert_models, tmp_path_factory):
     plain = str(root / "pretrained")  # θ0 alone: Post-Pruning, BitDelta and a LoRA adapter on it
     s = modelstore.build(plain, pre, {"pp": tasks["alpha"]}, merge="none", keep=0.05, exclude="pooler")
     s.add_task("bd0", tasks["beta"], kind="bitdelta")
-    s.add_lora_task("lora", _peft_adapter(bert_models, root / "adapter"), rank=4)
+    s.add_lora_task("lora", peft_adapter(bert_models, root / "adapter"), rank=4)
     out += [(plain, t) for t in ("pp", "bd0", "lora")]
 
     g = torch.Generator().manual_seed(4)  # bfloat16 weights: bfloat16 values, and int4 ones
@@ -92,18 +92,6 @@ def stores(bert_models, tmp_path_factory):
     s.add_task("tall", str(root / "bf-t.safetensors"), kind="tall-mask", pretrained=str(root / "bf-pre.safetensors"))
     out += [(bf, t) for t in ("t", "t4", "tall")]
     return out
-
-
-def _peft_adapter(bert_models, path: Path) -> str:
-    peft = pytest.importorskip("peft")
-    from transformers import BertModel
-    m = BertModel(bert_models["cfg"])
-    m.load_state_dict(bert_models["sd0"], strict=False)
-    torch.manual_seed(3)
-    pm = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights=False, r=8, lora_alpha=16,
-                                                target_modules=["query", "value", "word_embeddings"]))
-    pm.save_pretrained(str(path))
-    return str(path)
 
 
 def test_every_kind_and_option_reads_as_the_spec_says(stores):

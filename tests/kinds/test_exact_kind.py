@@ -12,8 +12,8 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import DAMAGE
 from safetensors.torch import load_file, save_file
-from test_corruption import DAMAGE
 
 import modelstore
 from modelstore.build import init

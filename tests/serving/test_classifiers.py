@@ -13,9 +13,8 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import finetuned_copy, tiny_bert_config
+from conftest import TEXTS, finetuned_copy, make_tokenizer, tiny_bert_config
 from safetensors.torch import load_file, save_file
-from test_eval import TEXTS, _tokenizer
 
 import modelstore
 from modelstore.cli import main
@@ -33,7 +32,7 @@ def clf(tmp_path_factory):
     original fine-tune directories (with the tokenizer, as a fine-tune ships)."""
     from transformers import BertForSequenceClassification, BertModel
     root = tmp_path_factory.mktemp("classifiers")
-    tok = _tokenizer("bert")  # a WordPiece vocabulary trained here (offline), as test_eval makes it
+    tok = make_tokenizer("bert")  # a WordPiece vocabulary trained here (offline), as test_eval makes it
     torch.manual_seed(0)
     cfg = tiny_bert_config(vocab_size=len(tok), architectures=["BertModel"])
     sd0 = {k: v.detach().clone() for k, v in BertModel(cfg).state_dict().items()}

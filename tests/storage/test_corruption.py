@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flip_byte
+from conftest import DAMAGE, flip_byte
 from safetensors.torch import save_file
 
 import modelstore
@@ -51,12 +51,6 @@ def _files(url: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), url) for d, _, fs in os.walk(url) for f in fs)
 
 
-def _truncate(path: str) -> None:
-    blob = open(path, "rb").read()
-    open(path, "wb").write(blob[: len(blob) // 2])
-
-
-DAMAGE = {"flip": flip_byte, "truncate": _truncate, "delete": os.remove}
 
 
 def _judge(url: str, want: dict, case: str) -> str:
@@ -262,14 +256,14 @@ def _outcome(url: str, task: str) -> str:
 @pytest.fixture(scope="module")
 def every_kind(bert_models, tmp_path_factory):
     """A store with fft (float16, int4), tall-mask, bitdelta and LoRA tasks on a merged base and θ0."""
-    from test_spec_reader import _peft_adapter
+    from conftest import peft_adapter
     root = tmp_path_factory.mktemp("kinds")
     url, tasks = str(root / "s"), bert_models["tasks"]
     s = modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"]}, keep=0.1)
     s.add_task("q4", tasks["beta"], value_dtype="int4", group_size=8)
     s.add_task("tall", tasks["gamma"], kind="tall-mask", pretrained=bert_models["pre"])
     s.add_task("bd", tasks["gamma"], kind="bitdelta")
-    s.add_lora_task("lora", _peft_adapter(bert_models, root / "adapter"), rank=4)
+    s.add_lora_task("lora", peft_adapter(bert_models, root / "adapter"), rank=4)
     return url
 
 
