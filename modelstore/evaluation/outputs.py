@@ -40,7 +40,8 @@ def read_data(path: str, label2id: dict[str, int] | None = None) -> tuple[list[s
         InputError: the file is missing, a line is not a JSON object with a "text" string, or a
             label is unknown.
     """
-    texts, labels = [], []
+    texts: list[str] = []
+    labels: list[Any] = []  # JSON values: ints, and label names mapped to ints
     try:
         with open(path, encoding="utf-8") as fh:
             lines = [line for line in fh if line.strip()]
@@ -102,7 +103,8 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
     texts, labels = read_data(data, getattr(config, "label2id", None))
     run = _causal_lm if kind == "causal-lm" else _classifier
     out = run(ref, mine, _batches(tokenizer, texts, labels, batch_size, max_length, progress))
-    return {"task": task, "original": original, "data": data, "model": arch, "kind": kind, "examples": len(texts), **out}
+    return {"task": task, "original": original, "data": data, "model": arch, "kind": kind, "examples": len(texts),
+            **out}
 
 
 def _tokenizer(store: Store, task: str, original: str) -> Any:

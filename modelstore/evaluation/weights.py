@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from modelstore.errors import InputError
-from modelstore.inputs.sources import TensorSource, open_checkpoint
+from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import AdapterInput
 from modelstore.kinds.lora import resolve_names
 from modelstore.store import Store
@@ -24,10 +24,14 @@ def verify(store: Store, task: str, original: str | None = None, lora: str | Non
     Raises:
         InputError: neither or both originals given, or they hold other tensors than the task.
     """
-    if (original is None) == (lora is None):
-        raise InputError("give the task's original as a checkpoint (--original) or as a LoRA adapter (--lora), one of them")
-    ref = open_checkpoint(original) if original is not None else _adapter_weights(store, task, lora)
-    what = original if original is not None else lora
+    ref: Checkpoint | _Overlay
+    if original is not None and lora is None:
+        ref, what = open_checkpoint(original), original
+    elif lora is not None and original is None:
+        ref, what = _adapter_weights(store, task, lora), lora
+    else:
+        raise InputError("give the task's original as a checkpoint (--original) or as a LoRA adapter (--lora), "
+                         "one of them")
     have = set(ref.names())
     per, num, den, seen = {}, 0.0, 0.0, set()
     for n, got in store.tensors(task):
@@ -49,7 +53,7 @@ def verify(store: Store, task: str, original: str | None = None, lora: str | Non
     e = store.entry(task)
     return {"task": task, "original": what, "rel_error": math.sqrt(num / den) if den else 0.0,
             "kept_fraction": e["kept"] / e["total"] if e.get("total") else None,
-            "worst_tensor": max(per, key=per.get) if per else None, "tensors": per}
+            "worst_tensor": max(per, key=per.__getitem__) if per else None, "tensors": per}
 
 
 def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:

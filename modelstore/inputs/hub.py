@@ -50,7 +50,8 @@ def resolve_input(spec: str | os.PathLike[str]) -> str:
         raise _not_found(spec, "not in the local Hugging Face cache and the Hub cannot be reached "
                                "(HF_HUB_OFFLINE or no network); download it once online") from None
     except OSError as e:
-        raise InputError(f"{spec}: could not download it from the Hub ({type(e).__name__}); give a local path") from None
+        raise InputError(f"{spec}: could not download it from the Hub ({type(e).__name__}); "
+                         "give a local path") from None
 
 
 def _not_found(spec: str, hub: str) -> InputError:

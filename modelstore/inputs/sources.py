@@ -137,7 +137,8 @@ class Checkpoint:
         #: The model directory's tokenizer and generation files, name -> path (kept with a base).
         self.side_files = dict(side_files or {})
         self._where: dict[str, int] = {}
-        self._handles: dict[int, object] = {}
+        self._state_dicts: dict[int, dict[str, torch.Tensor]] = {}  # per pickle file, loaded once
+        self._opened: dict[int, safe_open] = {}  # per safetensors file
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._offsets: dict[str, int] = {}  # safetensors tensors: where their data begins in the file
         self._readers: dict[int, ShardReader] = {}
@@ -161,8 +162,8 @@ class Checkpoint:
         self._where[name] = i
         self._meta[name] = (shape, dtype)
 
-    def _pickle(self, i: int) -> dict:
-        if i not in self._handles:
+    def _pickle(self, i: int) -> dict[str, torch.Tensor]:
+        if i not in self._state_dicts:
             f = self.files[i]
             try:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -173,8 +174,8 @@ class Checkpoint:
                 sd = sd["state_dict"]
             if not isinstance(sd, dict):
                 raise InputError(f"{f}: holds a {type(sd).__name__}, not a state dict")
-            self._handles[i] = sd
-        return self._handles[i]
+            self._state_dicts[i] = sd
+        return self._state_dicts[i]
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -189,9 +190,9 @@ class Checkpoint:
         i = self._where[name]
         f = self.files[i]
         if f.endswith(".safetensors"):
-            if i not in self._handles:
-                self._handles[i] = safe_open(f, framework="pt")
-            return self._handles[i].get_tensor(name)
+            if i not in self._opened:
+                self._opened[i] = safe_open(f, framework="pt")
+            return self._opened[i].get_tensor(name)
         return self._pickle(i)[name]
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -251,7 +252,8 @@ def _safetensors_header(path: str) -> dict[str, tuple[tuple[int, ...], torch.dty
             continue
         if not isinstance(info, dict):
             raise InputError(f"{path}: tensor {name!r} has no header entry; the file is malformed")
-        dt = _ST_DTYPES.get(info.get("dtype"))
+        code = info.get("dtype")
+        dt = _ST_DTYPES.get(code) if isinstance(code, str) else None
         if dt is None:
             raise InputError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -326,11 +328,13 @@ def open_checkpoint(path: str) -> Checkpoint:
                 return Checkpoint(path, [os.path.join(path, single)], config, side)
             if os.path.isfile(os.path.join(path, index)):
                 return Checkpoint(path, _shards(os.path.join(path, index)), config, side)
-        raise InputError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin in this directory")
+        raise InputError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                         "in this directory")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file or directory")
     if path.endswith(".safetensors"):
         return Checkpoint(path, [path], None)
     if path.endswith(_PICKLE_SUFFIXES):
         return Checkpoint(path, [path], None)
-    raise InputError(f"{path}: unknown checkpoint type; give an HF model directory, a .safetensors file or a .bin/.pt state dict")
+    raise InputError(f"{path}: unknown checkpoint type; give an HF model directory, a .safetensors file "
+                     "or a .bin/.pt state dict")

@@ -41,7 +41,8 @@ class MergeMethod:
         unknown = set(options) - set(self.option_defaults) - set(self.data_options)
         if unknown:
             known = ", ".join(sorted([*self.option_defaults, *self.data_options])) or "none"
-            raise InputError(f"merge method {self.name!r} has no option {', '.join(sorted(unknown))}; its options: {known}")
+            raise InputError(f"merge method {self.name!r} has no option {', '.join(sorted(unknown))}; "
+                             f"its options: {known}")
         self.options = {**self.option_defaults, **{k: v for k, v in options.items() if k in self.option_defaults}}
         self.data = {k: options.get(k) for k in self.data_options}
         self.validate()

@@ -50,8 +50,8 @@ class RegMean(StatsMethod):
             shape = tuple(pretrained.shape(n))
             keys = [(n, False), (n + IN_OUT_SUFFIX, True)]
             if len(shape) != 2:
-                for names, label in zip(self._names, self.labels):
-                    if any(k in names for k, _ in keys):
+                for held, label in zip(self._names, self.labels):
+                    if any(k in held for k, _ in keys):
                         raise InputError(f"{label}: has a Gram for {n!r}, a tensor of shape {list(shape)}; "
                                          "Grams are for 2-D linear weights only")
                 continue
@@ -72,14 +72,20 @@ class RegMean(StatsMethod):
         def in_first(w: torch.Tensor) -> torch.Tensor:  # [in, out] float64
             return (w if in_out else w.T).to(torch.float64)
 
-        gram_sum = rhs = None
+        gram_sum: torch.Tensor | None = None
+        rhs: torch.Tensor | None = None
         for w, src, label in zip(tasks, self.stats, self.labels):
             g = src.get(key).to(torch.float64)
             if not torch.isfinite(g).all():
                 raise InputError(f"{label}: Gram entry {key!r} has inf or NaN values; recompute it")
             g = alpha * g + (1.0 - alpha) * torch.diag(g.diagonal())
             gw = g @ in_first(w)
-            gram_sum, rhs = (g, gw) if gram_sum is None else (gram_sum.add_(g), rhs.add_(gw))
+            if gram_sum is None or rhs is None:
+                gram_sum, rhs = g, gw
+            else:
+                gram_sum.add_(g)
+                rhs.add_(gw)
+        assert gram_sum is not None and rhs is not None  # a merge has at least one task
         solution = _solve(gram_sum, rhs, lambda: in_first(mean_of(tasks)), name)
         return (solution if in_out else solution.T).to(torch.float32)
 

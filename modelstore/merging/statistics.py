@@ -162,6 +162,7 @@ def _forward(model: nn.Module, batch: Any) -> Any:
 
 
 def _loss(model: nn.Module, example: Any, loss_fn: LossFn | None) -> torch.Tensor:
+    loss: object  # whatever the model or loss_fn gives, checked below
     if loss_fn is not None:
         loss = loss_fn(model, example)
     elif isinstance(example, Mapping):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from safetensors import safe_open
 
@@ -65,13 +65,14 @@ class StatsMethod(MergeMethod):
                     kind = (f.metadata() or {}).get(KIND_KEY)
                 if kind is not None and kind != self.stats_kind:
                     raise InputError(f"{path} holds {kind} statistics but merge method {self.name!r} needs "
-                                     f"{self.stats_kind} statistics (modelstore.merging.statistics.{self.stats_kind}())")
+                                     f"{self.stats_kind} statistics "
+                                     f"(modelstore.merging.statistics.{self.stats_kind}())")
             return src, path
         label = f"{self.stats_kind} statistics of task #{i + 1}"
         if isinstance(value, Mapping):
             return DictSource(value), label
         if all(hasattr(value, a) for a in ("names", "shape", "dtype", "get")):
-            return value, label  # type: ignore[return-value]
+            return cast(TensorSource, value), label  # has the methods merging reads (checked just above)
         raise InputError(f"{label}: expected a path, a dict of tensors or a TensorSource, got {type(value).__name__}")
 
     def has_stat(self, key: str, shape: tuple[int, ...], name: str) -> bool:

@@ -14,8 +14,9 @@ class TaskArithmetic(MergeMethod):
     declared = (Option("lam", 0.3, LAMBDA_HELP, key="lambda"),)
 
     def validate(self) -> None:
-        if not isinstance(self.options["lam"], (int, float)) or not torch.isfinite(torch.tensor(float(self.options["lam"]))):
-            raise InputError(f"--lambda must be a finite number, got {self.options['lam']!r}")
+        lam = self.options["lam"]
+        if not isinstance(lam, (int, float)) or not torch.isfinite(torch.tensor(float(lam))):
+            raise InputError(f"--lambda must be a finite number, got {lam!r}")
 
     def merge(self, name, base, tasks):
         out = base.clone()

@@ -60,7 +60,7 @@ def quiet_load_report() -> Iterator[None]:
         logger.removeFilter(_not_load_report)
 
 
-def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type:
+def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type[Any]:
     """The class to build: `model_cls`, a transformers class name, else the config's first
     `architectures` entry (the class the task was fine-tuned as) when transformers has it, else
     AutoModel's class for `config`."""
@@ -80,7 +80,7 @@ def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -
     return cls
 
 
-def task_architecture(store: Store, task: str, model_cls: type | str | None = None) -> tuple[type, Any]:
+def task_architecture(store: Store, task: str, model_cls: type | str | None = None) -> tuple[type[Any], Any]:
     """(model class, transformers config) of `task`, from the config.json it keeps (see the module).
 
     Raises:

@@ -209,7 +209,9 @@ def _apply(target: ModuleTensors, source: SwitchSource, state: SwitchState, plac
     writes: list[Write] = []
     for e in source.edits():
         name = placement.model_name(e.name)
-        dst = None if name is None else target.claim(source.task, name, e.shape, written)
+        if name is None:
+            continue
+        dst = target.claim(source.task, name, e.shape, written)
         if dst is None or not e.count():
             continue
         exact = source.base_dtype(e.source) == dst.dtype  # then the model holds the base's own values

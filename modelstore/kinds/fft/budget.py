@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numcodecs
 import numpy as np
 import torch
+from zarr.codecs import BloscCodec
 
 from modelstore.errors import InputError
 from modelstore.format import dtypes
@@ -171,6 +172,7 @@ def written_bytes(kind: str, a: np.ndarray) -> int:
     by the chain codecs.compressors gives (blosc, then a 4-byte crc32c); a last partial chunk's zero
     padding (some 100 bytes) is left out."""
     blosc = compressors(kind, a.itemsize)[0]
+    assert isinstance(blosc, BloscCodec)  # every kind but "raw" is compressed by blosc first
     codec = numcodecs.Blosc(cname=blosc.cname.value, clevel=blosc.clevel, shuffle=_SHUFFLE[blosc.shuffle.value],
                             blocksize=blosc.blocksize, typesize=a.itemsize)
     return sum(len(codec.encode(a[i:i + CHUNK_ELEMENTS])) + 4 for i in range(0, a.size, CHUNK_ELEMENTS))

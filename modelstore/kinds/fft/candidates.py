@@ -9,11 +9,11 @@ temporary file (TMPDIR), which disappears with the process however it ends.
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ class Candidates:
         self._records: list[tuple[str, int]] = []  # (tensor, entries) per add, in order
         self._held: list[tuple[torch.Tensor, torch.Tensor]] = []  # the first records' data
         self._bytes = 0
-        self._file: IO[bytes] | None = None
+        self._file: io.BufferedRandom | None = None
         self._writer: ThreadPoolExecutor | None = None  # file writes overlap the pass that picks
         self._pending: Future[None] | None = None
         self._cursor = 0
@@ -73,7 +73,7 @@ class Candidates:
     def _write(self, *arrays: torch.Tensor) -> None:
         assert self._file is not None
         for a in arrays:
-            self._file.write(memoryview(a.numpy()).cast("B"))
+            self._file.write(a.numpy().data.cast("B"))
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -114,7 +114,7 @@ class Candidates:
         pos = empty(n, np.dtype(np.int64 if self._pos == torch.int64 else np.int32))
         values = empty(n, np.dtype(np.float32))
         for a in (pos, values):
-            if self._file.readinto(memoryview(a).cast("B")) != a.nbytes:
+            if self._file.readinto(a.data.cast("B")) != a.nbytes:
                 raise SpillError("the temporary file of picked entries was cut short")
         return torch.from_numpy(pos), torch.from_numpy(values)
 

@@ -10,14 +10,15 @@ floating point) are written dense unless they equal the base.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -68,6 +69,9 @@ from modelstore.kinds.fft.values import (
     value_writer,
 )
 from modelstore.options import Option
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 GRANULARITIES = ("global", "per-tensor")
 SPARSIFIERS = ("magnitude", "dare")
@@ -211,9 +215,12 @@ def fine_tune_input(task: str, source: Checkpoint, base: TensorSource, base_entr
     renamed = Renamed(source, {**{t: t for t in source.names() if t not in matched}, **task_names})
     own_name = renamer(matched)
 
-    def entry(n: str, **fields: Any) -> TableEntry:  # the task's own name, and the base's if it differs
+    def entry(n: str, **fields: Unpack[TableEntry]) -> TableEntry:  # the task's own name, and the base's if it differs
         name = task_names.get(n) or (own_name(n) if n in base_names else n)
-        return {"name": name, **({"base": n} if name != n and n in base_names else {}), **fields}
+        named: TableEntry = {"name": name}
+        if name != n and n in base_names:
+            named["base"] = n
+        return {**named, **fields}
 
     return FineTuneInput(renamed, plan(task, base, renamed, recorded_selector(base_entry.get("selection"))), entry)
 
@@ -229,20 +236,24 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise InputError(f"{what} has NaN or Inf values; fix the checkpoint before storing it")
 
 
+def _plain_entry(n: str, **fields: Unpack[TableEntry]) -> TableEntry:
+    return {"name": n, **fields}
+
+
 def store_whole_or_same(out: PayloadWriter, task: str, name: str, source: TensorSource, base: TensorSource,
                         entry: Callable[..., TableEntry] | None = None, at: int = 0) -> int:
     """Write a tensor that is not compressed: a count-0 `sparse` entry (read: the base's tensor) when
     it equals the base's, else stored whole; `entry(name, **fields)` makes the table entry (the
     task's own name). `at`: the count-0 entry's start, where the task's `indices` stand (so that
     starts never go back, spec section 3). Returns 1 when stored whole."""
-    entry = entry or (lambda n, **fields: {"name": n, **fields})
+    make = entry or _plain_entry
     t = source.get(name)
     check_finite(t, f"task {task!r} tensor {name!r}")
     if name in base.names() and base.shape(name) == tuple(t.shape) and base.dtype(name) == t.dtype \
             and torch.equal(base.get(name), t):
-        out.add(entry(name, kind="sparse", shape=list(t.shape), dtype=dtypes.dtype_name(t.dtype), start=at, count=0))
+        out.add(make(name, kind="sparse", shape=list(t.shape), dtype=dtypes.dtype_name(t.dtype), start=at, count=0))
         return 0
-    out.add_dense(entry(name)["name"], t, "dense")
+    out.add_dense(make(name)["name"], t, "dense")
     return 1
 
 
@@ -342,7 +353,8 @@ class _Deltas:
         first = start // chunk
         return first % every == 0 and (start + size - 1) // chunk == first
 
-    def at_least(self, lo: Callable[[], int], wide: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def at_least(self, lo: Callable[[], int],
+                 wide: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(name, positions, values, |u| bits) of the entries of each block whose |u| bits are at
         least `lo()` (asked anew for each block: the consumer may raise it as it counts), in order:
         positions in the tensor (int64 if `wide`, else int32), float32 values. Picked in a second
@@ -412,7 +424,8 @@ def _global_cut(k: int, deltas: _Deltas, total: int, limit: int, wide: bool) -> 
     return cut, picked
 
 
-def _magnitude_picker(keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _magnitude_picker(
+        keeper: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(kept indices, their values) of each block of u: the top-m magnitudes a Cut's keeper selects."""
 
     def pick(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,7 +494,8 @@ class SparseDelta(TaskKind):
     def check_entry(self, entry: TaskEntry) -> str | None:
         p = entry["params"]
         if p.get("value_dtype") not in VALUE_DTYPES or p.get("index_dtype") not in INDEX_DTYPES:
-            return f"value dtype {p.get('value_dtype')!r} or index dtype {p.get('index_dtype')!r} is not one of the format's"
+            return (f"value dtype {p.get('value_dtype')!r} or index dtype {p.get('index_dtype')!r} "
+                    "is not one of the format's")
         if p["value_dtype"] in QUANT_MAX and not (_whole(p.get("group_size")) and p["group_size"] >= 1):
             return f"group size {p.get('group_size')!r} of quantized values is not a positive integer"
         return None
@@ -505,16 +519,18 @@ class SparseDelta(TaskKind):
         p = entry["params"]
         return {"indices": p["index_dtype"], "values": storage_dtype(p["value_dtype"]), "scales": "float16"}
 
-    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
+    def write(self, out: PayloadWriter, task: str, source: Checkpoint, base: TensorSource, base_entry: BaseEntry,
               options: FFTOptions, progress: bool) -> dict[str, Any]:
+        # the store's own stored base: this kind has no extra_bases, so no WithOtherBases wraps it
+        stored = cast(PayloadReader, base)
         with one_torch_thread():  # the stream's own threads share the cores (modelstore/_runtime/threads.py)
-            return self._write(out, task, source, base, base_entry, options, progress)
+            return self._write(out, task, source, stored, base_entry, options, progress)
 
-    def _write(self, out: PayloadWriter, task: str, source: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
+    def _write(self, out: PayloadWriter, task: str, checkpoint: Checkpoint, base: PayloadReader, base_entry: BaseEntry,
                opts: FFTOptions, progress: bool) -> dict[str, Any]:
         opts.validate()
-        full_bytes = source.nbytes()
-        given = fine_tune_input(task, source, base, base_entry)
+        full_bytes = checkpoint.nbytes()
+        given = fine_tune_input(task, checkpoint, base, base_entry)
         source, steps, entry = given.source, given.steps, given.entry
         sparse = [n for n, kind in steps if kind == "sparse"]
         value_dtype = opts.value_dtype or (
@@ -552,12 +568,14 @@ class SparseDelta(TaskKind):
 
         def kept_entries() -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
             """(tensor, positions, values) kept of each part of each sparse tensor, in order, checked."""
-            stream = deltas.blocks() if picked is None else None  # one pass over the sparse tensors, the base streamed once
+            # one pass over the sparse tensors, the base streamed once (none when `picked` holds the entries)
+            stream = deltas.blocks() if picked is None else iter(())
             for n in sparse:
                 pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
-                    keeper or find_cut(kept_count(opts.keep, sizes[n]), lambda n=n: deltas.bits([n])).keeper())
+                    keeper or find_cut(kept_count(opts.keep, sizes[n]), functools.partial(deltas.bits, [n])).keeper())
+                blocks = len(row_blocks(source.shape(n), BLOCK_ELEMENTS))
                 parts = picked.of(n) if picked is not None else (
-                    (offset, u) for _, offset, u in itertools.islice(stream, len(row_blocks(source.shape(n), BLOCK_ELEMENTS))))
+                    (offset, u) for _, offset, u in itertools.islice(stream, blocks))
                 for at, u in parts:  # at: the block's offset in the tensor, or each picked entry's position
                     if dare:
                         check_finite(u, f"task {task!r} tensor {n!r}")
@@ -576,7 +594,8 @@ class SparseDelta(TaskKind):
                     yield n, idx + at if isinstance(at, int) else at[idx], kept_values
 
         kept, dense_count = 0, 0
-        entries = read_ahead(kept_entries())  # selecting in a worker overlaps encoding and dense tensors
+        # selecting in a worker overlaps encoding and dense tensors; read_ahead is a generator, closed below
+        entries = cast(Generator[tuple[str, torch.Tensor, torch.Tensor], None, None], read_ahead(kept_entries()))
         try:
             ahead = next(entries, None)
             for n, kind in bar(steps, f"task {task}", progress):
@@ -590,9 +609,9 @@ class SparseDelta(TaskKind):
                         values.add(ahead[1], ahead[2])
                         ahead = next(entries, None)
                     fields = values.end()
-                    out.add(entry(n, kind="sparse", shape=list(source.shape(n)), dtype=dtypes.dtype_name(source.dtype(n)),
-                                  **fields))
-                    kept += int(fields["count"])  # type: ignore[call-overload]
+                    out.add(entry(n, kind="sparse", shape=list(source.shape(n)),
+                                  dtype=dtypes.dtype_name(source.dtype(n)), **fields))
+                    kept += fields["count"]
                     continue
                 dense_count += store_whole_or_same(out, task, n, source, base, entry, values.indices.position)
         finally:

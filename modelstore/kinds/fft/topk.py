@@ -158,7 +158,8 @@ class WindowCounts:
     def __init__(self, window: Bracket):
         self.lo, self.hi, self.width = window.lo, window.hi, window.hi - window.lo
         self.counts = torch.zeros(self.width, dtype=torch.int64)
-        self.above, self._pending, self._held = 0, [], 0
+        self.above, self._held = 0, 0
+        self._pending: list[torch.Tensor] = []
         self._diff = np.empty(0, np.uint32)
         self._mask = np.empty(0, np.bool_)
 

@@ -99,7 +99,7 @@ class ValueWriter:
         if vals.numel():
             self.values.append(dtypes.to_numpy(vals))
 
-    def end(self) -> dict[str, object]:
+    def end(self) -> TableEntry:
         """The tensor's table fields: its slice of `indices` and `values`."""
         return {"start": self._start, "count": self._count}
 
@@ -122,7 +122,7 @@ class QuantWriter(ValueWriter):
         self._pos.append(pos)
         self._vals.append(v.to(torch.float32))
 
-    def end(self) -> dict[str, object]:
+    def end(self) -> TableEntry:
         """Quantize the tensor's values; drop those that quantize to 0 and regroup, until none does."""
         pos = torch.cat(self._pos) if self._pos else torch.zeros(0, dtype=torch.int64)
         v = torch.cat(self._vals) if self._vals else torch.zeros(0)

@@ -232,7 +232,8 @@ def _check_config(config: dict, path: str | os.PathLike[str]) -> None:
                 f"{path}: {field}={config[field]!r} is not supported ({what}); "
                 "merge the adapter and add the task as a full checkpoint"
             )
-    unknown = sorted(f for f in config if f not in _USED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FIELDS) and config[f])
+    known = _USED_FIELDS | _INERT_FIELDS | set(_UNSUPPORTED_FIELDS)
+    unknown = sorted(f for f in config if f not in known and config[f])
     if unknown:
         raise LoraError(
             f"{path}: adapter_config.json sets {unknown[0]}={config[unknown[0]]!r}, a field this modelstore does not "

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -34,9 +34,24 @@ from modelstore.kinds.lora import (
     resolve_names,
     write_peft_adapter,
 )
+from modelstore.kinds.lora.adapter import Layout
 
 FACTORS = "factors.float32"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+class LoraEntry(TableEntry, total=False):
+    """The table fields of a LoRA task: a `lowrank` entry's factors, a `dense` entry's PEFT name."""
+
+    module: str  # the PEFT module path
+    layout: Layout
+    rank: int  # q, the stored rank
+    r: int  # the adapter's rank
+    d_out: int
+    d_in: int
+    rel_error: float
+    dropped: list[float]
+    peft_name: str
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,7 @@ class LowRankAdapter(TaskKind):
                                                  for low in lows.values()))
         out.declare_dense("dense", ((tuple(s.tensor.shape), s.tensor.dtype) for s in adapter.saved.values()))
         stored, original, worst = 0, 0, 0.0
+        lowrank: list[LoraEntry] = []
         for key in bar(sorted(lows), f"task {task}", progress):
             low, mod = lows[key], adapter.modules[key]
             original += mod.r * (mod.B.shape[0] + mod.A.shape[1])
@@ -158,17 +174,17 @@ class LowRankAdapter(TaskKind):
             start = fw.append(torch.cat(parts).numpy())
             count = sum(p.numel() for p in parts)
             stored += count
-            out.add({"name": mod.target, "kind": "lowrank", "module": key, "layout": low.layout,
-                     "shape": list(base.shape(mod.target)), "dtype": dtypes.dtype_name(base.dtype(mod.target)),
-                     "array": FACTORS, "start": start, "count": count, "rank": low.rank, "r": mod.r,
-                     "d_out": low.U.shape[0], "d_in": low.V.shape[0], "rel_error": low.rel_error,
-                     "dropped": [float(x) for x in low.dropped]})
+            lowrank.append(LoraEntry(
+                name=mod.target, kind="lowrank", module=key, layout=low.layout, shape=list(base.shape(mod.target)),
+                dtype=dtypes.dtype_name(base.dtype(mod.target)), array=FACTORS, start=start, count=count,
+                rank=low.rank, r=mod.r, d_out=low.U.shape[0], d_in=low.V.shape[0], rel_error=low.rel_error,
+                dropped=[float(x) for x in low.dropped]))
+            out.add(lowrank[-1])
         for key in sorted(adapter.saved):
             s = adapter.saved[key]
             out.add_dense(s.target, s.tensor, "dense", peft_name=key)
             stored += s.tensor.numel()
             original += s.tensor.numel()
-        lowrank = [e for e in out.table if e["kind"] == "lowrank"]
         ranks = [e["rank"] for e in lowrank]
         return {
             "method": "peru-lora",
@@ -183,7 +199,8 @@ class LowRankAdapter(TaskKind):
                  device: torch.device) -> StoredAdapter:
         """The stored factors on `device` (no dense product is formed)."""
         updates, tensors, peft = {}, {}, {}
-        for t in table:
+        for entry_ in table:
+            t = cast(LoraEntry, entry_)  # check_table passed: a LoRA task's table holds LoraEntry fields
             if t["kind"] != "lowrank":
                 tensors[t["name"]] = segments.get(t["array"], t["start"], t["count"], t["dtype"]).view(t["shape"])
                 peft[t["name"]] = t["peft_name"]

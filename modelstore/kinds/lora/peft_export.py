@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -35,7 +36,7 @@ def write_peft_adapter(
     modules: Mapping[str, LowRank],
     modules_to_save: Mapping[str, torch.Tensor],
     *,
-    original_config: Mapping[str, object] | None = None,
+    original_config: Mapping[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors into `out_dir`.
@@ -78,7 +79,7 @@ def write_peft_adapter(
 def _lora_fields(
     kept: Mapping[str, LowRank],
     modules_to_save: Mapping[str, torch.Tensor],
-    original_config: Mapping[str, object] | None,
+    original_config: Mapping[str, Any] | None,
 ) -> dict[str, object]:
     """Config fields that make PEFT rebuild exactly these ranks with scale 1."""
     ranks = {name: low.rank for name, low in kept.items()}
@@ -102,7 +103,7 @@ def _lora_fields(
 
 
 def _save_list(
-    modules_to_save: Mapping[str, torch.Tensor], original_config: Mapping[str, object] | None
+    modules_to_save: Mapping[str, torch.Tensor], original_config: Mapping[str, Any] | None
 ) -> list[str] | None:
     """The original modules_to_save list (PEFT then wraps the same modules), else each tensor's parent module."""
     if not modules_to_save:
