@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -257,10 +257,17 @@ def store_whole_or_same(out: PayloadWriter, task: str, name: str, source: Tensor
     return 1
 
 
-def _choose(opts: FFTOptions, default_dtype: str, source: TensorSource, deltas: _Deltas, total: int,
+def _checked(task: str, blocks: Iterable[tuple[str, int, torch.Tensor]]) -> Iterator[torch.Tensor]:
+    """The deltas of `blocks`, each refused if it holds NaN or Inf (before anything is chosen from them)."""
+    for n, _, u in blocks:
+        check_finite(u, f"task {task!r} tensor {n!r}")
+        yield u
+
+
+def _choose(task: str, opts: FFTOptions, default_dtype: str, source: TensorSource, deltas: _Deltas, total: int,
             dense: list[str]) -> Choice:
     """Budget mode: keep m and the value dtype from one profiling pass over the deltas (kinds/fft/budget.py)."""
-    profile = DeltaProfile.measure((u for _, _, u in deltas.blocks()), total)
+    profile = DeltaProfile.measure(_checked(task, deltas.blocks()), total)
     params = sum(math.prod(source.shape(n)) for n in source.names())
     dense_bits = sum(math.prod(source.shape(n)) * source.dtype(n).itemsize * 8 for n in dense)
     value_dtypes = [opts.value_dtype] if opts.value_dtype else [default_dtype, "int8", "int4"]
@@ -540,7 +547,7 @@ class SparseDelta(TaskKind):
         deltas = _Deltas(source, base, sparse, CACHE_BYTES)
         chosen = None
         if opts.budgeted:
-            chosen = _choose(opts, value_dtype, source, deltas, total,
+            chosen = _choose(task, opts, value_dtype, source, deltas, total,
                              [n for n, kind in steps if kind == "dense"])
             opts = dataclasses.replace(opts, keep=chosen.keep, value_dtype=chosen.value_dtype)
             value_dtype = chosen.value_dtype
