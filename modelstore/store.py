@@ -307,9 +307,10 @@ class Store:
         return stream()
 
     def _tensors(self, task: str, entry: TaskEntry, device: torch.device, dtype: torch.dtype | None,
-                 check: Callable[[list[str]], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 check: Callable[[dict[str, tuple[int, ...]]], None] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
         """The task's tensors one at a time: its arrays and (unless cached) its base are streamed.
-        `check` sees the names that will come before the first tensor is made."""
+        `check` sees the names and shapes that will come before the first tensor is made."""
         kind = get_kind(entry["kind"])
         bases = {b: _BaseTensors(self, b, device) for b in task_bases(entry)}
         try:
@@ -321,7 +322,7 @@ class Store:
         base = bases[entry["base"]]
         base.others = bases
         if check is not None:
-            check(kind.output_names(payload.table, base.names()))
+            check(output_shapes(kind, payload.table, base.specs()))
         segments = payload.stream(device)
         try:
             yield from kind.tensors(segments, payload.table, base, entry, device, dtype)
@@ -403,7 +404,8 @@ class Store:
             placed: list[Placement] = []  # set by the check, before the first tensor is made
             with torch.no_grad():
                 for name, t in self._tensors(task, entry, target.device, None,
-                                             lambda names: placed.append(target.fit(task, names, strict))):
+                                             lambda shapes: placed.append(target.fit(task, shapes, strict,
+                                                                                     shapes=shapes))):
                     dst_name = placed[0].model_name(name)
                     dst = None if dst_name is None else target.claim(task, dst_name, t.shape, written)
                     if dst is not None:  # one tensor at a time
@@ -841,8 +843,8 @@ class _SwitchSource:
     def _dtypes(self) -> dict[str, torch.dtype]:
         return {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
 
-    def names(self) -> list[str]:
-        return self.kind.output_names(self.payload.table, list(self._dtypes))
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return output_shapes(self.kind, self.payload.table, {e["name"]: (e["shape"], e["dtype"]) for e in self._base.table})
 
     def base_dtype(self, name: str) -> torch.dtype | None:
         return self._dtypes.get(name)
@@ -913,6 +915,14 @@ def env_storage_options(storage_options: Mapping[str, Any] | None = None) -> dic
         if not isinstance(opts, dict):
             raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
     return {**opts, **(storage_options or {})}
+
+
+def output_shapes(kind: TaskKind, table: list[TableEntry],
+                  base: Mapping[str, tuple[list[int], str]]) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor a task of `kind` with `table` makes over a base of `base`'s tensors
+    (name -> (shape, dtype)), by name in the order they come: its table's shape, else the base's."""
+    own = {t["name"]: tuple(t["shape"]) for t in table}
+    return {n: own[n] if n in own else tuple(base[n][0]) for n in kind.output_names(table, list(base))}
 
 
 def serving_store(store: str | os.PathLike[str] | Store | None,

@@ -11,7 +11,7 @@ tensors by `ModuleTensors.fit`, so they all agree on which model tensor each tas
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,17 +67,20 @@ class ModuleTensors:
         return tuple((n, t.device, t.dtype, t.data_ptr()) for n, t in self.tensors.items())
 
     def fit(self, task: str, names: Iterable[str], strict: bool, base_names: Iterable[str] = (),
-            model: str = "this model", hint: str = _HINT) -> Placement:
+            model: str = "this model", hint: str = _HINT,
+            shapes: Mapping[str, Sequence[int]] | None = None) -> Placement:
         """Where each of the task's tensors `names` goes in the model, by the names add-task matches
         a fine-tune to its base with (modelstore.inputs.naming): its own name, or one with a first
         component stripped or added (`bert.x` and `x`). A tensor that lands on a buffer the model
-        does not persist (position_ids, which transformers 5 makes itself) is dropped.
+        does not persist (position_ids, which transformers 5 makes itself) is dropped. With the
+        task's `shapes` (name -> shape), every placed tensor is checked against the model's, so a
+        write that would fail part way (a 3-label head into a 2-label model) fails before it starts.
 
         Raises:
             InputError: a task tensor has no place in the model (always: a write never leaves part
-                of the task out), a name is ambiguous, or, when `strict`, a model tensor gets
-                nothing (tied names count as one); its message calls the model `model` and ends
-                with `hint`.
+                of the task out) or, given `shapes`, another shape there, a name is ambiguous, or,
+                when `strict`, a model tensor gets nothing (tied names count as one); its message
+                calls the model `model` and ends with `hint`.
         """
         names = list(names)
         what = f"task {task!r}"
@@ -95,6 +98,10 @@ class ModuleTensors:
             problem = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
             raise InputError(f"task {task!r} does not fit {model}: {problem} key(s) in its state dict "
                              f"({len(unexpected or missing)} in all); {hint}")
+        for n, m in placed.items():
+            if shapes is not None and n in shapes and tuple(shapes[n]) != tuple(self.tensors[m].shape):
+                raise InputError(f"task {task!r} does not fit {model}: {m} has shape {list(shapes[n])} in the "
+                                 f"task and {list(self.tensors[m].shape)} in the model; {hint}")
         return Placement(placed, dropped, {b: placed[t] for t, b in to_base.items() if t in placed})
 
     def claim(self, task: str, name: str, shape: Iterable[int], written: set[str]) -> torch.Tensor | None:

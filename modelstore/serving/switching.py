@@ -45,12 +45,12 @@ class SwitchSource(Protocol):
     task_key: str
     task: str
 
-    def names(self) -> list[str]:
-        """The names of the task's tensors (what a load returns)."""
-        ...
-
     def base_dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of base tensor `name`, None if the base has no such tensor."""
+        ...
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The task's tensors (what a load returns): each one's shape, by name, in order."""
         ...
 
     def base_names(self) -> list[str]:
@@ -149,7 +149,8 @@ def switch(model: torch.nn.Module, open_source: Callable[[torch.device], SwitchS
             state.resident.move_to_end(source.task_key)
             _rewrite(target, state, source.task_key)
             return
-        placement = target.fit(source.task, source.names(), strict, source.base_names())
+        shapes = source.shapes()
+        placement = target.fit(source.task, shapes, strict, source.base_names(), shapes=shapes)
         held = {m: b for b, m in placement.base.items()}  # model tensor -> the base tensor it holds
         if state is not None:
             _restore(target, state)  # the model holds state.base again
