@@ -844,7 +844,8 @@ class _SwitchSource:
         return {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return output_shapes(self.kind, self.payload.table, {e["name"]: (e["shape"], e["dtype"]) for e in self._base.table})
+        base = {e["name"]: (e["shape"], e["dtype"]) for e in self._base.table}
+        return output_shapes(self.kind, self.payload.table, base)
 
     def base_dtype(self, name: str) -> torch.dtype | None:
         return self._dtypes.get(name)
