@@ -393,8 +393,8 @@ class Store:
                 tensors the task lacks as they are).
 
         Raises:
-            InputError: a task tensor has no place in the model (nothing is written), or with
-                `strict` a model tensor gets none.
+            InputError: a task tensor has no place in the model or another shape there (nothing is
+                written), or with `strict` a model tensor gets none.
         """
         target = ModuleTensors(model)
         switching.forget(model)
