@@ -133,3 +133,22 @@ def start_moto(port: int = 0, bucket: str = "models"):
         pass
     opts = {"key": "test", "secret": "test", "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
     return server, opts
+
+
+@pytest.fixture(scope="module")
+def reference(bert_models, tmp_path_factory):
+    """One single-writer store per checkpoint: what every concurrently added task must equal."""
+    root = tmp_path_factory.mktemp("ref")
+    out = {}
+    for name, path in bert_models["tasks"].items():
+        url = str(root / name)
+        modelstore.init(url, bert_models["pre"])
+        out[name] = modelstore.add_task(url, "t", path, keep=0.1).load("t")
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server, opts = start_moto()
+    yield opts
+    server.stop()
