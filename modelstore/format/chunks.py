@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import zarr
 from numcodecs import Blosc, blosc
+from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
@@ -61,9 +61,11 @@ class Chunks:
         self.chunk = int(array.chunks[0])
         self.dtype = np.dtype(array.dtype)
         codecs = list(array.metadata.codecs) if array.metadata.zarr_format == 3 else []
-        self.compressed = len(codecs) == 3 and isinstance(codecs[1], BloscCodec)
+        compressor = codecs[1] if len(codecs) == 3 and isinstance(codecs[1], BloscCodec) else None
+        endian = codecs[0].endian if codecs and isinstance(codecs[0], BytesCodec) else None
+        self.compressed = compressor is not None
         self.fast = (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec) and isinstance(codecs[-1], Crc32cCodec)
-                     and (self.dtype.itemsize == 1 or str(codecs[0].endian.value) == sys.byteorder)
+                     and (self.dtype.itemsize == 1 or (endian is not None and str(endian.value) == sys.byteorder))
                      and (len(codecs) == 2 or self.compressed))
         self._scratch: np.ndarray | None = None
         #: crc32c trailers of the chunks read so far, by chunk index (for the array digest)
@@ -76,8 +78,8 @@ class Chunks:
         self._raw = np.empty(0, np.uint8)
         self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
-        self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
-                             shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
+        self._blosc = (Blosc(cname=compressor.cname.value, clevel=compressor.clevel, blocksize=compressor.blocksize,
+                             shuffle=_SHUFFLES[compressor.shuffle.value]) if compressor is not None else None)
 
     def write(self, index: int, data: np.ndarray) -> int:
         """Chunk `index` := `data` (at most a chunk's elements; a short last chunk is padded with
@@ -86,8 +88,9 @@ class Chunks:
             raise ValueError("modelstore writes arrays with bytes[, blosc], crc32c codecs only")
         if data.size < self.chunk:
             data = np.concatenate([data, np.zeros(self.chunk - data.size, data.dtype)])
-        body = self._blosc.encode(data) if self._blosc is not None else data.view(np.uint8)
-        value = google_crc32c.value(body)
+        encoded: bytes | np.ndarray = self._blosc.encode(data) if self._blosc is not None else data.view(np.uint8)
+        value = google_crc32c.value(encoded)  # (which takes no memoryview)
+        body = encoded if isinstance(encoded, bytes) else encoded.data
         crc = value.to_bytes(4, "little")
         if self._root:
             path = os.path.join(self._root, self._key(index))
@@ -235,7 +238,7 @@ class Chunks:
             raw = getattr(holder, "_raw", None)
             if raw is None or raw.size < size:
                 raw = holder._raw = empty(size + (size >> 3), np.dtype(np.uint8))
-            got = os.readv(fd, [memoryview(raw[:size])])
+            got = os.readv(fd, [raw[:size].data])
         finally:
             os.close(fd)
         return raw[:got]
