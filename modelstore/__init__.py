@@ -37,5 +37,6 @@ __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
     "Store", "StoredAdapter", "SyncReport",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
-    "TaskExistsError", "PayloadLostError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit", "LoraError", "SingleWriterWarning",
+    "TaskExistsError", "PayloadLostError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit",
+    "LoraError", "SingleWriterWarning",
 ]

@@ -123,10 +123,11 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     selected = selector(include, exclude)
     method = get_method(merge, **{**task_kind.merge_defaults.get(merge, {}), **(merge_options or {}), **options,
                                   **_stats_option(merge, tasks, stats)})
-    base_ck = open_checkpoint(pretrained)
-    task_cks = {name: open_checkpoint(path) for name, path in tasks.items()}
+    base_ck = open_checkpoint(os.fspath(pretrained))
+    task_cks = {name: open_checkpoint(os.fspath(path)) for name, path in tasks.items()}
     base_id = "pretrained" if merge == "none" else "merged"
-    task_kind.base_id({base_id: {}}, base_id)  # type: ignore[dict-item]  # the kind refuses a base it cannot use
+    # the kind refuses a base it cannot use (from its name: the base is not written yet)
+    task_kind.base_id({base_id: {}}, base_id)  # type: ignore[typeddict-item]
     keep_theta0 = "pretrained" in task_kind.extra_bases and base_id != "pretrained"  # θ0 next to θ*
     srcs = [as_base_named(ck, base_ck.names(), f"task {name!r}") for name, ck in task_cks.items()]
     if merge != "none" and not srcs:

@@ -7,7 +7,8 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import click
 from click.core import ParameterSource
@@ -25,6 +26,7 @@ from modelstore.errors import InputError, ModelStoreError
 from modelstore.evaluation.outputs import evaluate
 from modelstore.evaluation.weights import verify as run_verify
 from modelstore.format.codecs import BASE_CODECS
+from modelstore.format.manifest import TaskEntry
 from modelstore.kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
 from modelstore.merging import METHODS, method_class, method_names
 from modelstore.options import Option
@@ -230,7 +232,8 @@ _base_codec_option = click.option(
 @click.option("--stats", "stats", multiple=True, metavar="TASK=PATH",
               help="fisher/regmean: the task's statistics file from modelstore.merging.statistics (repeat per task)")
 @_kind_options
-@click.option("--include", default=None, metavar="REGEX", help="only tensors whose name matches are merged and sparsified")
+@click.option("--include", default=None, metavar="REGEX",
+              help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
 @_base_codec_option
 @_json_option
@@ -262,7 +265,8 @@ def build(ctx: click.Context, store: str, config_path: str | None, pretrained: s
             if flag not in declared:
                 raise InputError(f"{flag} does not apply to --merge {cfg.merge}")
             cfg.merge_options[declared[flag].name] = value
-    s = build_store(store, **cfg.build_kwargs(), storage_options=_storage_options(ctx), progress=_progress(ctx, as_json))
+    s = build_store(store, **cfg.build_kwargs(), storage_options=_storage_options(ctx),
+                    progress=_progress(ctx, as_json))
     info = s.info()
     _report(ctx, as_json, {"store": store, "generation": info["generation"], "bytes": info["bytes"],
                            "base_bytes": info["base_bytes"], "ratio": info["ratio"],
@@ -322,6 +326,7 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
         s = add_lora(store, name, lora, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
                      storage_options=so, progress=_progress(ctx, as_json))
     else:
+        assert path is not None  # one of path and lora, checked above
         if rank is not None or energy is not None:
             raise InputError("--rank and --energy apply to --lora tasks")
         s = add_fft(store, name, path, kind=kind, base=base, pretrained=pretrained, overwrite=overwrite,
@@ -331,7 +336,7 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
 
 
 def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
-    setting = get_kind(e["kind"]).setting(e)
+    setting = get_kind(e["kind"]).setting(cast(TaskEntry, e))  # info(task): the task's entry, name and ratio
     return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"], "keep": None, "q": None,
             **setting, "setting": "/".join(str(v) for v in setting.values()),
             "kept": e.get("kept"), "bytes": e["bytes"], "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
@@ -351,7 +356,8 @@ def ls(ctx: click.Context, store: str, as_json: bool) -> None:
     click.echo(f"{'task':24} {'method':14} {'setting':>22} {'kept':>12} {'bytes':>10} {'ratio':>7}")
     for r in rows:
         click.echo(f"{r['task']:24} {r['method']:14} {r['setting'] or '-':>22} "
-                   f"{r['kept'] if r['kept'] is not None else '-':>12} {human_bytes(r['bytes']):>10} {percent(r['ratio']):>7}")
+                   f"{r['kept'] if r['kept'] is not None else '-':>12} {human_bytes(r['bytes']):>10} "
+                   f"{percent(r['ratio']):>7}")
 
 
 @main.command()
@@ -380,9 +386,11 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
         click.echo(f"  {k}: {v}")
     kind = s.kind(task)
     if data.get("total"):
-        click.echo(f"  {kind.kept_label}: {data['kept']} of {data['total']} ({100 * data['kept'] / data['total']:.2f}%)")
+        click.echo(f"  {kind.kept_label}: {data['kept']} of {data['total']} "
+                   f"({100 * data['kept'] / data['total']:.2f}%)")
     of = kind.original_label
-    click.echo(f"  bytes on disk: {human_bytes(data['bytes'])} ({percent(data['ratio'])} of {of}, {human_bytes(data['full_bytes'])})")
+    click.echo(f"  bytes on disk: {human_bytes(data['bytes'])} "
+               f"({percent(data['ratio'])} of {of}, {human_bytes(data['full_bytes'])})")
     click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
 
 
@@ -451,7 +459,8 @@ def rm(ctx: click.Context, store: str, task: str, as_json: bool) -> None:
 @click.argument("out")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf", show_default=True,
               help="hf: full weights as model.safetensors + config.json; "
-                   + "; ".join(f"{f}: {what}, for {k.name} tasks" for k in KINDS for f, what in k.export_formats.items()))
+                   + "; ".join(f"{f}: {what}, for {k.name} tasks"
+                               for k in KINDS for f, what in k.export_formats.items()))
 @click.option("--dtype", default=None, help="cast floating tensors (float16, bfloat16, float32); default: as stored")
 @click.option("--max-shard-size", default=MAX_SHARD_SIZE, show_default=True,
               help="largest safetensors file before the weights are sharded, as save_pretrained does")
@@ -485,12 +494,13 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
     finished task readable and no partial one."""
     src_opts = _storage_options(ctx)
     dst_opts = {**(src_opts or {}), **_json_pairs(dst_option, "--dst-option")} or None
-    kw = dict(tasks=list(tasks) or None, delete=delete, src_options=src_opts, dst_options=dst_opts)
-    plan = run_sync(src, dst, dry_run=True, **kw)  # the bar's length
+    sync_to = partial(run_sync, src, dst, tasks=list(tasks) or None, delete=delete, src_options=src_opts,
+                      dst_options=dst_opts)
+    plan = sync_to(dry_run=True)  # the bar's length
     if not dry_run:
         total = plan.bytes_to_copy
         with counter(total, f"sync to {dst}", enabled=_progress(ctx, as_json) and total > 0) as advance:
-            plan = run_sync(src, dst, on_bytes=advance, **kw)
+            plan = sync_to(on_bytes=advance)
     if as_json:
         _emit(plan.as_dict())
         return
@@ -532,7 +542,8 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str, data: st
     else:
         acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
-        click.echo(f"task {task}: {acc}agreement {agreement:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples")
+        click.echo(f"task {task}: {acc}agreement {agreement:.2%}, "
+                   f"mean KL {r['mean_kl']:.3g} over {r['examples']} examples")
     if min_agreement is not None and not r["ok"]:
         if not as_json:
             click.echo(f"FAILED: agreement below --min-agreement {min_agreement}")

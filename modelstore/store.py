@@ -34,6 +34,7 @@ from modelstore.format import dtypes
 from modelstore.format.codecs import BASE_CODECS
 from modelstore.format.manifest import (
     BaseEntry,
+    BaseFields,
     Manifest,
     TableEntry,
     TaskEntry,
@@ -108,7 +109,8 @@ class Store:
         self.loc = Location(url, storage_options, read_only=(mode == "r"), create=_create)
         if _create:  # the manifest is first published with the store's first commit (its base)
             if self.loc.read_manifest() is not None:
-                raise InputError(f"{url} already holds a store; add tasks with `modelstore add-task` or remove it first")
+                raise InputError(f"{url} already holds a store; "
+                                 "add tasks with `modelstore add-task` or remove it first")
             self.manifest: Manifest = new_manifest()
         else:
             self.manifest = self.loc.require_manifest()
@@ -176,7 +178,8 @@ class Store:
         base_bytes = sum(b["bytes"] for b in self.manifest["bases"].values())
         full = sum(e.get("full_bytes") or 0 for e in self.manifest["tasks"].values())
         return {"url": self.url, "format_version": self.manifest["version"], "bases": bases,
-                "tasks": self.tasks(), "writers": self.loc.slot.writers, "generation": self.manifest.get("generation", 0),
+                "tasks": self.tasks(), "writers": self.loc.slot.writers,
+                "generation": self.manifest.get("generation", 0),
                 "bytes": base_bytes + task_bytes, "base_bytes": base_bytes,
                 "task_bytes": task_bytes, "full_bytes": full,
                 "ratio": (base_bytes + task_bytes) / full if full else None}
@@ -508,7 +511,7 @@ class Store:
             release_free_memory()
 
     def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                   fields: Mapping[str, Any], files: Mapping[str, str] | None = None) -> BaseEntry:
+                   fields: BaseFields, files: Mapping[str, str] | None = None) -> BaseEntry:
         """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
         `fields` are the base entry's descriptive fields (kind, merge, selection, source, codec...);
@@ -525,8 +528,11 @@ class Store:
             for name, t in tensors:
                 out.add_dense(name, t, "data")
             kept = write_model_files(self.loc, out.path, files or {})
-            return {**fields, **out.finish(), "nbytes": sum(math.prod(s) * dt.itemsize for _, s, dt in specs),
-                    **({"files": kept} if kept else {}), "created": now()}  # type: ignore[typeddict-item]
+            nbytes = sum(math.prod(s) * dt.itemsize for _, s, dt in specs)
+            entry: BaseEntry = {**fields, **out.finish(), "nbytes": nbytes, "created": now()}
+            if kept:
+                entry["files"] = kept
+            return entry
 
         entry: BaseEntry = self._written(out, fill)
 
@@ -546,12 +552,13 @@ class Store:
         Raises:
             InputError: `path` is not the model the store was built from (fingerprint differs).
         """
-        ck = open_checkpoint(path)
-        want = next(iter(self.manifest["bases"].values()), {}).get("source", {}).get("fingerprint")
+        ck = open_checkpoint(os.fspath(path))
+        first = next(iter(self.manifest["bases"].values()), None)
+        want = first.get("source", {}).get("fingerprint") if first is not None else None
         if want is not None and want != ck.fingerprint():
             raise InputError(f"{path} is not the pre-trained model this store was built from (fingerprint differs)")
         fields = base_fields(ck, "pretrained", {"method": "none"}, [], None, None)
-        codec = next(iter(self.manifest["bases"].values()), {}).get("codec")
+        codec = first.get("codec") if first is not None else None
         if codec is not None:  # the store's base codec choice holds for θ0 too
             fields["codec"] = codec
         return self.write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
@@ -624,11 +631,13 @@ class Store:
             WithOtherBases(self.stored_base(base_id), {b: self.stored_base(b) for b in ids[1:]})
         config = task_config_file(source)  # checked before anything is written
         out = self._new_payload(task_dir(name))
-        fields = self._written(out, lambda out: {
+        # the kind's own TaskEntry fields (its write returns them as a plain dict) and the payload's
+        fields: TaskEntry = self._written(out, lambda out: {
             **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish(),
             **({"files": write_model_files(self.loc, out.path, config)} if config else {})})
-        entry: TaskEntry = {"kind": kind.name, "base": base_id, **({"bases": ids} if len(ids) > 1 else {}),
-                            **fields, "source": dict(source_info)}  # type: ignore
+        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info)}
+        if len(ids) > 1:
+            entry["bases"] = ids
 
         def change(m: Manifest) -> Manifest:
             for b, was in used.items():
@@ -683,7 +692,7 @@ class Store:
                "sparsify": sparsify, "seed": seed}
         opts = k.parse_options({**{n: v for n, v in fft.items() if v is not None}, **options})
         check_task_name(name)
-        ck = path if isinstance(path, Checkpoint) else open_checkpoint(path)
+        ck = path if isinstance(path, Checkpoint) else open_checkpoint(os.fspath(path))
         if pretrained is not None and "pretrained" not in self.manifest["bases"]:
             self.add_pretrained(pretrained, progress)
         return self.write_task(name, k, ck, opts, base=base, source_info=source_info(ck),
@@ -951,7 +960,7 @@ def source_info(ck: Checkpoint) -> dict[str, str]:
 
 
 def base_fields(ck: Checkpoint, kind: str, merge: Mapping[str, Any], merged_tasks: list[str],
-                include: str | None, exclude: str | None) -> dict[str, Any]:
+                include: str | None, exclude: str | None) -> BaseFields:
     """Descriptive fields of a base made from pre-trained checkpoint `ck` (spec: BASE ENTRY)."""
     return {"kind": kind, "merge": dict(merge), "merged_tasks": merged_tasks,
             "selection": {"include": include, "exclude": exclude}, "source": source_info(ck),

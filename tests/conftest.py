@@ -178,3 +178,22 @@ def peft_adapter(bert_models, path) -> str:
                                                 target_modules=["query", "value", "word_embeddings"]))
     pm.save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(bert_models, tmp_path_factory):
+    """One single-writer store per checkpoint: what every concurrently added task must equal."""
+    root = tmp_path_factory.mktemp("ref")
+    out = {}
+    for name, path in bert_models["tasks"].items():
+        url = str(root / name)
+        modelstore.init(url, bert_models["pre"])
+        out[name] = modelstore.add_task(url, "t", path, keep=0.1).load("t")
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server, opts = start_moto()
+    yield opts
+    server.stop()

@@ -143,7 +143,8 @@ def test_input_formats_sharded_safetensors_and_torch_bin(bert_models, tmp_path):
     torch.save(sd1, str(tmp_path / "t.bin"))
     save_file({k: v.contiguous() for k, v in sd0.items()}, str(tmp_path / "pre.safetensors"))
     s = modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"),
-                         {"sharded": str(shard_dir), "bin": str(tmp_path / "t.bin"), "hf": bert_models["tasks"]["alpha"]},
+                         {"sharded": str(shard_dir), "bin": str(tmp_path / "t.bin"),
+                          "hf": bert_models["tasks"]["alpha"]},
                          merge="none", keep=1.0, value_dtype="float32")
     for t in ("sharded", "bin", "hf"):
         got = s.load(t)
@@ -328,13 +329,15 @@ def test_base_codec_from_the_cli_and_config(bert_models, tmp_path):
     from click.testing import CliRunner
 
     from modelstore.cli import main
-    r = CliRunner().invoke(main, ["init", str(tmp_path / "i"), "--pretrained", bert_models["pre"], "--base-codec", "none"])
+    r = CliRunner().invoke(main, ["init", str(tmp_path / "i"), "--pretrained", bert_models["pre"],
+                                  "--base-codec", "none"])
     assert r.exit_code == 0, r.output
     assert modelstore.open(str(tmp_path / "i")).manifest["bases"]["pretrained"]["codec"] == "none"
     r = CliRunner().invoke(main, ["info", str(tmp_path / "i")])
     assert "base pretrained: none" in r.output and ", uncompressed" in r.output
     cfg = tmp_path / "b.yaml"
-    cfg.write_text(f"pretrained: {bert_models['pre']}\ntasks: {{a: {bert_models['tasks']['alpha']}}}\nbase_codec: none\n")
+    cfg.write_text(f"pretrained: {bert_models['pre']}\n"
+                   f"tasks: {{a: {bert_models['tasks']['alpha']}}}\nbase_codec: none\n")
     r = CliRunner().invoke(main, ["build", str(tmp_path / "b"), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert modelstore.open(str(tmp_path / "b")).manifest["bases"]["merged"]["codec"] == "none"
@@ -382,7 +385,8 @@ def test_large_arrays_are_written_in_at_most_max_chunks_objects(bert_models, tmp
     monkeypatch.setattr(chunks, "WINDOW_BYTES", 1)
     for task in ("alpha", "beta"):
         want = plain.load(task)
-        for url, cache in ((str(tmp_path / "few"), False), (str(tmp_path / "few"), True), ("memory://fewchunks", False)):
+        for url, cache in ((str(tmp_path / "few"), False), (str(tmp_path / "few"), True),
+                           ("memory://fewchunks", False)):
             got = modelstore.open(url, cache_base=cache).load(task)
             assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), (url, cache, task)
     assert all(torch.equal(few.base("pretrained")[k], v) for k, v in bert_models["sd0"].items())

@@ -67,7 +67,7 @@ def coded(arrays: dict[tuple[int, int], np.ndarray], codec: Any, whole: bool = F
     `whole`: each itemsize's planes interleaved back into words first (for shuffling codecs)."""
     if whole:
         by_size: dict[int, list[np.ndarray]] = {}
-        for (k, i), a in sorted(arrays.items()):
+        for (k, _), a in sorted(arrays.items()):
             by_size.setdefault(k, []).append(a)
         # word bytes in memory order (little-endian: the last plane first), as a flat byte array
         arrays = {(k, 0): np.stack(ps[::-1], axis=1).reshape(-1).view(f"<u{k}") for k, ps in by_size.items()}
@@ -141,10 +141,10 @@ def run(pre: str, ft: str, cast: str | None, merged: list[str] | None, codecs: b
             pre_f, ft_f = f"{root}/pre.safetensors", f"{root}/ft.safetensors"
         sd0, sd1 = load_file(pre_f), load_file(ft_f)
         full = sum(v.numel() * v.element_size() for v in sd1.values())
-        r: dict[str, Any] = {"dtype": cast or "as saved", "base_codec": base_codec, "params": sum(v.numel() for v in sd1.values()),
-                             "checkpoint_bytes": full, "changed_fraction": sum(
-                                 int((sd1[k] != sd0[k]).sum()) for k in sd1 if k in sd0 and sd0[k].shape == sd1[k].shape)
-                             / sum(v.numel() for v in sd1.values())}
+        params = sum(v.numel() for v in sd1.values())
+        changed = sum(int((sd1[k] != sd0[k]).sum()) for k in sd1 if k in sd0 and sd0[k].shape == sd1[k].shape)
+        r: dict[str, Any] = {"dtype": cast or "as saved", "base_codec": base_codec, "params": params,
+                             "checkpoint_bytes": full, "changed_fraction": changed / params}
         url = f"{root}/s"
         init(url, pre_f, base_codec=base_codec)
         t0 = time.perf_counter()

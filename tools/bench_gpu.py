@@ -147,7 +147,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {a.device}: torch sees no CUDA device here; pass --device cpu to run the steps on the CPU")
+        raise SystemExit(f"--device {a.device}: torch sees no CUDA device here; "
+                         "pass --device cpu to run the steps on the CPU")
     if a.dir:
         os.makedirs(a.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="bench-gpu-", dir=a.dir)

@@ -131,7 +131,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         pre, tasks = synthetic(root, a.params, a.tasks, dtype)
         full_bytes = os.path.getsize(pre)
-        r: dict = {"params": a.params, "tasks": a.tasks, "keep": a.keep, "dtype": a.dtype, "threads": torch.get_num_threads()}
+        r: dict = {"params": a.params, "tasks": a.tasks, "keep": a.keep, "dtype": a.dtype,
+                   "threads": torch.get_num_threads()}
 
         # baselines: read + write one full checkpoint, read one full checkpoint
         def copy_full():
@@ -159,7 +160,8 @@ def main() -> None:
         r["task_bytes_vs_full"] = info["bytes"] / full_bytes
         r["store_bytes_vs_all_full"] = s.info()["bytes"] / (full_bytes * a.tasks)
 
-        r["baseline_copytree_s"], _ = timed(lambda: shutil.copytree(f"{root}/store", f"{root}/tree-{time.time_ns()}"), 2)
+        r["baseline_copytree_s"], _ = timed(
+            lambda: shutil.copytree(f"{root}/store", f"{root}/tree-{time.time_ns()}"), 2)
         r["sync_s"], _ = timed(lambda: modelstore.sync(f"{root}/store", f"{root}/sync-{time.time_ns()}"), 2)
         r["sync_vs_copytree"] = r["sync_s"] / r["baseline_copytree_s"]
 

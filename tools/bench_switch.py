@@ -9,9 +9,9 @@ each switch is timed against
   two tasks' positions and values, already decoded in memory): what any in-place switch must write.
 For context, `store.load_into(model, task)` (the whole task read from the store and copied in) is
 timed too, and so is a switch between resident tasks (`resident=` budget: both tasks' writes kept
-on the device, nothing read from the store). Each timing is the median of `--repeat` runs. Also timed: putting back a LoRA task's adapted
-matrices (the attention weights) from the copies a switch keeps, against reading them again
-from the stored base (why switch keeps the copies).
+on the device, nothing read from the store). Each timing is the median of `--repeat` runs. Also
+timed: putting back a LoRA task's adapted matrices (the attention weights) from the copies a switch
+keeps, against reading them again from the stored base (why switch keeps the copies).
 
     python -m tools.bench_switch [--layers 12 --dim 768 --vocab 32000] [--keep 0.01 0.05 0.1] [--json]
 """
@@ -91,12 +91,14 @@ def main() -> None:
         return
     print(f"{r['params'] / 1e6:.0f}M fp32 parameters, {r['threads']} torch threads, median of {a.repeat}")
     print(f"{'keep':>6} {'k (each)':>10} {'switch s':>9} {'floor s':>9} {'load_sd s':>9} {'load_into s':>11} "
-          f"{'vs floor':>9} {'vs load_sd':>10} {'vs load_into':>12} {'resident s':>10} {'vs floor':>9} {'vs load_sd':>10}")
+          f"{'vs floor':>9} {'vs load_sd':>10} {'vs load_into':>12} {'resident s':>10} {'vs floor':>9} "
+          f"{'vs load_sd':>10}")
     for row in r["rows"]:
         print(f"{row['keep']:>6.2f} {row['k']:>10} {row['switch_s']:>9.4f} {row['floor_s']:>9.4f} "
               f"{row['load_state_dict_s']:>9.4f} {row['load_into_s']:>11.4f} {row['switch_vs_floor']:>9.2f} "
               f"{row['switch_vs_load_state_dict']:>10.3f} {row['switch_vs_load_into']:>12.3f} "
-              f"{row['resident_switch_s']:>10.4f} {row['resident_vs_floor']:>9.2f} {row['resident_vs_load_state_dict']:>10.3f}")
+              f"{row['resident_switch_s']:>10.4f} {row['resident_vs_floor']:>9.2f} "
+              f"{row['resident_vs_load_state_dict']:>10.3f}")
     lr = r["lora_restore"]
     print(f"LoRA restore of {lr['entries'] / 1e6:.1f}M entries (attention weights): from kept copies "
           f"{lr['from_copies_s']:.4f} s, re-read from the stored base {lr['from_storage_s']:.4f} s")
@@ -123,17 +125,17 @@ def run(root: str, a: argparse.Namespace) -> dict:
         k = sum(p.numel() for p, _ in writes[tb].values())
         store.switch(model, ta)
 
-        def floor() -> None:
+        def floor(ta: str = ta, tb: str = tb, writes: dict = writes) -> None:
             with torch.no_grad():
                 for t in (ta, tb):
                     for n, (pos, vals) in writes[t].items():
                         params[n].view(-1).index_copy_(0, pos, vals)
 
-        def back_and_forth() -> None:
+        def back_and_forth(ta: str = ta, tb: str = tb) -> None:
             store.switch(model, tb)
             store.switch(model, ta)
 
-        def resident() -> None:
+        def resident(ta: str = ta, tb: str = tb) -> None:
             store.switch(model, tb, resident="8GB")
             store.switch(model, ta, resident="8GB")
 
@@ -141,8 +143,9 @@ def run(root: str, a: argparse.Namespace) -> dict:
                "switch_s": median_time(back_and_forth, a.repeat) / 2,
                "resident_switch_s": median_time(resident, a.repeat) / 2,
                "floor_s": median_time(floor, a.repeat),
-               "load_state_dict_s": median_time(lambda: model.load_state_dict(full_b), a.repeat),
-               "load_into_s": median_time(lambda: store.load_into(model, tb), a.repeat)}  # forgets the switch state
+               "load_state_dict_s": median_time(lambda full_b=full_b: model.load_state_dict(full_b), a.repeat),
+               # load_into forgets the switch state
+               "load_into_s": median_time(lambda tb=tb: store.load_into(model, tb), a.repeat)}
         row["switch_vs_floor"] = row["switch_s"] / row["floor_s"]
         row["switch_vs_load_state_dict"] = row["switch_s"] / row["load_state_dict_s"]
         row["switch_vs_load_into"] = row["switch_s"] / row["load_into_s"]

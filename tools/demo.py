@@ -89,7 +89,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.demo``."""
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=parse_tasks, default=",".join(DEFAULT_TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", type=parse_tasks, default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps per task (batch 32)")
     p.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="fraction of each task delta kept")
     p.add_argument("--store", type=Path, default=None, help="store path (default: a temporary dir, removed after)")

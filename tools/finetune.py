@@ -219,7 +219,8 @@ def choose_dtype(override: str | None, cpuinfo: str) -> tuple[torch.dtype, str]:
         if override not in _DTYPES:
             raise ValueError(f"{DTYPE_ENV}={override!r}: use one of {', '.join(_DTYPES)}")
         return _DTYPES[override], f"set by {DTYPE_ENV}"
-    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "flags" for f in line.split(":", 1)[1].split()}
+    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip() == "flags"
+             for f in line.split(":", 1)[1].split()}
     if flags & BF16_FLAGS:
         return torch.bfloat16, f"this CPU has {'/'.join(sorted(flags & BF16_FLAGS))}"
     return torch.float32, f"this CPU has no {'/'.join(sorted(BF16_FLAGS))}: bfloat16 would be emulated"

@@ -3,9 +3,10 @@ MiniLM tasks of tools.paper_table, each variant loaded back from a real store.
 
 Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE (float16, int4; int4 with a
 second seed at m ≤ 5%) at each m, TALL masks, EMR, BitDelta, and the reference points
-Task-Arithmetic, TIES (one model) and Single-Task (the originals). `bits_per_param` is a task's own stored bytes × 8 per parameter of its model, averaged
-over the tasks (the shared bases not counted: they are paid once); `bytes` is what the whole row
-costs on disk, bases included. Stores are cached under the paper table's cache directory.
+Task-Arithmetic, TIES (one model) and Single-Task (the originals). `bits_per_param` is a task's own
+stored bytes × 8 per parameter of its model, averaged over the tasks (the shared bases not counted:
+they are paid once); `bytes` is what the whole row costs on disk, bases included. Stores are cached
+under the paper table's cache directory.
 
     python -m tools.frontier                       # all 8 tasks, 150-step checkpoints
     python -m tools.frontier --tasks rt,trump --smoke --out /tmp/frontier
@@ -182,7 +183,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.frontier``."""
     p = argparse.ArgumentParser(prog="python -m tools.frontier", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=parse_tasks, default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", type=parse_tasks, default=",".join(TASKS),
+                   help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps of the checkpoints (batch 32)")
     p.add_argument("--limit", type=int, default=None, help="test examples per task (default: all)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "frontier")

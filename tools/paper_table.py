@@ -155,7 +155,8 @@ def lambda_sweep(cfg: Config, mode: str, merge: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     ckpts = checkpoints(cfg, "full") if mode == "full" else lora_full_checkpoints(cfg)
     theta0 = load_file(pretrained_path() / "model.safetensors")
-    unit = modelstore.merge(merge, theta0, [_state(ck) for ck in ckpts.values()], **{**MERGE_OPTIONS[merge], "lam": 1.0})
+    unit = modelstore.merge(merge, theta0, [_state(ck) for ck in ckpts.values()],
+                            **{**MERGE_OPTIONS[merge], "lam": 1.0})
     curve = {}
     for lam in LAMBDA_GRIDS[merge]:
         state = {k: torch.lerp(v, unit[k], lam) if v.is_floating_point() else v for k, v in theta0.items()}
@@ -184,7 +185,8 @@ def _unpadded(task: str, n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, t
         yield ids[i : i + 1, :length], mask[i : i + 1, :length], labels[i : i + 1]
 
 
-def statistics(cfg: Config, merge: str, mode: str, ckpts: dict[str, Path], names: dict[str, str]) -> dict[str, str] | None:
+def statistics(cfg: Config, merge: str, mode: str, ckpts: dict[str, Path],
+               names: dict[str, str]) -> dict[str, str] | None:
     """Fisher (fisher) or Gram (regmean) file of each `mode` task model, made once and cached, keyed
     by the task's name in the store (`names`)."""
     kind = STATS_KIND.get(merge)
@@ -201,7 +203,8 @@ def statistics(cfg: Config, merge: str, mode: str, ckpts: dict[str, Path], names
                 model.requires_grad_(False)
                 model.encoder.requires_grad_(True)  # the fine-tuned (merged) parameters only
                 task_head = head(t).clone()  # an inference-mode tensor cannot enter autograd
-                modelstore.merging.statistics.fisher(model, _unpadded(t, cfg.n_stats), loss_fn=_nll(task_head), out=path)
+                modelstore.merging.statistics.fisher(model, _unpadded(t, cfg.n_stats), loss_fn=_nll(task_head),
+                                                     out=path)
             else:
                 modelstore.merging.statistics.gram(model, (b[:2] for b in _unpadded(t, cfg.n_stats)), out=path)
             log.info("%s statistics of %s/%s: %.0f s", kind, mode, t, time.perf_counter() - start)
@@ -282,7 +285,8 @@ def fft_store(cfg: Config, mode: str, merge: str, keeps: tuple[float, ...]) -> m
             modelstore.build(str(path), pretrained=str(pretrained_path()),
                              tasks={names[t, keeps[0]]: str(p) for t, p in ckpts.items()},
                              merge=merge, keep=keeps[0], merge_options=options,
-                             stats=statistics(cfg, merge, mode, ckpts, names={t: names[t, keeps[0]] for t in ckpts}))  # fmt: skip
+                             stats=statistics(cfg, merge, mode, ckpts,
+                                              names={t: names[t, keeps[0]] for t in ckpts}))  # fmt: skip
     return _add_missing(path, {name: lambda n, t=t, k=k: modelstore.add_task(str(path), n, str(ckpts[t]), keep=k)
                                for (t, k), name in names.items()})  # fmt: skip
 
@@ -386,7 +390,8 @@ def rows(cfg: Config) -> list[Row]:
     out += [("FFT", f"PERU-FFT ({MERGE_NAMES[m]})", f"{top:.0%}", lambda m=m: peru_fft(m, top))
             for m in cfg.merges if m != "task-arithmetic"]  # fmt: skip
     out.append(("LoRA", "Single-Task", f"r={LORA_RANK}", lambda: _originals(cfg, "lora")))
-    out += [("LoRA", MERGE_NAMES[m], _lambda_setting(cfg, "lora", m), lambda m=m: merged("lora", m)) for m in cfg.merges]
+    out += [("LoRA", MERGE_NAMES[m], _lambda_setting(cfg, "lora", m), lambda m=m: merged("lora", m))
+            for m in cfg.merges]
     out += [("LoRA", "PERU-LoRA", f"q={q}", lambda q=q: lora(q)) for q in cfg.ranks]
     out += [("LoRA", "Approx(A)·Approx(B)ᵀ", f"q={q}", lambda q=q: lora(q, ablation=True)) for q in ablated]
     if cfg.wide_rank is not None:
@@ -402,7 +407,8 @@ def evaluate_row(cfg: Config, group: str, method: str, setting: str, make: Calla
     variant = make()
     acc = {t: evaluate(variant.models(t), t, limit=cfg.limit) for t in cfg.tasks}
     return {"group": group, "method": method, "setting": setting, "params": variant.params, "bytes": variant.bytes,
-            "accuracy": acc, "average": sum(acc.values()) / len(acc), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+            "accuracy": acc, "average": sum(acc.values()) / len(acc),
+            "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
 def _needs_data(method: str) -> bool:
@@ -531,7 +537,8 @@ def plots(results: list[dict[str, Any]], curves: dict[str, dict[str, list[list[f
             if sel:
                 ax.plot([r["bytes"] / 1e6 for r in sel], [100 * r["average"] for r in sel], marker=marker, ls="-",
                         label=f"{method} ({group})" if group != "-" else method)  # fmt: skip
-    ax.set(xscale="log", xlabel="MB on disk, all tasks", ylabel="average accuracy (%)", title="Accuracy against storage")
+    ax.set(xscale="log", xlabel="MB on disk, all tasks", ylabel="average accuracy (%)",
+           title="Accuracy against storage")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # after the scale, which resets it
     ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.legend(fontsize=6, ncol=2)
@@ -555,14 +562,16 @@ def plots(results: list[dict[str, Any]], curves: dict[str, dict[str, list[list[f
 def smoke_config(tasks: tuple[str, ...], cache: Path, checkpoint_cache: Path | None = None) -> Config:
     """A run of every kind of row in a minute or two: 3-step checkpoints, one m, q = 2 and 16 (and 2
     of r = 32), one merge."""
-    return Config(tasks, steps=3, n_train=64, n_stats=8, n_val=16, limit=32, cache=cache, checkpoint_cache=checkpoint_cache,
-                  keeps=(0.1,), ranks=(2, LORA_RANK), merges=("task-arithmetic",), wide_rank=32, wide_ranks=(2,))  # fmt: skip
+    return Config(tasks, steps=3, n_train=64, n_stats=8, n_val=16, limit=32, cache=cache,
+                  checkpoint_cache=checkpoint_cache, keeps=(0.1,), ranks=(2, LORA_RANK), merges=("task-arithmetic",),
+                  wide_rank=32, wide_ranks=(2,))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.paper_table``."""
     p = argparse.ArgumentParser(prog="python -m tools.paper_table", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=parse_tasks, default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
+    p.add_argument("--tasks", type=parse_tasks, default=",".join(TASKS),
+                   help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps of the checkpoints (batch 32)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--n-stats", type=int, default=256, help="validation examples per task for Fisher / Gram")

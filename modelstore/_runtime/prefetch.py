@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
-from typing import TypeVar
+from collections.abc import Generator, Iterator
+from typing import TypeVar, cast
 
 T = TypeVar("T")
 
 _END = object()
 
 
-def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+def read_ahead(items: Iterator[T], depth: int = 1) -> Generator[T, None, None]:
     """The items of `items`, made in a worker thread at most `depth` ahead of the consumer.
 
     `items` runs in the worker only, so whatever it reads must not be touched by the consumer
@@ -54,7 +54,7 @@ def read_ahead(items: Iterator[T], depth: int = 1) -> Iterator[T]:
                 raise error
             if item is _END:
                 return
-            yield item  # type: ignore[misc]
+            yield cast(T, item)  # every item but _END is one of `items`
     finally:
         stop.set()
         worker.join()

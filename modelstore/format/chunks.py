@@ -5,15 +5,17 @@ numpy asks the kernel for huge pages on every large allocation, which on hosts w
 huge pages are "madvise" with compaction costs ~2 s per GB of first touch (5-7x a plain page
 fault; measured on the CI machine type). For the codec chains modelstore writes (spec section 4:
 `bytes` little-endian, optionally `blosc`, then `crc32c`), this module fetches a window of chunk
-objects concurrently through the array's own zarr store, checks each chunk's crc32c, and
+objects concurrently from the array's store, checks each chunk's crc32c, and
 decompresses it directly into the destination (a buffer the caller allocated once, with torch);
 writes encode a chunk and put it without copies. Any other codec chain is read and written
-through zarr, so stores written by other tools read the same.
+through zarr, so stores written by other tools read the same. Remote chunk objects go through a
+synchronous twin of the zarr store's fsspec filesystem: zarr runs its own store on a private event
+loop, which no public zarr API lends out.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import mmap
 import os
 import sys
@@ -21,15 +23,15 @@ import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+import fsspec
 import google_crc32c
 import numpy as np
 import torch
 import zarr
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from numcodecs import Blosc, blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from modelstore._runtime.page_advice import Streak
 
@@ -61,23 +63,27 @@ class Chunks:
         self.chunk = int(array.chunks[0])
         self.dtype = np.dtype(array.dtype)
         codecs = list(array.metadata.codecs) if array.metadata.zarr_format == 3 else []
-        self.compressed = len(codecs) == 3 and isinstance(codecs[1], BloscCodec)
+        compressor = codecs[1] if len(codecs) == 3 and isinstance(codecs[1], BloscCodec) else None
+        endian = codecs[0].endian if codecs and isinstance(codecs[0], BytesCodec) else None
+        self.compressed = compressor is not None
         self.fast = (len(codecs) in (2, 3) and isinstance(codecs[0], BytesCodec) and isinstance(codecs[-1], Crc32cCodec)
-                     and (self.dtype.itemsize == 1 or str(codecs[0].endian.value) == sys.byteorder)
+                     and (self.dtype.itemsize == 1 or (endian is not None and str(endian.value) == sys.byteorder))
                      and (len(codecs) == 2 or self.compressed))
         self._scratch: np.ndarray | None = None
         #: crc32c trailers of the chunks read so far, by chunk index (for the array digest)
         self.trailers: dict[int, int] = {}
         store = array.store
         self._root = str(store.root) if isinstance(store, LocalStore) else None
+        self._objects = _Objects(store) if isinstance(store, FsspecStore) else None
+        self.fast = self.fast and (self._root is not None or self._objects is not None)
         self._chunk_bytes = self.chunk * self.dtype.itemsize
         # local files are read one at a time into one buffer
         self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
         self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
-        self._blosc = (Blosc(cname=codecs[1].cname.value, clevel=codecs[1].clevel, blocksize=codecs[1].blocksize,
-                             shuffle=_SHUFFLES[codecs[1].shuffle.value]) if self.compressed else None)
+        self._blosc = (Blosc(cname=compressor.cname.value, clevel=compressor.clevel, blocksize=compressor.blocksize,
+                             shuffle=_SHUFFLES[compressor.shuffle.value]) if compressor is not None else None)
 
     def write(self, index: int, data: np.ndarray) -> int:
         """Chunk `index` := `data` (at most a chunk's elements; a short last chunk is padded with
@@ -86,8 +92,9 @@ class Chunks:
             raise ValueError("modelstore writes arrays with bytes[, blosc], crc32c codecs only")
         if data.size < self.chunk:
             data = np.concatenate([data, np.zeros(self.chunk - data.size, data.dtype)])
-        body = self._blosc.encode(data) if self._blosc is not None else data.view(np.uint8)
-        value = google_crc32c.value(body)
+        encoded: bytes | np.ndarray = self._blosc.encode(data) if self._blosc is not None else data.view(np.uint8)
+        value = google_crc32c.value(encoded)  # (which takes no memoryview)
+        body = encoded if isinstance(encoded, bytes) else encoded.data
         crc = value.to_bytes(4, "little")
         if self._root:
             path = os.path.join(self._root, self._key(index))
@@ -98,7 +105,8 @@ class Chunks:
             finally:
                 os.close(fd)
         else:
-            sync(self.array.store.set(self._key(index), default_buffer_prototype().buffer.from_bytes(bytes(body) + crc)))
+            assert self._objects is not None  # a fast array's store is local or fsspec
+            self._objects.put(self._key(index), bytes(body) + crc)
         return value
 
     def verify(self, count: int) -> None:
@@ -212,12 +220,9 @@ class Chunks:
         return out
 
     def _get(self, indices: list[int]) -> list[np.ndarray | None]:
-        store, proto = self.array.store, default_buffer_prototype()
-
-        async def get_all() -> list:
-            return await asyncio.gather(*(store.get(self._key(i), prototype=proto) for i in indices))
-
-        return [None if b is None else b.as_numpy_array() for b in sync(get_all())]
+        """The chunk objects, fetched concurrently (None where one is missing)."""
+        assert self._objects is not None  # a fast array's store is local or fsspec
+        return list(_fetchers().map(self._objects.get, [self._key(i) for i in indices]))
 
     def _open(self, index: int) -> int:
         """A file descriptor of local chunk `index`, read-only."""
@@ -235,7 +240,7 @@ class Chunks:
             raw = getattr(holder, "_raw", None)
             if raw is None or raw.size < size:
                 raw = holder._raw = empty(size + (size >> 3), np.dtype(np.uint8))
-            got = os.readv(fd, [memoryview(raw[:size])])
+            got = os.readv(fd, [raw[:size].data])
         finally:
             os.close(fd)
         return raw[:got]
@@ -288,8 +293,48 @@ class Chunks:
         raise ChunkError(index, "does not decode to a whole chunk")
 
 
+class _Objects:
+    """The objects of a zarr FsspecStore, read and written through a synchronous twin of its
+    filesystem (the same location and options), with zarr's FsspecStore's semantics: a missing
+    object reads as None."""
+
+    #: what zarr's FsspecStore reads as a missing object
+    MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+    def __init__(self, store: FsspecStore):
+        fs = store.fs
+        if isinstance(fs, AsyncFileSystemWrapper):  # a synchronous filesystem zarr wrapped
+            fs = fs.sync_fs
+        elif fs.asynchronous:  # an asynchronous instance of an async filesystem (s3fs): a synchronous one
+            options = json.loads(fs.to_json())
+            options["asynchronous"] = False
+            fs = fsspec.AbstractFileSystem.from_json(json.dumps(options))
+        self.fs = fs
+        self.root = store.path.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if self.root else key
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            return np.frombuffer(self.fs.cat_file(self._path(key)), np.uint8)
+        except self.MISSING:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(key), data)
+
+
 _LOCAL = threading.local()  # each decoding thread's file buffer
 _DECODERS: list[ThreadPoolExecutor] = []
+_FETCHERS: list[ThreadPoolExecutor] = []
+
+
+def _fetchers() -> ThreadPoolExecutor:
+    """The threads a window of remote chunk objects is fetched in, concurrently."""
+    if not _FETCHERS:
+        _FETCHERS.append(ThreadPoolExecutor(WINDOW, thread_name_prefix="modelstore-fetch"))
+    return _FETCHERS[0]
 
 
 def _decoders() -> ThreadPoolExecutor:

@@ -69,4 +69,5 @@ def compressors(kind: str, itemsize: int) -> list[BytesBytesCodec]:
     return [blosc, Crc32cCodec()]
 
 
-__all__ = ["ARRAY_KINDS", "BASE_CODECS", "CHUNK_ELEMENTS", "INDEX_BLOCK_BYTES", "MAX_CHUNKS", "chunk_length", "compressors"]
+__all__ = ["ARRAY_KINDS", "BASE_CODECS", "CHUNK_ELEMENTS", "INDEX_BLOCK_BYTES", "MAX_CHUNKS", "chunk_length",
+           "compressors"]

@@ -35,7 +35,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return _NAME[dtype]
     except KeyError:
-        raise InputError(f"tensors of dtype {dtype} are not supported; convert the checkpoint to a float dtype") from None
+        raise InputError(f"tensors of dtype {dtype} are not supported; "
+                         "convert the checkpoint to a float dtype") from None
 
 
 def torch_dtype(name: str) -> torch.dtype:

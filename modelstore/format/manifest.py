@@ -46,6 +46,7 @@ class TableEntry(TypedDict, total=False):
     base: str  # a sparse entry's base tensor, when its name differs
     segments: dict[str, Any]  # slices of further arrays: name -> [start, count]
     scale: float  # a bitdelta entry's scale
+    peft_name: str  # a LoRA task's dense entry: its name in the adapter
 
 
 class PayloadFields(TypedDict):
@@ -58,8 +59,8 @@ class PayloadFields(TypedDict):
     bytes: int
 
 
-class BaseEntry(PayloadFields, total=False):
-    """A base: θ0 (`pretrained`) or the merge θ* (`merged`)."""
+class BaseFields(TypedDict, total=False):
+    """A base's fields besides its payload's (PayloadFields)."""
 
     files: dict[str, dict[str, Any]]  # tokenizer / generation files kept with it: name -> sha256, bytes
     kind: str
@@ -71,6 +72,11 @@ class BaseEntry(PayloadFields, total=False):
     codec: str  # "none": its arrays are uncompressed (build's base_codec); absent: "lz4"
     nbytes: int
     created: str
+    merged_sources: dict[str, str]  # a merged base's task checkpoints: name -> fingerprint
+
+
+class BaseEntry(PayloadFields, BaseFields):
+    """A base: θ0 (`pretrained`) or the merge θ* (`merged`)."""
 
 
 class TaskEntry(PayloadFields, total=False):
@@ -87,6 +93,7 @@ class TaskEntry(PayloadFields, total=False):
     dense_tensors: int
     full_bytes: int
     adapter_config: dict[str, Any]
+    files: dict[str, dict[str, Any]]  # the model's config files kept with it: name -> sha256, bytes
 
 
 class WriterInfo(TypedDict):
@@ -236,8 +243,9 @@ def task_bases(entry: TaskEntry) -> list[str]:
     return list(entry.get("bases", [entry["base"]]))
 
 
-def table_digest(table: list[TableEntry]) -> str:
-    """sha256 of a tensor table in canonical JSON, recorded in the manifest and checked on read."""
+def table_digest(table: object) -> str:
+    """sha256 of a tensor table in canonical JSON, recorded in the manifest and checked on read
+    (`table`: any JSON value, as a damaged store may hold one)."""
     blob = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 

@@ -14,14 +14,15 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from functools import partial
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
 import zarr
+from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -92,7 +93,8 @@ class FlatWriter:
         if self._fill:
             self._collect()
             self._pending = _writer().submit(self._chunks.write, self.written // self.chunk, self._buf[:self._fill])
-            self._buf, self._spare = (self._spare if self._spare is not None else empty(self.chunk, self.dtype)), self._buf
+            spare = self._spare if self._spare is not None else empty(self.chunk, self.dtype)
+            self._buf, self._spare = spare, self._buf
             self.written += self._fill
             self._fill = 0
 
@@ -160,13 +162,17 @@ class PayloadWriter:
         for d, n in capacity.items():
             self.declare(f"{prefix}.{d}", d, n, kind=kind)
 
-    def add_dense(self, name: str, t: torch.Tensor, prefix: str, **fields: Any) -> TableEntry:
-        """Store `t` whole in its dtype's `<prefix>.<dtype>` array; return its table entry."""
+    def add_dense(self, name: str, t: torch.Tensor, prefix: str, peft_name: str | None = None) -> TableEntry:
+        """Store `t` whole in its dtype's `<prefix>.<dtype>` array; return its table entry (with
+        `peft_name`, a LoRA task's name for it in the adapter)."""
         d = dtypes.dtype_name(t.dtype)
         array = f"{prefix}.{d}"
         start = self._arrays[array].append(dtypes.to_numpy(t))
-        return self.add({"name": name, "kind": "dense", "array": array, "shape": list(t.shape), "dtype": d,
-                         "start": start, "count": t.numel(), **fields})
+        entry: TableEntry = {"name": name, "kind": "dense", "array": array, "shape": list(t.shape), "dtype": d,
+                             "start": start, "count": t.numel()}
+        if peft_name is not None:
+            entry["peft_name"] = peft_name
+        return self.add(entry)
 
     def add(self, entry: TableEntry) -> TableEntry:
         """Record a table entry whose data the caller appended to a declared array."""
@@ -182,7 +188,8 @@ class PayloadWriter:
     def finish(self) -> PayloadFields:
         """Close every array, write the table; return the fields every manifest entry has."""
         arrays = {name: w.close() for name, w in self._arrays.items()}
-        self.group.attrs["tensors"] = self.table
+        # a table is JSON, but a TypedDict is not assignable to zarr's JSON alias
+        self.group.attrs["tensors"] = self.table  # type: ignore[assignment]
         stored = sum(w.array.nbytes_stored() for w in self._arrays.values())
         return {"path": self.path, "tensors": len(self.table), "table_sha256": table_digest(self.table),
                 "arrays": arrays, "bytes": stored}
@@ -209,7 +216,7 @@ def table_problem(table: list[Any], arrays: Mapping[str, Any] | None,
         if e["name"] in names:
             return f"tensor {e['name']!r} has two entries"
         names.add(e["name"])
-        for a, (s, c) in slices_of(e).items():
+        for a, (s, c) in slices_of(cast(TableEntry, e)).items():  # its fields checked above
             if not c:
                 continue  # an empty slice reads nothing; its start is not used (earlier writers wrote 0)
             if arrays is not None and (a not in arrays or s + c > arrays[a]["count"]):
@@ -244,7 +251,8 @@ def _entry_problem(e: dict[str, Any], kinds: tuple[str, ...]) -> str | None:
         q, d_out, d_in = (int(x) for x in dims)  # type: ignore[arg-type]
         if count != q * (d_out + d_in + 1) or shape != ([d_out, d_in] if e["layout"] == "linear" else [d_in, d_out]):
             return f"has {count} factor elements of rank {q} for shape {shape}"
-        if not isinstance(e.get("dropped", []), list) or not all(isinstance(x, (int, float)) for x in e.get("dropped", [])):
+        dropped = e.get("dropped", [])
+        if not isinstance(dropped, list) or not all(isinstance(x, (int, float)) for x in dropped):
             return "has bad dropped singular values"
     if e["kind"] != "sparse" and not isinstance(e.get("array"), str):
         return "names no array"
@@ -279,7 +287,8 @@ def base_problem(table: list[TableEntry], base: Mapping[str, tuple[list[int], st
         shape, dtype = base[src]
         if list(shape) != e["shape"] or (e["kind"] == "sparse" and not e["count"] or e["kind"] == "words") \
                 and dtype != e["dtype"]:
-            return f"entry {e['name']!r} has shape {e['shape']} ({e['dtype']}) against {list(shape)} ({dtype}) of the base"
+            return (f"entry {e['name']!r} has shape {e['shape']} ({e['dtype']}) "
+                    f"against {list(shape)} ({dtype}) of the base")
         if ordered and order[src] <= last[1]:
             return f"entry {e['name']!r} comes after {last[0]!r} but its base tensor before"
         last = (e["name"], order[src])
@@ -314,7 +323,7 @@ def sha256_of(blob: bytes) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
-def _natural(x: Any) -> bool:
+def _natural(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
@@ -335,7 +344,7 @@ def arrays_of(entry: TableEntry) -> tuple[str, ...]:
 
 def content_crc32(a: np.ndarray) -> int:
     """CRC-32 (zlib) of an array's little-endian content, as the manifest records it."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return zlib.crc32(np.ascontiguousarray(a).data.cast("B"))
 
 
 class PayloadReader:
@@ -468,7 +477,7 @@ class PayloadReader:
         out = {}
         for a in names:
             flat = self.read_flat(a)
-            self._check_array(a, flat.size, lambda flat=flat: content_crc32(flat))
+            self._check_array(a, flat.size, partial(content_crc32, flat))
             out[a] = torch.from_numpy(flat).to(device)
         return out
 
@@ -482,7 +491,7 @@ class PayloadReader:
         for a, want in sorted(self.entry.get("arrays", {}).items()):
             if "chunks_crc32c" not in want:
                 flat = self.read_flat(a) if want["count"] else np.empty(0)
-                self._check_array(a, flat.size, lambda flat=flat: content_crc32(flat))
+                self._check_array(a, flat.size, partial(content_crc32, flat))
                 continue
             size = self.array_len(a)
             try:
@@ -587,7 +596,7 @@ class Segments:
             return flat
         want = self.reader.entry.get("arrays", {}).get(array)
         if want is not None and "crc32" in want and "chunks_crc32c" not in want:  # version 1: content CRC
-            self._crc[array] = zlib.crc32(memoryview(np.ascontiguousarray(flat)).cast("B"), self._crc.get(array, 0))
+            self._crc[array] = zlib.crc32(np.ascontiguousarray(flat).data.cast("B"), self._crc.get(array, 0))
         if want is not None and stop == want["count"]:
             self.reader._check_array(array, stop, lambda: self._crc.get(array, 0))
         return flat
@@ -635,5 +644,5 @@ class Segments:
                 self._take(array, pos, want["count"])
 
 
-__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "slices_of", "content_crc32", "table_problem",
-           "base_problem", "array_problem", "sha256_of"]
+__all__ = ["FlatWriter", "PayloadWriter", "PayloadReader", "Segments", "arrays_of", "slices_of", "content_crc32",
+           "table_problem", "base_problem", "array_problem", "sha256_of"]

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import fsspec
 import zarr
+from zarr.abc.store import Store
 from zarr.errors import ContainsGroupError
 
 from modelstore.errors import (
@@ -66,7 +67,7 @@ class Location:
             if not read_only if create is None else create:
                 with self.errors("create the store directory"):
                     os.makedirs(self.root, exist_ok=True)
-            self.zstore = zarr.storage.LocalStore(self.root, read_only=read_only)
+            self.zstore: Store = zarr.storage.LocalStore(self.root, read_only=read_only)
         else:
             self.zstore = zarr.storage.FsspecStore.from_url(url, storage_options=self.storage_options or None,
                                                              read_only=read_only)
@@ -146,7 +147,7 @@ class Location:
         before (slots.py); then delete `obsolete` payload directories, which the new manifest no
         longer references, and their task's folder if that leaves it empty. False on a conflict."""
         if self.hub is not None:  # one commit: staged payloads, manifest, deletions
-            return self.hub.replace(blob, token, tuple(obsolete))
+            return self.hub.commit(blob, token, tuple(obsolete))
         if not self.slot.replace(blob, token, vouch):
             return False
         for rel in obsolete:

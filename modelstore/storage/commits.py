@@ -28,6 +28,8 @@ import uuid
 import warnings
 from collections.abc import Callable
 
+import zarr
+
 from modelstore.errors import (
     ConflictError,
     CorruptStoreError,
@@ -148,6 +150,8 @@ def payload_problem(loc: Location, entry: PayloadFields) -> str | None:
                 return "has a changed tensor table"
             for name, info in entry["arrays"].items():
                 array = group[name]
+                if not isinstance(array, zarr.Array):
+                    raise KeyError(name)
                 expected[f"{name}/zarr.json"] = 1
                 for i in range(-(-info["count"] // array.chunks[0])):
                     expected[f"{name}/{array.metadata.encode_chunk_key((i,))}"] = 5

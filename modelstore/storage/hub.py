@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from modelstore.storage.slots import ManifestSlot
+from modelstore.storage.slots import ManifestSlot, Vouch
 
 
 class HubRepo(ManifestSlot):
@@ -52,7 +52,13 @@ class HubRepo(ManifestSlot):
             blob = None
         return blob, sha
 
-    def replace(self, blob: bytes, token: Any, obsolete: tuple[str, ...] = ()) -> bool:
+    def replace(self, blob: bytes, token: Any, vouch: Vouch | None = None) -> bool:
+        """A commit that deletes nothing (see `commit`)."""
+        if vouch is not None:
+            vouch()
+        return self.commit(blob, token)
+
+    def commit(self, blob: bytes, token: Any, obsolete: tuple[str, ...] = ()) -> bool:
         """One commit: the staged payload files, the manifest, and the deletion of `obsolete` payloads."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
         from huggingface_hub.errors import HfHubHTTPError

@@ -23,7 +23,7 @@ from modelstore.errors import (
     InputError,
     TaskNotFoundError,
 )
-from modelstore.format.manifest import Manifest, PayloadFields, same_content, task_bases
+from modelstore.format.manifest import Manifest, PayloadFields, TaskEntry, same_content, task_bases
 from modelstore.format.paths import check_task_name, new_payload_dir
 from modelstore.kinds import TaskKind, get_kind
 from modelstore.storage import Location
@@ -60,7 +60,8 @@ class SyncReport:
         return asdict(self)
 
 
-def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Sequence[str] | None = None, delete: bool = False, dry_run: bool = False,
+def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Sequence[str] | None = None,
+         delete: bool = False, dry_run: bool = False,
          src_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None,
          on_bytes: Callable[[int], None] | None = None) -> SyncReport:
     """Make the store at `dst` hold `src`'s tasks (all, or `tasks`), creating it if needed.
@@ -97,7 +98,8 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     for name in names:
         if check_task_name(name) not in src_tasks:
             raise TaskNotFoundError(f"{src} has no task {name!r}; `modelstore ls {src}` lists them")
-    bases = list(src_bases) if tasks is None else list(dict.fromkeys(b for n in names for b in task_bases(src_tasks[n])))
+    bases = (list(src_bases) if tasks is None
+             else list(dict.fromkeys(b for n in names for b in task_bases(src_tasks[n]))))
 
     dest_loc = Location(dst, dst_options, read_only=dry_run)
     dest_manifest = dest_loc.read_manifest()  # refuses a newer format, or someone else's manifest.json
@@ -138,18 +140,18 @@ def sync(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, tasks: Seq
     for b in report.bases_copied:
         report.bytes_copied += _copy_entry(src_loc, dest, f"base {b!r}", src_bases[b], None, _put_base(b))
     for name in todo:
-        entry: Any = src_tasks[name]
-        while entry is not None:
+        current: TaskEntry | None = src_tasks[name]
+        while current is not None:
             try:
-                report.bytes_copied += _copy_entry(src_loc, dest, f"task {name!r}", entry, get_kind(entry["kind"]),
+                report.bytes_copied += _copy_entry(src_loc, dest, f"task {name!r}", current, get_kind(current["kind"]),
                                                    _put_task(name), progress)
                 break
             except CorruptStoreError:  # missing at the source: damage, or another writer replaced or removed it
                 fresh = src_loc.require_manifest()["tasks"].get(name)
-                if fresh is not None and fresh["path"] == entry["path"]:
+                if fresh is not None and fresh["path"] == current["path"]:
                     raise
-                entry = fresh
-        if entry is None:
+                current = fresh
+        if current is None:
             report.copied.remove(name)
             report.vanished.append(name)
     for name in report.deleted:

@@ -62,7 +62,8 @@ def test_an_abandoned_streamed_load_leaves_no_worker(tmp_path):
     g = torch.Generator().manual_seed(0)
     pre = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(6)}
     save_file(pre, str(tmp_path / "pre.safetensors"))
-    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}, str(tmp_path / "t.safetensors"))
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()},
+              str(tmp_path / "t.safetensors"))
     modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"), {"t": str(tmp_path / "t.safetensors")},
                      keep=0.1)
     store = modelstore.open(str(tmp_path / "s"), cache_base=False)

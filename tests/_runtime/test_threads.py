@@ -43,7 +43,8 @@ def test_add_task_reads_with_one_torch_thread_and_gives_threads_back(tmp_path, m
     g = torch.Generator().manual_seed(0)
     pre = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
     save_file(pre, str(tmp_path / "pre.safetensors"))
-    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()}, str(tmp_path / "t.safetensors"))
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in pre.items()},
+              str(tmp_path / "t.safetensors"))
     store = modelstore.init(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"))
     seen: list[int] = []
     real = shard_reads.ShardReader.rows

@@ -133,7 +133,8 @@ def test_eval_task_store_at_keep_1_float32_matches_the_original(tasks, tmp_path,
                      keep=1.0, value_dtype="float32")  # fmt: skip
     rt = load_task("rt")
     data = tmp_path / "data.csv"
-    lines = ["text,label"] + [f'"{t.replace(chr(34), "")}",{rt.classes[y]}' for t, y in zip(rt.test_texts[:24], rt.test_labels)]
+    lines = ["text,label"] + [f'"{t.replace(chr(34), "")}",{rt.classes[y]}'
+                              for t, y in zip(rt.test_texts[:24], rt.test_labels)]
     data.write_text("\n".join(lines) + "\n")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(rt.prompts) + "\n")
@@ -145,7 +146,8 @@ def test_eval_task_store_at_keep_1_float32_matches_the_original(tasks, tmp_path,
     assert 0 < result["stored_accuracy"] == result["original_accuracy"] and result["difference"] == 0
 
     indices = tmp_path / "indices.jsonl"
-    indices.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(rt.test_texts[:8], rt.test_labels)))
+    indices.write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                               for t, y in zip(rt.test_texts[:8], rt.test_labels)))
     assert eval_task.main([str(store), "rt", "--original", str(original), "--data", str(indices)]) == 2
     assert capsys.readouterr().err.strip() == "error: labels are indices: give the class names with --classes a,b,..."
     assert eval_task.main([str(store), "rt", "--original", str(original), "--data", str(tmp_path / "nope.csv")]) == 2

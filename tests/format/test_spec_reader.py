@@ -55,7 +55,8 @@ def stores(bert_models, tmp_path_factory):
     s = modelstore.build(merged, pre, {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
     variants = {"per-tensor": dict(granularity="per-tensor", value_dtype="float32"),
                 "dare": dict(keep=0.3, sparsify="dare", seed=5, value_dtype="bfloat16"),
-                "int8": dict(value_dtype="int8", group_size=16), "int4": dict(keep=0.2, value_dtype="int4", group_size=8),
+                "int8": dict(value_dtype="int8", group_size=16),
+                "int4": dict(keep=0.2, value_dtype="int4", group_size=8),
                 "bitdelta": dict(kind="bitdelta")}
     for name, kw in variants.items():
         s.add_task(name, tasks["gamma"], **kw)
@@ -118,7 +119,8 @@ def test_every_array_metadata_is_covered_by_a_digest(stores, tmp_path):
     import shutil
     url, task = next((u, t) for u, t in stores if t == "per-tensor")
     m = json.load(open(os.path.join(url, "manifest.json")))
-    assert all("zarr_json_sha256" in a for e in [*m["bases"].values(), *m["tasks"].values()] for a in e["arrays"].values())
+    assert all("zarr_json_sha256" in a for e in [*m["bases"].values(), *m["tasks"].values()]
+               for a in e["arrays"].values())
     copy = str(tmp_path / "edited")
     shutil.copytree(url, copy)
     meta = os.path.join(copy, m["tasks"][task]["path"], "values", "zarr.json")

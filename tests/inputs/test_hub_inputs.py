@@ -35,8 +35,8 @@ def hub_cache(bert_models, tmp_path, monkeypatch):
 
 def test_hub_ids_with_revisions_from_the_cache(bert_models, hub_cache, tmp_path):
     url = str(tmp_path / "s")
-    r = CliRunner().invoke(main, ["build", url, "--pretrained", "acme/tiny-bert", "--task", "alpha=acme/tiny-bert-alpha",
-                                  "--keep", "1.0", "--value-dtype", "float32"])
+    r = CliRunner().invoke(main, ["build", url, "--pretrained", "acme/tiny-bert",
+                                  "--task", "alpha=acme/tiny-bert-alpha", "--keep", "1.0", "--value-dtype", "float32"])
     assert r.exit_code == 0, r.output
     modelstore.add_task(url, "beta", "acme/tiny-bert-alpha@v2", keep=1.0, value_dtype="float32")
     modelstore.add_task(url, "alpha-pinned", "acme/tiny-bert-alpha@" + "b" * 40, keep=1.0, value_dtype="float32")

@@ -35,7 +35,8 @@ def test_prefixed_fine_tune_is_a_sparse_delta_over_the_bare_base(bert_models, cl
     s.add_task("cls", path, keep=1.0, value_dtype="float32")
     table = {t["name"]: t for t in s.table("cls")}
     assert table["bert.encoder.layer.0.attention.self.query.weight"]["kind"] == "sparse"
-    assert table["bert.encoder.layer.0.attention.self.query.weight"]["base"] == "encoder.layer.0.attention.self.query.weight"
+    query = "encoder.layer.0.attention.self.query.weight"
+    assert table[f"bert.{query}"]["base"] == query
     assert table["classifier.weight"]["kind"] == "dense"  # the head has no base tensor: stored whole
     got = modelstore.open(str(tmp_path / "s"), cache_base=False).load("cls")
     assert set(got) == set(want)
@@ -70,8 +71,8 @@ def test_a_buffer_the_task_lacks_comes_from_the_base(bert_models, tmp_path):
     save_file(sd0, str(tmp_path / "pre.safetensors"))
     task = {k: v for k, v in bert_models["sds"]["alpha"].items()}
     save_file(task, str(tmp_path / "alpha.safetensors"))
-    s = modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"), {"alpha": str(tmp_path / "alpha.safetensors")},
-                         keep=1.0, value_dtype="float32")
+    s = modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"),
+                         {"alpha": str(tmp_path / "alpha.safetensors")}, keep=1.0, value_dtype="float32")
     got = s.load("alpha")
     assert torch.equal(got["embeddings.position_ids"], sd0["embeddings.position_ids"])
     assert verify(s, "alpha", str(tmp_path / "alpha.safetensors"))["rel_error"] < 1e-6

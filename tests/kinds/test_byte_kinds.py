@@ -116,7 +116,8 @@ def test_quantized_values_match_the_numpy_reference(bert_models, tmp_path, monke
                 assert np.all(np.diff(pos) > 0) and topk[k].reshape(-1)[pos].all()  # a subset of the top-k
                 q_ref, s_ref = _ref_quantize(u.reshape(-1)[pos], qmax, group)
                 np.testing.assert_array_equal(q, q_ref, err_msg=f"{task}/{k} q")
-                np.testing.assert_array_equal(scales.view(np.uint16), s_ref.view(np.uint16), err_msg=f"{task}/{k} scales")
+                np.testing.assert_array_equal(scales.view(np.uint16), s_ref.view(np.uint16),
+                                              err_msg=f"{task}/{k} scales")
                 assert np.all(q != 0)  # values that quantize to 0 waste no index
                 ref[pos] = ref[pos] + q.astype(np.float32) * np.repeat(scales.astype(np.float32), group)[:q.size]
                 kept += q.size
@@ -378,7 +379,8 @@ def test_frontier_smoke_bits_per_param(tmp_path):
     paths = {"pre": str(tmp_path / "pre.safetensors")}
     save_file(sd0, paths["pre"])
     for t in ("t1", "t2"):
-        save_file({k: v + 0.002 * torch.randn(v.shape, generator=g) * (1 + 9 * (torch.rand(v.shape, generator=g) < 0.05))
+        save_file({k: v + 0.002 * torch.randn(v.shape, generator=g)
+                   * (1 + 9 * (torch.rand(v.shape, generator=g) < 0.05))
                    for k, v in sd0.items()}, paths.setdefault(t, str(tmp_path / f"{t}.safetensors")))
     tasks = {t: paths[t] for t in ("t1", "t2")}
     rows = {}
@@ -420,8 +422,8 @@ def test_a_tall_mask_build_merges_with_lambda_1_unless_told(bert_models, tmp_pat
     tasks = [f"{n}={p}" for n, p in bert_models["tasks"].items()]
     for args, lam in [(("--kind", "tall-mask"), 1.0), (("--kind", "tall-mask", "--lambda", "0.3"), 0.3), ((), 0.3)]:
         url = str(tmp_path / f"s{len(args)}")
-        r = CliRunner().invoke(main, ["build", url, "--pretrained", bert_models["pre"], *sum((("--task", t) for t in tasks), ()),
-                                      *args])  # fmt: skip
+        r = CliRunner().invoke(main, ["build", url, "--pretrained", bert_models["pre"],
+                                      *sum((("--task", t) for t in tasks), ()), *args])  # fmt: skip
         assert r.exit_code == 0, r.output
         merged = modelstore.open(url).base("merged")
         for k in _floats(sd0):

@@ -56,7 +56,7 @@ def expected(store: modelstore.Store, task: str, original: dict[str, torch.Tenso
                            / sum(np.abs(np.where(masks[k], merged - p, 0)).astype(np.float64).sum()
                                  for k, (_, merged, p) in rows.items()))
         assert e["params"]["scale"] == float(scale)
-        for k, (t, merged, p) in rows.items():
+        for k, (_, merged, p) in rows.items():
             want[k] = np.where(masks[k], p + scale * (merged - p), p)
     else:
         for k, (t, b, _) in rows.items():

@@ -72,7 +72,8 @@ def test_cli_merge_flags(bert_models, stats_files, tmp_path):
         args += ["--task", f"{name}={path}", "--stats", f"{name}={stats_files['regmean'][name]}"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert modelstore.open(str(tmp_path / "s")).manifest["bases"]["merged"]["merge"] == {"method": "regmean", "alpha": 0.5}
+    merged = modelstore.open(str(tmp_path / "s")).manifest["bases"]["merged"]
+    assert merged["merge"] == {"method": "regmean", "alpha": 0.5}
     for bad, msg in [(["--merge", "fisher", "--density", "0.2"], "--density does not apply"),
                      (["--merge", "fisher"], "--stats"),
                      (["--merge", "ties", "--stats", "alpha=x"], "uses no statistics")]:

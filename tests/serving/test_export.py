@@ -67,7 +67,8 @@ def test_export_is_a_complete_sharded_model_directory(gpt2_store, tmp_path):
     x = torch.tensor([[2, 3, 4, 5]])
     torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=1e-5)
     gen = pipeline("text-generation", model=str(out), tokenizer=str(out))
-    assert AutoTokenizer.from_pretrained(out)("the cat").input_ids == AutoTokenizer.from_pretrained(pre)("the cat").input_ids
+    assert (AutoTokenizer.from_pretrained(out)("the cat").input_ids
+            == AutoTokenizer.from_pretrained(pre)("the cat").input_ids)
     assert isinstance(gen("the cat", do_sample=False)[0]["generated_text"], str)
 
 

@@ -207,7 +207,8 @@ def _edits(table: list, rng, ordered: bool) -> dict[str, list | None]:
     out["reversed"] = t[::-1] if len(full) > 1 else None
     if full:
         i = int(rng.choice(full))
-        for name, field, by in (("shifted", "start", int(rng.choice([-1, 1, 3]))), ("count", "count", int(rng.choice([-1, 1])))):
+        for name, field, by in (("shifted", "start", int(rng.choice([-1, 1, 3]))),
+                                ("count", "count", int(rng.choice([-1, 1])))):
             e = copy.deepcopy(t)
             e[i][field] += by
             out[name] = e if e[i][field] >= 0 else None
@@ -226,15 +227,18 @@ def _edits(table: list, rng, ordered: bool) -> dict[str, list | None]:
     i = int(rng.integers(len(t)))
     for name, change in (("duplicated", lambda e: e.append(dict(e[i]))),
                          ("dropped", lambda e: e.pop(i)),
-                         ("dtype", lambda e: e[i].update(dtype=str(rng.choice(["float16", "bfloat16", "float32", "int64"])))),
+                         ("dtype",
+                          lambda e: e[i].update(dtype=str(rng.choice(["float16", "bfloat16", "float32", "int64"])))),
                          ("kind", lambda e: e[i].update(kind=str(rng.choice(["dense", "sparse", "lowrank", "bits"])))),
                          ("base", lambda e: e[i].update(base=t[int(rng.integers(len(t)))]["name"])),
                          ("transposed", lambda e: e[i].update(shape=e[i]["shape"][::-1])),
                          ("rank", lambda e: e[i].update(rank=e[i].get("rank", 0) + 1)),
                          ("layout", lambda e: e[i].update(layout="embedding")),
-                         ("segments", lambda e: e[i].update(segments={k: [s, c + 1] for k, (s, c) in e[i].get("segments", {}).items()})),
+                         ("segments", lambda e: e[i].update(
+                             segments={k: [s, c + 1] for k, (s, c) in e[i].get("segments", {}).items()})),
                          ("scale", lambda e: e[i].update(scale="x")),
-                         ("count 0 start", lambda e: e[i].update(start=e[i]["start"] + 10 ** 6) if not e[i]["count"] else None)):
+                         ("count 0 start",
+                          lambda e: e[i].update(start=e[i]["start"] + 10 ** 6) if not e[i]["count"] else None)):
         e = copy.deepcopy(t)
         change(e)
         out[name] = None if e == t else e
@@ -282,7 +286,7 @@ def test_resealed_tables_are_refused_by_load_and_check_alike(every_kind, tmp_pat
             task = owner.split(":")[1]
             payload = os.path.join(src, m[owner.split(":")[0]][owner.split(":")[1]]["path"])
             table = json.load(open(os.path.join(payload, "zarr.json")))["attributes"]["tensors"]
-            for round_ in range(2 if src == every_kind else 4):
+            for _ in range(2 if src == every_kind else 4):
                 ordered = owner.startswith("tasks") and m["tasks"][task]["kind"] != "lora"
                 for edit, new in _edits(table, rng, ordered).items():
                     if new is None:

@@ -41,7 +41,8 @@ def test_failed_add_task_leaves_no_directory(bert_models, base_only, tmp_path):
     sd[k] = sd[k].clone()
     sd[k][0, 0] = float("nan")
     save_file({n: v.contiguous() for n, v in sd.items()}, str(tmp_path / "nan.safetensors"))
-    huge = {n: (v + 1e6 if v.dtype.is_floating_point else v).contiguous() for n, v in bert_models["sds"]["alpha"].items()}
+    huge = {n: (v + 1e6 if v.dtype.is_floating_point else v).contiguous()
+            for n, v in bert_models["sds"]["alpha"].items()}
     save_file(huge, str(tmp_path / "huge.safetensors"))
     for path, match in ((tmp_path / "nan.safetensors", "NaN or Inf"), (tmp_path / "huge.safetensors", "float32")):
         _one_line_error(["add-task", base_only, "x", path, "--keep", "1.0"], match)

@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from test_shared_stores import _env, _same, reference, s3_server  # noqa: F401 (fixtures)
+from test_shared_stores import _env, _same
 
 import modelstore
 from modelstore.storage.commits import PayloadLostError

@@ -60,7 +60,7 @@ def test_a_moved_branch_is_retried_and_both_tasks_land(hub, bert_models):
     a = modelstore.open("hf://org/store", mode="a", storage_options=opts)
     b = modelstore.open("hf://org/store", mode="a", storage_options=opts)
     from modelstore.storage import hub as hub_backend
-    real = hub_backend.HubRepo.replace
+    real = hub_backend.HubRepo.commit
     calls = {"n": 0}
 
     def racing(self, blob, token, obsolete=()):
@@ -69,11 +69,11 @@ def test_a_moved_branch_is_retried_and_both_tasks_land(hub, bert_models):
             b.add_task("gamma", t["gamma"])
         return real(self, blob, token, obsolete)
 
-    hub_backend.HubRepo.replace = racing
+    hub_backend.HubRepo.commit = racing
     try:
         a.add_task("beta", t["beta"])
     finally:
-        hub_backend.HubRepo.replace = real
+        hub_backend.HubRepo.commit = real
     assert calls["n"] >= 3  # a's refused publish (412), b's, a's retry
     s = modelstore.open("hf://org/store", storage_options=opts)
     assert s.tasks() == ["alpha", "beta", "gamma"]

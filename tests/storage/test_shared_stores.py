@@ -61,25 +61,6 @@ def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def reference(bert_models, tmp_path_factory):
-    """One single-writer store per checkpoint: what every concurrently added task must equal."""
-    root = tmp_path_factory.mktemp("ref")
-    out = {}
-    for name, path in bert_models["tasks"].items():
-        url = str(root / name)
-        modelstore.init(url, bert_models["pre"])
-        out[name] = modelstore.add_task(url, "t", path, keep=0.1).load("t")
-    return out
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    server, opts = start_moto()
-    yield opts
-    server.stop()
-
-
 @pytest.fixture(params=["local", "s3"])
 def shared(request, tmp_path, bert_models):
     """A store with θ0 only, on a local disk or on moto's S3 server, and its storage options."""

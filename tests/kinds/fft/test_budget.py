@@ -104,8 +104,8 @@ def test_written_bytes_are_what_zarr_stores(tmp_path):
                     ("values", (g.standard_normal(100_000) * 1e-3).astype(np.float16)),
                     ("values", g.integers(-127, 128, 70_000).astype(np.int8))]:
         path = tmp_path / f"{kind}-{a.dtype}"
-        z = zarr.create_array(str(path), shape=a.shape, chunks=(min(CHUNK_ELEMENTS, a.size),), dtype=a.dtype, fill_value=0,
-                              compressors=compressors(kind, a.itemsize))
+        z = zarr.create_array(str(path), shape=a.shape, chunks=(min(CHUNK_ELEMENTS, a.size),), dtype=a.dtype,
+                              fill_value=0, compressors=compressors(kind, a.itemsize))
         z[:] = a
         stored = sum(f.stat().st_size for f in (path / "c").iterdir())
         assert written_bytes(kind, a) == stored, (kind, a.dtype)

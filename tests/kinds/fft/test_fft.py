@@ -43,7 +43,8 @@ def test_roundtrip_matches_numpy_reference(bert_models, tmp_path, granularity, m
     assert store.tasks() == sorted(bert_models["tasks"])
     base_id = "pretrained" if merge == "none" else "merged"
     stored_base = {k: np_f32(v) for k, v in store.base(base_id).items()}
-    ref_base = _ref_task_arithmetic(sd0, list(sds.values()), 0.3) if merge != "none" else {k: np_f32(v) for k, v in sd0.items()}
+    ref_base = (_ref_task_arithmetic(sd0, list(sds.values()), 0.3) if merge != "none"
+                else {k: np_f32(v) for k, v in sd0.items()})
     for k in sd0:
         np.testing.assert_allclose(stored_base[k], ref_base[k], rtol=1e-6, atol=1e-7)
     names = [k for k in sd0 if sd0[k].dtype.is_floating_point]
@@ -80,7 +81,8 @@ def _save(path, tensors):
 def test_ties_broken_by_lowest_index_and_zeros_never_stored(tmp_path):
     base = {"a": torch.zeros(10), "b": torch.zeros(2, 5)}
     # integer deltas with many equal magnitudes; 8 zeros in total
-    task = {"a": torch.tensor([1., -3, 3, 0, 2, -2, 0, 3, 1, 0]), "b": torch.tensor([[3., 0, 0, -3, 2], [0, 0, 0, 1, 1]])}
+    task = {"a": torch.tensor([1., -3, 3, 0, 2, -2, 0, 3, 1, 0]),
+            "b": torch.tensor([[3., 0, 0, -3, 2], [0, 0, 0, 1, 1]])}
     pre, t = _save(tmp_path / "pre.safetensors", base), _save(tmp_path / "t.safetensors", task)
     # k = 6 of 20: the five 3s (a[1], a[2], a[7], b[0,0], b[0,3]), then the first 2 in global order: a[4]
     s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.3, value_dtype="float32")
@@ -184,7 +186,8 @@ def test_sparse_edit_is_float32_sum_rounded_once(base_dtype, value_dtype, out_dt
     assert torch.equal(got.reshape(-1).view(torch.uint8), want_t.reshape(-1).view(torch.uint8))
 
 
-@pytest.mark.parametrize("gaps", [[3, 2, 4], [1, 0x7FFFFFFF, 2], [2, 0xFFFFFFF0]], ids=["past-the-end", "wraps-at-2**31", "wraps-negative"])
+@pytest.mark.parametrize("gaps", [[3, 2, 4], [1, 0x7FFFFFFF, 2], [2, 0xFFFFFFF0]],
+                         ids=["past-the-end", "wraps-at-2**31", "wraps-negative"])
 def test_positions_outside_the_tensor_are_refused(gaps):
     """Gaps whose sum leaves a 3x3 tensor (damage that passed its checksums, or a foreign writer):
     summed in place as int32, a sum past 2**31 wraps negative; both ends are caught."""

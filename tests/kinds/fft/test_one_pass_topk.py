@@ -28,7 +28,8 @@ def ties_model(tmp_path):
     """θ0 and a task whose deltas are small integers (many equal magnitudes, many zeros), in 16-entry
     rows, so 37-entry blocks make hundreds of blocks as an LLM's tensors do."""
     g = torch.Generator().manual_seed(3)
-    base = {"a": torch.randn(3000, 16, generator=g), "b": torch.randn(1200, 16, generator=g), "n": torch.randn(16, generator=g)}
+    base = {"a": torch.randn(3000, 16, generator=g), "b": torch.randn(1200, 16, generator=g),
+            "n": torch.randn(16, generator=g)}
     task = {k: v + torch.randint(-4, 5, v.shape, generator=g).float() for k, v in base.items()}
     return _save(tmp_path / "pre.safetensors", base), _save(tmp_path / "t.safetensors", task), base, task
 

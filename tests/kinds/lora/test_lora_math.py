@@ -143,7 +143,7 @@ def apply(base: dict[str, torch.Tensor], adapter: LoraAdapter, updates: dict[str
 def assert_state_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], **TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def copy_adapter(case: Case, dst: Path, **config_changes: object) -> Path:
@@ -210,7 +210,7 @@ def test_truncation_is_best_rank_q(cases: dict[str, Case], name: str) -> None:
     """Eckart-Young via numpy on PEFT's dense update: same singular values, same matrix, same error."""
     case = cases[name]
     adapter = read_adapter(case.path)
-    for module, m in adapter.modules.items():
+    for m in adapter.modules.values():
         q = min(3, m.r)  # the patterns case has modules of rank 2
         dense = (case.merged[m.target].double() - case.base[m.target].double()).numpy()
         u, sv, vt = np.linalg.svd(dense, full_matrices=False)

@@ -150,7 +150,8 @@ def test_fft_and_lora_side_by_side(bert_models, tmp_path):
     assert r.exit_code == 1 and "--pretrained" in r.output
     other = BertModel(tiny_bert_config())
     other.save_pretrained(str(tmp_path / "other"))
-    r = runner.invoke(main, ["add-task", url, "lo", "--lora", str(tmp_path / "ad"), "--pretrained", str(tmp_path / "other")])
+    r = runner.invoke(main, ["add-task", url, "lo", "--lora", str(tmp_path / "ad"),
+                             "--pretrained", str(tmp_path / "other")])
     assert r.exit_code == 1 and "not the pre-trained model" in r.output
     r = runner.invoke(main, ["add-task", url, "lo", "--lora", str(tmp_path / "ad"), "--rank", "4",
                              "--pretrained", bert_models["pre"]])
