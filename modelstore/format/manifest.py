@@ -117,7 +117,7 @@ class Manifest(TypedDict, total=False):
 
 def now() -> str:
     """UTC time stamp, to the second, as the manifest records it."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def new_manifest() -> Manifest:
