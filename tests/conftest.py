@@ -197,3 +197,15 @@ def s3_server():
     server, opts = start_moto()
     yield opts
     server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def shared(request, tmp_path, bert_models):
+    """A store with θ0 only, on a local disk or on moto's S3 server, and its storage options."""
+    if request.param == "local":
+        url, opts = str(tmp_path / "shared"), None
+    else:
+        opts = request.getfixturevalue("s3_server")
+        url = f"s3://models/shared-{tmp_path.name}"
+    modelstore.init(url, bert_models["pre"], storage_options=opts)
+    return url, opts

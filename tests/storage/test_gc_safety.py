@@ -68,17 +68,6 @@ def _payload_files(url: str, opts: dict | None) -> set[str]:
     return {e["path"] for e in [*store.manifest["bases"].values(), *store.manifest["tasks"].values()]}
 
 
-@pytest.fixture(params=["local", "s3"])
-def shared(request, tmp_path, bert_models):
-    if request.param == "local":
-        url, opts = str(tmp_path / "shared"), None
-    else:
-        opts = request.getfixturevalue("s3_server")
-        url = f"s3://models/gc-{tmp_path.name}"
-    modelstore.init(url, bert_models["pre"], storage_options=opts)
-    return url, opts
-
-
 @pytest.mark.parametrize("grace", ["0s", "10m"])
 def test_gc_looped_against_concurrent_writers_damages_no_committed_task(shared, grace, bert_models, reference,
                                                                          tmp_path):

@@ -61,18 +61,6 @@ def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(params=["local", "s3"])
-def shared(request, tmp_path, bert_models):
-    """A store with θ0 only, on a local disk or on moto's S3 server, and its storage options."""
-    if request.param == "local":
-        url, opts = str(tmp_path / "shared"), None
-    else:
-        opts = request.getfixturevalue("s3_server")
-        url = f"s3://models/shared-{tmp_path.name}"
-    modelstore.init(url, bert_models["pre"], storage_options=opts)
-    return url, opts
-
-
 def test_concurrent_writers_lose_no_task(shared, bert_models, reference, tmp_path):
     url, opts = shared
     names = list(bert_models["tasks"])
