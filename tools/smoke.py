@@ -1,6 +1,7 @@
 """An installed modelstore's smoke test, with nothing but its declared dependencies: write a tiny
-pre-trained model and two fine-tunes as safetensors, then `build`, `add-task`, `ls`, `check` and
-`load` through the installed command and API, and compare a lossless task with its checkpoint.
+pre-trained model and two fine-tunes as safetensors, then `build`, `add-task`, `ls`, `check`,
+`load` and a `sync` to memory:// through the installed command and API, and compare a lossless
+task with its checkpoint.
 
 Run it with the interpreter of the environment to test (tools/lowest_deps.sh does), from any
 directory: `python tools/smoke.py`.
@@ -50,6 +51,9 @@ def main() -> None:
         want = load_file(paths["a"])
         assert all(torch.equal(got[k], want[k]) for k in want), "lossless task a differs from its checkpoint"
         s.load("b")
+        modelstore.sync(store, "memory://smoke")  # a synchronous fsspec filesystem, as zarr wraps it
+        copied = modelstore.open("memory://smoke").load("a")
+        assert all(torch.equal(copied[k], want[k]) for k in want), "task a differs after a sync to memory://"
         print(f"smoke ok: modelstore {modelstore.__version__}, torch {torch.__version__}, tasks {listed}")
 
 
