@@ -86,10 +86,11 @@ def _progress(ctx: click.Context, as_json: bool = False) -> bool:
     return not (ctx.obj.get("quiet") or as_json)
 
 
-def _report(ctx: click.Context, as_json: bool, data: Any, line: str) -> None:
-    """A command's result: JSON with --json, else one line unless --quiet."""
+def _report(ctx: click.Context, as_json: bool, data: Callable[[], Any], line: str) -> None:
+    """A command's result: JSON with --json (`data()`, made only then: it may read the store
+    again), else one line unless --quiet."""
     if as_json:
-        _emit(data)
+        _emit(data())
     elif not ctx.obj.get("quiet"):
         click.echo(line)
 
@@ -268,9 +269,9 @@ def build(ctx: click.Context, store: str, config_path: str | None, pretrained: s
     s = build_store(store, **cfg.build_kwargs(), storage_options=_storage_options(ctx),
                     progress=_progress(ctx, as_json))
     info = s.info()
-    _report(ctx, as_json, {"store": store, "generation": info["generation"], "bytes": info["bytes"],
-                           "base_bytes": info["base_bytes"], "ratio": info["ratio"],
-                           "tasks": [_written(s, t) for t in info["tasks"]]},
+    _report(ctx, as_json, lambda: {"store": store, "generation": info["generation"], "bytes": info["bytes"],
+                                   "base_bytes": info["base_bytes"], "ratio": info["ratio"],
+                                   "tasks": [_written(s, t) for t in info["tasks"]]},
             f"built {store}: {len(info['tasks'])} tasks, {human_bytes(info['bytes'])} on disk "
             f"({percent(info['ratio'])} of the full checkpoints)")
 
@@ -286,8 +287,8 @@ def init(ctx: click.Context, store: str, pretrained: str, base_codec: str, as_js
     s = init_store(store, pretrained, base_codec=base_codec, storage_options=_storage_options(ctx),
                    progress=_progress(ctx, as_json))
     info = s.info()
-    _report(ctx, as_json, {"store": store, "generation": info["generation"], "bases": list(info["bases"]),
-                           "bytes": info["bytes"]}, f"created {store} ({human_bytes(info['bytes'])})")
+    _report(ctx, as_json, lambda: {"store": store, "generation": info["generation"], "bases": list(info["bases"]),
+                                   "bytes": info["bytes"]}, f"created {store} ({human_bytes(info['bytes'])})")
 
 
 @main.command("add-task")
@@ -331,7 +332,7 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
             raise InputError("--rank and --energy apply to --lora tasks")
         s = add_fft(store, name, path, kind=kind, base=base, pretrained=pretrained, overwrite=overwrite,
                     storage_options=so, progress=_progress(ctx, as_json), **options)
-    _report(ctx, as_json, {**_written(s, name), "generation": s.info()["generation"]},
+    _report(ctx, as_json, lambda: {**_written(s, name), "generation": s.info()["generation"]},
             f"added {name}: {s.kind(name).describe(s.info(name))}")
 
 
@@ -450,7 +451,8 @@ def rm(ctx: click.Context, store: str, task: str, as_json: bool) -> None:
     """Remove TASK from STORE."""
     s = open_store(store, mode="a", storage_options=_storage_options(ctx))
     s.remove(task)
-    _report(ctx, as_json, {"task": task, "removed": True, "generation": s.info()["generation"]}, f"removed {task}")
+    _report(ctx, as_json, lambda: {"task": task, "removed": True, "generation": s.info()["generation"]},
+            f"removed {task}")
 
 
 @main.command()
@@ -470,7 +472,7 @@ def export(ctx: click.Context, store: str, task: str, out: str, fmt: str, dtype:
            max_shard_size: str, as_json: bool) -> None:
     """Write TASK of STORE to directory OUT (from_pretrained / PeftModel.from_pretrained load it)."""
     files = export_task(_open(ctx, store), task, out, fmt, dtype=dtype, max_shard_size=max_shard_size)
-    _report(ctx, as_json, {"task": task, "out": out, "format": fmt, "files": list(files)},
+    _report(ctx, as_json, lambda: {"task": task, "out": out, "format": fmt, "files": list(files)},
             f"wrote {', '.join(files)} to {out}")
 
 
