@@ -783,7 +783,7 @@ class _BaseTensors:
         if self._cached is None:
             reader = store.stored_base(base_id)
             self._segments = reader.stream(device)
-            self._specs = {e["name"]: (e["shape"], e["dtype"]) for e in reader.table}
+            self._specs = reader.specs()
             self._stream = read_ahead(_read_all(self._segments, reader.table))
         else:
             self._specs = {n: (list(t.shape), dtypes.dtype_name(t.dtype)) for n, t in self._cached.items()}
@@ -853,8 +853,7 @@ class _SwitchSource:
         return {e["name"]: dtypes.torch_dtype(e["dtype"]) for e in self._base.table}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        base = {e["name"]: (e["shape"], e["dtype"]) for e in self._base.table}
-        return output_shapes(self.kind, self.payload.table, base)
+        return output_shapes(self.kind, self.payload.table, self._base.specs())
 
     def base_dtype(self, name: str) -> torch.dtype | None:
         return self._dtypes.get(name)
@@ -915,15 +914,13 @@ def env_storage_options(storage_options: Mapping[str, Any] | None = None) -> dic
     Raises:
         InputError: the variable is set but is not a JSON object.
     """
-    opts: dict[str, Any] = {}
     env = os.environ.get("MODELSTORE_STORAGE_OPTIONS")
-    if env:
-        try:
-            opts = json.loads(env)
-        except ValueError:
-            opts = None  # type: ignore[assignment]
-        if not isinstance(opts, dict):
-            raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
+    try:
+        opts = json.loads(env) if env else {}
+    except ValueError:
+        opts = None
+    if not isinstance(opts, dict):
+        raise InputError("$MODELSTORE_STORAGE_OPTIONS is not a JSON object; set it like '{\"anon\": true}'")
     return {**opts, **(storage_options or {})}
 
 

@@ -539,6 +539,10 @@ class PayloadReader:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def specs(self) -> dict[str, tuple[list[int], str]]:
+        """Each tensor's shape and logical dtype name, in table order (what tables are checked against)."""
+        return {e["name"]: (e["shape"], e["dtype"]) for e in self.table}
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._by_name[name]["shape"])
 
