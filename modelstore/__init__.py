@@ -23,6 +23,7 @@ from modelstore.errors import (
                      TaskExistsError,
                      TaskNotFoundError,
 )
+from modelstore.fidelity import Calibration
 from modelstore.kinds import StoredAdapter
 from modelstore.kinds.lora import LoraError
 from modelstore.merging import merge
@@ -35,7 +36,7 @@ from modelstore.store import Store
 
 __all__ = [
     "open", "load", "load_model", "build", "init", "add_task", "add_lora_task", "remove_task", "merge", "sync", "stats",
-    "Store", "StoredAdapter", "SyncReport",
+    "Store", "StoredAdapter", "SyncReport", "Calibration",
     "ModelStoreError", "InputError", "StoreNotFoundError", "FormatVersionError", "TaskNotFoundError",
     "TaskExistsError", "PayloadLostError", "CorruptStoreError", "ConflictError", "StorageError", "UncertainCommit",
     "LoraError", "SingleWriterWarning",

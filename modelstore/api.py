@@ -49,14 +49,16 @@ def load(task: str, store: str | os.PathLike[str] | Store | None = None, device:
     return serving_store(store, storage_options).load(check_task_name(task), device=device, dtype=dtype)
 
 
-def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, kind: str = "fft",
+def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[str], *, kind: str | None = None,
              keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
              base: str | None = None, pretrained: str | os.PathLike[str] | None = None, overwrite: bool = False,
              storage_options: Mapping[str, Any] | None = None, progress: bool = False, **options: Any) -> Store:
     """Add one fully fine-tuned task to the store at `store`; see `Store.add_task` (`**options`: the
-    other options of `kind`, e.g. `group_size`, `sparsify`, `seed`, `tall_lambda`).
+    other options of `kind`, e.g. `group_size`, `sparsify`, `seed`, `tall_lambda`, and the calibration
+    keywords `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`).
 
     >>> modelstore.add_task("store", "qnli", "ft/qnli", keep=0.05, value_dtype="int8")
+    >>> modelstore.add_task("store", "sst2", "ft/sst2", calibration="sst2-val.jsonl", min_agreement=0.99)
 
     Returns:
         The store, open for writing, with the task committed.

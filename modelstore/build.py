@@ -10,10 +10,12 @@ import torch
 
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError, StoreNotFoundError
+from modelstore.fidelity.data import Calibration, as_calibration
 from modelstore.format.codecs import BASE_CODECS
 from modelstore.format.paths import check_task_name
 from modelstore.inputs.selection import selector
 from modelstore.inputs.sources import (
+    Checkpoint,
     as_base_named,
     open_checkpoint,
     read_rows,
@@ -74,7 +76,10 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
           kind_options: Mapping[str, Any] | None = None, include: str | None = None,
           exclude: str | None = None, stats: Mapping[str, str] | None = None,
           merge_options: Mapping[str, Any] | None = None, base_codec: str = "lz4",
-          storage_options: Mapping[str, Any] | None = None, progress: bool = False, **options: Any) -> Store:
+          calibration: Mapping[str, str | os.PathLike[str] | Calibration] | None = None,
+          min_agreement: float | None = None, max_kl: float | None = None, device: str | torch.device | None = None,
+          max_examples: int | None = 256, storage_options: Mapping[str, Any] | None = None, progress: bool = False,
+          **options: Any) -> Store:
     """Make a new store: merge the task models into one base, then store each task with its kind
     (by default its sparse delta, PERU-FFT).
 
@@ -99,6 +104,9 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
         base_codec: how the base's values are written: "lz4" (bit-shuffled lz4: 25% smaller for
             bf16, 12% for float32) or "none" (uncompressed: a load reads the base straight into
             its output, as safetensors does, instead of decoding it).
+        calibration: task -> its calibration data (a file or a `Calibration`): that task is stored
+            at the fewest bytes meeting `min_agreement` / `max_kl` on it (see `Store.add_task`;
+            `device` and `max_examples` as there); the other tasks with the settings above.
         storage_options: fsspec options of the store's location.
         progress: draw progress bars on a terminal.
 
@@ -120,6 +128,20 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     merge = merge or task_kind.default_merge or "task-arithmetic"
     for name in tasks:
         check_task_name(name)
+    calibration = dict(calibration or {})
+    if unknown := [n for n in calibration if n not in tasks]:
+        raise InputError(f"--calibration {unknown[0]}=...: no --task {unknown[0]} to calibrate")
+    if (min_agreement is not None or max_kl is not None) and not calibration:
+        raise InputError("--min-agreement / --max-kl need --calibration NAME=FILE for the tasks they apply to")
+    cals = {n: as_calibration(c, max_examples) for n, c in calibration.items()}  # read now: bad data stores nothing
+
+    def add(out: Store, name: str, ck: Checkpoint, overwrite: bool = False) -> None:
+        if name in cals:
+            out.add_task(name, ck, base=base_id, overwrite=overwrite, progress=progress, calibration=cals[name],
+                         min_agreement=min_agreement, max_kl=max_kl, device=device)
+        else:
+            out.add_task(name, ck, kind=kind, base=base_id, overwrite=overwrite, progress=progress, **given)
+
     selected = selector(include, exclude)
     method = get_method(merge, **{**task_kind.merge_defaults.get(merge, {}), **(merge_options or {}), **options,
                                   **_stats_option(merge, tasks, stats)})
@@ -146,8 +168,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
         for name, ck in task_cks.items():
             done = out.manifest["tasks"].get(name)
             if done is None or done.get("source", {}).get("fingerprint") != ck.fingerprint():
-                out.add_task(name, ck, kind=kind, base=base_id, overwrite=done is not None, progress=progress,
-                             **given)
+                add(out, name, ck, overwrite=done is not None)
         return out
     method.prepare(base_ck, srcs, names)
     merged = set(names)
@@ -181,7 +202,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     if keep_theta0:
         out.add_pretrained(pretrained, progress)
     for name, ck in task_cks.items():
-        out.add_task(name, ck, kind=kind, base=base_id, progress=progress, **given)
+        add(out, name, ck)
     return out
 
 

@@ -107,6 +107,28 @@ def _written(s: Store, task: str) -> dict[str, Any]:
 _json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")
 
 
+def _fidelity_options(f: Callable) -> Callable:
+    """The targets of calibrated writes (modelstore.fidelity), shared by add-task and build."""
+    for decorate in reversed([
+        click.option("--min-agreement", type=float, default=None,
+                     help="with --calibration: top-1 agreement with the original to meet [default: 0.99]"),
+        click.option("--max-kl", type=float, default=None,
+                     help="with --calibration: instead, the mean KL(original || stored) to stay under"),
+        click.option("--device", default=None, help="with --calibration: where the models run (cpu, cuda, cuda:1) "
+                     "[default: cpu]"),
+        click.option("--max-examples", type=int, default=None,
+                     help="with --calibration: the first N texts of the file are used [default: 256]"),
+    ]):
+        f = decorate(f)
+    return f
+
+
+def _fidelity(flags: dict[str, Any]) -> dict[str, Any]:
+    """The fidelity flags given, as keywords of Store.add_task / build."""
+    return {k: flags.pop(k) for k in ("min_agreement", "max_kl", "device", "max_examples")
+            if flags.get(k) is not None}
+
+
 class _Command(click.Command):
     """A command whose unknown options are one line. Task names start with a letter or digit
     (format/paths.py), so `-x` where a task name goes is an unknown option, and says so."""
@@ -236,12 +258,16 @@ _base_codec_option = click.option(
 @click.option("--include", default=None, metavar="REGEX",
               help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
+@click.option("--calibration", "calibration", multiple=True, metavar="NAME=FILE",
+              help="task NAME's own inputs (JSON lines or CSV with a text field): it is kept at the fewest bytes "
+                   "whose predictions agree with its original's on them (repeat per task)")
+@_fidelity_options
 @_base_codec_option
 @_json_option
 @click.pass_context
 def build(ctx: click.Context, store: str, config_path: str | None, pretrained: str | None, tasks: tuple[str, ...],
           merge: str | None, stats: tuple[str, ...], kind: str, include: str | None, exclude: str | None,
-          base_codec: str, as_json: bool, **merge_flags: Any) -> None:
+          calibration: tuple[str, ...], base_codec: str, as_json: bool, **merge_flags: Any) -> None:
     """Build a new STORE from a pre-trained model and fully fine-tuned tasks (PERU-FFT by default).
 
     The merge method makes the shared base; docs/merging.md describes each one's options.
@@ -253,9 +279,11 @@ def build(ctx: click.Context, store: str, config_path: str | None, pretrained: s
                         "base_codec": base_codec}.items():
         if config_path is None or _given(ctx, name):
             setattr(cfg, name, value)
+    cfg.fidelity.update(_fidelity(merge_flags))
     cfg.kind_options.update(_given_kind_options(merge_flags))  # what is left are the merge flags
     cfg.tasks.update(_pairs(tasks, "--task"))
     cfg.stats.update(_pairs(stats, "--stats"))
+    cfg.calibration.update(_pairs(calibration, "--calibration"))
     if not cfg.tasks:
         raise InputError("build needs at least one --task NAME=PATH; use `modelstore init` for a base-only store")
     cfg.merge = cfg.merge or checkpoint_kind(cfg.kind).default_merge or "task-arithmetic"
@@ -307,11 +335,15 @@ def init(ctx: click.Context, store: str, pretrained: str, base_codec: str, as_js
               help="LoRA, tall-mask, emr: the pre-trained model, needed once if the store keeps no θ0 (built "
                    "with a merge)")
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
+@click.option("--calibration", default=None, metavar="FILE",
+              help="the task's own inputs (JSON lines or CSV with a text field; labels not needed): keep the "
+                   "cheapest representation whose predictions agree with the original's on them")
+@_fidelity_options
 @_json_option
 @click.pass_context
 def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: str, base: str | None,
              lora: str | None, rank: int | None, energy: float | None, pretrained: str | None, overwrite: bool,
-             as_json: bool, **flags: Any) -> None:
+             calibration: str | None, as_json: bool, **flags: Any) -> None:
     """Add the fine-tuned model at PATH (or --lora ADAPTER_DIR) to STORE as task NAME.
 
     The base and the other tasks are not rewritten.
@@ -319,8 +351,13 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
     if (path is None) == (lora is None):
         raise InputError("give either a fine-tuned model PATH or --lora ADAPTER_DIR")
     so = _storage_options(ctx)
+    fidelity = _fidelity(flags)
+    if fidelity and calibration is None:
+        raise InputError(f"--{next(iter(fidelity)).replace('_', '-')} applies with --calibration FILE")
     options = _given_kind_options(flags)
     if lora is not None:
+        if calibration is not None:
+            raise InputError("--calibration applies to full fine-tuned models, not --lora adapters")
         if options or _given(ctx, "kind"):
             raise InputError(f"{'--kind' if _given(ctx, 'kind') else '--' + next(iter(options)).replace('_', '-')} "
                              "applies to full fine-tuned models, not --lora adapters")
@@ -330,8 +367,10 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
         assert path is not None  # one of path and lora, checked above
         if rank is not None or energy is not None:
             raise InputError("--rank and --energy apply to --lora tasks")
-        s = add_fft(store, name, path, kind=kind, base=base, pretrained=pretrained, overwrite=overwrite,
-                    storage_options=so, progress=_progress(ctx, as_json), **options)
+        chosen = kind if calibration is None or _given(ctx, "kind") else None
+        s = add_fft(store, name, path, kind=chosen, base=base, pretrained=pretrained, overwrite=overwrite,
+                    storage_options=so, progress=_progress(ctx, as_json), calibration=calibration, **fidelity,
+                    **options)
     _report(ctx, as_json, lambda: {**_written(s, name), "generation": s.info()["generation"]},
             f"added {name}: {s.kind(name).describe(s.info(name))}")
 

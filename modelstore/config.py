@@ -5,6 +5,8 @@ pretrained: ./bert-base
 tasks: {sst2: ./ft/sst2, mnli: ./ft/mnli}
 merge: {method: ties, lambda: 1.0, density: 0.2}
 keep: 0.1
+calibration: {sst2: ./data/sst2-val.jsonl}   # optional: each task stored at the fewest bytes
+min_agreement: 0.99                           # that agree with it this often on its data
 ```
 
 The keys are those of `modelstore build`'s flags (snake_case); `merge` is a method name or a
@@ -29,7 +31,10 @@ from modelstore.merging import method_class
 
 #: The task kinds' declared options, by config key.
 KIND_KEYS = {o.key: o for k in KINDS for o in k.declared}
-TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats", "base_codec")
+#: Keys of calibrated builds (Store.add_task's keywords of the same names).
+FIDELITY_KEYS = ("min_agreement", "max_kl", "device", "max_examples")
+TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats", "base_codec",
+            "calibration", *FIDELITY_KEYS)
 
 
 @dataclass
@@ -46,6 +51,8 @@ class BuildConfig:
     include: str | None = None
     exclude: str | None = None
     base_codec: str = "lz4"
+    calibration: dict[str, str] = field(default_factory=dict)  # task -> calibration data file
+    fidelity: dict[str, Any] = field(default_factory=dict)  # FIDELITY_KEYS given
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `modelstore.build` after `store`."""
@@ -54,7 +61,7 @@ class BuildConfig:
         return {"pretrained": self.pretrained, "tasks": dict(self.tasks), "merge": self.merge,
                 "merge_options": dict(self.merge_options), "stats": dict(self.stats), "kind": self.kind,
                 "kind_options": dict(self.kind_options), "include": self.include, "exclude": self.exclude,
-                "base_codec": self.base_codec}
+                "base_codec": self.base_codec, "calibration": dict(self.calibration), **self.fidelity}
 
 
 def _mapping(value: Any, where: str) -> dict[str, str]:
@@ -96,6 +103,9 @@ def parse_config(doc: Any, where: str) -> BuildConfig:
         cfg.tasks = _mapping(doc["tasks"], f"{where}: tasks")
     if "stats" in doc:
         cfg.stats = _mapping(doc["stats"], f"{where}: stats")
+    if "calibration" in doc:
+        cfg.calibration = _mapping(doc["calibration"], f"{where}: calibration")
+    cfg.fidelity = {k: doc[k] for k in FIDELITY_KEYS if k in doc}
     merge = doc.get("merge")
     if isinstance(merge, Mapping):
         options = dict(merge)
@@ -134,4 +144,5 @@ def load_config(path: str | os.PathLike[str]) -> BuildConfig:
     return parse_config(doc, path)
 
 
-__all__ = ["BuildConfig", "load_config", "parse_config", "merge_options_from_keys", "TOP_KEYS", "KIND_KEYS"]
+__all__ = ["BuildConfig", "load_config", "parse_config", "merge_options_from_keys", "TOP_KEYS", "KIND_KEYS",
+           "FIDELITY_KEYS"]

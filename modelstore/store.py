@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from itertools import chain
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 import torch
 
@@ -30,6 +30,10 @@ from modelstore.errors import (
     TaskExistsError,
     TaskNotFoundError,
 )
+from modelstore.fidelity.choose import StoreSide, checkpoint_tensors, choose
+from modelstore.fidelity.data import Calibration, as_calibration
+from modelstore.fidelity.runner import Runner, Tensors, tokenizer_for
+from modelstore.fidelity.search import Setting, Skip, Target
 from modelstore.format import dtypes
 from modelstore.format.codecs import BASE_CODECS
 from modelstore.format.manifest import (
@@ -87,6 +91,8 @@ TASK_CONFIG = "config.json"
 #: load needs about the model's memory once, not twice. `open(..., cache_base=True)` keeps it from
 #: the first load, `cache_base=False` never.
 BASE_CACHE_BYTES = int(os.environ.get("MODELSTORE_BASE_CACHE_BYTES", 4 << 30))
+#: The agreement a calibrated add-task meets when the user names no target.
+DEFAULT_AGREEMENT = 0.99
 
 
 class Store:
@@ -654,18 +660,22 @@ class Store:
         self._commit(change, out.path)
         return entry
 
-    def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, kind: str = "fft",
+    def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, kind: str | None = None,
                  keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
                  group_size: int | None = None, sparsify: str | None = None, seed: int | None = None,
                  base: str | None = None, pretrained: str | os.PathLike[str] | None = None,
-                 overwrite: bool = False, progress: bool = False, **options: Any) -> TaskEntry:
+                 overwrite: bool = False, progress: bool = False,
+                 calibration: Calibration | str | os.PathLike[str] | None = None, min_agreement: float | None = None,
+                 max_kl: float | None = None, device: str | torch.device | None = None,
+                 max_examples: int | None = 256, **options: Any) -> TaskEntry:
         """Add a fully fine-tuned model as task `name`: by default the top-`keep` of its delta to the
         base (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
 
         Args:
             name: the task's name (letters, digits, '.', '_', '-').
             path: the fine-tuned checkpoint (HF directory, .safetensors, .bin/.pt) or an open Checkpoint.
-            kind: "fft" (a sparse delta), "tall-mask", "emr" or "bitdelta" (spec/FORMAT.md).
+            kind: "fft" (a sparse delta, the default), "tall-mask", "emr", "bitdelta" or "exact"
+                (spec/FORMAT.md); with `calibration`, chosen by it.
             keep: fft: fraction m of delta entries kept, in (0, 1] (default 0.1).
             granularity: fft: "global" (top-m% of the whole model, the default) or "per-tensor".
             value_dtype: fft: "float16", "bfloat16", "float32", or "int8" / "int4" with a float16 scale
@@ -678,25 +688,105 @@ class Store:
                 that keeps none yet; checked against the model the store was built from.
             overwrite: replace an existing task of that name.
             progress: draw a progress bar on a terminal.
+            calibration: the task's own inputs (a `Calibration`, or a JSON-lines / CSV file with a
+                "text" field): the original and candidate representations (fft magnitude and DARE
+                at several m and value dtypes, the 1-bit kinds, exact) run on them, and the
+                cheapest meeting `min_agreement` (default 0.99) or `max_kl` is kept, with a
+                `fidelity` record in its entry. With `sparsify="dare"` and no target, DARE's
+                rescale is tuned on them instead (DAREx-q). The checkpoint must be a transformers
+                sequence classifier or causal LM (or give `Calibration(outputs=...)`).
+            min_agreement: with `calibration`: top-1 agreement with the original to meet.
+            max_kl: with `calibration`: or the mean KL(original || stored) to stay under.
+            device: with `calibration`: where the models run (default "cpu").
+            max_examples: with a calibration file: its first texts used.
             **options: the options of other kinds by keyword (e.g. tall-mask's `tall_lambda`).
 
         Returns:
             The task's manifest entry.
 
         Raises:
-            InputError: a bad option or checkpoint, or an option `kind` does not take;
-                TaskExistsError: the task exists and not `overwrite`.
+            InputError: a bad option, checkpoint or calibration data, or an option `kind` does not
+                take; TaskExistsError: the task exists and not `overwrite`.
         """
-        k = checkpoint_kind(kind)
         fft = {"keep": keep, "granularity": granularity, "value_dtype": value_dtype, "group_size": group_size,
                "sparsify": sparsify, "seed": seed}
-        opts = k.parse_options({**{n: v for n, v in fft.items() if v is not None}, **options})
+        given = {**{n: v for n, v in fft.items() if v is not None}, **options}
+        if calibration is not None:
+            return self._add_calibrated(name, path, kind, given, as_calibration(calibration, max_examples),
+                                        _target(min_agreement, max_kl, given), device, base, pretrained, overwrite,
+                                        progress)
+        if min_agreement is not None or max_kl is not None or device is not None:
+            raise InputError("--min-agreement, --max-kl and --device apply with --calibration FILE")
+        k = checkpoint_kind(kind or "fft")
+        opts = k.parse_options(given)
         check_task_name(name)
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(os.fspath(path))
         if pretrained is not None and "pretrained" not in self.manifest["bases"]:
             self.add_pretrained(pretrained, progress)
         return self.write_task(name, k, ck, opts, base=base, source_info=source_info(ck),
                                 overwrite=overwrite, progress=progress)
+
+    def _add_calibrated(self, name: str, path: str | os.PathLike[str] | Checkpoint, kind: str | None,
+                        given: dict[str, Any], calibration: Calibration, target: Target | None,
+                        device: str | torch.device | None, base: str | None,
+                        pretrained: str | os.PathLike[str] | None, overwrite: bool, progress: bool) -> TaskEntry:
+        """add_task with `calibration` (see there): candidates are written as payloads of `name`,
+        measured as stored, and the chosen one committed; the others are deleted."""
+        self._require_writable()
+        if kind is not None:
+            raise InputError("--kind is chosen by --calibration; drop it (or drop --calibration)")
+        check_task_name(name)
+        self._refresh()
+        self._check_new_task(name, overwrite)
+        ck = path if isinstance(path, Checkpoint) else open_checkpoint(os.fspath(path))
+        dare = None
+        if target is None:  # DAREx-q: the user's DARE setting, its rescale tuned
+            dare = {"kind": "fft", **given}
+            dare.setdefault("keep", checkpoint_kind("fft").parse_options({}).keep)
+        checkpoint_kind("fft").parse_options(given)  # a bad option is named before any work
+        if pretrained is not None and "pretrained" not in self.manifest["bases"]:
+            self.add_pretrained(pretrained, progress)
+        fft_base = checkpoint_kind("fft").base_id(self.manifest["bases"], base)
+        config = task_config_file(ck).get(TASK_CONFIG)
+        config_json = config.decode() if config else self._base_entry(fft_base).get("config_json")
+        try:
+            dev = torch.device(device or "cpu")
+        except (RuntimeError, TypeError):
+            raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        tokenizer = tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
+                                  lambda: self.model_files(fft_base), f"task {name!r}")
+        dtypes_ = {ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point}
+        main_dtype = max(dtypes_, key=lambda d: sum(1 for n in ck.names() if ck.dtype(n) == d)) if dtypes_ \
+            else torch.float32
+        runner = Runner(name, calibration, config_json, tokenizer, dev, main_dtype, progress)
+        info = source_info(ck)
+        bases = self.manifest["bases"]
+
+        def write(setting: Setting) -> tuple[dict[str, Any], str]:
+            k = checkpoint_kind(setting["kind"])
+            wanted = base if "sparsify" in setting else None
+            try:
+                ids = {k.base_id(bases, wanted), *k.extra_bases}
+            except InputError:
+                raise Skip from None
+            if any(b not in bases for b in ids):
+                raise Skip
+            opts = k.parse_options({key: v for key, v in setting.items() if key != "kind" and v is not None})
+            entry, payload = self._write_task_payload(name, k, ck, opts, base=wanted, source_info=info,
+                                                      progress=False)
+            return cast(dict[str, Any], entry), payload
+
+        def tensors(entry: dict[str, Any]) -> Tensors:
+            return lambda check: self._tensors(name, cast(TaskEntry, entry), dev, None, check)
+
+        side = StoreSide(write, tensors, self._discard_payload)
+        entry, payload = choose(name, calibration, target, runner, checkpoint_tensors(ck, dev), side,
+                                full_bytes=ck.nbytes(), float_dtype="bfloat16" if main_dtype == torch.bfloat16
+                                else "float16", dare=dare)
+        try:
+            return self._commit_task(name, cast(TaskEntry, entry), payload, overwrite)
+        finally:
+            del runner
 
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
                       energy: float | None = None, pretrained: str | os.PathLike[str] | None = None,
@@ -765,6 +855,31 @@ class Store:
         """Copy this store's tasks (all, or `tasks`) and their bases to `dst`; see `modelstore.sync`."""
         return sync(self.url, os.fspath(dst), tasks=tasks, delete=delete, dry_run=dry_run,
                     src_options=self.storage_options or None, dst_options=dst_options, on_bytes=on_bytes)
+
+
+def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any]) -> Target | None:
+    """The calibration target from add_task's keywords: None for DARE's rescale tuning (an
+    explicit DARE setting and no target), else min_agreement 0.99 when neither is given.
+
+    Raises:
+        InputError: both targets, a value out of range, or fft options beside a target.
+    """
+    if min_agreement is not None and max_kl is not None:
+        raise InputError("give --min-agreement or --max-kl, not both")
+    if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 < min_agreement <= 1):
+        raise InputError(f"--min-agreement must be a fraction in (0, 1], got {min_agreement!r} (0.99 is usual)")
+    if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < math.inf):
+        raise InputError(f"--max-kl must be a positive number, got {max_kl!r}")
+    if min_agreement is None and max_kl is None and given.get("sparsify") == "dare":
+        if "dare_q" in given:
+            raise InputError("--dare-q is what --calibration tunes for --sparsify dare; give one of them")
+        return None
+    if given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise InputError(f"{flag} is chosen by --calibration; drop it, or give --sparsify dare without a target "
+                         "to tune DARE's rescale on the calibration data")
+    return Target(min_agreement=min_agreement if max_kl is None else None, max_kl=max_kl) \
+        if (min_agreement is not None or max_kl is not None) else Target(min_agreement=DEFAULT_AGREEMENT)
 
 
 class _BaseTensors:

@@ -5,79 +5,23 @@ imported here only."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from modelstore.errors import InputError
 from modelstore.format import dtypes
+from modelstore.serving.architectures import (
+    config_from_json,
+    model_class,
+    no_loading_bars,
+    quiet_load_report,
+    transformers_module,
+)
 from modelstore.serving.modules import ModuleTensors, Placement
 from modelstore.store import Store, serving_store
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise InputError("load_model needs transformers; install it with pip install 'peru-modelstore[hf]'") from None
-    return transformers
-
-
-def _not_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def no_loading_bars() -> Iterator[None]:
-    """transformers' per-model loading bars off for the block, then as they were: its switch turns
-    huggingface_hub's bars off process-wide (modelstore's own among them)."""
-    from huggingface_hub.utils import are_progress_bars_disabled
-    from transformers.utils import logging as transformers_logging
-    was_on = transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            transformers_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def quiet_load_report() -> Iterator[None]:
-    """Hold back transformers 5's "LOAD REPORT" table of the keys a `from_pretrained` missed or did
-    not expect (a multi-line warning) where the caller checks the keys itself or another load
-    already reported them; transformers still raises its errors, and other warnings pass."""
-    logger = logging.getLogger("transformers.modeling_utils")
-    logger.addFilter(_not_load_report)
-    try:
-        yield
-    finally:
-        logger.removeFilter(_not_load_report)
-
-
-def _model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type[Any]:
-    """The class to build: `model_cls`, a transformers class name, else the config's first
-    `architectures` entry (the class the task was fine-tuned as) when transformers has it, else
-    AutoModel's class for `config`."""
-    if model_cls is None:
-        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
-        if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
-            return named
-        cls = transformers.MODEL_MAPPING.get(type(config), None)
-        if cls is None:
-            raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
-                             "pass model_cls=...")
-        return cls
-    cls = getattr(transformers, model_cls, None) if isinstance(model_cls, str) else model_cls
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise InputError(f"model_cls must be a transformers model class or its name (like 'GPT2LMHeadModel'), "
-                         f"not {model_cls!r}")
-    return cls
 
 
 def task_architecture(store: Store, task: str, model_cls: type | str | None = None) -> tuple[type[Any], Any]:
@@ -87,19 +31,13 @@ def task_architecture(store: Store, task: str, model_cls: type | str | None = No
         InputError: transformers is missing, neither the task nor its base keeps a config.json, or
             its model type or `model_cls` is unknown.
     """
-    transformers = _transformers()
+    transformers = transformers_module()
     config_json = store.task_config(task)
     if not config_json:
         raise InputError(f"neither task {task!r} nor its base keeps a config.json (the store was built from bare "
                          f"state dicts); build the model yourself and call store.load_into(model, {task!r})")
-    fields = json.loads(config_json)
-    model_type = fields.pop("model_type", None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **fields)
-    except ValueError:
-        raise InputError(f"the config.json of task {task!r} has model_type {model_type!r}, which this "
-                         "transformers does not know; upgrade transformers") from None
-    return _model_class(transformers, model_cls, config), config
+    config = config_from_json(transformers, config_json, f"task {task!r}")
+    return model_class(transformers, model_cls, config), config
 
 
 def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:

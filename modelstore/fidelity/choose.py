@@ -1,0 +1,142 @@
+"""Calibrated add-task: run the original on the calibration data, search the candidates
+(fidelity.search) or tune DARE's rescale, and describe what was chosen in the task's `fidelity`
+record (spec/FORMAT.md). The store writes, reads back and discards candidates through the three
+functions of `StoreSide`: every candidate is measured as stored, from its own payload, so the
+record describes the bytes that are kept, not a prediction of them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modelstore.fidelity.data import Calibration
+from modelstore.fidelity.runner import Runner, Tensors
+from modelstore.fidelity.search import (
+    Q_FACTORS,
+    TUNE_EXAMPLES,
+    Outcome,
+    Score,
+    Setting,
+    Target,
+    Tried,
+    Written,
+    fft_setting,
+    search,
+)
+
+
+@dataclass
+class StoreSide:
+    """How the store writes a candidate (its entry and payload, unpublished; raises search.Skip
+    when it cannot hold it), gives a written entry's tensors, and deletes a payload."""
+
+    write: Callable[[Setting], tuple[dict[str, Any], str]]
+    tensors: Callable[[dict[str, Any]], Tensors]
+    discard: Callable[[str], None]
+
+
+class _Trials:
+    """search.Trials over the store and one Runner."""
+
+    def __init__(self, side: StoreSide, runner: Runner):
+        self.side, self.runner = side, runner
+        self.filled: Written | None = None
+
+    def write(self, setting: Setting) -> Written:
+        entry, path = self.side.write(setting)
+        return Written(setting, int(entry["bytes"]), int(entry.get("total") or 0), (entry, path))
+
+    def measure(self, w: Written, examples: int | None = None) -> Score:
+        if self.filled is not w:
+            self.runner.fill(self.side.tensors(w.handle[0]))
+            self.filled = w
+        return self.runner.score(examples)
+
+    def discard(self, w: Written) -> None:
+        self.side.discard(w.handle[1])
+
+
+def _setting_of(entry: dict[str, Any], setting: Setting) -> Setting:
+    """The setting as stored: an fft task's value dtype resolved (None asks for the float default)."""
+    if "sparsify" not in setting:
+        return dict(setting)
+    params = entry.get("params") or {}
+    return {**setting, "value_dtype": params.get("value_dtype", setting.get("value_dtype"))}
+
+
+def choose(task: str, calibration: Calibration, target: Target | None, runner: Runner,
+           original: Tensors, side: StoreSide, *, full_bytes: int, float_dtype: str,
+           dare: Setting | None = None) -> tuple[dict[str, Any], str]:
+    """The chosen candidate's entry (with its `fidelity` record) and payload path, not yet
+    committed; every other candidate written is deleted.
+
+    With `target`, the search of fidelity.search; else `dare` (an explicit DARE setting) with its
+    rescale tuned on the calibration data (DAREx-q).
+    """
+    start = time.perf_counter()
+    runner.fill(original)
+    runner.take_reference()
+    trials = _Trials(side, runner)
+    if target is not None:
+        outcome = search(trials, target, float_dtype=float_dtype, full_bytes=full_bytes)
+    else:
+        assert dare is not None
+        outcome = _tune_dare(trials, dare)
+    entry, path = outcome.chosen.written.handle
+    tried = [{**t.record(), "setting": _setting_of(t.written.handle[0], t.written.setting)} for t in outcome.tried]
+    score = outcome.chosen.score
+    entry["fidelity"] = {
+        "metric": target.metric if target is not None else "dare-q",
+        "target": target.value if target is not None else None,
+        "met": outcome.chosen.met,
+        "output": runner.kind,
+        "agreement": score.agreement,
+        "mean_kl": score.mean_kl,
+        "examples": runner.examples,
+        "predictions": score.predictions,
+        "calibration_sha256": calibration.sha256,
+        "device": str(runner.device),
+        "seconds": round(time.perf_counter() - start, 3),
+        "setting": _setting_of(entry, outcome.chosen.written.setting),
+        "candidates": tried,
+    }
+    return entry, path
+
+
+def _tune_dare(trials: _Trials, dare: Setting) -> Outcome:
+    """DARE at the user's keep and value dtype with q (the rescale 1/q) of least mean KL on the
+    first TUNE_EXAMPLES examples, among 1/m and Q_FACTORS; measured on all the examples."""
+    start = time.perf_counter()
+    keep, dtype = dare["keep"], dare.get("value_dtype")
+    options: list[Written] = []
+    for q in (None, *(min(1.0, float(f"{keep * f:.6g}")) for f in Q_FACTORS)):
+        options.append(trials.write(fft_setting("dare", keep, dtype, q)))
+    try:
+        kls = [trials.measure(w, TUNE_EXAMPLES).mean_kl for w in options]
+        best = options[min(range(len(options)), key=lambda i: (kls[i], i))]
+        score = trials.measure(best)
+    except BaseException:
+        for w in options:
+            trials.discard(w)
+        raise
+    for w in options:
+        if w is not best:
+            trials.discard(w)
+    tried = Tried(best, score, True)
+    return Outcome(tried, [tried], time.perf_counter() - start, written_only=len(options) - 1)
+
+
+def checkpoint_tensors(source: Any, device: torch.device) -> Tensors:
+    """A checkpoint's tensors for Runner.fill, one at a time on `device`."""
+    def tensors(check: Callable[[dict[str, tuple[int, ...]]], None]) -> Any:
+        check({n: tuple(source.shape(n)) for n in source.names()})
+        for n in source.names():
+            yield n, source.get(n).to(device)
+    return tensors
+
+
+__all__ = ["StoreSide", "checkpoint_tensors", "choose"]

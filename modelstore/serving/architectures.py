@@ -1,0 +1,97 @@
+"""transformers architectures from a config.json: the class a task was fine-tuned as, and
+transformers' loading chatter held back. transformers is an optional dependency, imported only
+when a model is built."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from modelstore.errors import InputError
+
+
+def transformers_module(purpose: str = "load_model") -> Any:
+    """transformers, or a one-line error naming what needs it."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"{purpose} needs transformers; install it with pip install 'peru-modelstore[hf]'") from None
+    return transformers
+
+
+def _not_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' per-model loading bars off for the block, then as they were: its switch turns
+    huggingface_hub's bars off process-wide (modelstore's own among them)."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+    was_on = transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Hold back transformers 5's "LOAD REPORT" table of the keys a `from_pretrained` missed or did
+    not expect (a multi-line warning) where the caller checks the keys itself or another load
+    already reported them; transformers still raises its errors, and other warnings pass."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_load_report)
+
+
+def model_class(transformers: Any, model_cls: type | str | None, config: Any) -> type[Any]:
+    """The class to build: `model_cls`, a transformers class name, else the config's first
+    `architectures` entry (the class the task was fine-tuned as) when transformers has it, else
+    AutoModel's class for `config`."""
+    if model_cls is None:
+        named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedModel):
+            return named
+        cls = transformers.MODEL_MAPPING.get(type(config), None)
+        if cls is None:
+            raise InputError(f"transformers has no AutoModel class for model type {config.model_type!r}; "
+                             "pass model_cls=...")
+        return cls
+    cls = getattr(transformers, model_cls, None) if isinstance(model_cls, str) else model_cls
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise InputError(f"model_cls must be a transformers model class or its name (like 'GPT2LMHeadModel'), "
+                         f"not {model_cls!r}")
+    return cls
+
+
+def config_from_json(transformers: Any, text: str, what: str) -> Any:
+    """The transformers config of a config.json's text (`what` names whose, in errors).
+
+    Raises:
+        InputError: the text is not a JSON object, or transformers does not know its model type.
+    """
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise InputError(f"the config.json of {what} is not a JSON object")
+    model_type = fields.pop("model_type", None)
+    try:
+        return transformers.AutoConfig.for_model(model_type, **fields)
+    except ValueError:
+        raise InputError(f"the config.json of {what} has model_type {model_type!r}, which this "
+                         "transformers does not know; upgrade transformers") from None
+
+
+__all__ = ["config_from_json", "model_class", "no_loading_bars", "quiet_load_report", "transformers_module"]

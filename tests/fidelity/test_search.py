@@ -1,0 +1,142 @@
+"""The candidate search against a brute force over every candidate it could try, with oracles whose
+fidelity grows with keep m and value precision (what the search assumes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from modelstore.fidelity import search as S
+
+N, CHANGED, FULL = 1_000_000, 400_000, 4_000_000
+VALUE_BITS = {"int4": 4.2, "int8": 8.2, "float16": 16.0}
+
+
+def _bytes(s: S.Setting) -> int:
+    if s["kind"] == "fft":
+        kept = s["keep"] * (CHANGED if s["sparsify"] == "dare" else N)
+        return math.ceil(kept * (9 + VALUE_BITS[s["value_dtype"]]) / 8)
+    return N // 8 + 500 if s["kind"] != "exact" else int(0.3 * FULL)
+
+
+class Oracle:
+    def __init__(self, agreement, masks=True, tuned_gain=0.0):
+        self.agreement, self.masks, self.tuned_gain = agreement, masks, tuned_gain
+        self.written: list[S.Written] = []
+        self.discarded: list[S.Written] = []
+        self.full_measures = 0
+
+    def write(self, s):
+        if s["kind"] in S.MASK_KINDS and not self.masks:
+            raise S.Skip
+        w = S.Written(dict(s), _bytes(s), N)
+        self.written.append(w)
+        return w
+
+    def value(self, s):
+        a = self.agreement(s)
+        if s.get("dare_q") is not None:  # the tuned rescale: better by tuned_gain when q = 2m
+            a = min(1.0, a + (self.tuned_gain if math.isclose(s["dare_q"], 2.5 * s["keep"]) else -0.01))
+        return a
+
+    def measure(self, w, examples=None):
+        if examples is None:
+            self.full_measures += 1
+        a = self.value(w.setting)
+        return S.Score(a, 1 - a, examples or 256)
+
+    def discard(self, w):
+        self.discarded.append(w)
+
+
+def _space(masks=True):
+    out = [S.fft_setting(sp, m, dt) for sp in ("dare", "magnitude") for m in S.KEEPS for dt in VALUE_BITS]
+    return out + [{"kind": k} for k in (S.MASK_KINDS if masks else ())] + [{"kind": "exact"}]
+
+
+def _cheapest(oracle, target, masks=True):
+    met = [s for s in _space(masks) if target.met(S.Score(oracle.value(s), 1 - oracle.value(s), 1))]
+    return min(met, key=_bytes)
+
+
+def dense_task(s):
+    """Small dense deltas: DARE's random keep holds up, magnitude's top-m does not."""
+    if s["kind"] == "exact":
+        return 1.0
+    if s["kind"] != "fft":
+        return 0.97
+    rate = 0.01 if s["sparsify"] == "dare" else 0.3
+    loss = {"int4": 1.15, "int8": 1.02, "float16": 1.0}[s["value_dtype"]]
+    return 1 - 0.3 * loss * math.exp(-s["keep"] / rate)
+
+
+def spiky_task(s):
+    """A few large entries matter: magnitude keeps them at small m, DARE drops most of them."""
+    if s["kind"] in ("fft",) and s["sparsify"] == "magnitude":
+        return 1 - 0.2 * {"int4": 1.3, "int8": 1.0, "float16": 1.0}[s["value_dtype"]] * math.exp(-s["keep"] / 0.004)
+    if s["kind"] == "fft":
+        return 1 - 0.5 * math.exp(-s["keep"] / 0.3)
+    return 1.0 if s["kind"] == "exact" else 0.9
+
+
+@pytest.mark.parametrize("task", [dense_task, spiky_task])
+@pytest.mark.parametrize("target", [S.Target(min_agreement=0.99), S.Target(min_agreement=0.995),
+                                    S.Target(max_kl=0.02)])
+def test_the_search_finds_the_cheapest_candidate_meeting_the_target(task, target):
+    oracle = Oracle(task)
+    out = S.search(oracle, target, float_dtype="float16", full_bytes=FULL)
+    want = _cheapest(oracle, target)
+    assert out.chosen.met and out.chosen.written.setting == want, (out.chosen.written.setting, want)
+    assert out.chosen.written.bytes == _bytes(want)
+    # few candidates run in full: a fraction of the 51 a brute force runs
+    assert oracle.full_measures == len(out.tried) <= 16
+    # every written candidate but the chosen one is deleted, once
+    assert sorted(map(id, oracle.discarded)) == sorted(id(w) for w in oracle.written if w is not out.chosen.written)
+
+
+def test_dense_deltas_choose_dare_and_spiky_ones_magnitude():
+    t = S.Target(min_agreement=0.99)
+    assert S.search(Oracle(dense_task), t, float_dtype="float16", full_bytes=FULL).chosen.written.setting[
+        "sparsify"] == "dare"
+    assert S.search(Oracle(spiky_task), t, float_dtype="float16", full_bytes=FULL).chosen.written.setting[
+        "sparsify"] == "magnitude"
+
+
+def test_an_unreachable_target_falls_back_to_exact():
+    oracle = Oracle(lambda s: 1.0 if s["kind"] == "exact" else 0.5)
+    out = S.search(oracle, S.Target(min_agreement=0.999), float_dtype="float16", full_bytes=FULL)
+    assert out.chosen.written.setting == {"kind": "exact"} and out.chosen.met
+
+
+def test_kinds_the_store_cannot_hold_are_skipped():
+    oracle = Oracle(lambda s: 0.999 if s["kind"] in S.MASK_KINDS else (1.0 if s["kind"] == "exact" else 0.5),
+                    masks=False)
+    out = S.search(oracle, S.Target(min_agreement=0.99), float_dtype="float16", full_bytes=FULL)
+    assert out.chosen.written.setting == {"kind": "exact"}
+    assert not any(w.setting["kind"] in S.MASK_KINDS for w in oracle.written)
+
+
+def test_a_tuned_dare_rescale_is_kept_when_it_meets_the_target_cheaper():
+    oracle = Oracle(dense_task, tuned_gain=0.05)
+    out = S.search(oracle, S.Target(min_agreement=0.99), float_dtype="float16", full_bytes=FULL)
+    plain = S.search(Oracle(dense_task), S.Target(min_agreement=0.99), float_dtype="float16", full_bytes=FULL)
+    chosen = out.chosen.written.setting
+    assert chosen.get("dare_q") == pytest.approx(2.5 * chosen["keep"])
+    assert out.chosen.written.bytes < plain.chosen.written.bytes
+
+
+def test_a_failing_write_deletes_every_candidate_written():
+    oracle = Oracle(dense_task)
+    calls = []
+
+    def measure(w, examples=None):
+        calls.append(w)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return Oracle.measure(oracle, w, examples)
+
+    oracle.measure = measure
+    with pytest.raises(KeyboardInterrupt):
+        S.search(oracle, S.Target(min_agreement=0.99), float_dtype="float16", full_bytes=FULL)
+    assert len(oracle.discarded) == len(oracle.written) == 3
