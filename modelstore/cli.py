@@ -26,7 +26,7 @@ from modelstore.errors import InputError, ModelStoreError
 from modelstore.evaluation.outputs import evaluate
 from modelstore.evaluation.weights import verify as run_verify
 from modelstore.format.codecs import BASE_CODECS
-from modelstore.format.manifest import TaskEntry
+from modelstore.format.manifest import FidelityRecord, TaskEntry
 from modelstore.kinds import KINDS, checkpoint_kind, checkpoint_kinds, get_kind
 from modelstore.merging import METHODS, method_class, method_names
 from modelstore.options import Option
@@ -379,7 +379,33 @@ def _row(name: str, e: dict[str, Any]) -> dict[str, Any]:
     setting = get_kind(e["kind"]).setting(cast(TaskEntry, e))  # info(task): the task's entry, name and ratio
     return {"task": name, "kind": e["kind"], "method": e["method"], "base": e["base"], "keep": None, "q": None,
             **setting, "setting": "/".join(str(v) for v in setting.values()),
-            "kept": e.get("kept"), "bytes": e["bytes"], "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio")}
+            "kept": e.get("kept"), "bytes": e["bytes"], "full_bytes": e.get("full_bytes"), "ratio": e.get("ratio"),
+            "fidelity": e.get("fidelity")}
+
+
+def _setting_words(setting: dict[str, Any]) -> str:
+    """A fidelity record's setting as words: `fft dare int4 keep 2% q 0.03`, `exact`."""
+    words = [setting["kind"], setting.get("sparsify"), setting.get("value_dtype")]
+    if setting.get("keep") is not None:
+        words.append(f"keep {100 * setting['keep']:g}%")
+    if setting.get("dare_q") is not None:
+        words.append(f"q {setting['dare_q']:g}")
+    return " ".join(str(w) for w in words if w is not None)
+
+
+def _fidelity_line(f: FidelityRecord) -> str:
+    """One line: what the stored task measured on the calibration data, against which target, and
+    what the search chose (spec section 2, "Fidelity record")."""
+    def against(metric: str, op: str) -> str:
+        return f" (target {op} {f['target']:g}, {'met' if f['met'] else 'NOT met'})" if f["metric"] == metric else ""
+
+    on = f"{f['examples']} calibration examples"
+    if f["predictions"] != f["examples"]:
+        on += f" ({f['predictions']} predictions)"
+    chose = "tuned DARE's rescale, chose" if f["metric"] == "dare-q" else "chose"
+    return (f"agreement {f['agreement']:.4g}{against('agreement', '>=')} on {on}, "
+            f"mean KL {f['mean_kl']:.2g}{against('kl', '<=')}; {chose} {_setting_words(f['setting'])} "
+            f"of {len(f['candidates'])} candidates")
 
 
 @main.command("ls")
@@ -393,11 +419,12 @@ def ls(ctx: click.Context, store: str, as_json: bool) -> None:
     if as_json:
         _emit(rows)
         return
-    click.echo(f"{'task':24} {'method':14} {'setting':>22} {'kept':>12} {'bytes':>10} {'ratio':>7}")
+    click.echo(f"{'task':24} {'method':14} {'setting':>22} {'kept':>12} {'bytes':>10} {'ratio':>7} {'agree':>7}")
     for r in rows:
+        agree = f"{r['fidelity']['agreement']:.4f}" if r["fidelity"] else "-"
         click.echo(f"{r['task']:24} {r['method']:14} {r['setting'] or '-':>22} "
                    f"{r['kept'] if r['kept'] is not None else '-':>12} {human_bytes(r['bytes']):>10} "
-                   f"{percent(r['ratio']):>7}")
+                   f"{percent(r['ratio']):>7} {agree:>7}")
 
 
 @main.command()
@@ -432,6 +459,8 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
     click.echo(f"  bytes on disk: {human_bytes(data['bytes'])} "
                f"({percent(data['ratio'])} of {of}, {human_bytes(data['full_bytes'])})")
     click.echo(f"  source: {data['source']['path']} ({data['source']['fingerprint'][:19]}...)")
+    if "fidelity" in data:
+        click.echo(f"  fidelity: {_fidelity_line(data['fidelity'])}")
 
 
 @main.command()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
 from modelstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
@@ -79,6 +80,35 @@ class BaseEntry(PayloadFields, BaseFields):
     """A base: θ0 (`pretrained`) or the merge θ* (`merged`)."""
 
 
+class FidelityCandidate(TypedDict):
+    """One setting a calibrated add-task evaluated: its bytes and how close it came to the original."""
+
+    setting: dict[str, Any]  # {"kind": ..., fft: "sparsify", "keep", "value_dtype", "dare_q"}
+    bytes: int
+    agreement: float
+    mean_kl: float
+    met: bool
+
+
+class FidelityRecord(TypedDict):
+    """How a calibrated add-task chose a task's setting and how close the stored task came to the
+    original on the calibration data (spec section 2, "Fidelity record"; readers ignore it)."""
+
+    metric: str  # "agreement" | "kl" | "dare-q" (the tuned DARE rescale only)
+    target: float | None  # min agreement or max mean KL; None for "dare-q"
+    met: bool
+    output: str  # "classification" | "causal-lm" | "custom"
+    agreement: float  # top-1 agreement with the original
+    mean_kl: float  # mean KL(original || stored) per prediction
+    examples: int
+    predictions: int
+    calibration_sha256: str
+    device: str
+    seconds: float
+    setting: dict[str, Any]
+    candidates: list[FidelityCandidate]
+
+
 class TaskEntry(PayloadFields, total=False):
     """A task: its kind (a key of the task-kind registry), the base it sits on, and what the kind records."""
 
@@ -94,6 +124,7 @@ class TaskEntry(PayloadFields, total=False):
     full_bytes: int
     adapter_config: dict[str, Any]
     files: dict[str, dict[str, Any]]  # the model's config files kept with it: name -> sha256, bytes
+    fidelity: FidelityRecord  # a calibrated add-task's choice (informative)
 
 
 class WriterInfo(TypedDict):
@@ -207,6 +238,9 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
             problem = "no kind, or a base the store lacks"
         if problem is None and not isinstance(t.get("params"), dict):
             problem = "no params"
+        if problem is None and "fidelity" in t:
+            problem = fidelity_problem(t["fidelity"])
+            problem = problem and f"fidelity record: {problem}"
         if problem:
             return f"task {name!r}: {problem}"
     return None
@@ -238,6 +272,66 @@ def _count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def _number(x: Any) -> bool:
+    """A finite JSON number (not a bool) that is >= 0."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _fraction(x: Any) -> bool:
+    return _number(x) and x <= 1
+
+
+def _setting(x: Any) -> bool:
+    return isinstance(x, dict) and isinstance(x.get("kind"), str)
+
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+METRICS = ("agreement", "kl", "dare-q")
+OUTPUTS = ("classification", "causal-lm", "custom")
+#: field -> (its test, what it must be): the fields of a fidelity record, and of each of its candidates.
+_Fields = dict[str, tuple[Callable[[Any], bool], str]]
+_CANDIDATE_FIELDS: _Fields = {
+    "setting": (_setting, "an object naming its kind"), "bytes": (_count, "a byte count"),
+    "agreement": (_fraction, "a fraction in [0, 1]"), "mean_kl": (_number, "a finite number >= 0"),
+    "met": (lambda x: isinstance(x, bool), "true or false")}
+_FIDELITY_FIELDS: _Fields = {
+    "metric": (lambda x: x in METRICS, f"one of {', '.join(METRICS)}"),
+    "target": (lambda x: x is None or _number(x), "a finite number >= 0 or null"),
+    "output": (lambda x: x in OUTPUTS, f"one of {', '.join(OUTPUTS)}"),
+    "examples": (_count, "a count"), "predictions": (_count, "a count"),
+    "calibration_sha256": (lambda x: isinstance(x, str) and bool(SHA256_RE.match(x)), "64 lowercase hex digits"),
+    "device": (lambda x: isinstance(x, str), "a string"), "seconds": (_number, "a finite number >= 0"),
+    "candidates": (lambda x: isinstance(x, list), "a list"),
+    **{k: v for k, v in _CANDIDATE_FIELDS.items() if k != "bytes"}}  # the stored setting's own measures
+
+
+def _fields_problem(record: Any, fields: _Fields) -> str | None:
+    if not isinstance(record, dict):
+        return "not an object"
+    for field, (sound, want) in fields.items():
+        if field not in record:
+            return f"{field} missing"
+        if not sound(record[field]):
+            return f"{field} {record[field]!r} is not {want}"
+    return None
+
+
+def fidelity_problem(record: Any) -> str | None:
+    """What is wrong with a task's fidelity record (spec section 2), naming the field, or None.
+    Fields the record has beyond these are allowed (a later writer's)."""
+    problem = _fields_problem(record, _FIDELITY_FIELDS)
+    if problem:
+        return problem
+    metric, target = record["metric"], record["target"]
+    if (target is None) != (metric == "dare-q") or (metric == "agreement" and not _fraction(target)):
+        return f"target {target!r} does not suit metric {metric!r}"
+    for i, c in enumerate(record["candidates"]):
+        problem = _fields_problem(c, _CANDIDATE_FIELDS)
+        if problem:
+            return f"candidates[{i}]: {problem}"
+    return None
+
+
 def task_bases(entry: TaskEntry) -> list[str]:
     """Every base a task reads: its `base`, then the others its `bases` lists (spec section 2)."""
     return list(entry.get("bases", [entry["base"]]))
@@ -264,5 +358,6 @@ def same_content(a: PayloadFields | BaseEntry | TaskEntry, b: PayloadFields | Ba
 
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArrayInfo", "TableEntry", "PayloadFields", "BaseEntry", "TaskEntry",
-           "WriterInfo", "Manifest", "now", "new_manifest", "check_manifest", "parse_manifest", "manifest_checksum",
+           "WriterInfo", "Manifest", "FidelityRecord", "FidelityCandidate", "fidelity_problem", "now", "new_manifest",
+           "check_manifest", "parse_manifest", "manifest_checksum",
            "seal", "task_bases", "table_digest", "same_content", "payload_paths"]

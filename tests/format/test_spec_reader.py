@@ -55,6 +55,7 @@ def stores(bert_models, tmp_path_factory):
     s = modelstore.build(merged, pre, {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
     variants = {"per-tensor": dict(granularity="per-tensor", value_dtype="float32"),
                 "dare": dict(keep=0.3, sparsify="dare", seed=5, value_dtype="bfloat16"),
+                "dare-q": dict(keep=0.05, sparsify="dare", dare_q=0.03, value_dtype="int4", group_size=8),
                 "int8": dict(value_dtype="int8", group_size=16),
                 "int4": dict(keep=0.2, value_dtype="int4", group_size=8),
                 "bitdelta": dict(kind="bitdelta")}

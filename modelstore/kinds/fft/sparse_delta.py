@@ -106,6 +106,7 @@ class FFTOptions:
     group_size: int = 128
     sparsify: str = "magnitude"
     seed: int = 0
+    dare_q: float | None = None  # DAREx-q: kept values rescaled by 1/q instead of 1/keep
     budget: float | None = None  # bits per parameter: choose keep and value dtype (kinds/fft/budget.py)
     max_rel_error: float | None = None  # or: the fewest bits meeting this predicted relative error
 
@@ -124,6 +125,11 @@ class FFTOptions:
             raise InputError(f"--sparsify must be one of {', '.join(SPARSIFIERS)}, not {self.sparsify!r}")
         if not _whole(self.seed) or not 0 <= self.seed < 1 << 62:
             raise InputError(f"--seed must be a whole number in [0, 2**62), got {self.seed!r}")
+        if self.dare_q is not None and (not isinstance(self.dare_q, (int, float)) or isinstance(self.dare_q, bool)
+                                        or not 0.0 < self.dare_q <= 1.0 or math.isnan(self.dare_q)):
+            raise InputError(f"--dare-q must be a number in (0, 1], got {self.dare_q!r} (kept values scale by 1/q)")
+        if self.dare_q is not None and self.sparsify != "dare":
+            raise InputError("--dare-q rescales DARE's kept values; give it with --sparsify dare")
         if self.sparsify == "dare" and self.granularity != "global":
             raise InputError("--granularity applies to --sparsify magnitude; DARE drops each entry on its own")
         for flag, v, top in (("--budget", self.budget, math.inf), ("--max-rel-error", self.max_rel_error, 1.0)):
@@ -151,6 +157,8 @@ FFT_DECLARED = (
     Option("sparsify", "magnitude", "which entries are kept: the top-m magnitudes, or DARE's random drop with "
            "probability 1-m and rescale by 1/m", choices=SPARSIFIERS),
     Option("seed", 0, "--sparsify dare: seed of the random drop (tensor i draws from seed + i)"),
+    Option("dare_q", None, "--sparsify dare: scale the kept values by 1/q instead of 1/m (DAREx-q), q in (0, 1] "
+           "[default: m]", value_type=float),
     Option("budget", None, "bits per parameter for the task: keep and the value dtype (among --value-dtype, "
            "else float16/bfloat16, int8, int4) are chosen for the least predicted weight-space error",
            value_type=float),
@@ -578,7 +586,7 @@ class SparseDelta(TaskKind):
             # one pass over the sparse tensors, the base streamed once (none when `picked` holds the entries)
             stream = deltas.blocks() if picked is None else iter(())
             for n in sparse:
-                pick = dare_picker(opts.keep, seeds[n]) if dare else _magnitude_picker(
+                pick = dare_picker(opts.keep, seeds[n], opts.dare_q) if dare else _magnitude_picker(
                     keeper or find_cut(kept_count(opts.keep, sizes[n]), functools.partial(deltas.bits, [n])).keeper())
                 blocks = len(row_blocks(source.shape(n), BLOCK_ELEMENTS))
                 parts = picked.of(n) if picked is not None else (
@@ -632,6 +640,8 @@ class SparseDelta(TaskKind):
             params["group_size"] = opts.group_size
         if dare:
             params.update(sparsify="dare", seed=opts.seed)
+            if opts.dare_q is not None:  # absent: 1/keep, as every task written before dare_q
+                params["dare_q"] = opts.dare_q
         if chosen is not None:
             params["budget"] = {"bits_per_param": opts.budget, "max_rel_error": opts.max_rel_error,
                                 "predicted_bits_per_param": chosen.bits_per_param,
