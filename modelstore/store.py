@@ -761,6 +761,7 @@ class Store:
         runner = Runner(name, calibration, config_json, tokenizer, dev, main_dtype, progress)
         info = source_info(ck)
         bases = self.manifest["bases"]
+        used: dict[str, dict[str, BaseEntry]] = {}  # payload -> the bases it was written against
 
         def write(setting: Setting) -> tuple[dict[str, Any], str]:
             k = checkpoint_kind(setting["kind"])
@@ -772,9 +773,10 @@ class Store:
             if any(b not in bases for b in ids):
                 raise Skip
             opts = k.parse_options({key: v for key, v in setting.items() if key != "kind" and v is not None})
-            entry, payload = self._write_task_payload(name, k, ck, opts, base=wanted, source_info=info,
-                                                      progress=False)
-            return cast(dict[str, Any], entry), payload
+            written = self._write_task_payload(name, k, ck, opts, base=wanted, source_info=info,
+                                               overwrite=overwrite)
+            used[written.path] = written.bases
+            return cast(dict[str, Any], written.entry), written.path
 
         def tensors(entry: dict[str, Any]) -> Tensors:
             return lambda check: self._tensors(name, cast(TaskEntry, entry), dev, None, check)
@@ -783,10 +785,7 @@ class Store:
         entry, payload = choose(name, calibration, target, runner, checkpoint_tensors(ck, dev), side,
                                 full_bytes=ck.nbytes(), float_dtype="bfloat16" if main_dtype == torch.bfloat16
                                 else "float16", dare=dare)
-        try:
-            return self._commit_task(name, cast(TaskEntry, entry), payload, overwrite)
-        finally:
-            del runner
+        return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
 
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
                       energy: float | None = None, pretrained: str | os.PathLike[str] | None = None,

@@ -1,0 +1,201 @@
+"""Calibrated add-task on small real transformers classifiers: a task whose few large delta entries
+carry it (magnitude must win) and one of small dense deltas (DARE must win); the recorded
+agreement recomputed here one text at a time; the exact fallback; bad calibration data refused
+before anything is stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TEXTS, make_tokenizer, tiny_bert_config
+
+import modelstore
+from modelstore.cli import main
+
+WORDS = " ".join(TEXTS).split()
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(n)]
+
+
+def _jsonl(path, texts) -> str:
+    with open(path, "w") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+    """A pre-trained 3-label BERT classifier (wide FFN: its dense layers sum 2048 activations) and
+    two fine-tunes saved with the tokenizer: "spiky" (60 large changes) and "dense" (every entry
+    of both FFN output layers moved a little, the same way per output row)."""
+    from transformers import BertForSequenceClassification
+    root = tmp_path_factory.mktemp("cal")
+    tok = make_tokenizer("bert")
+    cfg = tiny_bert_config(vocab_size=len(tok), hidden_size=32, intermediate_size=2048, num_labels=3,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(cfg).eval()
+    sd0 = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    spiky, dense = dict(sd0), dict(sd0)
+    for k in ("classifier.weight", "bert.encoder.layer.1.output.dense.weight"):
+        flat = sd0[k].clone().view(-1)
+        idx = torch.randperm(flat.numel(), generator=g)[:30]
+        flat[idx] += torch.randn(30, generator=g) * 3.0
+        spiky[k] = flat.view(sd0[k].shape)
+    for layer in (0, 1):
+        k = f"bert.encoder.layer.{layer}.output.dense.weight"
+        w = sd0[k]
+        dense[k] = w + 0.002 * torch.randn(w.shape[0], 1, generator=g) * (1 + 0.1 * torch.rand(w.shape, generator=g))
+    out = {"cfg": cfg, "tok": tok}
+    for name, sd in (("pre", sd0), ("spiky", spiky), ("dense", dense)):
+        m.load_state_dict(sd)
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    out["cal"] = _jsonl(root / "cal.jsonl", _texts(128, 0))
+    out["held"] = _texts(128, 1)
+    return out
+
+
+def _store(classifiers, tmp_path) -> modelstore.Store:
+    url = str(tmp_path / "s")
+    modelstore.init(url, classifiers["pre"])
+    return modelstore.open(url, mode="a")
+
+
+def _independent(original: str, model, texts: list[str], tok) -> tuple[float, float]:
+    """Agreement and mean KL of `model` against the original, one text at a time, no padding."""
+    from transformers import BertForSequenceClassification
+    ref = BertForSequenceClassification.from_pretrained(original).eval()
+    agree, kl = 0, 0.0
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            p = ref(**enc).logits[0].double().log_softmax(-1)
+            q = model(**enc).logits[0].double().log_softmax(-1)
+            agree += int(p.argmax() == q.argmax())
+            kl += float((p.exp() * (p - q)).sum())
+    return agree / len(texts), kl / len(texts)
+
+
+def _payload_dirs(store: modelstore.Store, task: str) -> list[str]:
+    root = os.path.join(store.url, "tasks", task)
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+
+
+@pytest.mark.parametrize("task, sparsify, target", [("spiky", "magnitude", 0.99), ("dense", "dare", 0.95)])
+def test_the_choice_follows_the_delta_and_its_record_is_what_a_forward_pass_measures(
+        classifiers, tmp_path, task, sparsify, target):
+    s = _store(classifiers, tmp_path)
+    entry = s.add_task(task, classifiers[task], calibration=classifiers["cal"], min_agreement=target)
+    f = entry["fidelity"]
+    assert entry["kind"] == "fft" and f["setting"]["sparsify"] == sparsify, f["candidates"]
+    assert f["metric"] == "agreement" and f["target"] == target and f["met"] and f["agreement"] >= target
+    assert f["examples"] == f["predictions"] == 128 and f["output"] == "classification" and f["device"] == "cpu"
+    assert f["calibration_sha256"] == __import__("hashlib").sha256(open(classifiers["cal"], "rb").read()).hexdigest()
+    # the chosen candidate is the cheapest of those tried that met the target, and it is what is stored
+    met = [c for c in f["candidates"] if c["met"]]
+    assert min(c["bytes"] for c in met) == entry["bytes"]
+    assert all(c["bytes"] >= entry["bytes"] for c in met)
+    # its recorded agreement and KL, recomputed from the stored task
+    stored = modelstore.load_model(task, modelstore.open(s.url))
+    texts = [json.loads(line)["text"] for line in open(classifiers["cal"])]
+    agreement, kl = _independent(classifiers[task], stored, texts, classifiers["tok"])
+    assert abs(agreement - f["agreement"]) <= 1 / 128  # padding may move a near-tie
+    assert f["mean_kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    # on texts it was not chosen on, it still agrees with the original about as well
+    held, _ = _independent(classifiers[task], stored, classifiers["held"], classifiers["tok"])
+    assert held >= target - 0.05
+    # only the chosen payload is left, and the store checks clean
+    assert _payload_dirs(s, task) == [entry["path"].rsplit("/", 1)[-1]]
+    assert not modelstore.open(s.url).check().problems
+
+
+def test_an_unreachable_target_is_met_by_the_exact_kind(classifiers, tmp_path):
+    s = _store(classifiers, tmp_path)
+    entry = s.add_task("spiky", classifiers["spiky"], calibration=classifiers["cal"], max_kl=1e-15)
+    f = entry["fidelity"]
+    assert entry["kind"] == "exact" and f["setting"] == {"kind": "exact"} and f["met"]
+    assert f["metric"] == "kl" and f["mean_kl"] == 0 and f["agreement"] == 1
+    assert len(f["candidates"]) > 1 and not any(c["met"] for c in f["candidates"][:-1])
+    from safetensors.torch import load_file
+    want = load_file(os.path.join(classifiers["spiky"], "model.safetensors"))
+    got = modelstore.open(s.url).load("spiky")
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_dare_rescale_tuned_on_the_calibration_data(classifiers, tmp_path):
+    s = _store(classifiers, tmp_path)
+    entry = s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], sparsify="dare", keep=0.05,
+                       value_dtype="int4")
+    f = entry["fidelity"]
+    assert f["metric"] == "dare-q" and f["target"] is None and f["setting"]["keep"] == 0.05
+    assert entry["params"].get("dare_q") == f["setting"].get("dare_q")  # None: 1/m was best
+    assert len(_payload_dirs(s, "dense")) == 1
+
+
+def test_the_cli_calibrates_and_info_shows_the_promise(classifiers, tmp_path):
+    s = _store(classifiers, tmp_path)
+    r = CliRunner().invoke(main, ["add-task", s.url, "spiky", classifiers["spiky"], "--calibration",
+                                  classifiers["cal"], "--min-agreement", "0.99", "--max-examples", "64", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["task"] == "spiky"
+    info = CliRunner().invoke(main, ["info", s.url, "spiky"])
+    assert "fidelity: agreement" in info.output and "on 64 calibration examples" in info.output, info.output
+
+
+def test_build_calibrates_the_tasks_it_is_given_data_for(classifiers, tmp_path):
+    url = str(tmp_path / "b")
+    r = CliRunner().invoke(main, ["build", url, "--pretrained", classifiers["pre"], "--task",
+                                  f"spiky={classifiers['spiky']}", "--task", f"dense={classifiers['dense']}",
+                                  "--calibration", f"spiky={classifiers['cal']}", "--min-agreement", "0.99"])
+    assert r.exit_code == 0, r.output
+    s = modelstore.open(url)
+    assert s.entry("spiky")["fidelity"]["met"] and "fidelity" not in s.entry("dense")
+
+
+@pytest.mark.parametrize("content, what", [
+    ("", "no examples"),
+    ("\x00\x9f\x92 not text", "not UTF-8"),
+    ('{"txt": "a cat"}\n', 'not a JSON object with a "text"'),
+])
+def test_bad_calibration_data_is_one_line_and_stores_nothing(classifiers, tmp_path, content, what):
+    s = _store(classifiers, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content.encode("utf-8", "surrogateescape") if "\x9f" not in content else content.encode("latin-1"))
+    r = CliRunner().invoke(main, ["add-task", s.url, "dense", classifiers["dense"], "--calibration", str(bad)])
+    assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
+    assert modelstore.open(s.url).tasks() == [] and _payload_dirs(s, "dense") == []
+
+
+def test_calibration_of_a_model_without_predictions_is_refused(bert_models, classifiers, tmp_path):
+    url = str(tmp_path / "bare")
+    modelstore.init(url, bert_models["pre"])
+    r = CliRunner().invoke(main, ["add-task", url, "alpha", bert_models["tasks"]["alpha"], "--calibration",
+                                  classifiers["cal"]])
+    assert r.exit_code == 1 and "BertModel, whose outputs are not predictions" in r.output, r.output
+    assert r.output.count("\n") == 1 and modelstore.open(url).tasks() == []
+
+
+def test_options_that_calibration_chooses_are_refused(classifiers, tmp_path):
+    s = _store(classifiers, tmp_path)
+    for kwargs, what in [({"keep": 0.05}, "--keep is chosen by --calibration"),
+                         ({"kind": "exact"}, "--kind is chosen by --calibration"),
+                         ({"min_agreement": 1.5}, "--min-agreement must be a fraction"),
+                         ({"min_agreement": 0.9, "max_kl": 0.1}, "not both")]:
+        with pytest.raises(modelstore.InputError, match=what):
+            s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], **kwargs)
+    with pytest.raises(modelstore.InputError, match="apply with --calibration"):
+        s.add_task("dense", classifiers["dense"], min_agreement=0.9)
+    assert s.tasks() == []
