@@ -198,7 +198,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             yield n, t0
 
     specs = [(n, base_ck.shape(n), base_ck.dtype(n)) for n in base_ck.names()]
-    out.write_base(base_id, specs, base_tensors(), fields, base_ck.side_files)
+    out._write_base(base_id, specs, base_tensors(), fields, base_ck.side_files)
     if keep_theta0:
         out.add_pretrained(pretrained, progress)
     for name, ck in task_cks.items():

@@ -15,11 +15,10 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from itertools import chain
-from typing import Any, Literal, TypeVar, cast, overload
+from typing import Any, Literal, NamedTuple, TypeVar, cast, overload
 
 import torch
 
-from modelstore._runtime.heap import release_free_memory
 from modelstore._runtime.prefetch import read_ahead
 from modelstore._runtime.progress import bar
 from modelstore._runtime.units import parse_size
@@ -47,7 +46,7 @@ from modelstore.format.manifest import (
     same_content,
     task_bases,
 )
-from modelstore.format.paths import base_dir, check_task_name, new_payload_dir, task_dir
+from modelstore.format.paths import base_dir, check_task_name, task_dir
 from modelstore.format.payload import (
     PayloadFields,
     PayloadReader,
@@ -68,7 +67,6 @@ from modelstore.kinds.base import Edit, Replace
 from modelstore.serving import switching
 from modelstore.serving.modules import ModuleTensors, Placement
 from modelstore.storage import Location
-from modelstore.storage.commits import WRITER_ID, UncertainCommit, commit
 from modelstore.storage.garbage import GcReport, collect, parse_duration
 from modelstore.storage.integrity import (
     CheckReport,
@@ -77,7 +75,7 @@ from modelstore.storage.integrity import (
     read_model_files,
     write_model_files,
 )
-from modelstore.storage.leases import Lease
+from modelstore.storage.transaction import Transactions
 from modelstore.storage.transfer import SyncReport, sync
 
 TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
@@ -124,7 +122,7 @@ class Store:
         self._bases: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
         #: (base id, payload path, device) of bases streamed once: the next load keeps them
         self._streamed: set[tuple[str, str, str]] = set()
-        self._leases: dict[str, Lease] = {}  # of this writer's payloads in flight
+        self._txn = Transactions(self.loc)  # this writer's payloads in flight
 
     @classmethod
     def create(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -229,7 +227,7 @@ class Store:
             raise CorruptStoreError(f"{self.url}: base {base_id!r} is not in the manifest")
         return b
 
-    def stored_base(self, base_id: str) -> PayloadReader:
+    def _stored_base(self, base_id: str) -> PayloadReader:
         """The base as a TensorSource read tensor by tensor (bounded memory, for writers)."""
         return self._payload(self._base_entry(base_id), f"base {base_id!r}")
 
@@ -461,63 +459,17 @@ class Store:
 
     # -- writing ---------------------------------------------------------------
     def _commit(self, change: Callable[[Manifest], Manifest], payload: str | None = None) -> Manifest:
-        """Publish `change` (commits.commit), vouching for `payload`, this writer's own directory;
-        on failure delete it, unless the publish may have happened. Either way its lease ends."""
+        """Publish `change`, vouching for `payload`, this writer's own directory (Transactions.commit)."""
         self._require_writable()
-        lease = self._leases.pop(payload, None) if payload is not None else None
-        try:
-            self.manifest = commit(self.loc, change, create=not self.manifest["bases"], payload=payload, lease=lease)
-        except UncertainCommit:
-            raise
-        except BaseException:
-            if payload is not None:
-                if lease is not None:
-                    lease.release()  # first, so that the folder it leaves empty goes too
-                self.loc.discard(payload)
-            raise
-        finally:
-            if lease is not None:
-                lease.release()
+        self.manifest = self._txn.commit(change, payload, create=not self.manifest["bases"])
         return self.manifest
 
     def _require_writable(self) -> None:
         if self.mode != "a":
             raise InputError(f"{self.url} is open read-only; open it with modelstore.open(url, mode=\"a\") to write")
 
-    def _new_payload(self, parent: str) -> PayloadWriter:
-        """A new payload directory under `parent`, leased first so that gc leaves it alone until
-        its commit (storage/leases.py; not on the Hub, where it is staged off the location)."""
-        self._require_writable()
-        rel = new_payload_dir(parent)
-        if not self.loc.stages_locally:
-            self._leases[rel] = Lease(self.loc, rel, WRITER_ID)
-        try:
-            return PayloadWriter(rel, self.loc.create_group(rel))
-        except BaseException:
-            self._end_lease(rel)
-            raise
-
-    def _end_lease(self, rel: str) -> None:
-        lease = self._leases.pop(rel, None)
-        if lease is not None:
-            lease.release()
-
-    def _written(self, out: PayloadWriter, fill: Callable[[PayloadWriter], Any]) -> Any:
-        """Run `fill(out)`; if it fails, `out`'s directory (this writer's own) is deleted. Either
-        way, what the write freed goes back to the kernel (modelstore/_runtime/heap.py)."""
-        try:
-            with self.loc.errors(f"write {out.path}"):
-                return fill(out)
-        except BaseException:
-            out.abandon()
-            self._end_lease(out.path)
-            self.loc.discard(out.path)
-            raise
-        finally:
-            release_free_memory()
-
-    def write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                   fields: BaseFields, files: Mapping[str, str] | None = None) -> BaseEntry:
+    def _write_base(self, base_id: str, specs: Sequence[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
+                    fields: BaseFields, files: Mapping[str, str] | None = None) -> BaseEntry:
         """Stream `tensors` (in `specs` order) into a new base `base_id` and commit it.
 
         `fields` are the base entry's descriptive fields (kind, merge, selection, source, codec...);
@@ -526,7 +478,8 @@ class Store:
         Raises:
             ConflictError: the store got a different `base_id` base meanwhile.
         """
-        out = self._new_payload(base_dir(base_id))
+        self._require_writable()
+        out = self._txn.new_payload(base_dir(base_id))
 
         def fill(out: PayloadWriter) -> BaseEntry:
             out.declare_dense("data", ((shape, dt) for _, shape, dt in specs),
@@ -540,7 +493,7 @@ class Store:
                 entry["files"] = kept
             return entry
 
-        entry: BaseEntry = self._written(out, fill)
+        entry = self._txn.written(out, fill)
 
         def change(m: Manifest) -> Manifest:
             if base_id in m["bases"]:
@@ -567,9 +520,9 @@ class Store:
         codec = first.get("codec") if first is not None else None
         if codec is not None:  # the store's base codec choice holds for θ0 too
             fields["codec"] = codec
-        return self.write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
-                               ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
-                               fields, ck.side_files)
+        return self._write_base("pretrained", [(n, ck.shape(n), ck.dtype(n)) for n in ck.names()],
+                                ((n, ck.get(n)) for n in bar(ck.names(), "pretrained base", progress)),
+                                fields, ck.side_files)
 
     def model_files(self, base_id: str) -> dict[str, bytes]:
         """The tokenizer and generation files kept with base `base_id` (name -> content), checked.
@@ -594,8 +547,8 @@ class Store:
 
         return self._reading_task(task, read)
 
-    def write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
-                   source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:
+    def _write_task(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
+                    source_info: Mapping[str, str], overwrite: bool = False, progress: bool = False) -> TaskEntry:
         """Write task `name` with task kind `kind` from its input `source`, and commit it.
 
         The kind compresses `source` against the base it chooses (`base` when the user picked
@@ -618,6 +571,17 @@ class Store:
             InputError: a bad input or option, or a base the store lacks.
             TaskExistsError: the task exists and not `overwrite`.
         """
+        written = self._write_task_payload(name, kind, source, options, base=base, source_info=source_info,
+                                           overwrite=overwrite, progress=progress)
+        return self._commit_task(name, *written, overwrite=overwrite)
+
+    def _write_task_payload(self, name: str, kind: TaskKind, source: Any, options: Any, *, base: str | None = None,
+                            source_info: Mapping[str, str], overwrite: bool = False,
+                            progress: bool = False) -> TaskPayload:
+        """`_write_task` up to its commit: the payload written and sealed, leased (gc leaves it
+        alone) until `_commit_task` or `_discard_payload`. Several may be written for one name,
+        each read back with `_tensors(name, payload.entry, ...)` before one is committed.
+        `overwrite=False` refuses a name the store has before anything is written."""
         self._require_writable()
         check_task_name(name)
         self._refresh()
@@ -631,22 +595,31 @@ class Store:
                     if b == "pretrained" else ""
                 raise InputError(f"{self.url} has no {b} base, which {kind.title} reads{hint}; it has: "
                                  f"{', '.join(bases) or 'none'}")
-        used = {b: bases[b] for b in ids}
         base_entry = bases[base_id]
-        stored = self.stored_base(base_id) if len(ids) == 1 else \
-            WithOtherBases(self.stored_base(base_id), {b: self.stored_base(b) for b in ids[1:]})
+        stored = self._stored_base(base_id) if len(ids) == 1 else \
+            WithOtherBases(self._stored_base(base_id), {b: self._stored_base(b) for b in ids[1:]})
         config = task_config_file(source)  # checked before anything is written
-        out = self._new_payload(task_dir(name))
-        # the kind's own TaskEntry fields (its write returns them as a plain dict) and the payload's
-        fields: TaskEntry = self._written(out, lambda out: {
+        out = self._txn.new_payload(task_dir(name))
+        fields = self._txn.written(out, lambda out: {
             **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish(),
             **({"files": write_model_files(self.loc, out.path, config)} if config else {})})
-        entry: TaskEntry = {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info)}
+        # the kind's own TaskEntry fields (its write returns them as a plain dict) and the payload's
+        entry = cast(TaskEntry, {"kind": kind.name, "base": base_id, **fields, "source": dict(source_info)})
         if len(ids) > 1:
             entry["bases"] = ids
+        return TaskPayload(entry, out.path, {b: bases[b] for b in ids})
 
+    def _commit_task(self, name: str, entry: TaskEntry, payload: str, used_bases: Mapping[str, BaseEntry],
+                     overwrite: bool = False) -> TaskEntry:
+        """Commit `payload` (from `_write_task_payload`) as task `name` with manifest entry `entry`;
+        if that fails it is deleted, unless the publish may have happened. Its lease ends either way.
+
+        Raises:
+            ConflictError: a base of `used_bases` (those it was written against) changed meanwhile.
+            TaskExistsError: another writer added task `name` meanwhile and not `overwrite`.
+        """
         def change(m: Manifest) -> Manifest:
-            for b, was in used.items():
+            for b, was in used_bases.items():
                 now_base = m["bases"].get(b)
                 if now_base is None or now_base["path"] != was["path"] or not same_content(now_base, was):
                     raise ConflictError(f"{self.url}: the {b} base changed while task {name!r} was written against "
@@ -657,8 +630,12 @@ class Store:
             m["tasks"][name] = entry
             return m
 
-        self._commit(change, out.path)
+        self._commit(change, payload)
         return entry
+
+    def _discard_payload(self, payload: str) -> None:
+        """Delete `payload`, written by `_write_task_payload` and not committed, ending its lease."""
+        self._txn.discard(payload)
 
     def add_task(self, name: str, path: str | os.PathLike[str] | Checkpoint, *, kind: str | None = None,
                  keep: float | None = None, granularity: str | None = None, value_dtype: str | None = None,
@@ -723,7 +700,7 @@ class Store:
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(os.fspath(path))
         if pretrained is not None and "pretrained" not in self.manifest["bases"]:
             self.add_pretrained(pretrained, progress)
-        return self.write_task(name, k, ck, opts, base=base, source_info=source_info(ck),
+        return self._write_task(name, k, ck, opts, base=base, source_info=source_info(ck),
                                 overwrite=overwrite, progress=progress)
 
     def _add_calibrated(self, name: str, path: str | os.PathLike[str] | Checkpoint, kind: str | None,
@@ -820,7 +797,7 @@ class Store:
                 raise InputError(f"{self.url} keeps no pre-trained base (θ0), which LoRA tasks sit on; "
                                  "pass --pretrained PATH (the model this store was built from) once")
             self.add_pretrained(pretrained, progress)
-        return self.write_task(name, get_kind("lora"), source, opts, base=None, source_info=source.source_info(),
+        return self._write_task(name, get_kind("lora"), source, opts, base=None, source_info=source.source_info(),
                                 overwrite=overwrite, progress=progress)
 
     def remove(self, name: str) -> None:
@@ -854,6 +831,14 @@ class Store:
         """Copy this store's tasks (all, or `tasks`) and their bases to `dst`; see `modelstore.sync`."""
         return sync(self.url, os.fspath(dst), tasks=tasks, delete=delete, dry_run=dry_run,
                     src_options=self.storage_options or None, dst_options=dst_options, on_bytes=on_bytes)
+
+
+class TaskPayload(NamedTuple):
+    """A task's payload written and sealed but not committed (`Store._write_task_payload`)."""
+
+    entry: TaskEntry  #: the manifest entry its commit publishes
+    path: str  #: its directory, leased until it is committed or discarded
+    bases: dict[str, BaseEntry]  #: the base entries it was written against; its commit needs them unchanged
 
 
 def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any]) -> Target | None:
@@ -895,7 +880,7 @@ class _BaseTensors:
         self.others: dict[str, _BaseTensors] = {}
         self._cached = store._cached_base(base_id, device) if fill_cache else store._kept_base(base_id, device)
         if self._cached is None:
-            reader = store.stored_base(base_id)
+            reader = store._stored_base(base_id)
             self._segments = reader.stream(device)
             self._specs = reader.specs()
             self._stream = read_ahead(_read_all(self._segments, reader.table))
@@ -960,7 +945,7 @@ class _SwitchSource:
 
     @cached_property
     def _base(self) -> PayloadReader:
-        return self.store.stored_base(self.base_id)
+        return self.store._stored_base(self.base_id)
 
     @cached_property
     def _dtypes(self) -> dict[str, torch.dtype]:

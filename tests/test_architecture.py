@@ -195,7 +195,7 @@ def test_a_new_kind_is_one_class_and_one_registry_entry(bert_models, tmp_path, m
     modelstore.init(url, bert_models["pre"])
     s = modelstore.open(url, mode="a")
     ck = open_checkpoint(bert_models["tasks"]["alpha"])
-    s.write_task("w", kinds.get_kind("whole"), ck, None, source_info=source_info(ck))
+    s._write_task("w", kinds.get_kind("whole"), ck, None, source_info=source_info(ck))
     got = modelstore.open(url).load("w")
     assert all(torch.equal(got[k], v) for k, v in bert_models["sds"]["alpha"].items())
     rows = CliRunner().invoke(main, ["ls", url, "--json"]).output

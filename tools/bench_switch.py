@@ -155,7 +155,7 @@ def run(root: str, a: argparse.Namespace) -> dict:
         r["rows"].append(row)
     attn = [n for n in params if ".attn." in n]
     kept = {n: params[n].detach().clone() for n in attn}
-    base = store.stored_base("pretrained")
+    base = store._stored_base("pretrained")
     with torch.no_grad():
         r["lora_restore"] = {
             "entries": sum(kept[n].numel() for n in attn),

@@ -60,7 +60,7 @@ def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:
     """The full weights a PEFT adapter makes of the store's θ0 (the task's base): θ0 + s·B·A per
     adapted weight (transposed for fan_in_fan_out and embedding layouts), saved tensors replacing
     theirs. Only the adapted weights are held; the rest is read from θ0 when asked for."""
-    base = store.stored_base(store.entry(task)["base"])
+    base = store._stored_base(store.entry(task)["base"])
     adapter = resolve_names(AdapterInput.read(path).adapter, base.names(),
                             {n: base.shape(n) for n in base.names()})
     merged: dict[str, torch.Tensor] = {}

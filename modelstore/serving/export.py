@@ -75,7 +75,7 @@ def _unkept(store: Store, task: str) -> frozenset[str]:
     try:
         cls, config = task_architecture(store, task)
         base = store.entry(task)["base"]
-        names = store.kind(task).output_names(store.table(task), store.stored_base(base).names())
+        names = store.kind(task).output_names(store.table(task), store._stored_base(base).names())
         return placement(task, names, cls, config).dropped
     except InputError:
         return frozenset()

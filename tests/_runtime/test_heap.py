@@ -24,10 +24,10 @@ def test_free_memory_in_the_middle_of_the_heap_goes_back_to_the_kernel():
 
 def test_a_write_releases_what_it_freed_whether_it_commits_or_fails(store2, bert_models, monkeypatch):
     import modelstore
-    from modelstore import store as store_module
     from modelstore.kinds.fft.sparse_delta import SparseDelta
+    from modelstore.storage import transaction
     calls = []
-    monkeypatch.setattr(store_module, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(transaction, "release_free_memory", lambda: calls.append(1))
     s = modelstore.open(store2, mode="a")
     s.add_task("gamma", bert_models["tasks"]["gamma"], keep=0.1)
     assert len(calls) == 1

@@ -233,7 +233,7 @@ def test_s3_writer_whose_payload_gc_collects_while_it_backs_off_publishes_nothin
     modelstore.init(url, bert_models["pre"], storage_options=s3_server)
     marker = tmp_path / "written"
     patch = STARVED + textwrap.dedent(f"""
-        import time, modelstore.storage.commits as c, modelstore.store as st
+        import time, modelstore.storage.commits as c, modelstore.storage.transaction as st
         real = c.commit
         st.commit = lambda *a, **k: (open({str(marker)!r}, "w").close(), time.sleep(4), real(*a, **k))[2]
     """)
