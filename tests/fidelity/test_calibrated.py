@@ -118,7 +118,7 @@ def test_the_choice_follows_the_delta_and_its_record_is_what_a_forward_pass_meas
     assert held >= target - 0.05
     # only the chosen payload is left, and the store checks clean
     assert _payload_dirs(s, task) == [entry["path"].rsplit("/", 1)[-1]]
-    assert not modelstore.open(s.url).check().problems
+    assert modelstore.open(s.url).check().ok
 
 
 def test_an_unreachable_target_is_met_by_the_exact_kind(classifiers, tmp_path):
@@ -126,7 +126,7 @@ def test_an_unreachable_target_is_met_by_the_exact_kind(classifiers, tmp_path):
     entry = s.add_task("spiky", classifiers["spiky"], calibration=classifiers["cal"], max_kl=1e-15)
     f = entry["fidelity"]
     assert entry["kind"] == "exact" and f["setting"] == {"kind": "exact"} and f["met"]
-    assert f["metric"] == "kl" and f["mean_kl"] == 0 and f["agreement"] == 1
+    assert f["metric"] == "kl" and f["mean_kl"] < 1e-12 and f["agreement"] == 1
     assert len(f["candidates"]) > 1 and not any(c["met"] for c in f["candidates"][:-1])
     from safetensors.torch import load_file
     want = load_file(os.path.join(classifiers["spiky"], "model.safetensors"))
