@@ -109,7 +109,7 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
                 assert fid["setting"]["sparsify"] == "dare" and fid["setting"]["keep"] == 0.01
                 assert fid["setting"]["value_dtype"] == "int4" and 0 < fid["setting"]["dare_q"] <= 1
     md = (tmp_path / "results.md").read_text()
-    assert md.split("## Calibration-driven selection")[1].count("\n| ") == 1 + 2 * len(TASKS)
+    assert md.split("## Calibration-driven selection")[1].count("\n| ") == 2 + 2 + 2 + 2 * len(TASKS)
     assert frontier.run(cfg, plan, tmp_path) == results
 
 
@@ -131,13 +131,14 @@ def test_the_report_shows_each_choice_and_whether_the_test_agreement_held(tmp_pa
     text = report([single, calibrated], ("rt", "trump"))
     main, selection = text.split("## Calibration-driven selection")
     assert "| Calibrated | agreement ≥ 0.99 | 0.100 | **80.0** | 80.0 | 80.0 |" in main
-    lines = selection.strip().splitlines()
-    assert len(lines) == 4
+    summary, per_task = (part.strip().splitlines() for part in selection.split("\n\n") if part.strip())
+    assert summary[2:] == ["| Calibrated | agreement ≥ 0.99 | 0.100 | 80.0 | 1/2 | 0/2 | 0.9725 | 44 |"]
+    assert len(per_task) == 4
     # within 0.02 of the calibration agreement, but under the target
-    assert lines[2] == ("| Calibrated | agreement ≥ 0.99 | rt | dare int4 m2 q0.03 | 2 | 41 | 0.100 | 0.9960 | 0.9850 "
-                        "| yes | **no** | 80.0 |")
-    assert lines[3] == ("| Calibrated | agreement ≥ 0.99 | trump | exact | 2 | 3 | 0.100 | 0.9990 | 0.9600 | **no** "
-                        "| **no** | 80.0 |")
+    assert per_task[2] == ("| Calibrated | agreement ≥ 0.99 | rt | dare int4 m2 q0.03 | 2 | 41 | 0.100 | 0.9960 "
+                           "| 0.9850 | yes | **no** | 80.0 |")
+    assert per_task[3] == ("| Calibrated | agreement ≥ 0.99 | trump | exact | 2 | 3 | 0.100 | 0.9990 | 0.9600 "
+                           "| **no** | **no** | 80.0 |")
     assert "Calibration-driven" not in report([single], ("rt", "trump"))
     plot([single, calibrated], tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 1000
