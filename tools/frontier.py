@@ -386,7 +386,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         x, y = [p[0] for p in pts], [p[1] for p in pts]
         color = plt.cm.tab20(i % 20)
         if method == "Calibrated":
-            ax.plot(x, y, ls="none", marker="*", markersize=14, color=color, markeredgecolor="k", label=method,
+            ax.plot(x, y, ls="none", marker="*", markersize=14, color="gold", markeredgecolor="k", label=method,
                     zorder=3)  # fmt: skip
             for bx, by, setting in pts:
                 ax.annotate(setting.split()[-1], (bx, by), textcoords="offset points", xytext=(6, -10), fontsize=7)
