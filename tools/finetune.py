@@ -47,6 +47,8 @@ __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_LR",
     "DTYPE_ENV",
+    "accuracy",
+    "checkpoint_dir",
     "choose_dtype",
     "embed",
     "encoded",
@@ -56,6 +58,7 @@ __all__ = [
     "load_state_dict",
     "logits",
     "model_from_state_dict",
+    "predictions",
     "pretrained_model",
     "pretrained_path",
     "train",
@@ -181,6 +184,38 @@ def model_from_state_dict(state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
+def predictions(
+    state_dict_or_model: dict[str, torch.Tensor] | nn.Module,
+    task: str,
+    *,
+    split: Split = "test",
+    limit: int | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The class each example of `task`'s `split` gets from an encoder (a module, or a state dict as
+    a store returns it) with the task's frozen head: the argmax of its logits, computed in fp32 so
+    that differences reflect the weights, not rounding. `limit`: the first `limit` examples only."""
+    model = state_dict_or_model
+    if isinstance(model, dict):
+        model = model_from_state_dict(model)
+    ids, mask, _ = encoded(task, split)
+    ids, mask = ids[:limit], mask[:limit]
+    task_head = head(task)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([logits(model, ids[i : i + batch_size], mask[i : i + batch_size], task_head).argmax(-1)
+                          for i in range(0, len(ids), batch_size)])  # fmt: skip
+    model.train(was_training)
+    return pred
+
+
+def accuracy(pred: torch.Tensor, task: str, *, split: Split = "test") -> float:
+    """The fraction of `pred` (the first len(pred) examples of `task`'s `split`) that are right."""
+    labels = encoded(task, split)[2][: len(pred)]
+    return int((pred == labels).sum()) / len(labels)
+
+
 def evaluate(
     state_dict_or_model: dict[str, torch.Tensor] | nn.Module,
     task: str,
@@ -189,24 +224,9 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 256,
 ) -> float:
-    """Accuracy on `task`'s `split` of an encoder (a module, or a state dict as a store returns it)
-    with the task's frozen head. fp32, so that accuracy differences reflect the weights, not
-    rounding. `limit` evaluates the first `limit` examples only."""
-    model = state_dict_or_model
-    if isinstance(model, dict):
-        model = model_from_state_dict(model)
-    ids, mask, labels = encoded(task, split)
-    ids, mask, labels = ids[:limit], mask[:limit], labels[:limit]
-    task_head = head(task)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    with torch.inference_mode():
-        for i in range(0, len(labels), batch_size):
-            pred = logits(model, ids[i : i + batch_size], mask[i : i + batch_size], task_head).argmax(-1)
-            correct += int((pred == labels[i : i + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(labels)
+    """Accuracy on `task`'s `split` of an encoder with the task's frozen head (see `predictions`)."""
+    return accuracy(predictions(state_dict_or_model, task, split=split, limit=limit, batch_size=batch_size), task,
+                    split=split)
 
 
 # ---------------------------------------------------------------- training
@@ -336,6 +356,23 @@ def _cache_key(task: str, mode: Mode, steps: int, seed: int, lr: float, n_train:
     return key + ("" if dtype == torch.bfloat16 else "-fp32")
 
 
+def checkpoint_dir(
+    task: str,
+    mode: Mode = "full",
+    steps: int = 300,
+    *,
+    seed: int = 0,
+    lr: float | None = None,
+    n_train: int | None = None,
+    rank: int = LORA_RANK,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """Where `finetune` with these arguments keeps its checkpoint (a dir that exists once it is made),
+    so a tool can tell whether a fine-tune is cached without starting one."""
+    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+    return cache / _cache_key(task, mode, steps, seed, _lr(mode, lr, rank), n_train, rank, train_dtype())
+
+
 def finetune(
     task: str,
     mode: Mode = "full",
@@ -349,13 +386,10 @@ def finetune(
 ) -> Path:
     """Fine-tune `task` (or reuse the cached run) and return the checkpoint dir: an HF model dir
     for ``full``, a PEFT adapter dir of rank `rank` for ``lora``. A JSON file beside it records the run."""
-    lr = _lr(mode, lr, rank)
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    dtype = train_dtype()
-    key = _cache_key(task, mode, steps, seed, lr, n_train, rank, dtype)
-    out = cache / key
+    out = checkpoint_dir(task, mode, steps, seed=seed, lr=lr, n_train=n_train, rank=rank, cache_dir=cache_dir)
     if out.is_dir():
         return out
+    cache, key, lr, dtype = out.parent, out.name, _lr(mode, lr, rank), train_dtype()
     load_task(task)  # fail fast on missing data, before loading the model
     log.info("fine-tuning %s (%s, %d steps)", task, mode, steps)
     start = time.perf_counter()
