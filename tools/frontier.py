@@ -16,7 +16,7 @@ table's cache directory, rows in results.json: a rerun evaluates only the rows m
 Checkpoints are never fine-tuned here (except --smoke's 3-step ones): a missing one is an error.
 
     python -m tools.frontier                       # all 8 tasks, 150-step checkpoints
-    python -m tools.frontier --regime long         # 2000-step checkpoints of 4 tasks, results in long/
+    python -m tools.frontier --regime long         # 1000-step checkpoints of 4 tasks, results in long/
     python -m tools.frontier --tasks rt,trump --smoke --out /tmp/frontier
 """
 
@@ -90,7 +90,7 @@ class Regime:
 
 REGIMES = {
     "short": Regime(150, TASKS, None, ROOT / "docs" / "results" / "frontier"),
-    "long": Regime(2000, LONG_TASKS, LONG_METHODS, ROOT / "docs" / "results" / "frontier" / "long"),
+    "long": Regime(1000, LONG_TASKS, LONG_METHODS, ROOT / "docs" / "results" / "frontier" / "long"),
 }
 
 
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line entry point: ``python -m tools.frontier``."""
     p = argparse.ArgumentParser(prog="python -m tools.frontier", description=__doc__.split("\n\n")[0])
     p.add_argument("--regime", choices=REGIMES, default="short",
-                   help="short: 150-step checkpoints of the 8 tasks, every row; long: 2000-step checkpoints of "
+                   help="short: 150-step checkpoints of the 8 tasks, every row; long: 1000-step checkpoints of "
                         f"{','.join(LONG_TASKS)}, the rows that matter (docs/results/frontier/long)")
     p.add_argument("--tasks", type=parse_tasks, default=None, help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps of the checkpoints (batch 32)")
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         cfg = smoke_config(tasks, args.cache)
         plan = Plan(keeps=(0.1,), targets=(0.99,), darex_keeps=(0.01,), n_calibration=32, methods=methods)
-    elif missing := missing_checkpoints(cfg):  # a fine-tune of 2000 steps takes an hour: never start one here
+    elif missing := missing_checkpoints(cfg):  # a long fine-tune takes most of an hour: never start one here
         p.exit(1, f"no {cfg.steps}-step checkpoint of {','.join(missing)} yet (fine-tunes running?); make each with "
                   f"python -m tools.finetune --task TASK --mode full --steps {cfg.steps} --no-eval\n")
     try:
