@@ -42,6 +42,10 @@ def output_kind(arch: str) -> str | None:
     return next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
 
 
+def _tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "vocab", "spiece", "merges", "sentencepiece"))
+
+
 def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str) -> Any:
     """The tokenizer in model `directory`, else the one the store keeps with the base (`stored()`:
     its files), set to pad after the text (a causal LM's positions stay those of the text).
@@ -51,12 +55,14 @@ def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]],
     """
     from transformers import AutoTokenizer
     try:
-        if directory is None or not os.path.isdir(directory):
+        # transformers makes a tokenizer without a vocabulary (every word unknown) from a directory
+        # holding only a config.json: a directory without tokenizer files has none
+        if directory is None or not os.path.isdir(directory) or not any(map(_tokenizer_file, os.listdir(directory))):
             raise OSError
         tok = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError):
         files = stored()
-        if not any(n.startswith("tokenizer") or n.startswith("vocab") for n in files):
+        if not any(map(_tokenizer_file, files)):
             raise InputError(f"neither {directory} nor the store has a tokenizer for {what}") from None
         with tempfile.TemporaryDirectory() as d:
             for name, blob in files.items():

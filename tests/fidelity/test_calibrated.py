@@ -199,3 +199,18 @@ def test_options_that_calibration_chooses_are_refused(classifiers, tmp_path):
     with pytest.raises(modelstore.InputError, match="apply with --calibration"):
         s.add_task("dense", classifiers["dense"], min_agreement=0.9)
     assert s.tasks() == []
+
+
+def test_a_checkpoint_without_tokenizer_files_is_calibrated_with_the_bases(classifiers, tmp_path):
+    """transformers makes a vocabulary-less tokenizer from a directory holding only config.json;
+    calibration must not run on it (every word unknown) but on the tokenizer the base keeps."""
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(classifiers["spiky"], f), bare / f)
+    s = _store(classifiers, tmp_path)
+    with_files = s.add_task("a", classifiers["spiky"], calibration=classifiers["cal"], max_kl=1e-15)["fidelity"]
+    without = s.add_task("b", str(bare), calibration=classifiers["cal"], max_kl=1e-15)["fidelity"]
+    assert [c["mean_kl"] for c in without["candidates"]] == pytest.approx(
+        [c["mean_kl"] for c in with_files["candidates"]], rel=1e-6, abs=1e-12)
