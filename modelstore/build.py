@@ -149,7 +149,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     task_cks = {name: open_checkpoint(os.fspath(path)) for name, path in tasks.items()}
     base_id = "pretrained" if merge == "none" else "merged"
     # the kind refuses a base it cannot use (from its name: the base is not written yet)
-    task_kind.base_id({base_id: {}}, base_id)  # type: ignore[typeddict-item]
+    task_kind.base_id({base_id}, base_id)
     keep_theta0 = "pretrained" in task_kind.extra_bases and base_id != "pretrained"  # θ0 next to θ*
     srcs = [as_base_named(ck, base_ck.names(), f"task {name!r}") for name, ck in task_cks.items()]
     if merge != "none" and not srcs:

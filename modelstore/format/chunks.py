@@ -30,6 +30,7 @@ import torch
 import zarr
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 from numcodecs import Blosc, blosc
+from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
@@ -344,6 +345,25 @@ def _decoders() -> ThreadPoolExecutor:
     return _DECODERS[0]
 
 
+def read_object(store: Store, key: str) -> bytes | None:
+    """Object `key` of a zarr store on a local disk or behind fsspec (None: there is none), read
+    synchronously, as chunks are (no public zarr API reads an object synchronously).
+
+    Raises:
+        TypeError: another kind of zarr store (modelstore opens no other).
+    """
+    if isinstance(store, LocalStore):
+        try:
+            with open(os.path.join(store.root, key), "rb") as fh:
+                return fh.read()
+        except _Objects.MISSING:
+            return None
+    if isinstance(store, FsspecStore):
+        raw = _Objects(store).get(key)
+        return None if raw is None else raw.tobytes()
+    raise TypeError(f"modelstore reads zarr stores on a local disk or through fsspec, not a {type(store).__name__}")
+
+
 def digest(trailers: Iterable[int]) -> int:
     """An array's digest: crc32c over its chunks' crc32c trailers, 4 bytes little-endian each, in
     chunk order. Every chunk is checked against its trailer anyway, so this costs nothing to
@@ -363,4 +383,4 @@ def _windows(first: int, stop: int, size: int) -> Iterator[list[int]]:
 
 _SHUFFLES = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
-__all__ = ["Chunks", "ChunkError", "digest", "empty", "WINDOW", "WINDOW_BYTES"]
+__all__ = ["Chunks", "ChunkError", "digest", "empty", "read_object", "WINDOW", "WINDOW_BYTES"]

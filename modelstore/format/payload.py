@@ -20,17 +20,12 @@ from typing import Any, TypeGuard, cast
 import numpy as np
 import torch
 import zarr
-from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-from zarr.core.array import AsyncArray
-from zarr.core.chunk_grids import RegularChunkGrid
-from zarr.core.metadata.v3 import ArrayV3Metadata
-from zarr.core.sync import sync
 from zarr.storage import StorePath
 
 from modelstore.errors import CorruptStoreError, StorageError, is_io_error
 from modelstore.format import dtypes
-from modelstore.format.chunks import ChunkError, Chunks, digest, empty
+from modelstore.format.chunks import ChunkError, Chunks, digest, empty, read_object
 from modelstore.format.codecs import chunk_length, compressors
 from modelstore.format.manifest import (
     ArrayInfo,
@@ -116,10 +111,9 @@ class FlatWriter:
         self._collect()
         if self.written != self.capacity:
             self.array.resize((self.written,))
-        meta = sync(self.array.store.get(f"{self.array.path}/zarr.json", prototype=default_buffer_prototype()))
+        meta = read_object(self.array.store, f"{self.array.path}/zarr.json")
         assert meta is not None, "an array just written has no metadata"
-        return {"count": self.written, "chunks_crc32c": digest(self._trailers),
-                "zarr_json_sha256": sha256_of(meta.to_bytes())}
+        return {"count": self.written, "chunks_crc32c": digest(self._trailers), "zarr_json_sha256": sha256_of(meta)}
 
 
 _WRITER: list[ThreadPoolExecutor] = []
@@ -189,7 +183,7 @@ class PayloadWriter:
         """Close every array, write the table; return the fields every manifest entry has."""
         arrays = {name: w.close() for name, w in self._arrays.items()}
         # a table is JSON, but a TypedDict is not assignable to zarr's JSON alias
-        self.group.attrs["tensors"] = self.table  # type: ignore[assignment]
+        self.group.attrs["tensors"] = cast(list[Any], self.table)
         stored = sum(w.array.nbytes_stored() for w in self._arrays.values())
         return {"path": self.path, "tensors": len(self.table), "table_sha256": table_digest(self.table),
                 "arrays": arrays, "bytes": stored}
@@ -300,8 +294,7 @@ def array_problem(arr: zarr.Array, dtype: str | None, count: int | None) -> str 
     0, codecs `bytes` little-endian[, `blosc`], `crc32c`), its storage `dtype` or the manifest's
     `count`, or None."""
     m = arr.metadata
-    if not isinstance(m, ArrayV3Metadata) or len(m.shape) != 1 or not isinstance(m.chunk_grid, RegularChunkGrid) \
-            or not arr.chunks[0] >= 1:
+    if m.zarr_format != 3 or len(m.shape) != 1 or not _regular_chunks(arr):
         return "does not describe a flat, regularly chunked array"
     if dtype is not None and arr.dtype != np.dtype(dtype):
         return f"says {arr.dtype}, not {dtype}"
@@ -316,6 +309,15 @@ def array_problem(arr: zarr.Array, dtype: str | None, count: int | None) -> str 
     if arr.dtype.itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
         return "is not little-endian"
     return None
+
+
+def _regular_chunks(arr: zarr.Array) -> bool:
+    """Whether `arr`'s chunk grid is regular, of chunks of at least one element (zarr gives the
+    chunks of regular grids only)."""
+    try:
+        return arr.chunks[0] >= 1
+    except NotImplementedError:
+        return False
 
 
 def sha256_of(blob: bytes) -> str:
@@ -407,18 +409,17 @@ class PayloadReader:
             if not isinstance(arr, zarr.Array):
                 raise KeyError(name)
             return arr
-        store, path = self.group.store_path.store, f"{self.group.path}/{name}"
-        raw = sync(store.get(f"{path}/zarr.json", prototype=default_buffer_prototype()))
-        if raw is None:
+        store, path = self.group.store, f"{self.group.path}/{name}"
+        blob = read_object(store, f"{path}/zarr.json")
+        if blob is None:
             raise KeyError(name)
-        blob = raw.to_bytes()
         if sha256_of(blob) != sha256:
             raise CorruptStoreError(f"{self.what}: the metadata of array '{name}' fails its checksum; "
                                     "re-add this task or restore the store")
         meta = json.loads(blob)
         if not isinstance(meta, dict) or meta.get("node_type") != "array" or meta.get("zarr_format") != 3:
             raise ValueError("not a zarr v3 array")
-        return zarr.Array(AsyncArray(ArrayV3Metadata.from_dict(meta), StorePath(store, path)))
+        return zarr.Array.from_dict(StorePath(store, path), meta)
 
     # -- whole arrays ----------------------------------------------------------
     def read_flat(self, array: str, start: int = 0, stop: int | None = None) -> np.ndarray:

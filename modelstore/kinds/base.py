@@ -12,7 +12,7 @@ more than one base (TALL masks and EMR need θ0 next to the merged θ*): it name
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -217,8 +217,8 @@ class TaskKind:
         """The kind's options object from known option names, validated."""
         return None
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
-        """The base a new task of this kind sits on, given the store's bases and the user's choice."""
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
+        """The base a new task of this kind sits on, given the ids of the store's bases and the user's choice."""
         raise NotImplementedError
 
     def check_entry(self, entry: TaskEntry) -> str | None:

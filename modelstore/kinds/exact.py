@@ -19,7 +19,7 @@ whole-tensor planes, and zstd 1 beats zstd 3, lz4 and bit shuffling (codecs.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -72,7 +72,7 @@ class Exact(TaskKind):
     original_label = "the full checkpoint"
     entry_kinds = ("words", "sparse")
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """The merged base if the store has one (fewer bytes, see the module docstring), else θ0."""
         return requested or ("merged" if "merged" in bases else "pretrained")
 

@@ -80,7 +80,7 @@ class Transactions:
         except BaseException:
             if payload is not None:
                 if lease is not None:
-                    lease.release()
+                    lease.release()  # first, so that the folder it leaves empty goes too
                 self.loc.discard(payload)
             raise
         finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from modelstore.format.chunks import Chunks
+from modelstore.format.chunks import Chunks, read_object
 from modelstore.format.codecs import compressors
 
 CHUNK = 1000
@@ -83,3 +83,17 @@ def test_fast_path_codes_chunks_as_zarr_does(case, where, tmp_path, request):
         reader.read_into(CHUNK // 2, CHUNK // 2 + part.size, part)
         np.testing.assert_array_equal(part.view(np.uint8), data[CHUNK // 2:CHUNK // 2 + part.size].view(np.uint8))
     assert Chunks(ours).fast and Chunks(theirs).fast
+
+
+@pytest.mark.parametrize("where", ["local", "memory", "s3"])
+def test_read_object_reads_the_bytes_zarr_wrote(where, tmp_path, request):
+    """The metadata bytes whose sha256 the manifest records are the ones zarr's own store holds."""
+    array = _create(where, tmp_path, np.dtype(np.float32), "values", request)
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync  # the reference: zarr's own (asynchronous) read of its store
+    key = f"{array.path}/zarr.json"
+    want = sync(array.store.get(key, prototype=default_buffer_prototype()))
+    assert want is not None and read_object(array.store, key) == want.to_bytes()
+    assert read_object(array.store, f"{array.path}/no-such-object") is None
+    with pytest.raises(TypeError, match="not a MemoryStore"):
+        read_object(zarr.storage.MemoryStore(), key)

@@ -16,7 +16,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -502,7 +502,7 @@ class SparseDelta(TaskKind):
         opts.validate()
         return opts
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """The merged base if the store has one, else θ0; `requested` picks one explicitly."""
         return requested or ("merged" if "merged" in bases else "pretrained")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -152,7 +152,7 @@ class LowRankAdapter(TaskKind):
             return "LoRA factors must be float32 on the pretrained base"
         return None
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """Always θ0: LoRA updates are relative to the pre-trained model."""
         return "pretrained"
 

@@ -7,13 +7,13 @@ matrices (biases, norms) are stored whole, as they are a tiny share of the bytes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 import torch
 
-from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
+from modelstore.format.manifest import TableEntry, TaskEntry
 from modelstore.kinds.base import BaseTensors
 from modelstore.kinds.masks.bit_masks import BitMaskKind, base_name
 
@@ -24,7 +24,7 @@ class BitDelta(BitMaskKind):
     name = "bitdelta"
     title = "a BitDelta task"
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """The merged base if the store has one, else θ0; `requested` picks one explicitly."""
         return requested or ("merged" if "merged" in bases else "pretrained")
 

@@ -13,7 +13,7 @@ each task costs one bit per merged entry on top of the shared θ* and θ0 (spec/
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from modelstore.errors import InputError
-from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
+from modelstore.format.manifest import TableEntry, TaskEntry
 from modelstore.inputs.sources import TensorSource
 from modelstore.kinds.base import BaseTensors
 from modelstore.kinds.masks.bit_masks import BitMaskKind, base_name
@@ -33,7 +33,7 @@ class _MergedVectorMask(BitMaskKind):
 
     extra_bases = ("pretrained",)
 
-    def base_id(self, bases: Mapping[str, BaseEntry], requested: str | None) -> str:
+    def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """Always the merged base θ* (the mask selects entries of θ* − θ0)."""
         if requested not in (None, "merged") or "merged" not in bases:
             raise InputError(f"{self.title} sits on a merged base θ* (it masks θ* − θ0); build the store with a "
