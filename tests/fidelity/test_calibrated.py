@@ -214,3 +214,40 @@ def test_a_checkpoint_without_tokenizer_files_is_calibrated_with_the_bases(class
     without = s.add_task("b", str(bare), calibration=classifiers["cal"], max_kl=1e-15)["fidelity"]
     assert [c["mean_kl"] for c in without["candidates"]] == pytest.approx(
         [c["mean_kl"] for c in with_files["candidates"]], rel=1e-6, abs=1e-12)
+
+
+def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
+    """Token-level agreement: every real position predicts a token; recomputed one text at a time."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = make_tokenizer("gpt2")
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32)).eval()
+    m.save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    sd = m.state_dict()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for k, v in sd.items():
+            if v.dtype.is_floating_point and v.dim() == 2:
+                v.add_(torch.randn(v.shape, generator=g) * 0.05)
+    m.save_pretrained(tmp_path / "ft")
+    tok.save_pretrained(tmp_path / "ft")
+    texts = _texts(24, 3)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    entry = modelstore.open(url, mode="a").add_task("lm", str(tmp_path / "ft"),
+                                                   calibration=_jsonl(tmp_path / "c.jsonl", texts),
+                                                   min_agreement=0.9)
+    f = entry["fidelity"]
+    assert f["output"] == "causal-lm" and f["met"] and f["examples"] == 24
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("lm", url, dtype=torch.float32)
+    tokens = agree = 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt").input_ids
+            a, b = ref(ids).logits[0, :-1], stored(ids).logits[0, :-1]
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            tokens += ids.shape[1] - 1
+    assert f["predictions"] == tokens
+    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
