@@ -730,8 +730,10 @@ class Store:
             dev = torch.device(device or "cpu")
         except (RuntimeError, TypeError):
             raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-        tokenizer = tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
-                                  lambda: self.model_files(fft_base), f"task {name!r}")
+        def tokenizer() -> Any:  # asked for once the architecture is known to give predictions
+            return tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
+                                 lambda: self.model_files(fft_base), f"task {name!r}")
+
         dtypes_ = {ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point}
         main_dtype = max(dtypes_, key=lambda d: sum(1 for n in ck.names() if ck.dtype(n) == d)) if dtypes_ \
             else torch.float32

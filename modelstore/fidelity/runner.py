@@ -78,7 +78,7 @@ def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]],
 class Runner:
     """The task's architecture on `device`, run on `calibration` (see the module)."""
 
-    def __init__(self, task: str, calibration: Calibration, config_json: str | None, tokenizer: Any,
+    def __init__(self, task: str, calibration: Calibration, config_json: str | None, tokenizer: Callable[[], Any],
                  device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False):
         transformers = transformers_module("add-task --calibration")
         if not config_json:
@@ -101,7 +101,7 @@ class Runner:
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config: {why}") from None
         self.target = ModuleTensors(self.model)
-        self.batches = self._tokenized(tokenizer)
+        self.batches = self._tokenized(tokenizer())
         self.reference: list[torch.Tensor | Coarse] = []
 
     def _tokenized(self, tokenizer: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
