@@ -150,7 +150,7 @@ def test_the_cli_calibrates_and_info_shows_the_promise(classifiers, tmp_path):
                                   classifiers["cal"], "--min-agreement", "0.99", "--max-examples", "64", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["task"] == "spiky"
+    assert out["task"] == "spiky" and out["fidelity"]["examples"] == 64 and out["fidelity"]["met"]
     info = CliRunner().invoke(main, ["info", s.url, "spiky"])
     assert "fidelity: agreement" in info.output and "on 64 calibration examples" in info.output, info.output
 
