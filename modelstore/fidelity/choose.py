@@ -50,11 +50,11 @@ class _Trials:
         entry, path = self.side.write(setting)
         return Written(setting, int(entry["bytes"]), int(entry.get("total") or 0), (entry, path))
 
-    def measure(self, w: Written, examples: int | None = None) -> Score:
+    def measure(self, w: Written, examples: int | None = None, target: Target | None = None) -> Score:
         if self.filled is not w:
             self.runner.fill(self.side.tensors(w.handle[0]))
             self.filled = w
-        return self.runner.score(examples)
+        return self.runner.score(examples, None if target is None else target.missed)
 
     def discard(self, w: Written) -> None:
         self.side.discard(w.handle[1])

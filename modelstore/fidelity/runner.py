@@ -34,6 +34,8 @@ from modelstore.serving.modules import ModuleTensors
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForCausalLM": "causal-lm",
                 "LMHeadModel": "causal-lm"}
 Check = Callable[[dict[str, tuple[int, ...]]], None]
+#: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
+Missed = Callable[[int, float, int, int], bool]
 Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 
@@ -161,11 +163,15 @@ class Runner:
             logp = rows.double().log_softmax(-1)
             self.reference.append(Coarse.of(logp) if logp.shape[-1] > TOP_TOKENS else logp.float())
 
-    def score(self, examples: int | None = None) -> Score:
-        """The current model's outputs against the reference on the first `examples` (None: all)."""
+    def score(self, examples: int | None = None, missed: Missed | None = None) -> Score:
+        """The current model's outputs against the reference on the first `examples` (None: all),
+        stopped (an incomplete Score) as soon as `missed(agree, kl_sum, rows, all rows)` says so."""
         acc = Agreement()
+        total = sum(len(r.index) if isinstance(r, Coarse) else len(r) for r in self.reference)
         for j, rows in self._run(examples, "calibration: candidate"):
             acc.add(self.reference[j], rows)
+            if missed is not None and acc.rows < total and missed(acc.agree, acc.kl, acc.rows, total):
+                return Score(acc.agreement, acc.mean_kl, acc.rows, complete=False)
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 

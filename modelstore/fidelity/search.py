@@ -63,7 +63,10 @@ class Written:
 class Score:
     agreement: float
     mean_kl: float
+    #: predictions compared: all of the calibration data's, or fewer when the measurement stopped as
+    #: soon as the target could no longer be met (`complete` False)
     predictions: int
+    complete: bool = True
 
 
 class Trials(Protocol):
@@ -73,8 +76,9 @@ class Trials(Protocol):
         """Write the candidate; raise Skip when the store cannot hold it."""
         ...
 
-    def measure(self, w: Written, examples: int | None = None) -> Score:
-        """Its outputs against the original's on the calibration data (the first `examples`)."""
+    def measure(self, w: Written, examples: int | None = None, target: Target | None = None) -> Score:
+        """Its outputs against the original's on the calibration data (the first `examples`),
+        stopping once `target` cannot be met whatever the rest gives (`Target.missed`)."""
         ...
 
     def discard(self, w: Written) -> None:
@@ -90,10 +94,22 @@ class Target:
     max_kl: float | None = None
 
     def met(self, s: Score) -> bool:
+        if not s.complete:
+            return False
         if self.max_kl is not None:
             return s.mean_kl <= self.max_kl
         assert self.min_agreement is not None
         return s.agreement >= self.min_agreement
+
+    def missed(self, agree: int, kl_sum: float, rows: int, total: int) -> bool:
+        """Whether a candidate whose first `rows` of `total` predictions agree `agree` times with a
+        KL sum of `kl_sum` misses the target however the rest come out (KL terms are >= 0, and at
+        best every remaining prediction agrees): most candidates a search runs miss, and this ends
+        their measurement early without changing any verdict."""
+        if self.max_kl is not None:
+            return kl_sum / total > self.max_kl
+        assert self.min_agreement is not None
+        return (agree + total - rows) / total < self.min_agreement
 
     @property
     def metric(self) -> str:
@@ -114,7 +130,7 @@ class Tried:
 
     def record(self) -> dict[str, Any]:
         return {"setting": self.written.setting, "bytes": self.written.bytes, "agreement": self.score.agreement,
-                "mean_kl": self.score.mean_kl, "met": self.met}
+                "mean_kl": self.score.mean_kl, "met": self.met, "predictions": self.score.predictions}
 
 
 @dataclass
@@ -167,8 +183,9 @@ class _Search:
             return None
         if only_if_cheaper and self.best is not None and w.bytes >= self.best.written.bytes:
             return None
-        score = self.trials.measure(w)
-        t = Tried(w, score, self.target.met(score) or s == EXACT)
+        exact = s == EXACT  # measured whole: it meets any target
+        score = self.trials.measure(w, target=None if exact else self.target)
+        t = Tried(w, score, self.target.met(score) or exact)
         self.cache[key] = t
         self.tried.append(t)
         if t.met and (self.best is None or w.bytes < self.best.written.bytes):

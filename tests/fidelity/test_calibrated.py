@@ -105,6 +105,9 @@ def test_the_choice_follows_the_delta_and_its_record_is_what_a_forward_pass_meas
     assert f["calibration_sha256"] == __import__("hashlib").sha256(open(classifiers["cal"], "rb").read()).hexdigest()
     # the chosen candidate is the cheapest of those tried that met the target, and it is what is stored
     met = [c for c in f["candidates"] if c["met"]]
+    # a candidate that met the target was measured on every text; most misses are cut short
+    assert all(c["predictions"] == 128 for c in met)
+    assert any(c["predictions"] < 128 for c in f["candidates"] if not c["met"])
     assert min(c["bytes"] for c in met) == entry["bytes"]
     assert all(c["bytes"] >= entry["bytes"] for c in met)
     # its recorded agreement and KL, recomputed from the stored task

@@ -40,7 +40,7 @@ class Oracle:
             a = min(1.0, a + (self.tuned_gain if math.isclose(s["dare_q"], 2.5 * s["keep"]) else -0.01))
         return a
 
-    def measure(self, w, examples=None):
+    def measure(self, w, examples=None, target=None):
         if examples is None:
             self.full_measures += 1
         a = self.value(w.setting)
@@ -130,7 +130,7 @@ def test_a_failing_write_deletes_every_candidate_written():
     oracle = Oracle(dense_task)
     calls = []
 
-    def measure(w, examples=None):
+    def measure(w, examples=None, target=None):
         calls.append(w)
         if len(calls) == 3:
             raise KeyboardInterrupt
@@ -140,3 +140,24 @@ def test_a_failing_write_deletes_every_candidate_written():
     with pytest.raises(KeyboardInterrupt):
         S.search(oracle, S.Target(min_agreement=0.99), float_dtype="float16", full_bytes=FULL)
     assert len(oracle.discarded) == len(oracle.written) == 3
+
+
+@pytest.mark.parametrize("target", [S.Target(min_agreement=0.9), S.Target(max_kl=0.05)])
+def test_a_measurement_stops_early_only_when_no_rest_could_meet_the_target(target):
+    """Brute force: whenever `missed` fires on a prefix, no completion of it meets the target, and
+    for every prefix it does not fire on, some completion does."""
+    import itertools
+    import random
+    rng = random.Random(0)
+    total = 8
+    for _ in range(300):
+        agree = [rng.random() < 0.85 for _ in range(total)]
+        kls = [rng.choice([0.0, 0.01, 0.1, 0.3]) for _ in range(total)]
+        for rows in range(1, total):
+            a, k = sum(agree[:rows]), sum(kls[:rows])
+            best = S.Score((a + total - rows) / total, k / total, total)  # the rest all agree, KL 0
+            assert target.missed(a, k, rows, total) == (not target.met(best))
+            if target.missed(a, k, rows, total):
+                for rest in itertools.product([True, False], repeat=min(3, total - rows)):
+                    full = a + sum(rest) + (total - rows - len(rest))
+                    assert not target.met(S.Score(full / total, (k + 0.01 * len(rest)) / total, total))
