@@ -4,7 +4,7 @@ MiniLM tasks of tools.paper_table, each variant loaded back from a real store.
 Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE (float16, int4; int4 with a
 second seed at m ≤ 5%) at each m, TALL masks, EMR, BitDelta, Exact (kind "exact", bit for bit),
 the reference points Task-Arithmetic, TIES (one model) and Single-Task (the originals), and the
-calibration-driven rows (docs: FIDELITY / issue 25), calibrated on the first 256 examples of each
+calibration-driven rows (issue 25), calibrated on the first 256 examples of each
 task's validation split through its frozen prompt head: Calibrated (modelstore chooses each task's
 setting, the cheapest with top-1 agreement ≥ 0.9 / 0.95 / 0.98 / 0.99 / 0.995 with the original) and DAREx-q
 int4 (DARE at m = 1, 2% with its rescale tuned on the calibration data). Without

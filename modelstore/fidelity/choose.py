@@ -24,7 +24,6 @@ from modelstore.fidelity.search import (
     Target,
     Tried,
     Written,
-    fft_setting,
     search,
 )
 
@@ -111,13 +110,14 @@ def _tune_dare(trials: _Trials, dare: Setting) -> Outcome:
     """DARE at the user's keep and value dtype with q (the rescale 1/q) of least mean KL on the
     first TUNE_EXAMPLES examples, among 1/m and Q_FACTORS; measured on all the examples."""
     start = time.perf_counter()
-    keep, dtype = dare["keep"], dare.get("value_dtype")
+    keep = dare["keep"]
     options: list[Written] = []
-    for q in (None, *(min(1.0, float(f"{keep * f:.6g}")) for f in Q_FACTORS)):
-        options.append(trials.write(fft_setting("dare", keep, dtype, q)))
     try:
-        kls = [trials.measure(w, TUNE_EXAMPLES).mean_kl for w in options]
-        best = options[min(range(len(options)), key=lambda i: (kls[i], i))]
+        for q in (None, *(min(1.0, float(f"{keep * f:.6g}")) for f in Q_FACTORS)):
+            options.append(trials.write({**dare, **({"dare_q": q} if q is not None else {})}))
+        tuning = [trials.measure(w, TUNE_EXAMPLES) for w in options]
+        i = min(range(len(options)), key=lambda i: (tuning[i].mean_kl, i))
+        best = options[i]
         score = trials.measure(best)
     except BaseException:
         for w in options:
@@ -126,8 +126,9 @@ def _tune_dare(trials: _Trials, dare: Setting) -> Outcome:
     for w in options:
         if w is not best:
             trials.discard(w)
-    tried = Tried(best, score, True)
-    return Outcome(tried, [tried], time.perf_counter() - start, written_only=len(options) - 1)
+    chosen = Tried(best, score, True)
+    others = [Tried(w, sc, False) for w, sc in zip(options, tuning) if w is not best]  # on the tuning examples
+    return Outcome(chosen, [*others, chosen], time.perf_counter() - start)
 
 
 def checkpoint_tensors(source: Any, device: torch.device) -> Tensors:

@@ -140,9 +140,13 @@ def test_an_unreachable_target_is_met_by_the_exact_kind(classifiers, tmp_path):
 def test_dare_rescale_tuned_on_the_calibration_data(classifiers, tmp_path):
     s = _store(classifiers, tmp_path)
     entry = s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], sparsify="dare", keep=0.05,
-                       value_dtype="int4")
+                       value_dtype="int4", seed=3)
     f = entry["fidelity"]
     assert f["metric"] == "dare-q" and f["target"] is None and f["setting"]["keep"] == 0.05
+    assert entry["params"]["seed"] == 3 and entry["params"]["value_dtype"] == "int4"
+    # 1/m and every q tried: the chosen one has the least KL on the tuning examples
+    from modelstore.fidelity.search import Q_FACTORS
+    assert len(f["candidates"]) == 1 + len(Q_FACTORS) and f["candidates"][-1]["met"]
     assert entry["params"].get("dare_q") == f["setting"].get("dare_q")  # None: 1/m was best
     assert len(_payload_dirs(s, "dense")) == 1
 
