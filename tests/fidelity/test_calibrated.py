@@ -234,7 +234,7 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     sd = m.state_dict()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for k, v in sd.items():
+        for v in sd.values():
             if v.dtype.is_floating_point and v.dim() == 2:
                 v.add_(torch.randn(v.shape, generator=g) * 0.05)
     m.save_pretrained(tmp_path / "ft")
@@ -258,3 +258,26 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
             tokens += ids.shape[1] - 1
     assert f["predictions"] == tokens
     assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+
+
+def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of the search: every candidate written so far is deleted, its lease
+    ended, and the store is as it was."""
+    from modelstore.fidelity.runner import Runner
+    s = _store(classifiers, tmp_path)
+    calls = []
+    score = Runner.score
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(Runner, "score", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"])
+    assert len(calls) == 4 and modelstore.open(s.url).tasks() == []
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(s.url, "tasks")) for f in fs]
+    assert leftovers == [] and _payload_dirs(s, "dense") == []
+    assert modelstore.open(s.url).check().ok
