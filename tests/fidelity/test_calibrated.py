@@ -281,3 +281,20 @@ def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_pa
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(s.url, "tasks")) for f in fs]
     assert leftovers == [] and _payload_dirs(s, "dense") == []
     assert modelstore.open(s.url).check().ok
+
+
+def test_a_calibrated_write_to_s3_keeps_only_the_chosen_payload(classifiers, s3_server, tmp_path):
+    """Candidates are real payloads on the store's own location: on S3 (moto's server) too, the
+    chosen one is committed and every other one deleted."""
+    import fsspec
+    url = f"s3://models/cal-{tmp_path.name}"
+    modelstore.init(url, classifiers["pre"], storage_options=s3_server)
+    s = modelstore.open(url, mode="a", storage_options=s3_server)
+    entry = s.add_task("spiky", classifiers["spiky"], calibration=classifiers["cal"], min_agreement=0.99)
+    assert entry["fidelity"]["met"] and len(entry["fidelity"]["candidates"]) > 1
+    fs = fsspec.filesystem("s3", **s3_server)
+    payloads = {p.rsplit("/", 1)[-1] for p in fs.ls(f"models/cal-{tmp_path.name}/tasks/spiky", refresh=True)
+                if not p.endswith("zarr.json")}  # the task folder's group marker
+    assert payloads == {entry["path"].rsplit("/", 1)[-1]}
+    r = modelstore.open(url, storage_options=s3_server)
+    assert r.check().ok and r.load("spiky").keys()
