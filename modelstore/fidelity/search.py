@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 #: keep fractions m searched (DARE: of the changed entries; magnitude: of all entries).
-KEEPS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+KEEPS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 #: DAREx-q: q = m·f for f in these (f > 1 shrinks the rescale 1/m; the unbiased 1/m is f = 1).
 Q_FACTORS = (0.8, 1.25, 1.6, 2.5, 4.0)
 #: Examples the DAREx-q rescale is tuned on.
