@@ -730,6 +730,7 @@ class Store:
             dev = torch.device(device or "cpu")
         except (RuntimeError, TypeError):
             raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+
         def tokenizer() -> Any:  # asked for once the architecture is known to give predictions
             return tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
                                  lambda: self.model_files(fft_base), f"task {name!r}")
