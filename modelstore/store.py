@@ -730,6 +730,9 @@ class Store:
             dev = torch.device(device or "cpu")
         except (RuntimeError, TypeError):
             raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise InputError(f"--device {device}: this machine's torch sees {torch.cuda.device_count()} CUDA "
+                             "device(s); use --device cpu or another index")
 
         def tokenizer() -> Any:  # asked for once the architecture is known to give predictions
             return tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,

@@ -203,6 +203,9 @@ def test_options_that_calibration_chooses_are_refused(classifiers, tmp_path):
                          ({"min_agreement": 0.9, "max_kl": 0.1}, "not both")]:
         with pytest.raises(modelstore.InputError, match=what):
             s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(modelstore.InputError, match="--device cuda:0: this machine's torch sees 0 CUDA"):
+            s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], device="cuda:0")
     with pytest.raises(modelstore.InputError, match="apply with --calibration"):
         s.add_task("dense", classifiers["dense"], min_agreement=0.9)
     assert s.tasks() == []
