@@ -33,6 +33,12 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 SAFE_GRACE_S = 600.0
 #: Temporary files of killed writers: the manifest's (slots.py) and zarr's metadata (zarr.json).
 _TEMP_FILE = re.compile(r"manifest\.json\.[0-9a-f]{32}\.tmp|zarr\.[0-9a-f]{32}\.partial")
+_ZARR_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+#: The youngest zarr temporary file gc removes, whatever the grace: zarr writes a group's zarr.json
+#: to one and renames it, outside the commit lock, so a forced gc at grace 0 that deleted a fresh
+#: one failed a live writer's rename (a task folder's group, made as its first payload starts).
+#: A live writer holds one for the milliseconds of a small write.
+ZARR_TEMP_MIN_AGE_S = 60.0
 
 
 def parse_duration(text: str) -> float:
@@ -168,7 +174,9 @@ class _Collector:
     def temp_files(self, parent: str) -> None:
         """Temporary files of killed writers directly under `parent`, older than the grace."""
         for name, entry in self.loc.entries(parent).items():
-            if _TEMP_FILE.fullmatch(name) and self.old(entry.mtime):
+            young_zarr = _ZARR_TEMP.fullmatch(name) and (entry.mtime is None or
+                                                         self.now - entry.mtime < ZARR_TEMP_MIN_AGE_S)
+            if _TEMP_FILE.fullmatch(name) and self.old(entry.mtime) and not young_zarr:
                 # inside the lock: a temporary manifest exists only while its writer holds it
                 self.remove_file(f"{parent}/{name}" if parent else name, locked=True)
 
