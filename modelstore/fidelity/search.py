@@ -3,7 +3,8 @@ data meet the target, found with few evaluations.
 
 A candidate is a setting (a dict: {"kind": "fft", "sparsify", "keep", "value_dtype"[, "dare_q"]},
 or {"kind": "tall-mask"} ...). `Trials.write` writes it (its bytes are then known exactly, without
-a forward pass) and `Trials.measure` runs it; each written candidate is measured at most once. The
+a forward pass) and `Trials.measure` runs it, stopping as soon as the target is out of reach
+(`Target.missed`: most candidates a search runs miss); each is measured in full at most once. The
 search assumes what the frontier measured: within one sparsifier and value dtype, fidelity grows
 with keep m; and that DARE at m beats magnitude at m on small dense deltas, magnitude on deltas
 whose few large entries matter, so both are searched.
