@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from itertools import chain
@@ -716,14 +717,14 @@ class Store:
         self._refresh()
         self._check_new_task(name, overwrite)
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(os.fspath(path))
+        fft = checkpoint_kind("fft")
+        options = fft.parse_options(given)  # a bad option is named before any work
         dare = None
         if target is None:  # DAREx-q: the user's DARE setting, its rescale tuned
-            dare = {"kind": "fft", **given}
-            dare.setdefault("keep", checkpoint_kind("fft").parse_options({}).keep)
-        checkpoint_kind("fft").parse_options(given)  # a bad option is named before any work
+            dare = {"kind": "fft", "keep": options.keep, **given}
         if pretrained is not None and "pretrained" not in self.manifest["bases"]:
             self.add_pretrained(pretrained, progress)
-        fft_base = checkpoint_kind("fft").base_id(self.manifest["bases"], base)
+        fft_base = fft.base_id(self.manifest["bases"], base)
         config = task_config_file(ck).get(TASK_CONFIG)
         config_json = config.decode() if config else self._base_entry(fft_base).get("config_json")
         try:
@@ -738,9 +739,8 @@ class Store:
             return tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
                                  lambda: self.model_files(fft_base), f"task {name!r}")
 
-        dtypes_ = {ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point}
-        main_dtype = max(dtypes_, key=lambda d: sum(1 for n in ck.names() if ck.dtype(n) == d)) if dtypes_ \
-            else torch.float32
+        floats = Counter(ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point)
+        main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype
         runner = Runner(name, calibration, config_json, tokenizer, dev, main_dtype, progress)
         info = source_info(ck)
         bases = self.manifest["bases"]

@@ -139,9 +139,6 @@ class Outcome:
     chosen: Tried
     tried: list[Tried]
     seconds: float
-    #: candidates written but not measured on all the data (their bytes, or a DAREx-q tuning, ruled
-    #: them out)
-    written_only: int = 0
 
 
 def fft_setting(sparsify: str, keep: float, value_dtype: str | None, dare_q: float | None = None) -> Setting:
@@ -267,7 +264,7 @@ def search(trials: Trials, target: Target, *, float_dtype: str, full_bytes: int,
     for w in written:
         if w is not best.written:
             trials.discard(w)
-    return Outcome(best, s.tried, seconds() - start, written_only=len(written) - len(s.tried))
+    return Outcome(best, s.tried, seconds() - start)
 
 
 def _all_written(s: _Search) -> Sequence[Written]:

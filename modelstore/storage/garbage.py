@@ -32,8 +32,8 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The shortest grace gc accepts without `force`.
 SAFE_GRACE_S = 600.0
 #: Temporary files of killed writers: the manifest's (slots.py) and zarr's metadata (zarr.json).
-_TEMP_FILE = re.compile(r"manifest\.json\.[0-9a-f]{32}\.tmp|zarr\.[0-9a-f]{32}\.partial")
 _ZARR_TEMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+_TEMP_FILE = re.compile(r"manifest\.json\.[0-9a-f]{32}\.tmp|" + _ZARR_TEMP.pattern)
 #: The youngest zarr temporary file gc removes, whatever the grace: zarr writes a group's zarr.json
 #: to one and renames it, outside the commit lock, so a forced gc at grace 0 that deleted a fresh
 #: one failed a live writer's rename (a task folder's group, made as its first payload starts).
