@@ -52,6 +52,15 @@ def _spy(monkeypatch, result_of):
     return seen
 
 
+def _assert_global_top10(s, base, task):
+    """Task "t" of store `s` is its base plus the global top-10% of its delta (numpy reference)."""
+    names = list(base)
+    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
+    got = s.load("t")
+    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
+        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)
+
+
 def _two_pass(tmp_path, pre, t, keep):
     mp = pytest.MonkeyPatch()
     mp.setattr(candidates.Candidates, "room_for", lambda self, count: False)
@@ -96,11 +105,7 @@ def test_a_missed_bracket_still_gives_the_exact_cut(ties_model, tmp_path, monkey
     seen = _spy(monkeypatch, lambda r: r[1] is not None)
     s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
     assert seen == [miss == "bracket-too-low"]
-    names = list(base)
-    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
-    got = s.load("t")
-    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
-        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)
+    _assert_global_top10(s, base, task)
 
 
 def test_picked_entries_leave_no_file_behind(ties_model, tmp_path, monkeypatch):
@@ -149,11 +154,7 @@ def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ti
     else:
         s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
     assert seen == [False]
-    names = list(base)
-    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
-    got = s.load("t")
-    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
-        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)
+    _assert_global_top10(s, base, task)
 
 
 def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, monkeypatch):
@@ -191,8 +192,4 @@ def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, m
     s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
     assert seen == [True]
     assert decoded and all(c % 8 == 0 for c in decoded) and len(decoded) >= 6, sorted(decoded)
-    names = list(base)
-    us = [np_f32(task[n]) - np_f32(base[n]) for n in names]
-    got = s.load("t")
-    for n, u, m in zip(names, us, ref_topk_global(us, 0.1)):
-        np.testing.assert_array_equal(np_f32(got[n]), np_f32(base[n]) + np.where(m, u, 0), err_msg=n)
+    _assert_global_top10(s, base, task)
