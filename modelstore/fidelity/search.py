@@ -29,8 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-#: keep fractions m searched (DARE: of the changed entries; magnitude: of all entries).
-KEEPS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+#: keep fractions m searched (DARE: of the changed entries; magnitude: of all entries): steps of
+#: about 1.5x, since bytes grow with m and a coarser step pays up to its ratio over the m needed;
+#: a bisection runs log2(17) ~ 4 of them.
+KEEPS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.007, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
 #: DAREx-q: q = m·f for f in these (f > 1 shrinks the rescale 1/m; the unbiased 1/m is f = 1).
 Q_FACTORS = (0.8, 1.25, 1.6, 2.5, 4.0)
 #: Examples the DAREx-q rescale is tuned on.
