@@ -63,8 +63,11 @@ from tools.tasks import TASKS, load_task, parse_tasks
 KEEPS = (0.01, 0.02, 0.05, 0.1, 0.2)
 VALUE_DTYPES = ("float16", "int8", "int4")
 DARE_VALUE_DTYPES = ("float16", "int4")
-TARGETS = (0.9, 0.95, 0.98, 0.99, 0.995)
-"""The top-1 agreement with the original that the calibrated rows ask of each task (min_agreement)."""
+Target = tuple[str, float]
+"""A calibrated row's target: ("agreement", a), top-1 agreement with the original at least a
+(min_agreement), or ("kl", k), mean KL from the original at most k (max_kl)."""
+TARGETS: tuple[Target, ...] = (*(("agreement", a) for a in (0.9, 0.95, 0.98, 0.99, 0.995)), ("kl", 0.01), ("kl", 0.02))
+"""What the calibrated rows ask of each task."""
 DAREX_KEEPS = (0.01, 0.02)
 N_CALIBRATION = 256
 """Calibration examples per task: the first of its validation split (never its test split)."""
@@ -100,7 +103,7 @@ class Plan:
     the m of the DAREx-q rows, the calibration size, and the methods kept (None: all)."""
 
     keeps: tuple[float, ...] = KEEPS
-    targets: tuple[float, ...] = TARGETS
+    targets: tuple[Target, ...] = TARGETS
     darex_keeps: tuple[float, ...] = DAREX_KEEPS
     n_calibration: int = N_CALIBRATION
     methods: frozenset[str] | None = None
@@ -228,17 +231,41 @@ def rows(cfg: Config, plan: Plan) -> list[tuple[str, str, Callable[[], Made]]]:
     # Exact, and the calibrated rows, share one store on the Task-Arithmetic base of PERU-FFT and DARE.
     n = plan.n_calibration
     chosen: dict[str, Options] = {"exact": {"kind": "exact"}}
-    chosen |= {f"a{a:g}-val{n}": lambda t, a=a: {"calibration": calibration(t, n), "min_agreement": a}
-               for a in plan.targets}
+    chosen |= {_target_name(g, n): lambda t, g=g: {"calibration": calibration(t, n),
+                                                  ("min_agreement" if g[0] == "agreement" else "max_kl"): g[1]}
+               for g in plan.targets}
     chosen |= {f"darex-m{100 * k:g}-val{n}": lambda t, k=k: {"sparsify": "dare", "value_dtype": "int4", "keep": k,
                                                              "calibration": calibration(t, n)}
                for k in plan.darex_keeps}  # fmt: skip
     calibrated = _variant(cfg, "calibrated", ta, chosen)
     out.append(("Exact", "bit for bit", lambda: calibrated("exact")))
-    out += [("Calibrated", f"agreement ≥ {a:g}", lambda a=a: calibrated(f"a{a:g}-val{n}")) for a in plan.targets]
+    out += [("Calibrated", target_label(g), lambda g=g: calibrated(_target_name(g, n))) for g in plan.targets]
     out += [("DAREx-q int4", f"m{100 * k:g}", lambda k=k: calibrated(f"darex-m{100 * k:g}-val{n}"))
             for k in plan.darex_keeps]
     return [r for r in out if plan.methods is None or r[0] in plan.methods]
+
+
+def _target_name(target: Target, n: int) -> str:
+    """The store's task name suffix of a calibrated row: ``a0.99-val256``, ``kl0.02-val256``."""
+    return f"{'a' if target[0] == 'agreement' else 'kl'}{target[1]:g}-val{n}"
+
+
+def target_label(target: Target) -> str:
+    """A calibrated row's setting: ``agreement ≥ 0.99``, ``mean KL ≤ 0.02``."""
+    return f"agreement ≥ {target[1]:g}" if target[0] == "agreement" else f"mean KL ≤ {target[1]:g}"
+
+
+def parse_targets(text: str) -> tuple[Target, ...]:
+    """``0.99,0.995,kl0.02`` as targets: a number is an agreement, ``kl`` before it a mean KL."""
+    out: list[Target] = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        metric, number = ("kl", item[2:]) if item.startswith("kl") else ("agreement", item)
+        try:
+            out.append((metric, float(number)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"target {item!r} is not a number or kl<number>, e.g. 0.99 or kl0.02") from None
+    return tuple(out)
 
 
 def _summary(entry: Mapping[str, Any], bits: float) -> dict[str, Any]:
@@ -328,8 +355,9 @@ HELD = 0.02
 
 def _held(test: float, sel: Mapping[str, Any]) -> tuple[bool, bool | None]:
     """Whether a task's test agreement stayed within HELD under its calibration agreement, and met
-    its target (None where the row has no target)."""
-    return test >= sel["calibration_agreement"] - HELD, None if sel["target"] is None else test >= sel["target"]
+    its target (None where the row has no agreement target)."""
+    met = bool(test >= sel["target"]) if sel["target"] is not None and sel["metric"] == "agreement" else None
+    return test >= sel["calibration_agreement"] - HELD, met
 
 
 def _yes(ok: bool | None) -> str:
@@ -389,7 +417,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.plot(x, y, ls="none", marker="*", markersize=14, color="gold", markeredgecolor="k", label=method,
                     zorder=3)  # fmt: skip
             for bx, by, setting in pts:
-                ax.annotate(setting.split()[-1], (bx, by), textcoords="offset points", xytext=(6, -10), fontsize=7)
+                label = setting.split()[-1] if setting.startswith("agreement") else f"KL {setting.split()[-1]}"
+                ax.annotate(label, (bx, by), textcoords="offset points", xytext=(6, -10), fontsize=7)
         else:
             ax.plot(x, y, marker=markers[i % len(markers)], color=color, label=method)
     ax.set_xscale("symlog", linthresh=0.1)
@@ -420,6 +449,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps of the checkpoints (batch 32)")
     p.add_argument("--methods", type=_methods, default=None,
                    help="only these rows (comma-separated methods, e.g. 'Exact,Calibrated,DAREx-q int4')")
+    p.add_argument("--targets", type=parse_targets, default=None,
+                   help="the calibrated rows' targets, in this order (comma-separated: 0.99 is an agreement, "
+                        "kl0.02 a mean KL; default: all of " + ",".join(f"{'kl' if m == 'kl' else ''}{v:g}" for m, v in
+                                                                        TARGETS) + ")")
     p.add_argument("--limit", type=int, default=None, help="test examples per task (default: all)")
     p.add_argument("--out", type=Path, default=None, help="default: the regime's directory under docs/results")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -429,10 +462,11 @@ def main(argv: list[str] | None = None) -> None:
     regime = REGIMES[args.regime]
     tasks, methods = args.tasks or regime.tasks, args.methods or regime.methods
     cfg = Config(tasks, args.steps or regime.steps, limit=args.limit, cache=args.cache)
-    plan = Plan(methods=methods)
+    plan = Plan(methods=methods) if args.targets is None else Plan(targets=args.targets, methods=methods)
     if args.smoke:
         cfg = smoke_config(tasks, args.cache)
-        plan = Plan(keeps=(0.1,), targets=(0.99,), darex_keeps=(0.01,), n_calibration=32, methods=methods)
+        plan = Plan(keeps=(0.1,), targets=args.targets or (("agreement", 0.99),), darex_keeps=(0.01,),
+                    n_calibration=32, methods=methods)
     elif missing := missing_checkpoints(cfg):  # a long fine-tune takes most of an hour: never start one here
         p.exit(1, f"no {cfg.steps}-step checkpoint of {','.join(missing)} yet (fine-tunes running?); make each with "
                   f"python -m tools.finetune --task TASK --mode full --steps {cfg.steps} --no-eval\n")

@@ -4,6 +4,7 @@ exists (FIDELITY.md), and the selection report."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 
 import pytest
@@ -84,7 +85,8 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
     from tools import frontier
 
     n = 16
-    plan = frontier.Plan(targets=(0.99,), darex_keeps=(0.01,), n_calibration=n, methods=frozenset(frontier.CALIBRATED))
+    plan = frontier.Plan(targets=(("agreement", 0.99),), darex_keeps=(0.01,), n_calibration=n,
+                         methods=frozenset(frontier.CALIBRATED))
     results = frontier.run(cfg, plan, tmp_path)
     rows = {(r["method"], r["setting"]): r for r in results}
     assert set(rows) == {("Calibrated", "agreement ≥ 0.99"), ("DAREx-q int4", "m1")}
@@ -129,17 +131,31 @@ def test_the_report_shows_each_choice_and_whether_the_test_agreement_held(tmp_pa
                   "selection": {"rt": _selected(choice, 0.996, 41.2), "trump": _selected({"kind": "exact"}, 0.999, 3)}}
     single = {"method": "Single-Task", "setting": "", "bits_per_param": 32.0, "average": 0.81,
               "accuracy": {"rt": 0.8, "trump": 0.82}, "agreement": {"rt": 1.0, "trump": 1.0}}
-    text = report([single, calibrated], ("rt", "trump"))
+    kl = {**calibrated, "setting": "mean KL ≤ 0.02",
+          "selection": {t: {**sel, "metric": "kl", "target": 0.02} for t, sel in calibrated["selection"].items()}}
+    text = report([single, calibrated, kl], ("rt", "trump"))
     main, selection = text.split("## Calibration-driven selection")
     assert "| Calibrated | agreement ≥ 0.99 | 0.100 | **80.0** | 80.0 | 80.0 |" in main
     summary, per_task = (part.strip().splitlines() for part in selection.split("\n\n") if part.strip())
-    assert summary[2:] == ["| Calibrated | agreement ≥ 0.99 | 0.100 | 80.0 | 1/2 | 0/2 | 0.9725 | 44 |"]
-    assert len(per_task) == 4
+    # a KL target says nothing of the test agreement: only its distance to the calibration's is judged
+    assert summary[2:] == ["| Calibrated | agreement ≥ 0.99 | 0.100 | 80.0 | 1/2 | 0/2 | 0.9725 | 44 |",
+                           "| Calibrated | mean KL ≤ 0.02 | 0.100 | 80.0 | 1/2 | - | 0.9725 | 44 |"]
+    assert len(per_task) == 6
+    assert per_task[4].endswith("| 0.9850 | yes | - | 80.0 |")
     # within 0.02 of the calibration agreement, but under the target
     assert per_task[2] == ("| Calibrated | agreement ≥ 0.99 | rt | dare int4 m2 q0.03 | 2 | 41 | 0.100 | 0.9960 "
                            "| 0.9850 | yes | **no** | 80.0 |")
     assert per_task[3] == ("| Calibrated | agreement ≥ 0.99 | trump | exact | 2 | 3 | 0.100 | 0.9990 | 0.9600 "
                            "| **no** | **no** | 80.0 |")
     assert "Calibration-driven" not in report([single], ("rt", "trump"))
-    plot([single, calibrated], tmp_path / "frontier.png")
+    plot([single, calibrated, kl], tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 1000
+
+
+def test_targets_parse_as_agreements_or_mean_kls() -> None:
+    from tools.frontier import parse_targets, target_label
+
+    assert parse_targets("0.99, kl0.02,") == (("agreement", 0.99), ("kl", 0.02))
+    assert [target_label(t) for t in parse_targets("0.995,kl0.01")] == ["agreement ≥ 0.995", "mean KL ≤ 0.01"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'klx' is not a number or kl<number>"):
+        parse_targets("klx")
