@@ -101,7 +101,8 @@ def _written(s: Store, task: str) -> dict[str, Any]:
     params = sum(math.prod(t["shape"]) for t in s.table(task))
     return {"task": task, "kind": e["kind"], "method": e["method"], "base": e["base"], "bytes": e["bytes"],
             "full_bytes": e.get("full_bytes"), "params": params,
-            "bits_per_param": e["bytes"] * 8 / params if params else None, "fidelity": e.get("fidelity")}
+            "bits_per_param": e["bytes"] * 8 / params if params else None,
+            "setting": get_kind(e["kind"]).setting(cast(TaskEntry, e)), "fidelity": e.get("fidelity")}
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="print JSON")

@@ -646,20 +646,22 @@ class Store:
                  calibration: Calibration | str | os.PathLike[str] | None = None, min_agreement: float | None = None,
                  max_kl: float | None = None, device: str | torch.device | None = None,
                  max_examples: int | None = 256, **options: Any) -> TaskEntry:
-        """Add a fully fine-tuned model as task `name`: by default the top-`keep` of its delta to the
-        base (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
+        """Add a fully fine-tuned model as task `name`: by default a DARE drop of its delta to the base
+        with int4 values (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
 
         Args:
             name: the task's name (letters, digits, '.', '_', '-').
             path: the fine-tuned checkpoint (HF directory, .safetensors, .bin/.pt) or an open Checkpoint.
             kind: "fft" (a sparse delta, the default), "tall-mask", "emr", "bitdelta" or "exact"
                 (spec/FORMAT.md); with `calibration`, chosen by it.
-            keep: fft: fraction m of delta entries kept, in (0, 1] (default 0.1).
+            keep: fft: fraction m of delta entries kept, in (0, 1] (default 0.05 with DARE, 0.1 with
+                magnitude).
             granularity: fft: "global" (top-m% of the whole model, the default) or "per-tensor".
             value_dtype: fft: "float16", "bfloat16", "float32", or "int8" / "int4" with a float16 scale
-                per `group_size` values (default: bfloat16 for bf16 models, else float16).
+                per `group_size` values (default int4; with `budget`/`max_rel_error` chosen by them).
             group_size: fft with int8/int4 values: consecutive kept values sharing a scale (default 128).
-            sparsify: fft: "magnitude" (top-m, the default) or "dare" (random drop, rescaled by 1/m).
+            sparsify: fft: "dare" (random drop, rescaled by 1/m: the default) or "magnitude" (top-m: the
+                default with granularity "per-tensor", `budget` or `max_rel_error`).
             seed: fft with "dare": the drop's seed (default 0).
             base: "merged" or "pretrained" when the store has both (default: merged).
             pretrained: the pre-trained model, for a kind that reads θ0 (tall-mask, emr) in a store

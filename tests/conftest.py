@@ -98,6 +98,10 @@ def store2(bert_models, tmp_path) -> str:
 
 # ---- independent numpy reference of PERU-FFT (spec/FORMAT.md semantics) --------------------------
 
+#: PERU-FFT as the references below compute it: the top-m magnitudes, float16 values (the default
+#: is DARE with int4 values): `kind_options` of `build`, keywords of `add_task`.
+MAGNITUDE = {"sparsify": "magnitude", "value_dtype": "float16"}
+
 def np_f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
@@ -120,6 +124,18 @@ def ref_topk_global(us: list[np.ndarray], keep: float) -> list[np.ndarray]:
 def ref_reconstruct(base: np.ndarray, u: np.ndarray, mask: np.ndarray, value_dtype=np.float16) -> np.ndarray:
     vals = np.where(mask, u, 0).astype(value_dtype).astype(np.float32)
     return base.astype(np.float32) + vals
+
+
+def ref_quantize(v: np.ndarray, qmax: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The paper-style per-group absmax quantizer, as the spec states it."""
+    n = v.size
+    groups = -(-n // group)
+    padded = np.zeros(groups * group, np.float32)
+    padded[:n] = np.abs(v)
+    scales = (padded.reshape(groups, group).max(1).astype(np.float64) / qmax).astype(np.float16)
+    s = np.repeat(scales.astype(np.float64), group)[:n]
+    q = np.where(s > 0, np.rint(v.astype(np.float64) / np.where(s > 0, s, 1)), 0)
+    return np.clip(q, -qmax, qmax).astype(np.int8), scales
 
 
 # ---- S3: moto's real S3 HTTP server on 127.0.0.1 ---------------------------------------------------

@@ -25,7 +25,8 @@ def built(bert_models, tmp_path):
     url = tmp_path / "s"
     t = bert_models["tasks"]
     run("build", url, "--pretrained", bert_models["pre"], "--task", f"alpha={t['alpha']}",
-        "--task", f"beta={t['beta']}", "--keep", "0.2", "--lambda", "0.4")
+        "--task", f"beta={t['beta']}", "--keep", "0.2", "--lambda", "0.4", "--sparsify", "magnitude",
+        "--value-dtype", "float16")
     return url
 
 
@@ -104,7 +105,7 @@ def test_writes_report_what_they_wrote_as_json(bert_models, tmp_path):
     t = bert_models["tasks"]
     url = tmp_path / "s"
     built = json.loads(run("build", url, "--pretrained", bert_models["pre"], "--task", f"alpha={t['alpha']}",
-                           "--keep", "0.1", "--json").output)
+                           "--keep", "0.1", "--value-dtype", "float16", "--json").output)
     s = modelstore.open(str(url))
     assert built["generation"] == s.info()["generation"] and built["bytes"] == s.info()["bytes"]
     [alpha] = built["tasks"]
@@ -154,3 +155,18 @@ def test_version_is_the_package_version():
     from modelstore.cli import main
     r = CliRunner().invoke(main, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"modelstore, version {modelstore.__version__}"
+
+
+def test_add_task_states_and_reports_the_default_representation(built, bert_models):
+    """No fft option given: DARE at m = 5% with int4 values, said by --help, the one-line report and
+    --json; options given are reported as resolved."""
+    helps = CliRunner().invoke(main, ["add-task", "--help"], terminal_width=400, max_content_width=400).output
+    assert "[default: dare; magnitude with --granularity per-tensor, --budget or --max-rel-error]" in helps
+    assert "[default: 0.05 with dare, 0.1 with magnitude]" in helps and "[default: int4;" in helps
+    t = bert_models["tasks"]
+    added = json.loads(run("add-task", built, "gamma", t["gamma"], "--json").output)
+    assert added["setting"] == {"keep": 0.05, "values": "int4", "sparsify": "dare"}
+    per = json.loads(run("add-task", built, "top", t["gamma"], "--granularity", "per-tensor", "--json").output)
+    assert per["setting"] == {"keep": 0.1, "values": "int4", "sparsify": "magnitude"}
+    line = run("add-task", built, "f16", t["gamma"], "--value-dtype", "float16").output
+    assert "(dare, m = 0.05, float16 values)" in line and line.count("\n") == 1

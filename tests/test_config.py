@@ -117,3 +117,15 @@ def test_a_declared_option_reaches_the_merge(bert_models, tmp_path):
         "--merge", "ties", "--majority-sign", "frequency")
     info = json.loads(run("info", tmp_path / "s", "alpha", "--json").output)
     assert info["params"]["merge"]["majority_sign"] == "frequency"
+
+
+def test_a_config_without_fft_options_builds_the_default_and_magnitude_options_choose_magnitude(bert_models,
+                                                                                                 tmp_path):
+    t = bert_models["tasks"]
+    head = f"pretrained: {bert_models['pre']}\ntasks: {{alpha: {t['alpha']}}}\n"
+    run("build", tmp_path / "d", "--config", _write(tmp_path / "d.yaml", head))
+    p = modelstore.open(str(tmp_path / "d")).entry("alpha")["params"]
+    assert (p["sparsify"], p["keep"], p["value_dtype"]) == ("dare", 0.05, "int4")
+    run("build", tmp_path / "m", "--config", _write(tmp_path / "m.yaml", head + "granularity: per-tensor\n"))
+    p = modelstore.open(str(tmp_path / "m")).entry("alpha")["params"]
+    assert "sparsify" not in p and (p["granularity"], p["keep"], p["value_dtype"]) == ("per-tensor", 0.1, "int4")

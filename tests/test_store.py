@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import MAGNITUDE
 from safetensors.torch import save_file
 
 import modelstore
@@ -26,7 +27,7 @@ def test_add_task_keeps_base_and_others_untouched(bert_models, store2):
     with pytest.raises(modelstore.TaskExistsError, match="--overwrite"):
         modelstore.add_task(store2, "gamma", bert_models["tasks"]["gamma"])
     old_path = s.manifest["tasks"]["gamma"]["path"]
-    s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["alpha"], overwrite=True)
+    s = modelstore.add_task(store2, "gamma", bert_models["tasks"]["alpha"], keep=0.1, overwrite=True)
     assert not os.path.exists(os.path.join(store2, old_path))
     assert all(torch.equal(v, alpha[k]) for k, v in s.load("gamma").items())  # same source, same keep
 
@@ -215,7 +216,7 @@ def test_fp16_overflow_is_refused(tmp_path):
     save_file({"w": torch.tensor([1e6, 0, 0, 0])}, str(tmp_path / "t.safetensors"))
     with pytest.raises(modelstore.InputError, match="float32"):
         modelstore.build(str(tmp_path / "s"), str(tmp_path / "pre.safetensors"), {"t": str(tmp_path / "t.safetensors")},
-                         merge="none", keep=1.0)
+                         merge="none", keep=1.0, value_dtype="float16")
 
 
 def test_missing_or_swapped_chunk_is_detected(bert_models, tmp_path):
@@ -365,10 +366,10 @@ def test_large_arrays_are_written_in_at_most_max_chunks_objects(bert_models, tmp
     from modelstore.format import chunks, codecs
     tasks = bert_models["tasks"]
     args = (bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]})
-    plain = modelstore.build(str(tmp_path / "plain"), *args, keep=0.1)
+    plain = modelstore.build(str(tmp_path / "plain"), *args, keep=0.1, kind_options=MAGNITUDE)
     monkeypatch.setattr(codecs, "CHUNK_ELEMENTS", 256)
     monkeypatch.setattr(codecs, "MAX_CHUNKS", 4)
-    few = modelstore.build(str(tmp_path / "few"), *args, keep=0.1)
+    few = modelstore.build(str(tmp_path / "few"), *args, keep=0.1, kind_options=MAGNITUDE)
     few.add_pretrained(bert_models["pre"])
     lengths = []
     for meta in (tmp_path / "few").rglob("zarr.json"):

@@ -34,6 +34,9 @@ DEFAULT_TASKS = ("rt", "trump", "healthsrc")
 """Short (32-token) PyPI-shipped tasks with a visible lift over zero-shot."""
 DEFAULT_STEPS = 150
 DEFAULT_KEEP = 0.1
+#: The representation the README's table was measured with (PERU-FFT: top-m magnitudes, float16
+#: values), given explicitly so that a change of the store's default does not change the table.
+FFT_OPTIONS = {"value_dtype": "float16", "kind_options": {"sparsify": "magnitude"}}
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ def run(
         merge="task-arithmetic",
         lam=0.3,
         keep=keep,
+        **FFT_OPTIONS,
         progress=progress,
     )
     base = pretrained_model()

@@ -270,6 +270,11 @@ def _add_missing(path: Path, adds: dict[str, Callable[[str], object]]) -> models
     return modelstore.open(str(path))
 
 
+#: PERU-FFT as in the paper: the top-m magnitudes, float16 values (given explicitly: the store's
+#: default representation is another).
+PERU_FFT = {"sparsify": "magnitude", "value_dtype": "float16"}
+
+
 def fft_store(cfg: Config, mode: str, merge: str, keeps: tuple[float, ...]) -> modelstore.Store:
     """The `mode` task models on the `merge` base (θ0 for "none": Post-Pruning), each kept at every
     m of `keeps` as task ``<task>-m<percent>``. A merged base is merged and written once."""
@@ -285,9 +290,11 @@ def fft_store(cfg: Config, mode: str, merge: str, keeps: tuple[float, ...]) -> m
             modelstore.build(str(path), pretrained=str(pretrained_path()),
                              tasks={names[t, keeps[0]]: str(p) for t, p in ckpts.items()},
                              merge=merge, keep=keeps[0], merge_options=options,
+                             value_dtype=PERU_FFT["value_dtype"], kind_options={"sparsify": PERU_FFT["sparsify"]},
                              stats=statistics(cfg, merge, mode, ckpts,
                                               names={t: names[t, keeps[0]] for t in ckpts}))  # fmt: skip
-    return _add_missing(path, {name: lambda n, t=t, k=k: modelstore.add_task(str(path), n, str(ckpts[t]), keep=k)
+    return _add_missing(path, {name: lambda n, t=t, k=k: modelstore.add_task(str(path), n, str(ckpts[t]), keep=k,
+                                                                             **PERU_FFT)
                                for (t, k), name in names.items()})  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import finetuned_copy, peft_adapter
+from conftest import MAGNITUDE, finetuned_copy, peft_adapter
 from safetensors.torch import save_file
 from spec_reader import SpecError, lora_tolerance, read_task
 
@@ -52,12 +52,14 @@ def stores(bert_models, tmp_path_factory):
     out = []
 
     merged = str(root / "merged")  # a Task-Arithmetic θ* and every fft option, TALL and BitDelta on it
-    s = modelstore.build(merged, pre, {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1)
-    variants = {"per-tensor": dict(granularity="per-tensor", value_dtype="float32"),
+    s = modelstore.build(merged, pre, {"alpha": tasks["alpha"], "beta": tasks["beta"]}, keep=0.1,
+                         kind_options=MAGNITUDE)
+    variants = {"default": dict(),  # DARE, int4 values
+                "per-tensor": dict(granularity="per-tensor", value_dtype="float32"),
                 "dare": dict(keep=0.3, sparsify="dare", seed=5, value_dtype="bfloat16"),
                 "dare-q": dict(keep=0.05, sparsify="dare", dare_q=0.03, value_dtype="int4", group_size=8),
-                "int8": dict(value_dtype="int8", group_size=16),
-                "int4": dict(keep=0.2, value_dtype="int4", group_size=8),
+                "int8": dict(value_dtype="int8", group_size=16, sparsify="magnitude"),
+                "int4": dict(keep=0.2, value_dtype="int4", group_size=8, sparsify="magnitude"),
                 "bitdelta": dict(kind="bitdelta")}
     for name, kw in variants.items():
         s.add_task(name, tasks["gamma"], **kw)
@@ -78,7 +80,8 @@ def stores(bert_models, tmp_path_factory):
     out += [(emr, "alpha"), (emr, "beta")]
 
     plain = str(root / "pretrained")  # θ0 alone: Post-Pruning, BitDelta and a LoRA adapter on it
-    s = modelstore.build(plain, pre, {"pp": tasks["alpha"]}, merge="none", keep=0.05, exclude="pooler")
+    s = modelstore.build(plain, pre, {"pp": tasks["alpha"]}, merge="none", keep=0.05, exclude="pooler",
+                         kind_options=MAGNITUDE)
     s.add_task("bd0", tasks["beta"], kind="bitdelta")
     s.add_lora_task("lora", peft_adapter(bert_models, root / "adapter"), rank=4)
     out += [(plain, t) for t in ("pp", "bd0", "lora")]
@@ -89,7 +92,8 @@ def stores(bert_models, tmp_path_factory):
     save_file(sd0, str(root / "bf-pre.safetensors"))
     save_file({k: v for k, v in finetuned_copy(sd0, 7).items() if k != "ids"}, str(root / "bf-t.safetensors"))
     bf = str(root / "bf16")
-    s = modelstore.build(bf, str(root / "bf-pre.safetensors"), {"t": str(root / "bf-t.safetensors")}, keep=0.3)
+    s = modelstore.build(bf, str(root / "bf-pre.safetensors"), {"t": str(root / "bf-t.safetensors")}, keep=0.3,
+                         kind_options={"sparsify": "magnitude", "value_dtype": "bfloat16"})
     s.add_task("t4", str(root / "bf-t.safetensors"), value_dtype="int4", group_size=4, keep=0.5)
     s.add_task("tall", str(root / "bf-t.safetensors"), kind="tall-mask", pretrained=str(root / "bf-pre.safetensors"))
     out += [(bf, t) for t in ("t", "t4", "tall")]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from conftest import flip_byte, np_f32, ref_topk_global
+from conftest import flip_byte, np_f32, ref_quantize, ref_topk_global
 from safetensors.torch import load_file, save_file
 
 import modelstore
@@ -74,18 +74,6 @@ def _as_dtype(a: np.ndarray, like: torch.Tensor) -> np.ndarray:
 
 # ---- int8 / int4 values ----------------------------------------------------------------------------
 
-def _ref_quantize(v: np.ndarray, qmax: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """The paper-style per-group absmax quantizer, as the spec states it."""
-    n = v.size
-    groups = -(-n // group)
-    padded = np.zeros(groups * group, np.float32)
-    padded[:n] = np.abs(v)
-    scales = (padded.reshape(groups, group).max(1).astype(np.float64) / qmax).astype(np.float16)
-    s = np.repeat(scales.astype(np.float64), group)[:n]
-    q = np.where(s > 0, np.rint(v.astype(np.float64) / np.where(s > 0, s, 1)), 0)
-    return np.clip(q, -qmax, qmax).astype(np.int8), scales
-
-
 @pytest.mark.parametrize("block", [None, 37], ids=["whole-tensors", "blocks-of-37"])
 @pytest.mark.parametrize("value_dtype, qmax", [("int8", 127), ("int4", 7)])
 def test_quantized_values_match_the_numpy_reference(bert_models, tmp_path, monkeypatch, value_dtype, qmax, block):
@@ -95,7 +83,7 @@ def test_quantized_values_match_the_numpy_reference(bert_models, tmp_path, monke
         monkeypatch.setattr(sparse_delta, "CACHE_BYTES", 0)
     sd0, sds, keep, group = bert_models["sd0"], bert_models["sds"], 0.1, 16
     s = modelstore.build(str(tmp_path / "s"), bert_models["pre"], bert_models["tasks"], keep=keep,
-                         value_dtype=value_dtype, kind_options={"group_size": group})
+                         value_dtype=value_dtype, kind_options={"group_size": group, "sparsify": "magnitude"})
     base = {k: np_f32(v) for k, v in modelstore.open(s.url).base("merged").items()}
     names = _floats(sd0)
     for task, sd in sds.items():
@@ -114,7 +102,7 @@ def test_quantized_values_match_the_numpy_reference(bert_models, tmp_path, monke
             if k in stored:
                 pos, q, scales = stored[k]
                 assert np.all(np.diff(pos) > 0) and topk[k].reshape(-1)[pos].all()  # a subset of the top-k
-                q_ref, s_ref = _ref_quantize(u.reshape(-1)[pos], qmax, group)
+                q_ref, s_ref = ref_quantize(u.reshape(-1)[pos], qmax, group)
                 np.testing.assert_array_equal(q, q_ref, err_msg=f"{task}/{k} q")
                 np.testing.assert_array_equal(scales.view(np.uint16), s_ref.view(np.uint16),
                                               err_msg=f"{task}/{k} scales")
@@ -154,8 +142,9 @@ def test_dare_matches_its_seeded_draws_and_rescale(bert_models, tmp_path, monkey
         monkeypatch.setattr(sparse_delta, "BLOCK_ELEMENTS", block)
         monkeypatch.setattr(sparse_delta, "CACHE_BYTES", 0)
     sd0, sd, keep, seed = bert_models["sd0"], bert_models["sds"]["alpha"], 0.2, 7
+    opts = {"sparsify": "dare", "seed": seed, "value_dtype": "float16"}
     s = modelstore.build(str(tmp_path / "s"), bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]},
-                         merge="none", keep=keep, kind_options={"sparsify": "dare", "seed": seed})
+                         merge="none", keep=keep, kind_options=opts)
     e = s.entry("alpha")
     assert e["params"]["sparsify"] == "dare" and e["params"]["seed"] == seed
     table, arrays = _raw(s, "alpha")
@@ -180,10 +169,10 @@ def test_dare_matches_its_seeded_draws_and_rescale(bert_models, tmp_path, monkey
     _same(modelstore.open(s.url).load("alpha"), want, sd, "dare")
     assert abs(e["kept"] - keep * total) < 5 * np.sqrt(total * keep * (1 - keep))  # about m·N entries
     again = modelstore.build(str(tmp_path / "again"), bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]},
-                             merge="none", keep=keep, kind_options={"sparsify": "dare", "seed": seed})
+                             merge="none", keep=keep, kind_options=opts)
     assert again.entry("alpha")["arrays"] == e["arrays"]  # reproducible, byte for byte
     other = modelstore.build(str(tmp_path / "other"), bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"]},
-                             merge="none", keep=keep, kind_options={"sparsify": "dare", "seed": seed + 1})
+                             merge="none", keep=keep, kind_options={**opts, "seed": seed + 1})
     assert other.entry("alpha")["arrays"]["indices"] != e["arrays"]["indices"]
 
 
@@ -303,7 +292,7 @@ def test_cli_kinds_flags_ls_info_and_export(bert_models, tmp_path):
     run("add-task", url, "tall", t["gamma"], "--kind", "tall-mask", "--tall-lambda", "0.5")
     run("add-task", url, "bits", t["gamma"], "--kind", "bitdelta", "--base", "pretrained")
     rows = {r["task"]: r for r in json.loads(run("ls", url, "--json").output)}
-    assert rows["q8"]["setting"] == "0.05/int8/magnitude" and rows["dare"]["sparsify"] == "dare"
+    assert rows["q8"]["setting"] == "0.05/int8/dare" and rows["dare"]["sparsify"] == "dare"
     assert rows["tall"]["lambda"] == 0.5 and rows["bits"]["kind"] == "bitdelta" and "scale" in rows["alpha"]
     assert "tall-mask" in run("ls", url).output
     assert "group_size: 64" in run("info", url, "q8").output
@@ -384,9 +373,12 @@ def test_frontier_smoke_bits_per_param(tmp_path):
                    for k, v in sd0.items()}, paths.setdefault(t, str(tmp_path / f"{t}.safetensors")))
     tasks = {t: paths[t] for t in ("t1", "t2")}
     rows = {}
-    variants = {"fft float16": dict(keep=0.1), "fft int8": dict(keep=0.1, value_dtype="int8"),
-                "fft int4": dict(keep=0.1, value_dtype="int4"),
-                "dare": dict(keep=0.1, kind_options={"sparsify": "dare"}), "tall-mask": dict(kind="tall-mask", lam=1.0),
+    magnitude = {"sparsify": "magnitude"}
+    variants = {"fft float16": dict(keep=0.1, value_dtype="float16", kind_options=magnitude),
+                "fft int8": dict(keep=0.1, value_dtype="int8", kind_options=magnitude),
+                "fft int4": dict(keep=0.1, value_dtype="int4", kind_options=magnitude),
+                "dare": dict(keep=0.1, value_dtype="float16", kind_options={"sparsify": "dare"}),
+                "tall-mask": dict(kind="tall-mask", lam=1.0),
                 "emr": dict(kind="emr"), "bitdelta": dict(kind="bitdelta")}
     for name, kw in variants.items():
         s = modelstore.build(str(tmp_path / name.replace(" ", "-")), paths["pre"], tasks, **kw)

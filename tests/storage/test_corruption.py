@@ -260,10 +260,10 @@ def _outcome(url: str, task: str) -> str:
 @pytest.fixture(scope="module")
 def every_kind(bert_models, tmp_path_factory):
     """A store with fft (float16, int4), tall-mask, bitdelta and LoRA tasks on a merged base and θ0."""
-    from conftest import peft_adapter
+    from conftest import MAGNITUDE, peft_adapter
     root = tmp_path_factory.mktemp("kinds")
     url, tasks = str(root / "s"), bert_models["tasks"]
-    s = modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"]}, keep=0.1)
+    s = modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"]}, keep=0.1, kind_options=MAGNITUDE)
     s.add_task("q4", tasks["beta"], value_dtype="int4", group_size=8)
     s.add_task("tall", tasks["gamma"], kind="tall-mask", pretrained=bert_models["pre"])
     s.add_task("bd", tasks["gamma"], kind="bitdelta")

@@ -107,7 +107,8 @@ def test_malformed_checkpoints_are_one_line_errors(base_only, tmp_path, make, ma
 
 
 def test_a_keep_that_keeps_nothing_and_a_store_path_that_is_a_file(bert_models, base_only, tmp_path):
-    _one_line_error(["add-task", base_only, "x", bert_models["tasks"]["alpha"], "--keep", "1e-9"], "keeps no entry")
+    _one_line_error(["add-task", base_only, "x", bert_models["tasks"]["alpha"], "--keep", "1e-9",
+                     "--sparsify", "magnitude"], "keeps no entry")
     (tmp_path / "file").write_text("not a store")
     _one_line_error(["ls", tmp_path / "file"], "is a file")
     _one_line_error(["init", tmp_path / "file", "--pretrained", bert_models["pre"]], "is a file")

@@ -54,7 +54,7 @@ def test_budget_choice_is_predicted_and_beats_every_stored_candidate(store):
     for m in (0.02, 0.05, 0.1, 0.2, 0.4):
         for vd in ("float16", "int8", "int4"):
             name = f"g-{m}-{vd}"
-            store.add_task(name, original, keep=m, value_dtype=vd)
+            store.add_task(name, original, keep=m, value_dtype=vd, sparsify="magnitude")  # budget mode's candidates
             grid[name] = _actual(store, name, original)
     for budget in (1.0, 2.0, 4.0):
         task = f"b{budget}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import np_f32, ref_reconstruct, ref_topk_global
+from conftest import MAGNITUDE, np_f32, ref_reconstruct, ref_topk_global
 from safetensors.torch import save_file
 
 import modelstore
@@ -39,7 +39,7 @@ def test_roundtrip_matches_numpy_reference(bert_models, tmp_path, granularity, m
     sd0, sds = bert_models["sd0"], bert_models["sds"]
     keep = 0.05
     store = modelstore.build(str(tmp_path / "s"), bert_models["pre"], bert_models["tasks"], merge=merge,
-                             keep=keep, granularity=granularity)
+                             keep=keep, granularity=granularity, kind_options=MAGNITUDE)
     assert store.tasks() == sorted(bert_models["tasks"])
     base_id = "pretrained" if merge == "none" else "merged"
     stored_base = {k: np_f32(v) for k, v in store.base(base_id).items()}
@@ -85,7 +85,8 @@ def test_ties_broken_by_lowest_index_and_zeros_never_stored(tmp_path):
             "b": torch.tensor([[3., 0, 0, -3, 2], [0, 0, 0, 1, 1]])}
     pre, t = _save(tmp_path / "pre.safetensors", base), _save(tmp_path / "t.safetensors", task)
     # k = 6 of 20: the five 3s (a[1], a[2], a[7], b[0,0], b[0,3]), then the first 2 in global order: a[4]
-    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.3, value_dtype="float32")
+    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.3, value_dtype="float32",
+                         kind_options={"sparsify": "magnitude"})
     got = s.load("t")
     assert torch.equal(got["a"], torch.tensor([0., -3, 3, 0, 2, 0, 0, 3, 0, 0]))
     assert torch.equal(got["b"], torch.tensor([[3., 0, 0, -3, 0], [0, 0, 0, 0, 0]]))
@@ -101,7 +102,8 @@ def test_bf16_checkpoint_roundtrip_dtype_and_exact_at_keep_1(tmp_path):
     base = {"w": torch.randn(64, 32, generator=g).bfloat16(), "n": torch.randn(32, generator=g).bfloat16()}
     task = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
     pre, t = _save(tmp_path / "pre.safetensors", base), _save(tmp_path / "t.safetensors", task)
-    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=1.0)
+    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=1.0,
+                         kind_options={**MAGNITUDE, "value_dtype": "bfloat16"})
     assert s.info("t")["params"]["value_dtype"] == "bfloat16"
     assert s.base("pretrained")["w"].dtype == torch.bfloat16
     got = s.load("t")

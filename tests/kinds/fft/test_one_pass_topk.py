@@ -17,6 +17,9 @@ import modelstore
 from modelstore.kinds.fft import candidates, sparse_delta
 from modelstore.kinds.fft.topk import Bracket, magnitude_bits
 
+#: The selection these tests are about: the top-m magnitudes (not the default, DARE), values exact.
+TOP_M = {"sparsify": "magnitude", "value_dtype": "float32"}
+
 
 def _save(path, tensors):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
@@ -65,7 +68,7 @@ def _two_pass(tmp_path, pre, t, keep):
     mp = pytest.MonkeyPatch()
     mp.setattr(candidates.Candidates, "room_for", lambda self, count: False)
     try:
-        return modelstore.build(str(tmp_path / "two"), pre, {"t": t}, merge="none", keep=keep, value_dtype="float32")
+        return modelstore.build(str(tmp_path / "two"), pre, {"t": t}, merge="none", keep=keep, kind_options=TOP_M)
     finally:
         mp.undo()
 
@@ -76,7 +79,7 @@ def test_one_pass_keeps_the_brute_force_entries(ties_model, tmp_path, monkeypatc
     pre, t, base, task = ties_model
     _small_blocks(monkeypatch, cache_bytes)
     seen = _spy(monkeypatch, lambda r: None if r[1] is None else (r[1].count, r[1]._file is not None))
-    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=keep, value_dtype="float32")
+    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=keep, kind_options=TOP_M)
     assert seen and seen[0] is not None, "the one-pass selection did not run"
     count, spilled = seen[0]
     assert spilled == (cache_bytes == 0)
@@ -103,7 +106,7 @@ def test_a_missed_bracket_still_gives_the_exact_cut(ties_model, tmp_path, monkey
     wrong = Bracket(lo, lo + (1 << 16), 0)
     monkeypatch.setattr(sparse_delta, "bracket", lambda *a, **kw: wrong)
     seen = _spy(monkeypatch, lambda r: r[1] is not None)
-    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
     assert seen == [miss == "bracket-too-low"]
     _assert_global_top10(s, base, task)
 
@@ -119,12 +122,12 @@ def test_picked_entries_leave_no_file_behind(ties_model, tmp_path, monkeypatch):
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
     seen = _spy(monkeypatch, lambda r: None if r[1] is None else r[1]._file is not None)
-    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1)
+    s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
     bad = dict(task)
     bad["b"] = task["b"].clone()
     bad["b"][1000, 3] = float("nan")
     with pytest.raises(modelstore.InputError, match="NaN"):
-        s.add_task("bad", _save(tmp_path / "bad.safetensors", bad), keep=0.1)
+        s.add_task("bad", _save(tmp_path / "bad.safetensors", bad), keep=0.1, **TOP_M)
     assert seen == [True, True]
     assert os.listdir(tmp) == []
     assert s.tasks() == ["t"]
@@ -150,9 +153,9 @@ def test_a_temporary_directory_that_cannot_hold_them_falls_back_to_two_passes(ti
     seen = _spy(monkeypatch, lambda r: r[1] is not None)
     if trouble == "disk-full-while-writing":
         with pytest.warns(UserWarning, match="No space left on device; counting the top-k in two passes"):
-            s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+            s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
     else:
-        s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+        s = modelstore.build(str(tmp_path / "s"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
     assert seen == [False]
     _assert_global_top10(s, base, task)
 
@@ -189,7 +192,7 @@ def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, m
     monkeypatch.setattr(chunk_io.Chunks, "read_into", read_into)
     monkeypatch.setattr(sparse_delta, "bracket", bracket)
     seen = _spy(monkeypatch, lambda r: r[1] is not None)
-    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, value_dtype="float32")
+    s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
     assert seen == [True]
     assert decoded and all(c % 8 == 0 for c in decoded) and len(decoded) >= 6, sorted(decoded)
     _assert_global_top10(s, base, task)
