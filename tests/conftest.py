@@ -198,13 +198,14 @@ def peft_adapter(bert_models, path) -> str:
 
 @pytest.fixture(scope="module")
 def reference(bert_models, tmp_path_factory):
-    """One single-writer store per checkpoint: what every concurrently added task must equal."""
+    """One single-writer store per checkpoint, each task added with the default options: what every
+    concurrently added task must equal."""
     root = tmp_path_factory.mktemp("ref")
     out = {}
     for name, path in bert_models["tasks"].items():
         url = str(root / name)
         modelstore.init(url, bert_models["pre"])
-        out[name] = modelstore.add_task(url, "t", path, keep=0.1).load("t")
+        out[name] = modelstore.add_task(url, "t", path).load("t")
     return out
 
 

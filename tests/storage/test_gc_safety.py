@@ -83,7 +83,7 @@ def test_gc_looped_against_concurrent_writers_damages_no_committed_task(shared, 
         open(os.path.join(orphan, "zarr.json"), "w").write("{}")
         os.utime(orphan + "/zarr.json", (time.time() - 3600, time.time() - 3600))
     env = {**_env(opts), "MODELSTORE_LEASE_S": "10"}  # gc forced to no grace: only renewed leases keep payloads
-    procs = _writers([[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]], "--keep", "0.1"]
+    procs = _writers([[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]]]
                        for r in range(rounds)] for w in range(writers)], env, tmp_path)
     gc = modelstore.open(url, mode="a", storage_options=opts)
     runs, removed, leased = 0, [], 0
@@ -134,8 +134,7 @@ def _wait_for_payload(url: str, task: str, timeout: float = 60) -> str:
 
 def _start_writer(url: str, bert_models, tmp_path, patch: str = "") -> subprocess.Popen:
     env = {**os.environ, "MODELSTORE_LEASE_S": "1"}
-    return _writers([[["add-task", url, "late", bert_models["tasks"]["alpha"], "--keep", "0.1"]]], env, tmp_path,
-                    patch)[0]
+    return _writers([[["add-task", url, "late", bert_models["tasks"]["alpha"]]]], env, tmp_path, patch)[0]
 
 
 def test_writer_stalled_on_the_lock_keeps_its_payload_while_its_lease_is_renewed(tmp_path, bert_models, reference):

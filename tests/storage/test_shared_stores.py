@@ -66,7 +66,7 @@ def test_concurrent_writers_lose_no_task(shared, bert_models, reference, tmp_pat
     names = list(bert_models["tasks"])
     rounds = 3 if opts is None else 2  # moto answers slowly; two rounds still race four writers twice
     expected = {f"r{r}w{w}": names[(r + w) % len(names)] for r in range(rounds) for w in range(WRITERS)}
-    writers = [[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]], "--keep", "0.1"]
+    writers = [[["add-task", url, f"r{r}w{w}", bert_models["tasks"][expected[f"r{r}w{w}"]]]
                 for r in range(rounds)] for w in range(WRITERS)]
     results = _start_together(writers, _env(opts), tmp_path)
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
