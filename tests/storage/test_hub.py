@@ -43,10 +43,19 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def hub(store2, tmp_path, monkeypatch):
-    """store2 committed to the git repo test/store, served by olah; yields HfFileSystem's storage options."""
+def stored(bert_models, tmp_path) -> str:
+    """Tasks alpha and beta with float16 values. olah 0.5 takes a file of 121-149 bytes for a possible
+    LFS pointer and decodes it as UTF-8: a binary one (a small int4 `scales` chunk) is answered 401."""
+    url, tasks = str(tmp_path / "s"), bert_models["tasks"]
+    modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"], "beta": tasks["beta"]}, value_dtype="float16")
+    return url
+
+
+@pytest.fixture()
+def hub(stored, tmp_path, monkeypatch):
+    """`stored` committed to the git repo test/store, served by olah; yields HfFileSystem's storage options."""
     repo = tmp_path / "mirrors" / "models" / "test" / "store"
-    shutil.copytree(store2, repo)
+    shutil.copytree(stored, repo)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "store"]):
         subprocess.run(git + args, check=True, timeout=60)
@@ -90,13 +99,13 @@ def assert_same_store(a: modelstore.Store, b: modelstore.Store) -> None:
         assert all(torch.equal(got[k], want[k]) for k in want), task
 
 
-def test_open_and_load_through_hf(hub, store2):
-    assert_same_store(modelstore.open("hf://test/store@main", storage_options=hub), modelstore.open(store2))
+def test_open_and_load_through_hf(hub, stored):
+    assert_same_store(modelstore.open("hf://test/store@main", storage_options=hub), modelstore.open(stored))
 
 
-def test_sync_from_hf(hub, store2, tmp_path):
+def test_sync_from_hf(hub, stored, tmp_path):
     report = modelstore.sync("hf://test/store@main", str(tmp_path / "copy"), src_options=hub)
     assert sorted(report.copied) == ["alpha", "beta"]
-    assert_same_store(modelstore.open(str(tmp_path / "copy")), modelstore.open(store2))
+    assert_same_store(modelstore.open(str(tmp_path / "copy")), modelstore.open(stored))
     again = modelstore.sync("hf://test/store@main", str(tmp_path / "copy"), src_options=hub)
     assert again.copied == [] and sorted(again.up_to_date) == ["alpha", "beta"]
