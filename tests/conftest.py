@@ -102,6 +102,7 @@ def store2(bert_models, tmp_path) -> str:
 #: is DARE with int4 values): `kind_options` of `build`, keywords of `add_task`.
 MAGNITUDE = {"sparsify": "magnitude", "value_dtype": "float16"}
 
+
 def np_f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
 
