@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tools.bench_scale import (
+    SETTING,
     finetune,
     fresh,
     llama_shapes,
@@ -130,7 +131,7 @@ def make_store(root: str, shapes: list[tuple[str, tuple[int, ...]]], keep: float
     torch.set_num_threads(threads)
     s = modelstore.Store.create(store)
     s.add_pretrained(pre)
-    s.add_task("t", ft, keep=keep, base="pretrained")
+    s.add_task("t", ft, keep=keep, base="pretrained", **SETTING)
     return {"params": sum(math.prod(sh) for _, sh in shapes), "write_s": t1 - t0,
             "store_s": time.perf_counter() - t1, "store": store, "ckpt": ft}
 

@@ -225,14 +225,18 @@ def load_shards(path: str, device: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+#: The setting its recorded figures measured: a magnitude top-m with the tasks' own bf16 values.
+SETTING = {"sparsify": "magnitude", "value_dtype": "bfloat16"}
+
+
 def build(store: str, pre: str, tasks: list[str], keep: float, base_codec: str) -> None:
     import modelstore
-    modelstore.build(store, pre, {f"t{i}": t for i, t in enumerate(tasks)}, keep=keep, base_codec=base_codec)
+    modelstore.build(store, pre, {f"t{i}": t for i, t in enumerate(tasks)}, keep=keep, base_codec=base_codec, **SETTING)
 
 
 def add_task(store: str, task: str, keep: float) -> None:
     import modelstore
-    modelstore.add_task(store, "added", task, keep=keep)
+    modelstore.add_task(store, "added", task, keep=keep, **SETTING)
 
 
 def load(store: str, task: str) -> None:

@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import modelstore
@@ -84,12 +85,20 @@ def rss_anon() -> int:
     return proc_bytes("/proc/self/status", "RssAnon")
 
 
+def setting(path: str) -> dict[str, str]:
+    """What its recorded figures measured: a magnitude top-m with values in the checkpoint's float
+    dtype (bfloat16 for a bf16 checkpoint, else float16)."""
+    with safe_open(path, "pt") as f:
+        bf16 = f.get_slice(next(iter(f.keys()))).get_dtype() == "BF16"
+    return {"sparsify": "magnitude", "value_dtype": "bfloat16" if bf16 else "float16"}
+
+
 def _child_add_task(store: str, path: str, keep: float, threads: int, out) -> None:
     torch.set_num_threads(threads)
     before = rss_anon()
     with PeakAnon() as peak:
         t0 = time.perf_counter()
-        modelstore.add_task(store, "extra", path, keep=keep)
+        modelstore.add_task(store, "extra", path, keep=keep, **setting(path))
         seconds = time.perf_counter() - t0
     out.send((seconds, peak.peak - before))
 
@@ -140,7 +149,7 @@ def main() -> None:
         r["baseline_copy_s"], _ = timed(copy_full, 2)
         r["baseline_load_full_s"], _ = timed(lambda: {k: v.clone() for k, v in load_file(tasks["task0"]).items()}, 3)
 
-        t_build, store = timed(lambda: modelstore.build(f"{root}/store", pre, tasks, keep=a.keep))
+        t_build, store = timed(lambda: modelstore.build(f"{root}/store", pre, tasks, keep=a.keep, **setting(pre)))
         r["build_s"] = t_build
         r["build_per_task_vs_copy"] = t_build / (a.tasks + 1) / r["baseline_copy_s"]
         t_add, extra = add_task_in_child(f"{root}/store", tasks["task0"], a.keep)

@@ -113,7 +113,8 @@ def run(root: str, a: argparse.Namespace) -> dict:
     w = modelstore.open(f"{root}/s", mode="a")
     for keep in a.keep:
         for name in ("A", "B"):
-            w.add_task(f"{name}{keep}", f"{root}/{name}.safetensors", keep=keep)
+            w.add_task(f"{name}{keep}", f"{root}/{name}.safetensors", keep=keep, sparsify="magnitude",
+                       value_dtype="float16")
     store = modelstore.open(f"{root}/s")
     model = module_of(sd0)
     params = dict(model.named_parameters())

@@ -198,16 +198,17 @@ def rows(cfg: Config, plan: Plan) -> list[tuple[str, str, Callable[[], Made]]]:
         return {"merge": "task-arithmetic", "merge_options": merge_options(cfg, "full", "task-arithmetic")}
 
     by_m = {f"m{100 * k:g}": {"keep": k} for k in plan.keeps}
+    top_m = {m: {**o, "sparsify": "magnitude"} for m, o in by_m.items()}
     out: list[tuple[str, str, Callable[[], Made]]] = []
     for vd in VALUE_DTYPES:
-        peru = _variant(cfg, f"peru-{vd}", ta, {m: {**o, "value_dtype": vd} for m, o in by_m.items()})
+        peru = _variant(cfg, f"peru-{vd}", ta, {m: {**o, "value_dtype": vd} for m, o in top_m.items()})
         out += [(f"PERU-FFT {vd}", m, lambda p=peru, m=m: p(m)) for m in by_m]
-    post = _variant(cfg, "post-pruning", lambda: {"merge": "none"}, by_m)
+    post = _variant(cfg, "post-pruning", lambda: {"merge": "none"}, {m: {**o, "value_dtype": "float16"}
+                                                                       for m, o in top_m.items()})
     out += [("Post-Pruning", m, lambda m=m: post(m)) for m in by_m]
     for vd in DARE_VALUE_DTYPES:  # DARE's drop as the sparsifier, with float16 and with int4 values
-        dtype = {} if vd == "float16" else {"value_dtype": vd}
         dare = _variant(cfg, "dare" if vd == "float16" else f"dare-{vd}", ta,
-                        {m: {**o, "sparsify": "dare", **dtype} for m, o in by_m.items()})
+                        {m: {**o, "sparsify": "dare", "value_dtype": vd} for m, o in by_m.items()})
         out += [("DARE" if vd == "float16" else f"DARE {vd}", m, lambda d=dare, m=m: d(m)) for m in by_m]
     low = {m: o for m, o in by_m.items() if o["keep"] <= 0.05}  # DARE's drop is random: a second seed
     again = _variant(cfg, "dare-int4-seed1", ta, {m: {**o, "sparsify": "dare", "value_dtype": "int4", "seed": 1}
