@@ -542,13 +542,17 @@ class SparseDelta(TaskKind):
                     or seeded and t["count"] and "seed" not in t:
                 return (f"entry {t['name']!r} has seed {t.get('seed')!r} in a task whose positions are "
                         f"{p.get('positions', 'stored')}")
-            if not t["count"]:
-                continue
             c, seg = t["count"], t.get("segments", {})
+            if not c:  # the base's tensor: nothing to read (a seeded entry has no indices to show a lost count)
+                if any(n for _, n in seg.values()):
+                    return f"entry {t['name']!r} has segments {seg} for no values"
+                continue
             want = {} if p["value_dtype"] not in QUANT_MAX else {
                 "values": (c + 1) // 2 if p["value_dtype"] == "int4" else c, "scales": -(-c // group)}
             if set(seg) != set(want) or any(seg[a][1] != n for a, n in want.items()):
                 return f"entry {t['name']!r} has segments {seg} for {c} {p['value_dtype']} values"
+            if "seed" in t and want and t["start"] != seg["values"][0]:  # the values' start: no slice of indices
+                return f"entry {t['name']!r} starts at {t['start']}, not at its values' {seg['values'][0]}"
         return None
 
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
