@@ -686,7 +686,8 @@ class SparseDelta(TaskKind):
 
     def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
               device: torch.device) -> Iterator[Edit]:
-        """Per sparse tensor its positions cumsum(gaps) and values; dense tensors whole (spec: "Reading a task")."""
+        """Per sparse tensor its positions cumsum(gaps), or re-drawn from its seed, and values; dense tensors whole
+        (spec: "Reading a task")."""
         p = entry["params"]
         for t in table:
             name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])

@@ -129,7 +129,10 @@ class QuantWriter(ValueWriter):
         self._vals: list[torch.Tensor] = []
 
     def add(self, pos: torch.Tensor, v: torch.Tensor) -> None:
-        self._pos.append(pos)
+        if self.seeded:  # counted, not kept: nothing is dropped, and a reader re-draws them
+            self._count += pos.numel()
+        else:
+            self._pos.append(pos)
         self._vals.append(v.to(torch.float32))
 
     def end(self) -> TableEntry:
