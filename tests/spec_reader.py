@@ -123,7 +123,10 @@ def _fft(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]])
             out[t["name"]] = b, bdtype
             continue
         s, c = t["start"], t["count"]
-        pos = np.cumsum(p.slice("indices", s, c).astype(np.uint64)).astype(np.int64)
+        if params.get("positions") == "seeded":
+            pos = _seeded_positions(t["seed"], params["keep"], math.prod(t["shape"]), c)
+        else:
+            pos = np.cumsum(p.slice("indices", s, c).astype(np.uint64)).astype(np.int64)
         vd = params["value_dtype"]
         if vd in ("int8", "int4"):
             (vs, vc), (ss, sc) = t["segments"]["values"], t["segments"]["scales"]
@@ -141,6 +144,16 @@ def _fft(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]])
         flat[pos] = flat[pos] + v
         out[t["name"]] = _from_f32(flat, t["dtype"]).reshape(t["shape"]), t["dtype"]
     return out
+
+
+def _seeded_positions(seed: int, keep: float, size: int, count: int) -> np.ndarray:
+    """Section 5 "Seeded positions": MT19937 seeded with seed mod 2**32 (numpy's RandomState), entry j
+    kept when the low 24 bits of its 32-bit word are below float32(keep)·2**24."""
+    words = np.random.RandomState(seed % 2**32).randint(0, 2**32, size=size, dtype=np.uint64)
+    pos = np.flatnonzero((words & 0xFFFFFF) < float(np.float32(keep)) * 2**24)
+    if pos.size != count:
+        raise SpecError("seeded positions")
+    return pos
 
 
 def _lora(p: Payload, entry: dict[str, Any], bases: dict[str, dict[str, Tensor]]) -> dict[str, Tensor]:

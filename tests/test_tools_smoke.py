@@ -104,6 +104,15 @@ def test_bench_gpu_steps_on_the_cpu(tmp_path) -> None:
     assert got["load_vs_torch"] > 0 and got["peak_vs_model"] is None and got["h2d_vs_model"] is None
 
 
+def test_bench_seeded_on_a_tiny_model(bert_models, tmp_path) -> None:
+    """tools.bench_seeded's rows on the tiny BERT: seeded positions take fewer bytes, every drawn entry kept."""
+    from tools.bench_seeded import measure
+    (r,) = measure(bert_models["pre"], bert_models["tasks"]["alpha"], [0.1], "int4", 2, str(tmp_path))
+    assert r["seeded_bytes"] < r["stored_bytes"] and r["bytes_ratio"] == round(r["seeded_bytes"] / r["stored_bytes"], 3)
+    assert r["seeded_kept"] >= r["stored_kept"] > 0 and 0 < r["seeded_rel_error"] < 1
+    assert r["stored_load_s"] > 0 and r["seeded_load_s"] > 0
+
+
 AVX2_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
 BF16_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
 

@@ -47,6 +47,7 @@ class TableEntry(TypedDict, total=False):
     base: str  # a sparse entry's base tensor, when its name differs
     segments: dict[str, Any]  # slices of further arrays: name -> [start, count]
     scale: float  # a bitdelta entry's scale
+    seed: int  # a sparse entry of a task with seeded positions: the seed its positions are drawn from
     peft_name: str  # a LoRA task's dense entry: its name in the adapter
 
 

@@ -331,9 +331,10 @@ def _natural(x: object) -> TypeGuard[int]:
 
 def slices_of(entry: TableEntry) -> dict[str, tuple[int, int]]:
     """(start, count) of each flat array a table entry's payload lives in: its own slice (of
-    `indices` and `values` for sparse entries), then its `segments` (spec section 3), which add
-    slices of further arrays or give `values` a slice of its own."""
-    own = ("indices", "values") if entry["kind"] == "sparse" else (entry["array"],)
+    `indices` and `values` for sparse entries; `values` only for one with a `seed`, whose positions
+    are re-drawn), then its `segments` (spec section 3), which add slices of further arrays or give
+    `values` a slice of its own."""
+    own = (entry["array"],) if entry["kind"] != "sparse" else ("values",) if "seed" in entry else ("indices", "values")
     out = {a: (entry["start"], entry["count"]) for a in own}
     out.update({a: (s, c) for a, (s, c) in entry.get("segments", {}).items()})
     return out

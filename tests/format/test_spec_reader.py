@@ -58,6 +58,10 @@ def stores(bert_models, tmp_path_factory):
                 "per-tensor": dict(granularity="per-tensor", value_dtype="float32"),
                 "dare": dict(keep=0.3, sparsify="dare", seed=5, value_dtype="bfloat16"),
                 "dare-q": dict(keep=0.05, sparsify="dare", dare_q=0.03, value_dtype="int4", group_size=8),
+                "dare-seeded": dict(keep=0.3, sparsify="dare", seed=2**32 - 3, value_dtype="bfloat16",
+                                    positions="seeded"),
+                "dare-q-seeded": dict(keep=0.05, sparsify="dare", dare_q=0.03, value_dtype="int4", group_size=8,
+                                      positions="seeded"),
                 "int8": dict(value_dtype="int8", group_size=16, sparsify="magnitude"),
                 "int4": dict(keep=0.2, value_dtype="int4", group_size=8, sparsify="magnitude"),
                 "bitdelta": dict(kind="bitdelta")}

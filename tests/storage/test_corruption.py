@@ -84,6 +84,17 @@ def raw_base(tmp_path_factory):
     return url, _snapshot(url)
 
 
+@pytest.fixture(scope="module")
+def seeded_dare(bert_models, tmp_path_factory):
+    """A store of DARE tasks with seeded positions (no `indices`: int4 and float16 values)."""
+    url = str(tmp_path_factory.mktemp("seeded") / "s")
+    tasks = bert_models["tasks"]
+    s = modelstore.build(url, bert_models["pre"], {"q4": tasks["alpha"]}, merge="none", keep=0.1, value_dtype="int4",
+                         kind_options={"sparsify": "dare", "seed": 3, "positions": "seeded", "group_size": 16})
+    s.add_task("f16", tasks["beta"], sparsify="dare", keep=0.05, positions="seeded", value_dtype="float16")
+    return url, _snapshot(url)
+
+
 def test_every_file_damaged_in_turn(pristine, tmp_path):
     _damage_each_file(*pristine, tmp_path)
 
@@ -92,20 +103,34 @@ def test_every_file_of_a_raw_base_store_damaged_in_turn(raw_base, tmp_path):
     _damage_each_file(*raw_base, tmp_path)
 
 
-def _damage_each_file(url0: str, want: dict, tmp_path: Path) -> None:
-    outcomes: dict[str, int] = {}
+def test_every_file_of_a_seeded_dare_store_damaged_in_turn(seeded_dare, tmp_path):
+    """Every damage of a seeded task's payload (its table, values and scales) is caught: nothing in it is
+    redundant, and a store this small has few other files (locks, group metadata, a config load does not read)."""
+    outcomes = _damage_each_file(*seeded_dare, tmp_path, caught=False)
+    parts = {rel: rel.split("/") for rel in outcomes}
+    payload = {rel for rel, p in parts.items() if len(p) > 3 and p[0] == "tasks" and is_payload_dir(p[2])
+               and p[3] != "files"}
+    assert len(payload) == 8  # q4: table, values and scales (metadata, chunk); f16: table, values
+    assert all(set(outcomes[rel]) == {"error"} for rel in payload), outcomes
+
+
+def _damage_each_file(url0: str, want: dict, tmp_path: Path, caught: bool = True) -> dict[str, list[str]]:
+    """Each file's verdicts, one per damage; with `caught`, nearly every damage must be caught."""
+    outcomes: dict[str, list[str]] = {}
     for rel in _files(url0):
         for how, damage in DAMAGE.items():
-            url = str(tmp_path / f"case-{len(outcomes)}-{sum(outcomes.values())}")
+            url = str(tmp_path / f"case-{sum(map(len, outcomes.values()))}")
             shutil.copytree(url0, url)
             damage(os.path.join(url, rel))
             verdict = _judge(url, want, f"{how} {rel}")
-            outcomes[verdict] = outcomes.get(verdict, 0) + 1
+            outcomes.setdefault(rel, []).append(verdict)
             if verdict == "error" and rel != "manifest.json":  # check finds what load found
                 report = modelstore.open(url).check()
                 assert not report.ok and report.damaged, f"{how} {rel}: check found nothing"
             shutil.rmtree(url)
-    assert outcomes["error"] > 2 * len(_files(url0))  # nearly every damage is caught, not served
+    errors = sum(verdicts.count("error") for verdicts in outcomes.values())
+    assert not caught or errors > 2 * len(outcomes)  # nearly every damage is caught, not served
+    return outcomes
 
 
 def test_swapped_chunks(pristine, tmp_path):
@@ -237,6 +262,8 @@ def _edits(table: list, rng, ordered: bool) -> dict[str, list | None]:
                          ("segments", lambda e: e[i].update(
                              segments={k: [s, c + 1] for k, (s, c) in e[i].get("segments", {}).items()})),
                          ("scale", lambda e: e[i].update(scale="x")),
+                         ("seed", lambda e: e[i].update(seed=e[i]["seed"] + 1) if e[i].get("count") and "seed" in e[i]
+                          else None),
                          ("count 0 start",
                           lambda e: e[i].update(start=e[i]["start"] + 10 ** 6) if not e[i]["count"] else None)):
         e = copy.deepcopy(t)
@@ -259,12 +286,14 @@ def _outcome(url: str, task: str) -> str:
 
 @pytest.fixture(scope="module")
 def every_kind(bert_models, tmp_path_factory):
-    """A store with fft (float16, int4), tall-mask, bitdelta and LoRA tasks on a merged base and θ0."""
+    """A store with fft (float16, int4, DARE int4 with seeded positions), tall-mask, bitdelta and LoRA tasks
+    on a merged base and θ0."""
     from conftest import MAGNITUDE, peft_adapter
     root = tmp_path_factory.mktemp("kinds")
     url, tasks = str(root / "s"), bert_models["tasks"]
     s = modelstore.build(url, bert_models["pre"], {"alpha": tasks["alpha"]}, keep=0.1, kind_options=MAGNITUDE)
     s.add_task("q4", tasks["beta"], value_dtype="int4", group_size=8)
+    s.add_task("sd", tasks["beta"], sparsify="dare", keep=0.05, value_dtype="int4", group_size=8, positions="seeded")
     s.add_task("tall", tasks["gamma"], kind="tall-mask", pretrained=bert_models["pre"])
     s.add_task("bd", tasks["gamma"], kind="bitdelta")
     s.add_lora_task("lora", peft_adapter(bert_models, root / "adapter"), rank=4)
@@ -315,6 +344,7 @@ def test_resealed_manifest_params_are_refused_by_load_and_check_alike(every_kind
     from modelstore.format.manifest import seal
     edits = {"alpha": [("index_dtype", "uint64"), ("value_dtype", "bfloat16"), ("value_dtype", "int8")],
              "q4": [("group_size", 16), ("value_dtype", "int8"), ("index_dtype", "uint64")],
+             "sd": [("keep", 0.1), ("positions", "stored"), ("sparsify", "magnitude"), ("group_size", 16)],
              "tall": [("base", "pretrained"), ("bases", ["merged"])],
              "bd": [("kind", "tall-mask"), ("kind", "fft")],
              "lora": [("kind", "bitdelta"), ("factor_dtype", "float16")]}

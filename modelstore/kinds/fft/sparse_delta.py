@@ -50,7 +50,7 @@ from modelstore.kinds.fft.budget import (
     energy_of,
 )
 from modelstore.kinds.fft.candidates import Candidates, SpillError
-from modelstore.kinds.fft.dare import dare_picker
+from modelstore.kinds.fft.dare import dare_picker, seeded_positions
 from modelstore.kinds.fft.topk import (
     Cut,
     WindowCounts,
@@ -76,6 +76,8 @@ if TYPE_CHECKING:
 GRANULARITIES = ("global", "per-tensor")
 SPARSIFIERS = ("magnitude", "dare")
 INDEX_DTYPES = ("uint32", "uint64")
+#: Where a DARE task's kept positions come from: stored gap-coded, or re-drawn from each tensor's seed.
+POSITIONS = ("stored", "seeded")
 #: Deltas of a task are kept in memory between the top-k passes up to this size;
 #: beyond it they are recomputed from the checkpoints on each pass (streaming).
 CACHE_BYTES = int(os.environ.get("MODELSTORE_DELTA_CACHE_BYTES", 256 << 20))
@@ -116,6 +118,7 @@ class FFTOptions:
     dare_q: float | None = None  # DAREx-q: kept values rescaled by 1/q instead of 1/keep
     budget: float | None = None  # bits per parameter: choose keep and value dtype (kinds/fft/budget.py)
     max_rel_error: float | None = None  # or: the fewest bits meeting this predicted relative error
+    positions: str = "stored"  # "seeded": DARE's kept positions are re-drawn from the seed, not stored
 
     def validate(self) -> None:
         """Raise InputError naming the first bad option."""
@@ -137,6 +140,9 @@ class FFTOptions:
             raise InputError(f"--dare-q must be a number in (0, 1], got {self.dare_q!r} (kept values scale by 1/q)")
         if self.dare_q is not None and self.sparsify != "dare":
             raise InputError("--dare-q rescales DARE's kept values; give it with --sparsify dare")
+        if self.positions not in POSITIONS or self.positions == "seeded" and self.sparsify != "dare":
+            raise InputError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}; "
+                             "seeded positions are DARE's: give them with --sparsify dare")
         if self.sparsify == "dare" and self.granularity != "global":
             raise InputError("--granularity applies to --sparsify magnitude; DARE drops each entry on its own")
         for flag, v, top in (("--budget", self.budget, math.inf), ("--max-rel-error", self.max_rel_error, 1.0)):
@@ -181,6 +187,8 @@ FFT_DECLARED = (
     Option("seed", 0, "--sparsify dare: seed of the random drop (tensor i draws from seed + i)"),
     Option("dare_q", None, "--sparsify dare: scale the kept values by 1/q instead of 1/m (DAREx-q), q in (0, 1] "
            "[default: m]", value_type=float),
+    Option("positions", "stored", "--sparsify dare: store the kept positions, or re-draw them from the seed "
+           "when the task is read (seeded: no positions stored, about half the bytes at int4)", choices=POSITIONS),
     Option("budget", None, "bits per parameter for the task: keep and the value dtype (among --value-dtype, "
            "else float16/bfloat16, int8, int4) are chosen for the least predicted weight-space error",
            value_type=float),
@@ -535,21 +543,38 @@ class SparseDelta(TaskKind):
                     "is not one of the format's")
         if p["value_dtype"] in QUANT_MAX and not (_whole(p.get("group_size")) and p["group_size"] >= 1):
             return f"group size {p.get('group_size')!r} of quantized values is not a positive integer"
+        if p.get("positions", "stored") not in POSITIONS or "positions" in p and p.get("sparsify") != "dare":
+            return f"positions {p.get('positions')!r} are not one of {', '.join(POSITIONS)} of a DARE task"
+        keep = p.get("keep")
+        if "positions" in p and not (isinstance(keep, (int, float)) and not isinstance(keep, bool) and 0 < keep <= 1):
+            return f"keep {keep!r} of seeded positions is not a fraction in (0, 1]"
         return None
 
     def check_table(self, table: list[TableEntry], entry: TaskEntry) -> str | None:
         """Quantized values: each non-empty sparse entry's `values` and `scales` segments hold its count
-        (spec section 5); float values share the indices' slice."""
+        (spec section 5); float values share the indices' slice. Seeded positions: each non-empty sparse
+        entry, and only those, has a `seed` (a whole number in [0, 2**64))."""
         p = entry["params"]
         group = p.get("group_size", 1)
+        seeded = p.get("positions") == "seeded"
         for t in table:
-            if t["kind"] != "sparse" or not t["count"]:
+            if t["kind"] != "sparse":
                 continue
+            if "seed" in t and not (seeded and _whole(t["seed"]) and 0 <= t["seed"] < 1 << 64) \
+                    or seeded and t["count"] and "seed" not in t:
+                return (f"entry {t['name']!r} has seed {t.get('seed')!r} in a task whose positions are "
+                        f"{p.get('positions', 'stored')}")
             c, seg = t["count"], t.get("segments", {})
+            if not c:  # the base's tensor: nothing to read (a seeded entry has no indices to show a lost count)
+                if any(n for _, n in seg.values()):
+                    return f"entry {t['name']!r} has segments {seg} for no values"
+                continue
             want = {} if p["value_dtype"] not in QUANT_MAX else {
                 "values": (c + 1) // 2 if p["value_dtype"] == "int4" else c, "scales": -(-c // group)}
             if set(seg) != set(want) or any(seg[a][1] != n for a, n in want.items()):
                 return f"entry {t['name']!r} has segments {seg} for {c} {p['value_dtype']} values"
+            if "seed" in t and want and t["start"] != seg["values"][0]:  # the values' start: no slice of indices
+                return f"entry {t['name']!r} starts at {t['start']}, not at its values' {seg['values'][0]}"
         return None
 
     def array_dtypes(self, entry: TaskEntry) -> dict[str, str]:
@@ -599,7 +624,8 @@ class SparseDelta(TaskKind):
         if total and not capacity:
             raise InputError(f"--keep {opts.keep} keeps no entry of task {task!r} ({total} delta entries"
                              f"{' per tensor' if opts.granularity == 'per-tensor' else ''}); raise --keep")
-        values = value_writer(out, value_dtype, index_dtype, capacity, len(sparse), opts.group_size)
+        seeded = opts.positions == "seeded"  # no positions stored: each tensor's entry records its draw seed
+        values = value_writer(out, value_dtype, index_dtype, capacity, len(sparse), opts.group_size, seeded)
         out.declare_dense("dense", ((source.shape(n), source.dtype(n)) for n, kind in steps if kind == "dense"))
         seeds = {n: opts.seed + i for i, n in enumerate(sparse)}
 
@@ -638,7 +664,7 @@ class SparseDelta(TaskKind):
             for n, kind in bar(steps, f"task {task}", progress):
                 if kind == "base":
                     out.add(entry(n, kind="sparse", shape=list(base.shape(n)), dtype=dtypes.dtype_name(base.dtype(n)),
-                                  start=values.indices.position, count=0))
+                                  start=values.position, count=0))
                     continue
                 if kind == "sparse":
                     values.begin()
@@ -646,11 +672,13 @@ class SparseDelta(TaskKind):
                         values.add(ahead[1], ahead[2])
                         ahead = next(entries, None)
                     fields = values.end()
+                    if seeded:
+                        fields["seed"] = seeds[n]
                     out.add(entry(n, kind="sparse", shape=list(source.shape(n)),
                                   dtype=dtypes.dtype_name(source.dtype(n)), **fields))
                     kept += fields["count"]
                     continue
-                dense_count += store_whole_or_same(out, task, n, source, base, entry, values.indices.position)
+                dense_count += store_whole_or_same(out, task, n, source, base, entry, values.position)
         finally:
             entries.close()  # stops the worker before the entries it reads are closed
             if picked is not None:
@@ -664,6 +692,8 @@ class SparseDelta(TaskKind):
             params.update(sparsify="dare", seed=opts.seed)
             if opts.dare_q is not None:  # absent: 1/keep, as every task written before dare_q
                 params["dare_q"] = opts.dare_q
+            if seeded:  # absent: stored, as every task written before seeded positions
+                params["positions"] = "seeded"
         if chosen is not None:
             params["budget"] = {"bits_per_param": opts.budget, "max_rel_error": opts.max_rel_error,
                                 "predicted_bits_per_param": chosen.bits_per_param,
@@ -678,13 +708,19 @@ class SparseDelta(TaskKind):
 
     def edits(self, segments: Segments, table: list[TableEntry], entry: TaskEntry,
               device: torch.device) -> Iterator[Edit]:
-        """Per sparse tensor its positions cumsum(gaps) and values; dense tensors whole (spec: "Reading a task")."""
+        """Per sparse tensor its positions cumsum(gaps), or re-drawn from its seed, and values; dense tensors whole
+        (spec: "Reading a task")."""
         p = entry["params"]
         for t in table:
             name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
             s, c = t["start"], t["count"]
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
+                continue
+            if c and "seed" in t:  # check_table: a seeded task's; its positions re-drawn on the CPU
+                pos = seeded_positions(p["keep"], t["seed"], math.prod(shape), c, BLOCK_ELEMENTS,
+                                       f"task tensor {name!r}").to(device)
+                yield AddAt(name, shape, dtype, pos, read_values(segments, t, p), base_name=t.get("base"))
                 continue
             # a count-0 entry (the base's tensor) may record start 0 after slices already read: nothing to read
             gaps = segments.get("indices", s, c, p["index_dtype"]) if c else torch.empty(0, dtype=torch.int32,

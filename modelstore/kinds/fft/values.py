@@ -4,7 +4,8 @@ float16 scale per group of `group_size` consecutive values of a tensor (spec/FOR
 Writers hand over (position, value) pairs tensor by tensor; a `ValueWriter` gap-codes the positions,
 encodes the values and returns each tensor's table fields. Quantized values are kept for a whole
 tensor before they are written, because dropping a value that quantizes to 0 (it would only waste an
-index) regroups the values after it.
+index) regroups the values after it. A writer of seeded positions (a reader re-draws them) stores no
+positions and drops no value: every drawn position must keep its value.
 """
 
 from __future__ import annotations
@@ -62,25 +63,34 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.
 
 
 class ValueWriter:
-    """Gap-coded indices plus float values of one task, one tensor at a time (`add` ... `end`)."""
+    """Gap-coded indices plus float values of one task, one tensor at a time (`add` ... `end`);
+    values only when `seeded` (no `indices` array)."""
 
     def __init__(self, out: PayloadWriter, value_dtype: str, index_dtype: str, capacity: int, tensors: int,
-                 group_size: int):
-        self.value_dtype, self.index_dtype, self.group_size = value_dtype, index_dtype, group_size
-        self.indices = out.declare("indices", index_dtype, capacity, kind="indices")
+                 group_size: int, seeded: bool = False):
+        self.value_dtype, self.index_dtype, self.group_size, self.seeded = value_dtype, index_dtype, group_size, seeded
+        self.indices = None if seeded else out.declare("indices", index_dtype, capacity, kind="indices")
         self.values = self._declare(out, capacity, tensors)
         self._start, self._count, self._last = 0, 0, 0
+
+    @property
+    def position(self) -> int:
+        """Where the next tensor's slice starts: in `indices` (shared by float values), or `values` when seeded."""
+        return self.values.position if self.indices is None else self.indices.position
 
     def _declare(self, out: PayloadWriter, capacity: int, tensors: int) -> FlatWriter:
         return out.declare("values", self.value_dtype, capacity)
 
     def begin(self) -> None:
         """Start a tensor."""
-        self._start, self._count, self._last = self.indices.position, 0, 0
+        self._start, self._count, self._last = self.position, 0, 0
 
     def _positions(self, pos: torch.Tensor) -> None:
-        """Append gap-coded positions of the current tensor (running on from its last one)."""
-        if pos.numel():
+        """Append gap-coded positions of the current tensor (running on from its last one); count them only
+        when seeded."""
+        if self.indices is None:
+            self._count += pos.numel()
+        elif pos.numel():
             p = pos.numpy()
             gaps = np.empty(p.size, self.index_dtype)  # subtracted straight into the index dtype
             gaps[0] = p[0] - self._last
@@ -90,10 +100,10 @@ class ValueWriter:
 
     def add(self, pos: torch.Tensor, v: torch.Tensor) -> None:
         """Kept positions (int32 or int64, increasing, after the tensor's earlier ones) and float32 values;
-        values that round to zero in the value dtype are dropped (they would be stored zeros)."""
+        values that round to zero in the value dtype are dropped (they would be stored zeros) unless seeded."""
         vals = v.to(dtypes.torch_dtype(self.value_dtype))
         nz = vals != 0
-        if not bool(nz.all()):
+        if not self.seeded and not bool(nz.all()):
             pos, vals = pos[nz], vals[nz]
         self._positions(pos)
         if vals.numel():
@@ -119,17 +129,21 @@ class QuantWriter(ValueWriter):
         self._vals: list[torch.Tensor] = []
 
     def add(self, pos: torch.Tensor, v: torch.Tensor) -> None:
-        self._pos.append(pos)
+        if self.seeded:  # counted, not kept: nothing is dropped, and a reader re-draws them
+            self._count += pos.numel()
+        else:
+            self._pos.append(pos)
         self._vals.append(v.to(torch.float32))
 
     def end(self) -> TableEntry:
-        """Quantize the tensor's values; drop those that quantize to 0 and regroup, until none does."""
+        """Quantize the tensor's values; drop those that quantize to 0 and regroup, until none does (unless seeded)."""
         pos = torch.cat(self._pos) if self._pos else torch.zeros(0, dtype=torch.int64)
         v = torch.cat(self._vals) if self._vals else torch.zeros(0)
-        nz = v != 0
-        pos, v = pos[nz], v[nz]
+        if not self.seeded:
+            nz = v != 0
+            pos, v = pos[nz], v[nz]
         q, scales = quantize(v, self.qmax, self.group_size)
-        for _ in range(_MAX_ROUNDS):
+        for _ in range(0 if self.seeded else _MAX_ROUNDS):
             nz = q != 0
             if bool(nz.all()):
                 break
@@ -147,10 +161,10 @@ class QuantWriter(ValueWriter):
 
 
 def value_writer(out: PayloadWriter, value_dtype: str, index_dtype: str, capacity: int, tensors: int,
-                 group_size: int) -> ValueWriter:
-    """The writer of a task's indices and values in `value_dtype`."""
+                 group_size: int, seeded: bool = False) -> ValueWriter:
+    """The writer of a task's indices (none when `seeded`) and values in `value_dtype`."""
     cls = QuantWriter if value_dtype in QUANT_MAX else ValueWriter
-    return cls(out, value_dtype, index_dtype, capacity, tensors, group_size)
+    return cls(out, value_dtype, index_dtype, capacity, tensors, group_size, seeded)
 
 
 def read_values(segments: Segments, t: TableEntry, params: dict) -> torch.Tensor:
