@@ -769,7 +769,7 @@ class Store:
         side = StoreSide(write, tensors, self._discard_payload)
         entry, payload = choose(name, calibration, target, runner, checkpoint_tensors(ck, dev), side,
                                 full_bytes=ck.nbytes(), float_dtype="bfloat16" if main_dtype == torch.bfloat16
-                                else "float16", dare=dare)
+                                else "float16", dare=dare, dare_positions=options.positions)
         return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
 
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
@@ -849,12 +849,18 @@ class TaskPayload(NamedTuple):
     bases: dict[str, BaseEntry]  #: the base entries it was written against; its commit needs them unchanged
 
 
+#: fft options that say how a chosen candidate is stored, not which: given with a target, they
+#: apply to every candidate the search writes.
+STORAGE_MODES = ("positions",)
+
+
 def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any]) -> Target | None:
     """The calibration target from add_task's keywords: None for DARE's rescale tuning (an
     explicit DARE setting and no target), else min_agreement 0.99 when neither is given.
 
     Raises:
-        InputError: both targets, a value out of range, or fft options beside a target.
+        InputError: both targets, a value out of range, or fft options beside a target (other
+            than STORAGE_MODES, which apply to every candidate).
     """
     if min_agreement is not None and max_kl is not None:
         raise InputError("give --min-agreement or --max-kl, not both")
@@ -866,8 +872,9 @@ def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[st
         if "dare_q" in given:
             raise InputError("--dare-q is what --calibration tunes for --sparsify dare; give one of them")
         return None
-    if given:
-        flag = "--" + next(iter(given)).replace("_", "-")
+    chosen = [k for k in given if k not in STORAGE_MODES]
+    if chosen:
+        flag = "--" + chosen[0].replace("_", "-")
         raise InputError(f"{flag} is chosen by --calibration; drop it, or give --sparsify dare without a target "
                          "to tune DARE's rescale on the calibration data")
     return Target(min_agreement=min_agreement if max_kl is None else None, max_kl=max_kl) \

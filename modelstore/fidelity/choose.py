@@ -69,19 +69,20 @@ def _setting_of(entry: dict[str, Any], setting: Setting) -> Setting:
 
 def choose(task: str, calibration: Calibration, target: Target | None, runner: Runner,
            original: Tensors, side: StoreSide, *, full_bytes: int, float_dtype: str,
-           dare: Setting | None = None) -> tuple[dict[str, Any], str]:
+           dare: Setting | None = None, dare_positions: str = "stored") -> tuple[dict[str, Any], str]:
     """The chosen candidate's entry (with its `fidelity` record) and payload path, not yet
     committed; every other candidate written is deleted.
 
     With `target`, the search of fidelity.search; else `dare` (an explicit DARE setting) with its
-    rescale tuned on the calibration data (DAREx-q).
+    rescale tuned on the calibration data (DAREx-q). `dare_positions`: how the search's DARE
+    candidates keep their positions.
     """
     start = time.perf_counter()
     runner.fill(original)
     runner.take_reference()
     trials = _Trials(side, runner)
     if target is not None:
-        outcome = search(trials, target, float_dtype=float_dtype, full_bytes=full_bytes)
+        outcome = search(trials, target, float_dtype=float_dtype, full_bytes=full_bytes, dare_positions=dare_positions)
     else:
         assert dare is not None
         outcome = _tune_dare(trials, dare)

@@ -143,17 +143,22 @@ class Outcome:
     seconds: float
 
 
-def fft_setting(sparsify: str, keep: float, value_dtype: str | None, dare_q: float | None = None) -> Setting:
-    """An fft candidate (value_dtype None: the task's float default)."""
+def fft_setting(sparsify: str, keep: float, value_dtype: str | None, dare_q: float | None = None,
+                positions: str = "stored") -> Setting:
+    """An fft candidate (value_dtype None: the task's float default; `positions` applies to DARE,
+    "seeded" storing none of its positions)."""
     s: Setting = {"kind": "fft", "sparsify": sparsify, "keep": keep, "value_dtype": value_dtype}
     if dare_q is not None:
         s["dare_q"] = dare_q
+    if sparsify == "dare" and positions != "stored":
+        s["positions"] = positions
     return s
 
 
 class _Search:
-    def __init__(self, trials: Trials, target: Target, float_dtype: str, full_bytes: int):
+    def __init__(self, trials: Trials, target: Target, float_dtype: str, full_bytes: int, dare_positions: str):
         self.trials, self.target, self.float_dtype, self.full_bytes = trials, target, float_dtype, full_bytes
+        self.fft = functools.partial(fft_setting, positions=dare_positions)
         self.tried: list[Tried] = []
         self.best: Tried | None = None
         self.cache: dict[str, Tried | Written | None] = {}
@@ -209,7 +214,7 @@ class _Search:
         measured on them all."""
         scored = []
         for q in (None, *(min(1.0, float(f"{keep * f:.6g}")) for f in Q_FACTORS)):
-            w = self._write(fft_setting("dare", keep, "int4", q))
+            w = self._write(self.fft("dare", keep, "int4", q))
             if w is not None:
                 scored.append((self.trials.measure(w, TUNE_EXAMPLES).mean_kl, q is None, w))
         if not scored:
@@ -220,7 +225,7 @@ class _Search:
     def search(self) -> None:
         found: dict[str, int] = {}  # per sparsifier, the index of its smallest m met (len(KEEPS): none)
         for sparsify in ("dare", "magnitude"):
-            i = self.smallest_keep(functools.partial(fft_setting, sparsify, value_dtype="int4"))
+            i = self.smallest_keep(functools.partial(self.fft, sparsify, value_dtype="int4"))
             found[sparsify] = len(KEEPS) if i is None else i
         # DAREx-q below DARE's smallest m (all of KEEPS when none met the target)
         i = found["dare"]
@@ -232,7 +237,7 @@ class _Search:
         for sparsify in ("dare", "magnitude"):
             for dtype in ("int8", self.float_dtype):
                 for j in range(found[sparsify] - 1, -1, -1):
-                    t = self.run(fft_setting(sparsify, KEEPS[j], dtype), only_if_cheaper=True)
+                    t = self.run(self.fft(sparsify, KEEPS[j], dtype), only_if_cheaper=True)
                     if t is not None and not t.met:
                         break
         if self.best is None or self.best.written.bytes > self.best.written.total / 8:
@@ -242,17 +247,19 @@ class _Search:
             self.run(dict(EXACT), only_if_cheaper=True)
 
 
-def search(trials: Trials, target: Target, *, float_dtype: str, full_bytes: int,
+def search(trials: Trials, target: Target, *, float_dtype: str, full_bytes: int, dare_positions: str = "stored",
            seconds: Callable[[], float] = time.perf_counter) -> Outcome:
     """The cheapest measured candidate meeting `target` (see the module); every other written
-    candidate is discarded. `float_dtype` is the float value dtype of the task's fft candidates
-    and `full_bytes` the checkpoint's size.
+    candidate is discarded. `float_dtype` is the float value dtype of the task's fft candidates,
+    `full_bytes` the checkpoint's size, and `dare_positions` how DARE candidates keep their
+    positions (the user's storage choice, not searched: "seeded" halves their bytes, and costs
+    a load the re-drawing).
 
     Raises:
         RuntimeError: not even the exact kind could be written (it always can: a bug).
     """
     start = seconds()
-    s = _Search(trials, target, float_dtype, full_bytes)
+    s = _Search(trials, target, float_dtype, full_bytes, dare_positions)
     try:
         s.search()
         if s.best is None:

@@ -93,13 +93,19 @@ def _payload_dirs(store: modelstore.Store, task: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
 
 
-@pytest.mark.parametrize("task, sparsify, target", [("spiky", "magnitude", 0.99), ("dense", "dare", 0.95)])
+@pytest.mark.parametrize("task, sparsify, target, positions", [("spiky", "magnitude", 0.99, "stored"),
+                                                               ("dense", "dare", 0.95, "stored"),
+                                                               ("dense", "dare", 0.95, "seeded")])
 def test_the_choice_follows_the_delta_and_its_record_is_what_a_forward_pass_measures(
-        classifiers, tmp_path, task, sparsify, target):
+        classifiers, tmp_path, task, sparsify, target, positions):
     s = _store(classifiers, tmp_path)
-    entry = s.add_task(task, classifiers[task], calibration=classifiers["cal"], min_agreement=target)
+    storage = {} if positions == "stored" else {"positions": positions}  # a storage mode, allowed with a target
+    entry = s.add_task(task, classifiers[task], calibration=classifiers["cal"], min_agreement=target, **storage)
     f = entry["fidelity"]
     assert entry["kind"] == "fft" and f["setting"]["sparsify"] == sparsify, f["candidates"]
+    assert entry["params"].get("positions", "stored") == positions
+    assert all(c["setting"].get("positions", "stored") == positions for c in f["candidates"]
+               if c["setting"].get("sparsify") == "dare")
     assert f["metric"] == "agreement" and f["target"] == target and f["met"] and f["agreement"] >= target
     assert f["examples"] == f["predictions"] == 128 and f["output"] == "classification" and f["device"] == "cpu"
     assert f["calibration_sha256"] == __import__("hashlib").sha256(open(classifiers["cal"], "rb").read()).hexdigest()

@@ -16,7 +16,8 @@ VALUE_BITS = {"int4": 4.2, "int8": 8.2, "float16": 16.0}
 def _bytes(s: S.Setting) -> int:
     if s["kind"] == "fft":
         kept = s["keep"] * (CHANGED if s["sparsify"] == "dare" else N)
-        return math.ceil(kept * (9 + VALUE_BITS[s["value_dtype"]]) / 8)
+        index_bits = 0 if s.get("positions") == "seeded" else 9
+        return math.ceil(kept * (index_bits + VALUE_BITS[s["value_dtype"]]) / 8)
     return N // 8 + 500 if s["kind"] != "exact" else int(0.3 * FULL)
 
 
@@ -50,13 +51,14 @@ class Oracle:
         self.discarded.append(w)
 
 
-def _space(masks=True):
-    out = [S.fft_setting(sp, m, dt) for sp in ("dare", "magnitude") for m in S.KEEPS for dt in VALUE_BITS]
+def _space(masks=True, positions="stored"):
+    out = [S.fft_setting(sp, m, dt, positions=positions)
+           for sp in ("dare", "magnitude") for m in S.KEEPS for dt in VALUE_BITS]
     return out + [{"kind": k} for k in (S.MASK_KINDS if masks else ())] + [{"kind": "exact"}]
 
 
-def _cheapest(oracle, target, masks=True):
-    met = [s for s in _space(masks) if target.met(S.Score(oracle.value(s), 1 - oracle.value(s), 1))]
+def _cheapest(oracle, target, masks=True, positions="stored"):
+    met = [s for s in _space(masks, positions) if target.met(S.Score(oracle.value(s), 1 - oracle.value(s), 1))]
     return min(met, key=_bytes)
 
 
@@ -83,10 +85,14 @@ def spiky_task(s):
 @pytest.mark.parametrize("task", [dense_task, spiky_task])
 @pytest.mark.parametrize("target", [S.Target(min_agreement=0.99), S.Target(min_agreement=0.995),
                                     S.Target(max_kl=0.02)])
-def test_the_search_finds_the_cheapest_candidate_meeting_the_target(task, target):
+@pytest.mark.parametrize("positions", ["stored", "seeded"])
+def test_the_search_finds_the_cheapest_candidate_meeting_the_target(task, target, positions):
     oracle = Oracle(task)
-    out = S.search(oracle, target, float_dtype="float16", full_bytes=FULL)
-    want = _cheapest(oracle, target)
+    out = S.search(oracle, target, float_dtype="float16", full_bytes=FULL, dare_positions=positions)
+    want = _cheapest(oracle, target, positions=positions)
+    # seeded positions are DARE's alone, on every DARE candidate the search writes
+    assert all((w.setting.get("positions") == "seeded") == (positions == "seeded" and w.setting.get("sparsify") == "dare")
+               for w in oracle.written)
     assert out.chosen.met and out.chosen.written.setting == want, (out.chosen.written.setting, want)
     assert out.chosen.written.bytes == _bytes(want)
     # few candidates run in full: a fraction of the 102 (2 sparsifiers x 17 m x 3 dtypes) a brute force runs
