@@ -2,11 +2,12 @@
 MiniLM tasks of tools.paper_table, each variant loaded back from a real store.
 
 Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE (float16, int4; int4 with a
-second seed at m ≤ 5%) at each m, TALL masks, EMR, BitDelta, Exact (kind "exact", bit for bit),
+second seed at m ≤ 5%, and with its positions re-drawn from the seed instead of stored) at each m, TALL masks, EMR, BitDelta, Exact (kind "exact", bit for bit),
 the reference points Task-Arithmetic, TIES (one model) and Single-Task (the originals), and the
 calibration-driven rows (issue 25), calibrated on the first 256 examples of each
 task's validation split through its frozen prompt head: Calibrated (modelstore chooses each task's
-setting, the cheapest with top-1 agreement ≥ 0.9 / 0.95 / 0.98 / 0.99 / 0.995 with the original) and DAREx-q
+setting, the cheapest with top-1 agreement ≥ 0.9 / 0.95 / 0.98 / 0.99 / 0.995 with the original, or a
+mean KL ≤ 0.01 / 0.02; Calibrated seeded: the same with DARE's positions re-drawn) and DAREx-q
 int4 (DARE at m = 1, 2% with its rescale tuned on the calibration data). Without
 modelstore.Calibration the calibrated rows are left out. `bits_per_param` is a task's own stored
 bytes × 8 per parameter of its model, averaged over the tasks (the shared bases not counted: they
@@ -71,12 +72,13 @@ TARGETS: tuple[Target, ...] = (*(("agreement", a) for a in (0.9, 0.95, 0.98, 0.9
 DAREX_KEEPS = (0.01, 0.02)
 N_CALIBRATION = 256
 """Calibration examples per task: the first of its validation split (never its test split)."""
-CALIBRATED = ("Calibrated", "DAREx-q int4")
+CALIBRATED = ("Calibrated", "Calibrated seeded", "DAREx-q int4")
 """Methods whose rows need modelstore.Calibration (calibration-driven selection, FIDELITY.md)."""
 _BUILD_KEYS = ("merge", "merge_options", "kind", "keep", "granularity", "value_dtype")
 """Keywords `modelstore.build` takes itself; a setting's other kind options go in its `kind_options`."""
 LONG_TASKS = ("rt", "healthsrc", "wn_noun", "wn_verb")
-LONG_METHODS = frozenset({"PERU-FFT float16", "PERU-FFT int4", "DARE", "DARE int4", "TALL masks", "EMR", "BitDelta",
+LONG_METHODS = frozenset({"PERU-FFT float16", "PERU-FFT int4", "DARE", "DARE int4", "DARE int4 seeded", "TALL masks",
+                          "EMR", "BitDelta",
                           "Exact", "Task-Arithmetic", "Single-Task", *CALIBRATED})  # fmt: skip
 
 
@@ -214,6 +216,10 @@ def rows(cfg: Config, plan: Plan) -> list[tuple[str, str, Callable[[], Made]]]:
     again = _variant(cfg, "dare-int4-seed1", ta, {m: {**o, "sparsify": "dare", "value_dtype": "int4", "seed": 1}
                                                  for m, o in low.items()})
     out += [("DARE int4 seed 1", m, lambda m=m: again(m)) for m in low]
+    # the same draws as DARE int4, its positions not stored but re-drawn from the seed on a load
+    seeded = _variant(cfg, "dare-int4-seeded", ta, {m: {**o, "sparsify": "dare", "value_dtype": "int4",
+                                                         "positions": "seeded"} for m, o in by_m.items()})
+    out += [("DARE int4 seeded", m, lambda m=m: seeded(m)) for m in by_m]
     for method, name, build in (("TALL masks", "tall", {"kind": "tall-mask", "merge_options": {"lam": 1.0}}),
                                 ("EMR", "emr", {"kind": "emr"}), ("BitDelta", "bitdelta", {"kind": "bitdelta",
                                                                                          "merge": "none"})):
@@ -232,23 +238,28 @@ def rows(cfg: Config, plan: Plan) -> list[tuple[str, str, Callable[[], Made]]]:
     # Exact, and the calibrated rows, share one store on the Task-Arithmetic base of PERU-FFT and DARE.
     n = plan.n_calibration
     chosen: dict[str, Options] = {"exact": {"kind": "exact"}}
-    chosen |= {_target_name(g, n): lambda t, g=g: {"calibration": calibration(t, n),
-                                                  ("min_agreement" if g[0] == "agreement" else "max_kl"): g[1]}
-               for g in plan.targets}
+    for positions in ("stored", "seeded"):
+        chosen |= {_target_name(g, n, positions): lambda t, g=g, p=positions: {
+                       "calibration": calibration(t, n), ("min_agreement" if g[0] == "agreement" else "max_kl"): g[1],
+                       **({"positions": p} if p == "seeded" else {})}
+                   for g in plan.targets}  # fmt: skip
     chosen |= {f"darex-m{100 * k:g}-val{n}": lambda t, k=k: {"sparsify": "dare", "value_dtype": "int4", "keep": k,
                                                              "calibration": calibration(t, n)}
                for k in plan.darex_keeps}  # fmt: skip
     calibrated = _variant(cfg, "calibrated", ta, chosen)
     out.append(("Exact", "bit for bit", lambda: calibrated("exact")))
-    out += [("Calibrated", target_label(g), lambda g=g: calibrated(_target_name(g, n))) for g in plan.targets]
+    out += [("Calibrated" if p == "stored" else "Calibrated seeded", target_label(g),
+             lambda g=g, p=p: calibrated(_target_name(g, n, p))) for p in ("stored", "seeded") for g in plan.targets]
     out += [("DAREx-q int4", f"m{100 * k:g}", lambda k=k: calibrated(f"darex-m{100 * k:g}-val{n}"))
             for k in plan.darex_keeps]
     return [r for r in out if plan.methods is None or r[0] in plan.methods]
 
 
-def _target_name(target: Target, n: int) -> str:
-    """The store's task name suffix of a calibrated row: ``a0.99-val256``, ``kl0.02-val256``."""
-    return f"{'a' if target[0] == 'agreement' else 'kl'}{target[1]:g}-val{n}"
+def _target_name(target: Target, n: int, positions: str = "stored") -> str:
+    """The store's task name suffix of a calibrated row: ``a0.99-val256``, ``kl0.02-val256``, and
+    ``a0.99-val256-seeded`` where DARE candidates re-draw their positions."""
+    return f"{'a' if target[0] == 'agreement' else 'kl'}{target[1]:g}-val{n}" + (
+        "-seeded" if positions == "seeded" else "")
 
 
 def target_label(target: Target) -> str:
@@ -414,9 +425,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         pts = sorted((r["bits_per_param"], r["average"], r["setting"]) for r in results if r["method"] == method)
         x, y = [p[0] for p in pts], [p[1] for p in pts]
         color = plt.cm.tab20(i % 20)
-        if method == "Calibrated":
-            ax.plot(x, y, ls="none", marker="*", markersize=14, color="gold", markeredgecolor="k", label=method,
-                    zorder=3)  # fmt: skip
+        if method.startswith("Calibrated"):
+            ax.plot(x, y, ls="none", marker="*", markersize=14, color="gold" if method == "Calibrated" else "orange",
+                    markeredgecolor="k", label=method, zorder=3)  # fmt: skip
             for bx, by, setting in pts:
                 label = setting.split()[-1] if setting.startswith("agreement") else f"KL {setting.split()[-1]}"
                 ax.annotate(label, (bx, by), textcoords="offset points", xytext=(6, -10), fontsize=7)

@@ -89,9 +89,11 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
                          methods=frozenset(frontier.CALIBRATED))
     results = frontier.run(cfg, plan, tmp_path)
     rows = {(r["method"], r["setting"]): r for r in results}
-    assert set(rows) == {("Calibrated", "agreement ≥ 0.99"), ("DAREx-q int4", "m1")}
+    assert set(rows) == {("Calibrated", "agreement ≥ 0.99"), ("Calibrated seeded", "agreement ≥ 0.99"),
+                         ("DAREx-q int4", "m1")}
     store = modelstore.open(str(cfg.dir / "frontier" / "calibrated"))
-    suffixes = {("Calibrated", "agreement ≥ 0.99"): f"a0.99-val{n}", ("DAREx-q int4", "m1"): f"darex-m1-val{n}"}
+    suffixes = {("Calibrated", "agreement ≥ 0.99"): f"a0.99-val{n}", ("DAREx-q int4", "m1"): f"darex-m1-val{n}",
+                ("Calibrated seeded", "agreement ≥ 0.99"): f"a0.99-val{n}-seeded"}
     for key, suffix in suffixes.items():
         for t in TASKS:
             entry, sel = store.entry(f"{t}-{suffix}"), rows[key]["selection"][t]
@@ -103,8 +105,11 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
             assert rows[key]["agreement"][t] == pytest.approx(_agreement(cfg, state, t))
             # the calibration data is the first n validation examples, seen through the task's prompt head
             assert fid["agreement"] == pytest.approx(_agreement(cfg, state, t, "val", n), abs=1 / n)
-            if key[0] == "Calibrated":
+            if key[0].startswith("Calibrated"):
                 assert fid["metric"] == "agreement" and fid["target"] == 0.99
+                dare = entry["kind"] == "fft" and entry["params"].get("sparsify") == "dare"
+                assert entry["params"].get("positions", "stored") == ("seeded" if dare and "seeded" in key[0]
+                                                                      else "stored")
                 assert not fid["met"] or fid["agreement"] >= 0.99
             else:
                 assert fid["metric"] == "dare-q" and fid["target"] is None
@@ -112,7 +117,7 @@ def test_calibrated_rows_record_the_choice_and_its_test_agreement(cfg, tmp_path)
                 assert fid["setting"]["value_dtype"] == "int4" and 0 < fid["setting"].get("dare_q", 0.01) <= 1
     md = (tmp_path / "results.md").read_text()
     selection = md.split("## Calibration-driven selection")[1]
-    assert selection.count("\n| ") == (1 + 2) + (1 + 2 * len(TASKS))  # a header and a line per row, then per task
+    assert selection.count("\n| ") == (1 + 3) + (1 + 3 * len(TASKS))  # a header and a line per row, then per task
     assert frontier.run(cfg, plan, tmp_path) == results
 
 
