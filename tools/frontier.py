@@ -2,13 +2,14 @@
 MiniLM tasks of tools.paper_table, each variant loaded back from a real store.
 
 Rows: PERU-FFT × {float16, int8, int4} × m, Post-Pruning and DARE (float16, int4; int4 with a
-second seed at m ≤ 5%, and with its positions re-drawn from the seed instead of stored) at each m, TALL masks, EMR, BitDelta, Exact (kind "exact", bit for bit),
-the reference points Task-Arithmetic, TIES (one model) and Single-Task (the originals), and the
-calibration-driven rows (issue 25), calibrated on the first 256 examples of each
-task's validation split through its frozen prompt head: Calibrated (modelstore chooses each task's
-setting, the cheapest with top-1 agreement ≥ 0.9 / 0.95 / 0.98 / 0.99 / 0.995 with the original, or a
-mean KL ≤ 0.01 / 0.02; Calibrated seeded: the same with DARE's positions re-drawn) and DAREx-q
-int4 (DARE at m = 1, 2% with its rescale tuned on the calibration data). Without
+second seed at m ≤ 5%, and with its positions re-drawn from the seed instead of stored) at each
+m, TALL masks, EMR, BitDelta, Exact (kind "exact", bit for bit), the reference points
+Task-Arithmetic, TIES (one model) and Single-Task (the originals), and the calibration-driven rows
+(issue 25), calibrated on the first 256 examples of each task's validation split through its
+frozen prompt head: Calibrated (modelstore chooses each task's setting, the cheapest with top-1
+agreement ≥ 0.9 / 0.95 / 0.98 / 0.99 / 0.995 with the original, or a mean KL ≤ 0.01 / 0.02;
+Calibrated seeded: the same with DARE's positions re-drawn) and DAREx-q int4 (DARE at m = 1, 2%
+with its rescale tuned on the calibration data). Without
 modelstore.Calibration the calibrated rows are left out. `bits_per_param` is a task's own stored
 bytes × 8 per parameter of its model, averaged over the tasks (the shared bases not counted: they
 are paid once); `bytes` is what the whole row costs on disk, bases included; `agreement` is each

@@ -91,8 +91,9 @@ def test_the_search_finds_the_cheapest_candidate_meeting_the_target(task, target
     out = S.search(oracle, target, float_dtype="float16", full_bytes=FULL, dare_positions=positions)
     want = _cheapest(oracle, target, positions=positions)
     # seeded positions are DARE's alone, on every DARE candidate the search writes
-    assert all((w.setting.get("positions") == "seeded") == (positions == "seeded" and w.setting.get("sparsify") == "dare")
-               for w in oracle.written)
+    for w in oracle.written:
+        seeded = positions == "seeded" and w.setting.get("sparsify") == "dare"
+        assert (w.setting.get("positions") == "seeded") == seeded
     assert out.chosen.met and out.chosen.written.setting == want, (out.chosen.written.setting, want)
     assert out.chosen.written.bytes == _bytes(want)
     # few candidates run in full: a fraction of the 102 (2 sparsifiers x 17 m x 3 dtypes) a brute force runs
