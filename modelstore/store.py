@@ -663,6 +663,10 @@ class Store:
             sparsify: fft: "dare" (random drop, rescaled by 1/m: the default) or "magnitude" (top-m: the
                 default with granularity "per-tensor", `budget` or `max_rel_error`).
             seed: fft with "dare": the drop's seed (default 0).
+            dare_q: fft with "dare": kept values rescaled by 1/q instead of 1/keep (DAREx-q).
+            positions: fft with "dare": "stored" (the default) or "seeded", no positions stored, a
+                load re-draws them from the seed (about half the bytes at int4); allowed beside a
+                calibration target, which then writes every DARE candidate so.
             base: "merged" or "pretrained" when the store has both (default: merged).
             pretrained: the pre-trained model, for a kind that reads θ0 (tall-mask, emr) in a store
                 that keeps none yet; checked against the model the store was built from.
