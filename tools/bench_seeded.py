@@ -18,17 +18,9 @@ import tempfile
 import time
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
 import modelstore
 from modelstore.build import init
-
-
-def rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    """||got − want|| / ||want|| over every tensor, in float64."""
-    err = sum(float((got[k].double() - w.double()).square().sum()) for k, w in want.items())
-    return (err / sum(float(w.double().square().sum()) for w in want.values())) ** 0.5
+from modelstore.evaluation.weights import verify
 
 
 def measure(pre: str, ft: str, keeps: list[float], value_dtype: str, repeat: int, root: str) -> list[dict[str, Any]]:
@@ -46,8 +38,7 @@ def measure(pre: str, ft: str, keeps: list[float], value_dtype: str, repeat: int
             t0 = time.perf_counter()
             warm.load(name)
             times[name].append(time.perf_counter() - t0)
-    want = {k: v for k, v in load_file(f"{ft}/model.safetensors").items() if v.is_floating_point()}
-    errors = {name: rel_error(warm.load(name), want) for name in names.values()}
+    errors = {name: verify(warm, name, ft)["rel_error"] for name in names.values()}
     rows = []
     for m in keeps:
         e = {pos: store.entry(names[(m, pos)]) for pos in ("stored", "seeded")}

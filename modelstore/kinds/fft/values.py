@@ -130,7 +130,7 @@ class QuantWriter(ValueWriter):
 
     def add(self, pos: torch.Tensor, v: torch.Tensor) -> None:
         if self.seeded:  # counted, not kept: nothing is dropped, and a reader re-draws them
-            self._count += pos.numel()
+            self._positions(pos)
         else:
             self._pos.append(pos)
         self._vals.append(v.to(torch.float32))
