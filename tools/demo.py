@@ -33,10 +33,6 @@ from tools.tasks import TASKS, parse_tasks
 DEFAULT_TASKS = ("rt", "trump", "healthsrc")
 """Short (32-token) PyPI-shipped tasks with a visible lift over zero-shot."""
 DEFAULT_STEPS = 150
-DEFAULT_KEEP = 0.1
-#: The representation the README's table was measured with (PERU-FFT: top-m magnitudes, float16
-#: values), given explicitly so that a change of the store's default does not change the table.
-FFT_OPTIONS = {"value_dtype": "float16", "kind_options": {"sparsify": "magnitude"}}
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +41,7 @@ def run(
     tasks: tuple[str, ...] = DEFAULT_TASKS,
     *,
     steps: int = DEFAULT_STEPS,
-    keep: float = DEFAULT_KEEP,
+    keep: float | None = None,
     store_path: str | Path,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -60,8 +56,7 @@ def run(
         tasks={t: str(p) for t, p in checkpoints.items()},
         merge="task-arithmetic",
         lam=0.3,
-        keep=keep,
-        **FFT_OPTIONS,
+        **({"keep": keep} if keep is not None else {}),  # else the store's default representation
         progress=progress,
     )
     base = pretrained_model()
@@ -69,6 +64,7 @@ def run(
     for t in tasks:
         log.info("evaluating %s: zero-shot, fine-tuned, from the store", t)
         info = store.info(t)
+        p = store.entry(t)["params"]
         rows.append({
             "task": t,
             "zero_shot_acc": evaluate(base, t),
@@ -76,6 +72,7 @@ def run(
             "store_acc": evaluate(store.load(t, device="cpu"), t),
             "bytes": info["bytes"],
             "full_bytes": info["full_bytes"],
+            "setting": f"{p.get('sparsify', 'magnitude')} m = {p['keep']:g}, {p['value_dtype']} values",
         })  # fmt: skip
     return rows
 
@@ -96,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", type=parse_tasks, default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated, from {','.join(TASKS)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps per task (batch 32)")
-    p.add_argument("--keep", type=float, default=DEFAULT_KEEP, help="fraction of each task delta kept")
+    p.add_argument("--keep", type=float, default=None,
+                   help="fraction of each task delta kept (default: the store's, DARE at 5%%)")
     p.add_argument("--store", type=Path, default=None, help="store path (default: a temporary dir, removed after)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"rows": rows, "steps": args.steps, "keep": args.keep, "seconds": round(seconds, 1)}))
     else:
         print(_table(rows))
-        print(f"({args.steps} fine-tuning steps per task, keep={args.keep}, {seconds:.0f} s)")
+        print(f"({args.steps} fine-tuning steps per task, {rows[0]['setting']}, {seconds:.0f} s)")
 
 
 if __name__ == "__main__":
