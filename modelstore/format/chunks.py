@@ -36,6 +36,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from modelstore._runtime.page_advice import Streak
 
+#: Local compressed chunks decoded ahead of a reader taking an array's chunks one by one (`Chunks.decoded`).
+AHEAD = 2
 #: Chunk objects fetched at once: enough to keep an object store's connections busy, little memory
 #: (fewer where chunks are longer than 8 MiB, so at most WINDOW_BYTES are held ahead of a reader).
 WINDOW = 8
@@ -83,6 +85,8 @@ class Chunks:
         self._raw = np.empty(0, np.uint8)
         self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
+        self._decoding: dict[int, Future[np.ndarray]] = {}  # local chunks decoded ahead of `decoded`
+        self._last = -2  # the last chunk read
         self._blosc = (Blosc(cname=compressor.cname.value, clevel=compressor.clevel, blocksize=compressor.blocksize,
                              shuffle=_SHUFFLES[compressor.shuffle.value]) if compressor is not None else None)
 
@@ -139,10 +143,8 @@ class Chunks:
             out[:] = self.array[start:stop]
             return
         first, last = start // self.chunk, (stop - 1) // self.chunk
-        if self._root:
-            ahead = self._streak.read(first * self._chunk_bytes, (last + 1) * self._chunk_bytes)
-            if ahead is not None and ahead[0] < ahead[1]:
-                self._advise(*ahead)
+        self._advise_streak(first, last)
+        self._last = last
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
         parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
         pending: list[Future[None]] = []
@@ -154,7 +156,10 @@ class Chunks:
                     lo, hi = max(start, c0), min(stop, c0 + self.chunk)
                     whole = lo == c0 and hi == c0 + self.chunk
                     dest = out[lo - start:hi - start] if whole else self._scratch_buffer()
-                    if parallel and whole:
+                    decoded = self._decoding.pop(index, None)
+                    if decoded is not None:  # decoded ahead by `decoded`
+                        dest[:] = decoded.result()
+                    elif parallel and whole:
                         pending.append(_decoders().submit(self._decode_file, index, dest))
                     elif parallel:
                         self._decode_file(index, dest)
@@ -169,6 +174,46 @@ class Chunks:
             raise
         for f in pending:  # the first error, in chunk order
             f.result()
+
+    def decoded(self, index: int) -> np.ndarray:
+        """Chunk `index`'s elements (the last chunk cut to the array's length) in a fresh buffer
+        the caller keeps. Where chunks are local and compressed, and the last chunk read was the one
+        before, the next AHEAD chunks are decoded meanwhile in the decoding threads: a reader taking
+        an array's chunks in order (tensors smaller than a chunk, decoded chunk by chunk) finds them
+        ready.
+
+        Raises:
+            ChunkError: the chunk is missing or damaged (fast path).
+            Exception: whatever zarr or the storage raise (the caller names it).
+        """
+        c0 = index * self.chunk
+        n = min(self.chunk, int(self.array.shape[0]) - c0)
+        if not (self.fast and self._root is not None and self.compressed):
+            out = empty(n, self.dtype)
+            self.read_into(c0, c0 + n, out)
+            return out
+        count = -(-int(self.array.shape[0]) // self.chunk)
+        streak, self._last = index == self._last + 1, index  # a reader that jumps (a sample) gets no more than it asks
+        self._advise_streak(index, min(index + AHEAD, count - 1) if streak else index)
+        for i in [i for i in self._decoding if i < index]:  # skipped: never asked for
+            self._decoding.pop(i).cancel()
+        mine = self._decoding.pop(index, None)
+        for i in range(index + 1, min(index + 1 + AHEAD, count) if streak else 0):
+            if i not in self._decoding:
+                self._decoding[i] = _decoders().submit(self._decode_fresh, i)
+        return (mine.result() if mine is not None else self._decode_fresh(index))[:n]
+
+    def _decode_fresh(self, index: int) -> np.ndarray:
+        out = empty(self.chunk, self.dtype)
+        self._decode_file(index, out)
+        return out
+
+    def _advise_streak(self, first: int, last: int) -> None:
+        """Advise the local chunk files a streak of reads (chunks first..last) is about to reach."""
+        if self._root:
+            ahead = self._streak.read(first * self._chunk_bytes, (last + 1) * self._chunk_bytes)
+            if ahead is not None and ahead[0] < ahead[1]:
+                self._advise(*ahead)
 
     def _advise(self, start: int, stop: int) -> None:
         """Ask the kernel to read the local chunk files that begin in bytes [start, stop) of the

@@ -453,6 +453,18 @@ class PayloadReader:
                 raise self._damaged(array, c // chunk, f"chunk {c // chunk} fails its checksum") from None
         raise CorruptStoreError(f"{self.what}: array '{array}' could not be read")
 
+    def chunk(self, array: str, index: int) -> np.ndarray:
+        """Chunk `index` of `array` in a fresh buffer (the last cut to the array's length), decoded
+        ahead of a reader taking chunks in order where the array allows (format.chunks)."""
+        try:
+            return self._chunks(array).decoded(index)
+        except ChunkError as e:
+            raise self._damaged(array, e.index, str(e)) from None
+        except Exception as e:
+            self._unless_io(e, array)
+        c0 = index * self.chunk_len(array)
+        return self.read_flat(array, c0, min(c0 + self.chunk_len(array), self.array_len(array)))  # names the damage
+
     def _chunks(self, array: str) -> Chunks:
         if array not in self._readers:
             self._readers[array] = Chunks(self._array(array))
@@ -577,10 +589,11 @@ class Segments:
         self._pos: dict[str, int] = {}
         self._crc: dict[str, int] = {}
         self._tail: dict[str, np.ndarray] = {}  # per array: decoded elements from _pos on, up to a chunk end
-        self._scratch: dict[str, np.ndarray] = {}
 
-    def get(self, array: str, start: int, count: int, dtype: str) -> torch.Tensor:
-        """`array[start:start+count]` as logical dtype `dtype` on the device (a fresh tensor)."""
+    def get(self, array: str, start: int, count: int, dtype: str, borrow: bool = False) -> torch.Tensor:
+        """`array[start:start+count]` as logical dtype `dtype` on the device: a fresh tensor, or with
+        `borrow` (a caller that reads the slice and drops it) on the CPU possibly a view of the
+        decoded chunk it lies in, which its neighbours share: no copy."""
         if not count:  # an empty slice reads nothing (earlier writers gave such entries start 0)
             return dtypes.from_numpy(empty(0, np.dtype(dtypes.storage_dtype(dtype))), dtype).to(self.device)
         pos = self._pos.get(array, 0)
@@ -592,11 +605,11 @@ class Segments:
             tail = self._tail.pop(array, None)
             if tail is not None and start - pos < tail.size:
                 self._tail[array] = tail[start - pos:]
-        flat = self._take(array, start, start + count)
+        flat = self._take(array, start, start + count, borrow)
         return dtypes.from_numpy(flat, dtype).to(self.device)
 
-    def _take(self, array: str, start: int, stop: int) -> np.ndarray:
-        flat = self._read(array, start, stop)
+    def _take(self, array: str, start: int, stop: int, borrow: bool = False) -> np.ndarray:
+        flat = self._read(array, start, stop, borrow)
         self._pos[array] = stop
         if not self.check:
             return flat
@@ -607,15 +620,23 @@ class Segments:
             self.reader._check_array(array, stop, lambda: self._crc.get(array, 0))
         return flat
 
-    def _read(self, array: str, start: int, stop: int) -> np.ndarray:
-        """Elements [start, stop) into a fresh buffer, continuing where the last read ended (or
-        jumped to). Whole chunks decode straight into it; a chunk the slice ends inside is decoded
-        once into a per-array scratch buffer whose unread rest serves the next slice (tensors do
-        not end on chunk bounds)."""
+    def _read(self, array: str, start: int, stop: int, borrow: bool = False) -> np.ndarray:
+        """Elements [start, stop), continuing where the last read ended (or jumped to), in a fresh
+        buffer: whole chunks decode straight into it; a chunk the slice ends inside is decoded once
+        (format.chunks decodes the next ones meanwhile) and its unread rest serves the next slice
+        (tensors do not end on chunk bounds). With `borrow`, a slice within that rest, or within
+        one chunk, is a view of it."""
         reader = self.reader
-        out = empty(stop - start, reader._array(array).dtype)
         chunk, size = reader.chunk_len(array), reader.array_len(array)
         i, n = 0, stop - start
+        if borrow:
+            tail = self._tail.get(array)
+            if (tail is None or not tail.size) and start // chunk == (stop - 1) // chunk and n < chunk:
+                tail = self._chunk_tail(array, start, chunk, size)
+            if tail is not None and n <= tail.size:
+                self._tail[array] = tail[n:]
+                return tail[:n]
+        out = empty(n, reader._array(array).dtype)
         while i < n:
             tail = self._tail.pop(array, None)
             if tail is not None and tail.size:
@@ -631,16 +652,17 @@ class Segments:
                 reader.read_into(array, p, cut, out[i:i + cut - p])
                 i += cut - p
                 continue
-            c0 = p - p % chunk
-            end = min(c0 + chunk, size)
-            if end <= p:
-                raise CorruptStoreError(f"{reader.what}: array '{array}' ends before element {p}; the store is damaged")
-            scratch = self._scratch.get(array)
-            if scratch is None:
-                scratch = self._scratch[array] = empty(chunk, out.dtype)
-            reader.read_into(array, c0, end, scratch[:end - c0])
-            self._tail[array] = scratch[p - c0:end - c0]
+            self._chunk_tail(array, p, chunk, size)
         return out
+
+    def _chunk_tail(self, array: str, p: int, chunk: int, size: int) -> np.ndarray:
+        """Decode the chunk element `p` lies in; its elements from `p` on become the array's tail."""
+        c0 = p - p % chunk
+        if min(c0 + chunk, size) <= p:
+            raise CorruptStoreError(f"{self.reader.what}: array '{array}' ends before element {p}; "
+                                    "the store is damaged")
+        tail = self._tail[array] = self.reader.chunk(array, c0 // chunk)[p - c0:]
+        return tail
 
     def close(self) -> None:
         """Read and check the parts of every started array that were not asked for."""

@@ -37,6 +37,11 @@ class BaseTensors(Protocol):
         are asked for in base order (a base read from storage is streamed front to back)."""
         ...
 
+    def view(self, name: str) -> torch.Tensor:
+        """Base tensor `name` to read only (it may be the cached base's own tensor), asked for in
+        base order as `fresh` is: for a kind that makes a new tensor from it anyway."""
+        ...
+
     def other(self, base_id: str) -> BaseTensors:
         """Another base the task reads (one of its kind's `extra_bases`), on the same device."""
         ...

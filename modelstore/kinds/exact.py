@@ -121,18 +121,18 @@ class Exact(TaskKind):
 
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each tensor's words XORed into a fresh copy of its base tensor where the entry says so;
-        count-0 entries that copy itself. Reading and decoding the next tensor's words (a worker
-        thread) overlaps the XOR of this one."""
+        """Each tensor's words XORed with its base tensor into a new tensor where the entry says
+        so; count-0 entries a copy of the base tensor. Reading and decoding the next tensor's words
+        (a worker thread, and the chunks after it in the decoding threads) overlaps the XOR of this one."""
         for t, w in read_ahead(self._words(segments, table)):
             dt = dtypes.torch_dtype(t["dtype"])
             if w is None or t.get("xor"):
                 name = str(t.get("base") or t["name"])
-                b = base.fresh(name).contiguous()
+                b = base.fresh(name) if w is None else base.view(name)
                 if b.dtype != dt or list(b.shape) != t["shape"]:
                     raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
                                             "or shape; the store is damaged")
-                out = b if w is None else words(b).bitwise_xor_(w).view(dt).view(b.shape)
+                out = b if w is None else torch.bitwise_xor(words(b), w).view(dt).view(b.shape)
             else:
                 out = w.view(dt).view(t["shape"])
             yield t["name"], out.to(dtypes.output_dtype(dt, dtype))
@@ -147,7 +147,8 @@ class Exact(TaskKind):
             if t["kind"] != "words" or t["array"] != words_array(k) or not isinstance(t.get("xor"), bool):
                 raise CorruptStoreError(f"task tensor {t['name']!r} has an entry of kind {t['kind']!r} in array "
                                         f"{t.get('array')!r}, which exact tasks do not have; the store is damaged")
-            yield t, segments.get(t["array"], t["start"], t["count"], WORD_DTYPES[k])
+            # XORed words are read into a new tensor and dropped: a view of their chunk does
+            yield t, segments.get(t["array"], t["start"], t["count"], WORD_DTYPES[k], borrow=bool(t.get("xor")))
 
     def setting(self, entry: TaskEntry) -> dict[str, Any]:
         return {"bits": "exact"}

@@ -149,6 +149,53 @@ def test_large_tensor_in_blocks_and_chunks(tmp_path):
     assert s.info("t")["bytes"] < 0.8 * s.info("t")["full_bytes"]
 
 
+def test_many_small_tensors_per_chunk_decoded_ahead_and_damage_named(tmp_path, monkeypatch):
+    """Chunks of 256 words: tensors lie inside chunks and across them. Loads (base cached or
+    streamed, and tensor by tensor) are bit-identical; the chunks after the one being read are
+    decoded in the decoding threads; a slice inside a chunk is lent as a view of it (no copy); and a
+    damaged chunk in the middle is an error naming a tensor it holds, whether decoded ahead or not."""
+    import threading
+
+    from modelstore.format import chunks, codecs
+    from modelstore.kinds.exact import Exact
+    monkeypatch.setattr(codecs, "CHUNK_ELEMENTS", 256)
+    g = torch.Generator().manual_seed(3)
+    sizes = [int(n) for n in torch.randint(20, 700, (40,), generator=g)]
+    pre = {f"t{i:02d}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    task = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    save_file(task, str(tmp_path / "task.safetensors"))
+    url = str(tmp_path / "s")
+    init(url, str(tmp_path / "pre.safetensors"))
+    s = modelstore.add_task(url, "t", str(tmp_path / "task.safetensors"), kind="exact")
+    decoded_in: list[str] = []
+    fresh = chunks.Chunks._decode_fresh
+    monkeypatch.setattr(chunks.Chunks, "_decode_fresh",
+                        lambda self, i: decoded_in.append(threading.current_thread().name) or fresh(self, i))
+    for cache in (True, False):
+        _assert_bits(modelstore.open(url, cache_base=cache).load("t"), task)
+    _assert_bits(dict(modelstore.open(url).tensors("t")), task)
+    assert sum(n.startswith("modelstore-decode") for n in decoded_in) > sum(sizes) // 256
+
+    payload = s._payload(s.entry("t"), "t", Exact())
+    seg = payload.stream(torch.device("cpu"))
+    a = seg.get("words.int32", 0, 10, "int32", borrow=True)
+    b = seg.get("words.int32", 10, 20, "int32", borrow=True)
+    c = seg.get("words.int32", 30, 10, "int32")
+    assert b.data_ptr() == a.data_ptr() + 40 and c.data_ptr() != b.data_ptr() + 80  # lent, then copied
+    want = zarr.open_group(os.path.join(url, s.entry("t")["path"]), mode="r")["words.int32"][:40]
+    np.testing.assert_array_equal(torch.cat([a, b, c]).numpy(), want)
+
+    table = s.table("t")
+    middle = sorted((tmp_path / "s" / "tasks").rglob("words.int32/c/5"))
+    assert len(middle) == 1
+    middle[0].write_bytes(middle[0].read_bytes()[:-1] + b"\x00")
+    held = [t["name"] for t in table if t["start"] < 6 * 256 and t["start"] + t["count"] > 5 * 256]
+    for cache in (True, False):
+        with pytest.raises(modelstore.CorruptStoreError, match=f"chunk 5 .*tensor {held[0]}"):
+            modelstore.open(url, cache_base=cache).load("t")
+
+
 def test_head_over_a_bare_base(bert_models, tmp_path):
     """A BertForSequenceClassification fine-tune (`bert.` names, a `classifier`) over a BertModel θ0:
     its encoder XORs with the base tensors of the stripped names, the head keeps its own bits."""

@@ -172,13 +172,13 @@ def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, m
     monkeypatch.setattr(codecs, "MAX_CHUNKS", 128)
     decoded: set[int] = set()
     sampling = [False]
-    real_read, real_bracket = chunk_io.Chunks.read_into, sparse_delta.bracket
+    real_decode, real_bracket = chunk_io.Chunks._decode_file, sparse_delta.bracket
 
-    def read_into(self, start, stop, out):
+    def decode_file(self, index, dest):  # every local compressed chunk decoded, for any reader
         if sampling[0]:
             assert self.chunk == 1024
-            decoded.update(range(start // self.chunk, (stop - 1) // self.chunk + 1))
-        return real_read(self, start, stop, out)
+            decoded.add(index)
+        return real_decode(self, index, dest)
 
     def bracket(k, sample, total):
         def watched():
@@ -189,7 +189,7 @@ def test_a_base_of_long_chunks_is_sampled_chunk_by_chunk(ties_model, tmp_path, m
                 sampling[0] = False
         return real_bracket(k, watched, total)
 
-    monkeypatch.setattr(chunk_io.Chunks, "read_into", read_into)
+    monkeypatch.setattr(chunk_io.Chunks, "_decode_file", decode_file)
     monkeypatch.setattr(sparse_delta, "bracket", bracket)
     seen = _spy(monkeypatch, lambda r: r[1] is not None)
     s = modelstore.build(str(tmp_path / "one"), pre, {"t": t}, merge="none", keep=0.1, kind_options=TOP_M)
