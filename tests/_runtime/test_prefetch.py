@@ -1,13 +1,14 @@
-"""read_ahead: the same items in order, errors raised in order, an early stop stops the worker."""
+"""read_ahead and map_ahead: the same items in order, errors raised in order, an early stop stops the work."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 
-from modelstore._runtime.prefetch import read_ahead
+from modelstore._runtime.prefetch import map_ahead, read_ahead
 
 
 def test_items_in_order_made_in_another_thread():
@@ -78,3 +79,34 @@ def test_an_abandoned_streamed_load_leaves_no_worker(tmp_path):
         time.sleep(0.01)
     assert not any(t.name == "modelstore-ahead" for t in threading.enumerate())
     assert list(dict(store.tensors("t"))) == list(pre)  # and the store still loads
+
+
+def test_map_ahead_maps_in_order_side_by_side_and_at_most_ahead():
+    started: list[int] = []
+    both = threading.Barrier(2, timeout=5)
+
+    def fn(i: int) -> int:
+        started.append(i)
+        if i < 2 and (os.cpu_count() or 1) > 1:
+            both.wait()  # items 0 and 1 run at the same time, or this times out
+        return i * i
+
+    it = map_ahead(fn, range(100), ahead=2)
+    assert next(it) == 0
+    time.sleep(0.1)
+    assert len(started) <= 3  # the one consumed and at most two ahead of it
+    assert list(it) == [i * i for i in range(1, 100)]
+    assert sorted(started) == list(range(100))
+
+
+def test_map_ahead_raises_an_error_at_its_item_and_drops_the_rest():
+    def fn(i: int) -> int:
+        if i == 3:
+            raise ValueError("damaged at 3")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="damaged at 3"):
+        for x in map_ahead(fn, range(10), ahead=4):
+            got.append(x)
+    assert got == [0, 1, 2]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from modelstore._runtime.prefetch import read_ahead
+from modelstore._runtime.prefetch import map_ahead, read_ahead
 from modelstore._runtime.progress import bar
 from modelstore._runtime.threads import one_torch_thread
 from modelstore._runtime.units import human_bytes, percent
@@ -711,15 +711,18 @@ class SparseDelta(TaskKind):
         """Per sparse tensor its positions cumsum(gaps), or re-drawn from its seed, and values; dense tensors whole
         (spec: "Reading a task")."""
         p = entry["params"]
+        # a seeded task's positions, re-drawn on the CPU (check_table), several tensors side by side
+        drawn = map_ahead(lambda t: seeded_positions(p["keep"], t["seed"], math.prod(t["shape"]), t["count"],
+                                                     BLOCK_ELEMENTS, f"task tensor {t['name']!r}"),
+                          [t for t in table if t["kind"] == "sparse" and t["count"] and "seed" in t])
         for t in table:
             name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
             s, c = t["start"], t["count"]
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
                 continue
-            if c and "seed" in t:  # check_table: a seeded task's; its positions re-drawn on the CPU
-                pos = seeded_positions(p["keep"], t["seed"], math.prod(shape), c, BLOCK_ELEMENTS,
-                                       f"task tensor {name!r}").to(device)
+            if c and "seed" in t:
+                pos = next(drawn).to(device)
                 yield AddAt(name, shape, dtype, pos, read_values(segments, t, p), base_name=t.get("base"))
                 continue
             # a count-0 entry (the base's tensor) may record start 0 after slices already read: nothing to read
