@@ -599,10 +599,12 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 def eval_task(ctx: click.Context, store: str, task: str, original: str, data: str, batch_size: int, max_length: int,
               min_agreement: float | None, as_json: bool) -> None:
     """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
-    sequence classifier; perplexity, top-1 next-token agreement and KL for a causal LM."""
+    sequence classifier; top-1 agreement and KL per token for a token classifier; perplexity, top-1
+    next-token agreement and KL for a causal LM; top-1 agreement and KL on the original's greedy
+    output, and how often the task generates that output, for an encoder-decoder LM."""
     r = evaluate(_open(ctx, store), task, original, data, batch_size=batch_size, max_length=max_length,
                  progress=_progress(ctx, as_json))
-    agreement = r["top1_agreement"] if r["kind"] == "causal-lm" else r["agreement"]
+    agreement = r["agreement"] if r["kind"] == "classification" else r["top1_agreement"]
     if min_agreement is not None:
         r["min_agreement"], r["ok"] = min_agreement, agreement >= min_agreement
     if as_json:
@@ -610,6 +612,10 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str, data: st
     elif r["kind"] == "causal-lm":
         click.echo(f"task {task}: perplexity {r['perplexity_stored']:.4g} (original {r['perplexity_original']:.4g}), "
                    f"top-1 agreement {agreement:.2%}, mean KL {r['mean_kl']:.3g} over {r['tokens']} tokens")
+    elif r["kind"] != "classification":
+        same = f", the same output for {r['same_generation']:.2%} of texts" if "same_generation" in r else ""
+        click.echo(f"task {task}: top-1 agreement {agreement:.2%}, mean KL {r['mean_kl']:.3g} over "
+                   f"{r['predictions']} {'generated ' if same else ''}tokens of {r['examples']} texts{same}")
     else:
         acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")

@@ -30,18 +30,47 @@ from modelstore.serving.architectures import (
 )
 from modelstore.serving.modules import ModuleTensors
 
-#: What a model's class name says its outputs are.
-OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForCausalLM": "causal-lm",
-                "LMHeadModel": "causal-lm"}
+#: What a model's class name says its outputs are: one prediction per text (classification), per
+#: token of the text (token-classification), per next token of the text (causal-lm), or per token of
+#: the output the original generates for the text (seq2seq: encoder-decoder models only).
+OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForTokenClassification": "token-classification",
+                "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq"}
+#: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
+GENERATED_TOKENS = 32
 Check = Callable[[dict[str, tuple[int, ...]]], None]
 #: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
 Missed = Callable[[int, float, int, int], bool]
 Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 
-def output_kind(arch: str) -> str | None:
-    """"classification" or "causal-lm" for a transformers class name, None for other models."""
-    return next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
+def output_kind(arch: str, config: Any) -> str | None:
+    """What the predictions of a transformers class are (OUTPUT_KINDS), None for other models (a
+    "ForConditionalGeneration" class that is not an encoder-decoder reads images or speech)."""
+    kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
+    return None if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False) else kind
+
+
+def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+    """`batch` with the decoder inputs of a seq2seq model's greedy output for it (its start token
+    and the generated tokens but the last) and their mask: each position predicts the next token,
+    up to and including the end-of-sequence token (padding after it is not predicted)."""
+    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, num_beams=1)
+    eos = model.generation_config.eos_token_id
+    ends = torch.isin(out[:, 1:], torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device))
+    # a position is real while no end-of-sequence token came before it
+    real = (ends.cumsum(1) - ends.int()) == 0 if eos is not None else torch.ones_like(ends)
+    return {**batch, "decoder_input_ids": out[:, :-1], "decoder_attention_mask": real.long()}
+
+
+def rows_of(kind: str, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One row of logits per prediction of a model whose outputs are `kind` (OUTPUT_KINDS) on `batch`."""
+    if kind == "classification":
+        return logits
+    if kind == "token-classification":
+        return logits[batch["attention_mask"].bool()]
+    if kind == "seq2seq":
+        return logits[batch["decoder_attention_mask"].bool()]
+    return logits[:, :-1][batch["attention_mask"][:, 1:].bool()]  # causal-lm: positions predicting a real token
 
 
 def _tokenizer_file(name: str) -> bool:
@@ -88,11 +117,11 @@ class Runner:
                              "store's base has a config.json; give the fine-tune as a transformers model directory")
         config = config_from_json(transformers, config_json, f"task {task!r}")
         arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
-        kind = "custom" if calibration.outputs is not None else output_kind(arch)
+        kind = "custom" if calibration.outputs is not None else output_kind(arch, config)
         if kind is None:
-            raise InputError(f"task {task!r} is a {arch}, whose outputs are not predictions; calibration compares "
-                             "the predictions of sequence classifiers and causal LMs (in Python, Calibration(outputs="
-                             "...) gives another model's logits)")
+            raise InputError(f"task {task!r} is a {arch}, whose outputs are not predictions of text; calibration "
+                             "compares the predictions of sequence and token classifiers, causal LMs and "
+                             "encoder-decoder LMs (in Python, Calibration(outputs=...) gives another model's logits)")
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
         cls = model_class(transformers, None, config)
         dtype = torch.float32 if device.type == "cpu" or not checkpoint_dtype.is_floating_point else checkpoint_dtype
@@ -144,11 +173,7 @@ class Runner:
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
-        logits = self.model(**batch).logits
-        if self.kind == "classification":
-            return logits
-        real = batch["attention_mask"][:, 1:].bool()  # positions that predict a real token
-        return logits[:, :-1][real]
+        return rows_of(self.kind, self.model(**batch).logits, batch)
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
@@ -157,7 +182,11 @@ class Runner:
                 yield j, self._rows(batch)
 
     def take_reference(self) -> None:
-        """Run the model (filled with the original) and keep its outputs as the reference."""
+        """Run the model (filled with the original) and keep its outputs as the reference (for a
+        seq2seq task, on the output it generates for each text, which every candidate is then run on)."""
+        if self.kind == "seq2seq":
+            with torch.inference_mode():
+                self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
         self.reference = []
         for _, rows in self._run(None, "calibration: original"):
             logp = rows.double().log_softmax(-1)
@@ -175,4 +204,4 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["OUTPUT_KINDS", "Runner", "output_kind", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "OUTPUT_KINDS", "Runner", "generated", "output_kind", "rows_of", "tokenizer_for"]

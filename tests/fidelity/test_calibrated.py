@@ -232,6 +232,15 @@ def test_a_checkpoint_without_tokenizer_files_is_calibrated_with_the_bases(class
         [c["mean_kl"] for c in with_files["candidates"]], rel=1e-6, abs=1e-12)
 
 
+def _perturbed(m, seed: int, scale: float) -> None:
+    """A fine-tune of `m` in place: every float matrix moved by noise of `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for v in m.state_dict().values():
+            if v.dtype.is_floating_point and v.dim() == 2:
+                v.add_(torch.randn(v.shape, generator=g) * scale)
+
+
 def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     """Token-level agreement: every real position predicts a token; recomputed one text at a time."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -240,12 +249,7 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32)).eval()
     m.save_pretrained(tmp_path / "pre")
     tok.save_pretrained(tmp_path / "pre")
-    sd = m.state_dict()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for v in sd.values():
-            if v.dtype.is_floating_point and v.dim() == 2:
-                v.add_(torch.randn(v.shape, generator=g) * 0.05)
+    _perturbed(m, 2, 0.05)
     m.save_pretrained(tmp_path / "ft")
     tok.save_pretrained(tmp_path / "ft")
     texts = _texts(24, 3)
@@ -267,6 +271,100 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
             tokens += ids.shape[1] - 1
     assert f["predictions"] == tokens
     assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+
+
+def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path):
+    """Every token of every text is a prediction; the record's agreement and `eval`'s are what one
+    text at a time without padding gives."""
+    from transformers import BertForTokenClassification
+    tok = make_tokenizer("bert")
+    torch.manual_seed(0)
+    m = BertForTokenClassification(tiny_bert_config(vocab_size=len(tok), num_labels=5)).eval()
+    for name, seed in (("pre", None), ("ft", 2)):
+        if seed is not None:
+            _perturbed(m, seed, 0.05)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    texts = _texts(24, 3)
+    cal = _jsonl(tmp_path / "c.jsonl", texts)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task("ner", str(tmp_path / "ft"), calibration=cal,
+                                                min_agreement=0.9)["fidelity"]
+    ref = BertForTokenClassification.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("ner", url, dtype=torch.float32)
+    tokens = agree = 0
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            agree += int((ref(**enc).logits[0].argmax(-1) == stored(**enc).logits[0].argmax(-1)).sum())
+            tokens += enc["input_ids"].shape[1]
+    assert f["output"] == "token-classification" and f["met"] and f["predictions"] == tokens
+    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+    r = CliRunner().invoke(main, ["eval", url, "ner", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["kind"] == "token-classification" and got["predictions"] == tokens
+    assert got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
+
+
+def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path):
+    """A T5 fine-tune: the original's greedy output for each text is the reference, compared token
+    by token up to its end; eval also says for how many texts the stored task generates that output,
+    which generating with both models here confirms."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    tok = make_tokenizer("gpt2")
+    tok.pad_token = "<unk>"
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=2, dropout_rate=0.0,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    m = T5ForConditionalGeneration(cfg).eval()
+    texts = _texts(16, 4)
+    # the end token: one this random model generates part way through some outputs, not all
+    m.generation_config.eos_token_id = None
+    with torch.no_grad():
+        outs = m.generate(**tok(texts, return_tensors="pt", padding=True), max_new_tokens=32, do_sample=False)
+    rows_with = {int(t): int((outs[:, 2:] == t).any(1).sum()) for t in outs[:, 2:].unique()}
+    eos = min(rows_with, key=lambda t: abs(rows_with[t] - len(texts) / 2))
+    assert 0 < rows_with[eos] < len(texts)
+    m.config.eos_token_id = m.generation_config.eos_token_id = eos
+    for name, seed in (("pre", None), ("ft", 2)):
+        if seed is not None:
+            _perturbed(m, seed, 0.2)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cal = _jsonl(tmp_path / "c.jsonl", texts)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task("t5", str(tmp_path / "ft"), calibration=cal,
+                                                min_agreement=0.9)["fidelity"]
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("t5", url, dtype=torch.float32)
+    tokens = agree = same = 0
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            out = ref.generate(**enc, max_new_tokens=32, do_sample=False, num_beams=1)[0]
+            ends = (out[1:] == eos).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else len(out) - 1  # predictions up to and with the end token
+            dec = out[None, :n]
+            a = ref(**enc, decoder_input_ids=dec).logits[0].argmax(-1)
+            b = stored(**enc, decoder_input_ids=dec).logits[0].argmax(-1)
+            assert torch.equal(a, out[1:n + 1])  # the reference is the original's own greedy output
+            agree += int((a == b).sum())
+            tokens += n
+            mine = stored.generate(**enc, max_new_tokens=32, do_sample=False, num_beams=1)[0]
+            same += int(torch.equal(mine, out))
+    assert f["output"] == "seq2seq" and f["predictions"] == tokens < 32 * len(texts) and f["met"]
+    assert f["setting"]["kind"] == "fft" and f["agreement"] < 1
+    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+    r = CliRunner().invoke(main, ["eval", url, "t5", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["kind"] == "seq2seq" and got["predictions"] == tokens
+    assert got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
+    assert got["same_generation"] == same / len(texts)
 
 
 def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_path, monkeypatch):
