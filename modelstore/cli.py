@@ -404,7 +404,8 @@ def _fidelity_line(f: FidelityRecord) -> str:
     if f["predictions"] != f["examples"]:
         on += f" ({f['predictions']} predictions)"
     chose = "tuned DARE's rescale, chose" if f["metric"] == "dare-q" else "chose"
-    return (f"agreement {f['agreement']:.4g}{against('agreement', '>=')} on {on}, "
+    low = f" (95% lower bound {f['agreement_low']:.4g})" if "agreement_low" in f else ""
+    return (f"agreement {f['agreement']:.4g}{low}{against('agreement', '>=')} on {on}, "
             f"mean KL {f['mean_kl']:.2g}{against('kl', '<=')}; {chose} {_setting_words(f['setting'])} "
             f"of {len(f['candidates'])} candidates")
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from modelstore.fidelity.data import Calibration
+from modelstore.fidelity.metrics import agreement_low
 from modelstore.fidelity.runner import Runner, Tensors
 from modelstore.fidelity.search import (
     Q_FACTORS,
@@ -95,6 +96,8 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
         "met": outcome.chosen.met,
         "output": runner.kind,
         "agreement": score.agreement,
+        # examples are the independent trials (a causal LM's tokens within a text are not)
+        "agreement_low": agreement_low(score.agreement, runner.examples),
         "mean_kl": score.mean_kl,
         "examples": runner.examples,
         "predictions": score.predictions,

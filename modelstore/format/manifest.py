@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from modelstore.errors import CorruptStoreError, FormatVersionError, StoreNotFoundError
 from modelstore.format.paths import BASES, TASK_NAME_RE, TASKS, is_payload_dir
@@ -100,6 +100,7 @@ class FidelityRecord(TypedDict):
     met: bool
     output: str  # one of OUTPUTS
     agreement: float  # top-1 agreement with the original
+    agreement_low: NotRequired[float]  # its one-sided 95% lower bound (records of later writers)
     mean_kl: float  # mean KL(original || stored) per prediction
     examples: int
     predictions: int
@@ -327,6 +328,9 @@ def fidelity_problem(record: Any) -> str | None:
     metric, target = record["metric"], record["target"]
     if (target is None) != (metric == "dare-q") or (metric == "agreement" and not _fraction(target)):
         return f"target {target!r} does not suit metric {metric!r}"
+    low = record.get("agreement_low", 0.0)
+    if not _fraction(low) or low > record["agreement"]:
+        return f"agreement_low {low!r} is not a fraction at most the agreement"
     for i, c in enumerate(record["candidates"]):
         problem = _fields_problem(c, _CANDIDATE_FIELDS)
         if problem:

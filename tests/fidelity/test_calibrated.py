@@ -16,6 +16,7 @@ from conftest import TEXTS, make_tokenizer, tiny_bert_config
 
 import modelstore
 from modelstore.cli import main
+from modelstore.fidelity import metrics
 
 WORDS = " ".join(TEXTS).split()
 
@@ -164,8 +165,12 @@ def test_the_cli_calibrates_and_info_shows_the_promise(classifiers, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["task"] == "spiky" and out["fidelity"]["examples"] == 64 and out["fidelity"]["met"]
+    f = out["fidelity"]
+    assert f["agreement_low"] == pytest.approx(metrics.agreement_low(f["agreement"], 64))
+    assert f["agreement_low"] < f["agreement"]
     info = CliRunner().invoke(main, ["info", s.url, "spiky"])
     assert "fidelity: agreement" in info.output and "on 64 calibration examples" in info.output, info.output
+    assert f"(95% lower bound {f['agreement_low']:.4g})" in info.output
 
 
 def test_build_calibrates_the_tasks_it_is_given_data_for(classifiers, tmp_path):

@@ -60,3 +60,28 @@ def test_json_lines_and_csv_read_alike(tmp_path):
         read_data(str(tmp_path / "x.csv"))
     with pytest.raises(InputError, match="at least one text"):
         Calibration([])
+
+
+@pytest.mark.parametrize("agree, n", [(256, 256), (253, 256), (230, 256), (5, 10), (0, 7), (999, 1000)])
+def test_the_agreement_bound_is_wilsons(agree, n):
+    """The lower bound is the p0 below the measured agreement at which the measurement lies z
+    standard errors of p0 above it (Wilson's score interval), found here by bisection."""
+    p, z = agree / n, metrics.Z_95
+    lo, hi = 0.0, p
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (p - mid) / max(np.sqrt(mid * (1 - mid) / n), 1e-300) > z:
+            lo = mid
+        else:
+            hi = mid
+    assert metrics.agreement_low(p, n) == pytest.approx(lo, abs=1e-9)
+    assert metrics.agreement_low(p, n) <= p
+
+
+def test_the_bound_covers_the_true_agreement_19_times_in_20():
+    """Drawn 256-example calibration sets of a task whose true agreement is 0.98: the bound falls
+    below 0.98 in about 95% of them (one-sided; Wilson's interval is close to nominal here)."""
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(256, 0.98, 20000)
+    covered = np.mean([metrics.agreement_low(d / 256, 256) <= 0.98 for d in draws])
+    assert 0.93 <= covered <= 0.99
