@@ -246,24 +246,30 @@ def _perturbed(m, seed: int, scale: float) -> None:
                 v.add_(torch.randn(v.shape, generator=g) * scale)
 
 
+def _calibrated_pair(m, tok, tmp_path, scale: float, task: str, texts: list[str]) -> tuple[str, str, dict]:
+    """`m` saved as the pre-trained model and, _perturbed by `scale`, as its fine-tune (both with
+    `tok`); the fine-tune added to a store of the first with calibration on `texts` at agreement
+    0.9. Returns the store's url, the calibration file and the task's fidelity record."""
+    for name in ("pre", "ft"):
+        if name == "ft":
+            _perturbed(m, 2, scale)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    cal = _jsonl(tmp_path / "c.jsonl", texts)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task(task, str(tmp_path / "ft"), calibration=cal, min_agreement=0.9)
+    return url, cal, f["fidelity"]
+
+
 def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     """Token-level agreement: every real position predicts a token; recomputed one text at a time."""
     from transformers import GPT2Config, GPT2LMHeadModel
     tok = make_tokenizer("gpt2")
     torch.manual_seed(0)
     m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32)).eval()
-    m.save_pretrained(tmp_path / "pre")
-    tok.save_pretrained(tmp_path / "pre")
-    _perturbed(m, 2, 0.05)
-    m.save_pretrained(tmp_path / "ft")
-    tok.save_pretrained(tmp_path / "ft")
     texts = _texts(24, 3)
-    url = str(tmp_path / "s")
-    modelstore.init(url, str(tmp_path / "pre"))
-    entry = modelstore.open(url, mode="a").add_task("lm", str(tmp_path / "ft"),
-                                                   calibration=_jsonl(tmp_path / "c.jsonl", texts),
-                                                   min_agreement=0.9)
-    f = entry["fidelity"]
+    url, _, f = _calibrated_pair(m, tok, tmp_path, 0.05, "lm", texts)
     assert f["output"] == "causal-lm" and f["met"] and f["examples"] == 24
     ref = GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval()
     stored = modelstore.load_model("lm", url, dtype=torch.float32)
@@ -278,6 +284,19 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
 
 
+def _eval_agrees(url: str, task: str, tmp_path, cal: str, f: dict, agree: int, predictions: int) -> dict:
+    """The record's agreement, and `modelstore eval --json` on the same data, are `agree` of
+    `predictions` counted independently (to one prediction: batches pad, the count does not).
+    Returns eval's result."""
+    assert abs(f["agreement"] - agree / predictions) <= 1 / predictions
+    r = CliRunner().invoke(main, ["eval", url, task, "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["kind"] == f["output"] and got["predictions"] == predictions
+    assert got["top1_agreement"] == pytest.approx(agree / predictions, abs=1 / predictions)
+    return got
+
+
 def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path):
     """Every token of every text is a prediction; the record's agreement and `eval`'s are what one
     text at a time without padding gives."""
@@ -285,17 +304,8 @@ def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path)
     tok = make_tokenizer("bert")
     torch.manual_seed(0)
     m = BertForTokenClassification(tiny_bert_config(vocab_size=len(tok), num_labels=5)).eval()
-    for name, seed in (("pre", None), ("ft", 2)):
-        if seed is not None:
-            _perturbed(m, seed, 0.05)
-        m.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
     texts = _texts(24, 3)
-    cal = _jsonl(tmp_path / "c.jsonl", texts)
-    url = str(tmp_path / "s")
-    modelstore.init(url, str(tmp_path / "pre"))
-    f = modelstore.open(url, mode="a").add_task("ner", str(tmp_path / "ft"), calibration=cal,
-                                                min_agreement=0.9)["fidelity"]
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.05, "ner", texts)
     ref = BertForTokenClassification.from_pretrained(tmp_path / "ft").eval()
     stored = modelstore.load_model("ner", url, dtype=torch.float32)
     tokens = agree = 0
@@ -305,12 +315,7 @@ def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path)
             agree += int((ref(**enc).logits[0].argmax(-1) == stored(**enc).logits[0].argmax(-1)).sum())
             tokens += enc["input_ids"].shape[1]
     assert f["output"] == "token-classification" and f["met"] and f["predictions"] == tokens
-    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
-    r = CliRunner().invoke(main, ["eval", url, "ner", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
-    assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
-    assert got["kind"] == "token-classification" and got["predictions"] == tokens
-    assert got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
+    _eval_agrees(url, "ner", tmp_path, cal, f, agree, tokens)
 
 
 def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path):
@@ -334,16 +339,7 @@ def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path
     eos = min(rows_with, key=lambda t: abs(rows_with[t] - len(texts) / 2))
     assert 0 < rows_with[eos] < len(texts)
     m.config.eos_token_id = m.generation_config.eos_token_id = eos
-    for name, seed in (("pre", None), ("ft", 2)):
-        if seed is not None:
-            _perturbed(m, seed, 0.2)
-        m.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    cal = _jsonl(tmp_path / "c.jsonl", texts)
-    url = str(tmp_path / "s")
-    modelstore.init(url, str(tmp_path / "pre"))
-    f = modelstore.open(url, mode="a").add_task("t5", str(tmp_path / "ft"), calibration=cal,
-                                                min_agreement=0.9)["fidelity"]
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.2, "t5", texts)
     ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "ft").eval()
     stored = modelstore.load_model("t5", url, dtype=torch.float32)
     tokens = agree = same = 0
@@ -363,13 +359,7 @@ def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path
             same += int(torch.equal(mine, out))
     assert f["output"] == "seq2seq" and f["predictions"] == tokens < 32 * len(texts) and f["met"]
     assert f["setting"]["kind"] == "fft" and f["agreement"] < 1
-    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
-    r = CliRunner().invoke(main, ["eval", url, "t5", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
-    assert r.exit_code == 0, r.output
-    got = json.loads(r.output)
-    assert got["kind"] == "seq2seq" and got["predictions"] == tokens
-    assert got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
-    assert got["same_generation"] == same / len(texts)
+    assert _eval_agrees(url, "t5", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 
 
 def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_path, monkeypatch):
