@@ -224,7 +224,7 @@ LAYERS: list[list[str]] = [
     ["modelstore.inputs"],
     ["modelstore.kinds"],
     ["modelstore.merging", "modelstore.storage"],
-    ["modelstore.serving.switching", "modelstore.serving.modules", "modelstore.serving.architectures"],
+    ["modelstore.serving.switching", "modelstore.serving.modules"],
     ["modelstore.fidelity"],
     ["modelstore.store"],
     ["modelstore.build", "modelstore.serving", "modelstore.config"],

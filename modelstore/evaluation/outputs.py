@@ -33,7 +33,7 @@ from modelstore.errors import InputError
 from modelstore.fidelity.data import read_data
 from modelstore.fidelity.metrics import Agreement
 from modelstore.fidelity.runner import GENERATED_TOKENS, generated, output_kind, rows_of, tokenizer_for
-from modelstore.serving.architectures import no_loading_bars, quiet_load_report
+from modelstore.inputs.architectures import no_loading_bars, quiet_load_report
 from modelstore.store import Store
 
 

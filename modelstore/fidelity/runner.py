@@ -21,7 +21,7 @@ from modelstore.errors import InputError
 from modelstore.fidelity.data import Calibration
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
-from modelstore.serving.architectures import (
+from modelstore.inputs.architectures import (
     config_from_json,
     model_class,
     no_loading_bars,

@@ -13,7 +13,7 @@ import torch
 
 from modelstore.errors import InputError
 from modelstore.format import dtypes
-from modelstore.serving.architectures import (
+from modelstore.inputs.architectures import (
     config_from_json,
     model_class,
     no_loading_bars,

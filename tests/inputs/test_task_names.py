@@ -83,3 +83,38 @@ def test_a_buffer_the_task_lacks_comes_from_the_base(bert_models, tmp_path):
     save_file(task, str(tmp_path / "broken.safetensors"))
     with pytest.raises(modelstore.InputError, match="lacks tensor 'pooler.dense.bias'"):
         s.add_task("broken", str(tmp_path / "broken.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["fft", "tall-mask", "exact"])
+def test_a_class_without_a_base_tensor_is_stored_without_it(bert_models, tmp_path, kind):
+    """A token classifier has no pooler, its BertModel base has one: the fine-tune (config.json
+    naming its class) is stored as it is, loads with its own tensors only and builds its class;
+    a BertModel checkpoint that lost its pooler, whose class has one, is still refused."""
+    from transformers import BertForTokenClassification
+    m = BertForTokenClassification(tiny_bert_config(num_labels=4))
+    m.bert.load_state_dict({k: v for k, v in bert_models["sd0"].items() if not k.startswith("pooler.")}, strict=True)
+    m.load_state_dict(finetuned_copy({k: v.detach().clone() for k, v in m.state_dict().items()}, seed=9))
+    m.save_pretrained(str(tmp_path / "tok"))
+    want = load_file(str(tmp_path / "tok" / "model.safetensors"))
+    assert "bert.pooler.dense.weight" not in want and "pooler.dense.weight" in bert_models["sd0"]
+    s = modelstore.build(str(tmp_path / "s"), bert_models["pre"], {"alpha": bert_models["tasks"]["alpha"],
+                                                                   "beta": bert_models["tasks"]["beta"]}, kind=kind)
+    options = {"keep": 1.0, "value_dtype": "float32"} if kind == "fft" else {}
+    s.add_task("tok", str(tmp_path / "tok"), kind=kind, **options)
+    got = s.load("tok")
+    assert sorted(got) == sorted(want)
+    if kind == "exact":
+        assert [k for k in want if not torch.equal(got[k], want[k])] == []
+    elif kind == "fft":  # every delta kept in float32, over the merged base: to float32 rounding
+        assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    model = modelstore.load_model("tok", s.url, dtype=torch.float32)
+    assert type(model).__name__ == "BertForTokenClassification"
+    # a checkpoint of the base's own class without its pooler lost a tensor its class has
+    lost = {k: v for k, v in bert_models["sd0"].items() if k != "pooler.dense.bias"}
+    os.makedirs(tmp_path / "lost")
+    save_file(lost, str(tmp_path / "lost" / "model.safetensors"))
+    bert_models["cfg"].save_pretrained(str(tmp_path / "lost"))
+    with pytest.raises(modelstore.InputError, match="lacks tensor 'pooler.dense.bias' that the base has and its "
+                                                    "architecture"):
+        s.add_task("lost", str(tmp_path / "lost"))
+    assert sorted(modelstore.open(s.url).tasks()) == ["alpha", "beta", "tok"]

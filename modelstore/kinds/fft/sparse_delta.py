@@ -31,7 +31,8 @@ from modelstore.errors import CorruptStoreError, InputError
 from modelstore.format import dtypes
 from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
 from modelstore.format.payload import PayloadReader, PayloadWriter, Segments
-from modelstore.inputs.naming import renamer
+from modelstore.inputs.architectures import architecture_names
+from modelstore.inputs.naming import match_names, renamer
 from modelstore.inputs.selection import recorded_selector
 from modelstore.inputs.sources import (
     Checkpoint,
@@ -201,19 +202,23 @@ def _whole(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[str], bool]) -> list[tuple[str, str]]:
+def plan(task: str, base: TensorSource, src: TensorSource, selected: Callable[[str], bool],
+         left_out: Callable[[str], bool] = lambda name: False) -> list[tuple[str, str]]:
     """(name, "sparse" | "dense" | "base") for every tensor of the task (`src` seen under the base's
     names), base order first. "base": a non-floating buffer the base has and the task lacks (such as
-    position_ids, which transformers versions save or not), taken from the base."""
+    position_ids, which transformers versions save or not), taken from the base. A floating tensor
+    the base has and the task lacks is not part of the task where `left_out(name)` says its
+    architecture has no such tensor (a token classifier over a base with a pooler)."""
     have = set(src.names())
     out = []
     for name in base.names():
         if name not in have:
             if not base.dtype(name).is_floating_point:
                 out.append((name, "base"))
-            elif selected(name):
-                raise InputError(f"task {task!r} lacks tensor {name!r} that the base has; "
-                                 "give a checkpoint of the same architecture, or --exclude that tensor")
+            elif selected(name) and not left_out(name):
+                raise InputError(f"task {task!r} lacks tensor {name!r} that the base has and its architecture "
+                                 "(config.json) needs, or it has no config.json; give the complete checkpoint "
+                                 "as a model directory")
             continue
         sparse = (selected(name) and src.shape(name) == base.shape(name)
                   and src.dtype(name).is_floating_point and base.dtype(name).is_floating_point)
@@ -260,7 +265,23 @@ def fine_tune_input(task: str, source: Checkpoint, base: TensorSource, base_entr
             named["base"] = n
         return {**named, **fields}
 
-    return FineTuneInput(renamed, plan(task, base, renamed, recorded_selector(base_entry.get("selection"))), entry)
+    @functools.cache
+    def covered() -> frozenset[str] | None:
+        """The base tensors the task's architecture has a tensor for (None: unknown), asked only
+        when the task lacks one."""
+        arch = architecture_names(source.config_json)
+        try:
+            return None if arch is None else frozenset(match_names(arch, base_names, f"task {task!r}").values())
+        except ValueError:  # names ambiguous between base tensors: nothing can be said
+            return None
+
+    def left_out(name: str) -> bool:
+        """Whether the task's architecture has no tensor standing for base tensor `name`."""
+        known = covered()
+        return known is not None and name not in known
+
+    return FineTuneInput(renamed, plan(task, base, renamed, recorded_selector(base_entry.get("selection")), left_out),
+                         entry)
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

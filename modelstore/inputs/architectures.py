@@ -10,6 +10,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from modelstore.errors import InputError
 
 
@@ -94,4 +96,22 @@ def config_from_json(transformers: Any, text: str, what: str) -> Any:
                          "transformers does not know; upgrade transformers") from None
 
 
-__all__ = ["config_from_json", "model_class", "no_loading_bars", "quiet_load_report", "transformers_module"]
+def architecture_names(config_json: str | None) -> set[str] | None:
+    """The state-dict names of the model transformers builds from a checkpoint's config.json (on
+    the meta device: no memory, no weights), or None where that cannot be known: no config.json,
+    no transformers, or a config it cannot build. What tells a fine-tune whose class leaves out a
+    tensor of its base (a token classifier, no pooler) from a checkpoint that lost one."""
+    if not config_json:
+        return None
+    try:
+        import transformers
+        config = config_from_json(transformers, config_json, "the checkpoint")
+        with no_loading_bars(), quiet_load_report(), torch.device("meta"):
+            model = model_class(transformers, None, config)(config)
+    except Exception:  # noqa: BLE001 - any config transformers cannot build: unknown, as without one
+        return None
+    return set(model.state_dict())
+
+
+__all__ = ["architecture_names", "config_from_json", "model_class", "no_loading_bars", "quiet_load_report",
+           "transformers_module"]
