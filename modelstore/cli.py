@@ -397,15 +397,17 @@ def _setting_words(setting: dict[str, Any]) -> str:
 def _fidelity_line(f: FidelityRecord) -> str:
     """One line: what the stored task measured on the calibration data, against which target, and
     what the search chose (spec section 2, "Fidelity record")."""
-    def against(metric: str, op: str) -> str:
-        return f" (target {op} {f['target']:g}, {'met' if f['met'] else 'NOT met'})" if f["metric"] == metric else ""
+    def against(metric: str, op: str, *more: str) -> str:
+        said = [f"target {op} {f['target']:g}, {'met' if f['met'] else 'NOT met'}"] if f["metric"] == metric else []
+        said += [m for m in more if m]
+        return f" ({'; '.join(said)})" if said else ""
 
     on = f"{f['examples']} calibration examples"
     if f["predictions"] != f["examples"]:
         on += f" ({f['predictions']} predictions)"
     chose = "tuned DARE's rescale, chose" if f["metric"] == "dare-q" else "chose"
-    low = f" (95% lower bound {f['agreement_low']:.4g})" if "agreement_low" in f else ""
-    return (f"agreement {f['agreement']:.4g}{low}{against('agreement', '>=')} on {on}, "
+    low = f"95% lower bound {f['agreement_low']:.4g}" if "agreement_low" in f else ""
+    return (f"agreement {f['agreement']:.4g}{against('agreement', '>=', low)} on {on}, "
             f"mean KL {f['mean_kl']:.2g}{against('kl', '<=')}; {chose} {_setting_words(f['setting'])} "
             f"of {len(f['candidates'])} candidates")
 

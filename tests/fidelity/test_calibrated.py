@@ -170,7 +170,7 @@ def test_the_cli_calibrates_and_info_shows_the_promise(classifiers, tmp_path):
     assert f["agreement_low"] < f["agreement"]
     info = CliRunner().invoke(main, ["info", s.url, "spiky"])
     assert "fidelity: agreement" in info.output and "on 64 calibration examples" in info.output, info.output
-    assert f"(95% lower bound {f['agreement_low']:.4g})" in info.output
+    assert f"met; 95% lower bound {f['agreement_low']:.4g}) on 64" in info.output
 
 
 def test_build_calibrates_the_tasks_it_is_given_data_for(classifiers, tmp_path):
