@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import finetuned_copy, tiny_bert_config
 from safetensors.torch import load_file, save_file
+from spec_reader import read_task
 
 import modelstore
 from modelstore.evaluation.weights import verify
@@ -107,6 +109,10 @@ def test_a_class_without_a_base_tensor_is_stored_without_it(bert_models, tmp_pat
         assert [k for k in want if not torch.equal(got[k], want[k])] == []
     elif kind == "fft":  # every delta kept in float32, over the merged base: to float32 rounding
         assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-6) for k in want)
+    spec = read_task(s.url, "tok")  # the spec's reader (numpy and zarr alone) makes the same tensors
+    assert sorted(spec) == sorted(want)
+    for k, (a, _) in spec.items():
+        np.testing.assert_array_equal(a, got[k].numpy(), err_msg=k)
     model = modelstore.load_model("tok", s.url, dtype=torch.float32)
     assert type(model).__name__ == "BertForTokenClassification"
     # a checkpoint of the base's own class without its pooler lost a tensor its class has
