@@ -34,7 +34,8 @@ from modelstore.serving.modules import ModuleTensors
 #: token of the text (token-classification), per next token of the text (causal-lm), or per token of
 #: the output the original generates for the text (seq2seq: encoder-decoder models only).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForTokenClassification": "token-classification",
-                "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq"}
+                "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
+                "MTModel": "seq2seq"}
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
 Check = Callable[[dict[str, tuple[int, ...]]], None]
@@ -45,7 +46,8 @@ Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 def output_kind(arch: str, config: Any) -> str | None:
     """What the predictions of a transformers class are (OUTPUT_KINDS), None for other models (a
-    "ForConditionalGeneration" class that is not an encoder-decoder reads images or speech)."""
+    "ForConditionalGeneration" class that is not an encoder-decoder reads images or speech; Marian's
+    translation models are "MarianMTModel")."""
     kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
     return None if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False) else kind
 

@@ -11,6 +11,7 @@ tensors by `ModuleTensors.fit`, so they all agree on which model tensor each tas
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,10 @@ class ModuleTensors:
         self.tensors: dict[str, torch.Tensor] = model.state_dict(keep_vars=True)
         #: buffers the model registers but does not persist (transformers' position_ids)
         self.unsaved = {n for n, _ in model.named_buffers() if n not in self.tensors}
+        #: tensors the model makes itself, which its checkpoints leave out (transformers'
+        #: `_keys_to_ignore_on_save` patterns: Marian's sinusoidal position tables): a task need not have them
+        made = getattr(model, "_keys_to_ignore_on_save", None) or ()
+        self.made = {n for n in self.tensors if any(re.search(p, n) for p in made)}
         first: dict[tuple, str] = {}
         #: name -> the first name of the tensor it shares storage with (itself if none)
         self.owner = {n: first.setdefault(_storage_key(t), n) for n, t in self.tensors.items()}
@@ -79,7 +84,8 @@ class ModuleTensors:
         Raises:
             InputError: a task tensor has no place in the model (always: a write never leaves part
                 of the task out) or, given `shapes`, another shape there, a name is ambiguous, or,
-                when `strict`, a model tensor gets nothing (tied names count as one); its message
+                when `strict`, a model tensor gets nothing (tied names count as one, and tensors
+                the model makes itself need nothing); its message
                 calls the model `model` and ends with `hint`.
         """
         names = list(names)
@@ -93,7 +99,8 @@ class ModuleTensors:
         placed = {n: m for n, m in to_model.items() if n not in dropped}
         unexpected = sorted(n for n in names if n not in to_model)
         covered = {self.owner[m] for m in placed.values()}
-        missing = sorted(n for n in self.tensors if self.owner[n] not in covered) if strict else []
+        missing = sorted(n for n in self.tensors
+                         if self.owner[n] not in covered and n not in self.made) if strict else []
         if unexpected or missing:
             problem = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
             raise InputError(f"task {task!r} does not fit {model}: {problem} key(s) in its state dict "

@@ -341,7 +341,15 @@ def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path
     m.config.eos_token_id = m.generation_config.eos_token_id = eos
     url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.2, "t5", texts)
     ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "ft").eval()
-    stored = modelstore.load_model("t5", url, dtype=torch.float32)
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("t5", url, dtype=torch.float32), tok, texts, eos)
+    assert f["output"] == "seq2seq" and f["predictions"] == tokens < 32 * len(texts) and f["met"]
+    assert f["setting"]["kind"] == "fft" and f["agreement"] < 1
+    assert _eval_agrees(url, "t5", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
+
+
+def _greedy_counts(ref, stored, tok, texts: list[str], eos: int) -> tuple[int, int, int]:
+    """(agreeing tokens, tokens, texts generated the same): the original's greedy output for each
+    text, both models teacher-forced on it up to and with its end token, one text at a time."""
     tokens = agree = same = 0
     with torch.no_grad():
         for t in texts:
@@ -357,9 +365,31 @@ def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path
             tokens += n
             mine = stored.generate(**enc, max_new_tokens=32, do_sample=False, num_beams=1)[0]
             same += int(torch.equal(mine, out))
-    assert f["output"] == "seq2seq" and f["predictions"] == tokens < 32 * len(texts) and f["met"]
-    assert f["setting"]["kind"] == "fft" and f["agreement"] < 1
-    assert _eval_agrees(url, "t5", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
+    return agree, tokens, same
+
+
+@pytest.mark.parametrize("arch", ["BartForConditionalGeneration", "MarianMTModel"])
+def test_bart_and_marian_are_calibrated_as_encoder_decoders(tmp_path, arch):
+    """BART (its decoder starts from its end token) and Marian's translation class: the record and
+    eval count what generating and teacher forcing one text at a time counts."""
+    import transformers
+    tok = make_tokenizer("gpt2")
+    tok.pad_token = "<unk>"
+    config = transformers.BartConfig if arch.startswith("Bart") else transformers.MarianConfig
+    cfg = config(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                 dropout=0.0, init_std=0.3, forced_eos_token_id=None, pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id,
+                 decoder_start_token_id=tok.eos_token_id if arch.startswith("Bart") else tok.pad_token_id)
+    torch.manual_seed(0)
+    m = getattr(transformers, arch)(cfg).eval()
+    texts = _texts(12, 5)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.05, "s2s", texts)
+    ref = getattr(transformers, arch).from_pretrained(tmp_path / "ft").eval()
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32), tok, texts,
+                                         tok.eos_token_id)
+    assert f["output"] == "seq2seq" and f["predictions"] == tokens and f["met"]
+    assert _eval_agrees(url, "s2s", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 
 
 def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_path, monkeypatch):
