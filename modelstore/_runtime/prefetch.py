@@ -80,9 +80,8 @@ def map_ahead(fn: Callable[[A], T], items: Iterable[A], ahead: int | None = None
         _POOL.append(ThreadPoolExecutor(workers, thread_name_prefix="modelstore-map"))
     pool, ahead = _POOL[0], ahead or workers
     pending: collections.deque[Future[T]] = collections.deque()
-    source = iter(items)
     try:
-        for x in source:
+        for x in items:
             pending.append(pool.submit(fn, x))
             if len(pending) > ahead:
                 yield pending.popleft().result()

@@ -55,7 +55,7 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
     config = transformers.AutoConfig.from_pretrained(original)
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
-    if kind is None or kind == "custom":
+    if kind is None:
         raise InputError(f"{original} is a {arch}; eval runs sequence and token classifiers, causal LMs and "
                          "encoder-decoder LMs")
     cls = getattr(transformers, _AUTO_CLASSES[kind])

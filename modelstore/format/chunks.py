@@ -193,12 +193,14 @@ class Chunks:
             self.read_into(c0, c0 + n, out)
             return out
         count = -(-int(self.array.shape[0]) // self.chunk)
-        streak, self._last = index == self._last + 1, index  # a reader that jumps (a sample) gets no more than it asks
-        self._advise_streak(index, min(index + AHEAD, count - 1) if streak else index)
+        # only a reader taking chunks in order gets the next ones: one that jumps (a sample) gets what it asks
+        last = min(index + AHEAD, count - 1) if index == self._last + 1 else index
+        self._last = index
+        self._advise_streak(index, last)
         for i in [i for i in self._decoding if i < index]:  # skipped: never asked for
             self._decoding.pop(i).cancel()
         mine = self._decoding.pop(index, None)
-        for i in range(index + 1, min(index + 1 + AHEAD, count) if streak else 0):
+        for i in range(index + 1, last + 1):
             if i not in self._decoding:
                 self._decoding[i] = _decoders().submit(self._decode_fresh, i)
         return (mine.result() if mine is not None else self._decode_fresh(index))[:n]

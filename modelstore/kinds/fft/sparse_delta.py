@@ -732,17 +732,20 @@ class SparseDelta(TaskKind):
         """Per sparse tensor its positions cumsum(gaps), or re-drawn from its seed, and values; dense tensors whole
         (spec: "Reading a task")."""
         p = entry["params"]
-        # a seeded task's positions, re-drawn on the CPU (check_table), several tensors side by side
+        def seeded(t: TableEntry) -> bool:  # check_table: a seeded task's sparse entry with values
+            return t["kind"] == "sparse" and bool(t["count"]) and "seed" in t
+
+        # their positions, re-drawn on the CPU, several tensors side by side
         drawn = map_ahead(lambda t: seeded_positions(p["keep"], t["seed"], math.prod(t["shape"]), t["count"],
                                                      BLOCK_ELEMENTS, f"task tensor {t['name']!r}"),
-                          [t for t in table if t["kind"] == "sparse" and t["count"] and "seed" in t])
+                          [t for t in table if seeded(t)])
         for t in table:
             name, shape, dtype = t["name"], tuple(t["shape"]), dtypes.torch_dtype(t["dtype"])
             s, c = t["start"], t["count"]
             if t["kind"] != "sparse":
                 yield Replace(name, shape, dtype, None, segments.get(t["array"], s, c, t["dtype"]).view(shape))
                 continue
-            if c and "seed" in t:
+            if seeded(t):
                 pos = next(drawn).to(device)
                 yield AddAt(name, shape, dtype, pos, read_values(segments, t, p), base_name=t.get("base"))
                 continue
