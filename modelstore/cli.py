@@ -592,7 +592,9 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 @click.argument("store")
 @click.argument("task")
 @click.option("--original", required=True, help="the task's original: a transformers model directory")
-@click.option("--data", required=True, help='JSON lines: {"text": ...} with an optional "label"')
+@click.option("--data", required=True,
+              help='JSON lines: {"text": ...} with an optional "text_pair" and "label" (an extractive QA model\'s: '
+                   '"question" and "context"), or CSV with those columns')
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, truncated")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
@@ -602,32 +604,55 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 def eval_task(ctx: click.Context, store: str, task: str, original: str, data: str, batch_size: int, max_length: int,
               min_agreement: float | None, as_json: bool) -> None:
     """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
-    sequence classifier; top-1 agreement and KL per token for a token classifier; perplexity, top-1
-    next-token agreement and KL for a causal LM; top-1 agreement and KL on the original's greedy
-    output, and how often the task generates that output, for an encoder-decoder LM."""
+    sequence classifier (per label for a multi-label one; a regression head's outputs' differences);
+    top-1 agreement and KL per token for a token classifier, per masked token for a masked LM (and
+    both models' accuracy at them), per answer start and end for an extractive QA model; perplexity,
+    top-1 next-token agreement and KL for a causal LM; top-1 agreement and KL on the original's
+    greedy output, and how often the task generates that output, for an encoder-decoder LM."""
     r = evaluate(_open(ctx, store), task, original, data, batch_size=batch_size, max_length=max_length,
                  progress=_progress(ctx, as_json))
-    agreement = r["agreement"] if r["kind"] == "classification" else r["top1_agreement"]
+    agreement = r.get("agreement", r.get("top1_agreement"))
     if min_agreement is not None:
+        if agreement is None:
+            raise InputError(f"--min-agreement: {task}'s original is a regression head, whose outputs have no "
+                             "agreement; leave the option out and read mean_abs_difference")
         r["min_agreement"], r["ok"] = min_agreement, agreement >= min_agreement
     if as_json:
         _emit(r)
-    elif r["kind"] == "causal-lm":
-        click.echo(f"task {task}: perplexity {r['perplexity_stored']:.4g} (original {r['perplexity_original']:.4g}), "
-                   f"top-1 agreement {agreement:.2%}, mean KL {r['mean_kl']:.3g} over {r['tokens']} tokens")
-    elif r["kind"] != "classification":
-        same = f", the same output for {r['same_generation']:.2%} of texts" if "same_generation" in r else ""
-        click.echo(f"task {task}: top-1 agreement {agreement:.2%}, mean KL {r['mean_kl']:.3g} over "
-                   f"{r['predictions']} {'generated ' if same else ''}tokens of {r['examples']} texts{same}")
     else:
-        acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
-               f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
-        click.echo(f"task {task}: {acc}agreement {agreement:.2%}, "
-                   f"mean KL {r['mean_kl']:.3g} over {r['examples']} examples")
+        click.echo(f"task {task}: {_eval_line(r)}")
     if min_agreement is not None and not r["ok"]:
         if not as_json:
             click.echo(f"FAILED: agreement below --min-agreement {min_agreement}")
         sys.exit(EXIT_FOUND)
+
+
+#: eval's line's words for the fraction of texts whose predictions all agree (evaluation.outputs).
+_WHOLE_WORDS = {"same_generation": "the same output", "same_answer": "the same answer",
+                "same_labels": "the same labels"}
+
+
+def _eval_line(r: dict[str, Any]) -> str:
+    """What `modelstore eval` prints of its result `r`."""
+    kind = r["kind"]
+    if kind == "regression":
+        return (f"outputs differ from the original's by {r['mean_abs_difference']:.3g} on average (at most "
+                f"{r['max_abs_difference']:.3g}; the original's spread {r['original_std']:.3g}) over "
+                f"{r['examples']} examples")
+    if kind == "causal-lm":
+        return (f"perplexity {r['perplexity_stored']:.4g} (original {r['perplexity_original']:.4g}), top-1 agreement "
+                f"{r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['tokens']} tokens")
+    if kind == "classification":
+        acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
+               f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
+        return f"{acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples"
+    what = {"seq2seq": "generated tokens", "masked-lm": "masked tokens", "question-answering": "answer starts and ends",
+            "multi-label": "labels"}.get(kind, "tokens")
+    extra = "".join(f", {words} for {r[k]:.2%} of texts" for k, words in _WHOLE_WORDS.items() if k in r)
+    if "accuracy_stored" in r:
+        extra += f", accuracy at them {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%})"
+    return (f"top-1 agreement {r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['predictions']} {what} "
+            f"of {r['examples']} texts{extra}")
 
 
 @main.command()

@@ -32,7 +32,7 @@ from modelstore.errors import (
 )
 from modelstore.fidelity.choose import StoreSide, checkpoint_tensors, choose
 from modelstore.fidelity.data import Calibration, as_calibration
-from modelstore.fidelity.runner import Runner, Tensors, tokenizer_for
+from modelstore.fidelity.runner import Runner, Tensors, preprocessor_for
 from modelstore.fidelity.search import Setting, Skip, Target
 from modelstore.format import dtypes
 from modelstore.format.codecs import BASE_CODECS
@@ -741,13 +741,13 @@ class Store:
             raise InputError(f"--device {device}: this machine's torch sees {torch.cuda.device_count()} CUDA "
                              "device(s); use --device cpu or another index")
 
-        def tokenizer() -> Any:  # asked for once the architecture is known to give predictions
-            return tokenizer_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
-                                 lambda: self.model_files(fft_base), f"task {name!r}")
+        def preprocessor(images: bool) -> Any:  # asked for once the architecture is known to give predictions
+            return preprocessor_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
+                                    lambda: self.model_files(fft_base), f"task {name!r}", images)
 
         floats = Counter(ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point)
         main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype
-        runner = Runner(name, calibration, config_json, tokenizer, dev, main_dtype, progress)
+        runner = Runner(name, calibration, config_json, preprocessor, dev, main_dtype, progress)
         info = source_info(ck)
         bases = self.manifest["bases"]
         used: dict[str, dict[str, BaseEntry]] = {}  # payload -> the bases it was written against

@@ -1,21 +1,28 @@
 """Output-space fidelity of a stored task: run it and its original on the same data.
 
 Weight-space error (`verify`) does not tell whether a task still works; this does, for any
-transformers sequence or token classifier, causal LM or encoder-decoder LM. The stored task is its
-original's architecture with the store's weights copied in (`Store.load_into`), so both run the
-same code.
+transformers sequence or token classifier, masked, causal or encoder-decoder LM or extractive QA
+model. The stored task is its original's architecture with the store's weights copied in
+(`Store.load_into`), so both run the same code.
 
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
-  distributions; with labels in the data, both accuracies and their difference.
+  distributions; with labels in the data, both accuracies and their difference. A multi-label
+  head's every label is a yes/no prediction (and `same_labels` the fraction of texts given the
+  same set); a regression head's outputs are compared by their absolute difference.
 - Token classifiers: top-1 agreement and mean KL over every token of the texts.
+- Masked LMs: the same over the tokens masked of each text (runner.MASKED, the same tokens every
+  run), and both models' accuracy at predicting them.
+- Extractive QA models: the same over the answer's start and its end, and the fraction of texts
+  whose answer span is the original's (`same_answer`).
 - Causal LMs: perplexity of both on the data's text, top-1 next-token agreement, and mean KL of
   the next-token distributions (over the positions that predict a real token).
 - Encoder-decoder LMs: the original's greedy output for each text (up to GENERATED_TOKENS), both
   models' top-1 agreement and mean KL on it token by token, and the fraction of texts whose greedy
   output the stored task generates identically.
 
-Data is JSON lines (`{"text": ...}`, optionally with `"label"`: an int, or a name in the model's
-config `label2id`) or CSV with those columns, read as calibration data is (modelstore.fidelity);
+Data is JSON lines (`{"text": ...}`, optionally with `"text_pair"`, and `"label"`: an int, or a name
+in the model's config `label2id`; a QA model's `"question"` and `"context"`) or CSV with those
+columns, read as calibration data is (modelstore.fidelity);
 agreement and KL are counted as calibrated add-task counts them.
 """
 
@@ -30,10 +37,19 @@ import torch
 
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError
-from modelstore.fidelity.data import read_data
+from modelstore.fidelity.data import Examples, read_data
 from modelstore.fidelity.metrics import Agreement
-from modelstore.fidelity.runner import GENERATED_TOKENS, generated, output_kind, rows_of, tokenizer_for
-from modelstore.inputs.architectures import no_loading_bars, quiet_load_report
+from modelstore.fidelity.runner import (
+    GENERATED_TOKENS,
+    check_inputs,
+    encode,
+    generated,
+    needs_pairs,
+    output_kind,
+    preprocessor_for,
+    rows_of,
+)
+from modelstore.inputs.architectures import model_class, no_loading_bars, quiet_load_report
 from modelstore.store import Store
 
 
@@ -56,33 +72,41 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
     if kind is None:
-        raise InputError(f"{original} is a {arch}; eval runs sequence and token classifiers, causal LMs and "
-                         "encoder-decoder LMs")
-    cls = getattr(transformers, _AUTO_CLASSES[kind])
+        raise InputError(f"{original} is a {arch}; eval runs sequence and token classifiers, masked, causal and "
+                         "encoder-decoder LMs and extractive QA models")
+    cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         ref = cls.from_pretrained(original).eval()
         with quiet_load_report():  # the same load as ref's: transformers reported its keys once
             mine = cls.from_pretrained(original).eval()
     store.load_into(mine, task)
-    tokenizer = tokenizer_for(original, lambda: store.model_files(store.entry(task)["base"]), f"task {task!r}")
-    texts, labels = read_data(data, getattr(config, "label2id", None) if kind == "classification" else None)
-    batches = _batches(tokenizer, texts, labels, batch_size, max_length, progress)
+    examples = read_data(data, getattr(config, "label2id", None), labels=kind == "classification")
+    needs_pairs(kind, examples.pairs, f"--data {data}")
+    check_inputs(ref, examples.images, f"--data {data}")
+    preprocessor = preprocessor_for(original, lambda: store.model_files(store.entry(task)["base"]), f"task {task!r}",
+                                    examples.images is not None)
+    batches = _batches(preprocessor, kind, examples, batch_size, max_length, progress)
     if kind == "classification":
         out = _classifier(ref, mine, batches)
     elif kind == "causal-lm":
         out = _causal_lm(ref, mine, batches)
+    elif kind == "regression":
+        out = _regression(ref, mine, batches)
     else:
-        out = _per_token(kind, ref, mine, batches)
-    return {"task": task, "original": original, "data": data, "model": arch, "kind": kind, "examples": len(texts),
-            **out}
+        out = _predictions(kind, ref, mine, batches)
+    return {"task": task, "original": original, "data": data, "model": arch, "kind": kind,
+            "examples": len(examples.images or examples.texts), **out}
 
 
-def _batches(tokenizer: Any, texts: list[str], labels: list[int] | None, size: int, max_length: int,
+def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_length: int,
              progress: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    starts = range(0, len(texts), size)
+    texts, pairs, labels, images = examples
+    starts = range(0, len(images or texts), size)
     for i in bar(starts, "eval", progress, length=len(starts)):
-        enc = tokenizer(texts[i:i + size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        yield dict(enc), None if labels is None else torch.tensor(labels[i:i + size])
+        j = i + size
+        enc = encode(preprocessor, kind, texts[i:j], None if pairs is None else pairs[i:j], max_length, i,
+                     None if images is None else images[i:j])
+        yield enc, None if labels is None else torch.tensor(labels[i:j])
 
 
 def _classifier(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
@@ -125,32 +149,50 @@ def _causal_lm(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
             "mean_kl": acc.mean_kl}
 
 
-def _per_token(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
-    """A token classifier's or an encoder-decoder LM's agreement and KL, prediction by prediction
-    (for the latter on the original's greedy output; the stored task generates that output too
-    exactly when its top-1 token agrees at every one of its positions)."""
+#: What eval calls the fraction of texts whose predictions all agree, for the kinds whose users
+#: read a text's predictions together.
+_WHOLE = {"seq2seq": "same_generation", "question-answering": "same_answer", "multi-label": "same_labels"}
+
+
+def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
+    """Agreement and KL prediction by prediction (runner.rows_of) of a model that makes several
+    per text: a seq2seq model's on the original's greedy output (the stored task generates that
+    output too exactly when its top-1 token agrees at every one of its positions)."""
     acc = Agreement()
-    same = texts = 0
+    texts = differ = right_ref = right_mine = 0
     with torch.no_grad():
         for enc, _ in batches:
             if kind == "seq2seq":
                 enc = generated(ref, enc, GENERATED_TOKENS)
-            a, b = ref(**enc).logits.double(), mine(**enc).logits.double()
-            if kind == "seq2seq":
-                real = enc["decoder_attention_mask"].bool()
-                same += int(((a.argmax(-1) == b.argmax(-1)) | ~real).all(1).sum())
-                texts += len(a)
-            acc.add(rows_of(kind, a, enc), rows_of(kind, b, enc))
+            (a, text), (b, _) = (rows_of(kind, m(**enc), enc) for m in (ref, mine))
+            a, b = a.double(), b.double()
+            acc.add(a, b)
+            differ += len(text[a.argmax(-1) != b.argmax(-1)].unique())
+            texts += len(enc["input_ids"])
+            if kind == "masked-lm":
+                truth = enc["labels"][enc["labels"] != -100]
+                right_ref += int((a.argmax(-1) == truth).sum())
+                right_mine += int((b.argmax(-1) == truth).sum())
     out: dict[str, Any] = {"predictions": acc.rows, "top1_agreement": acc.agreement, "mean_kl": acc.mean_kl}
-    if kind == "seq2seq":
-        out["same_generation"] = same / texts
+    if kind in _WHOLE:
+        out[_WHOLE[kind]] = (texts - differ) / texts
+    if kind == "masked-lm" and acc.rows:
+        out.update(accuracy_original=right_ref / acc.rows, accuracy_stored=right_mine / acc.rows)
     return out
 
 
-#: transformers' auto class of each kind of output.
-_AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
-                 "token-classification": "AutoModelForTokenClassification", "causal-lm": "AutoModelForCausalLM",
-                 "seq2seq": "AutoModelForSeq2SeqLM"}
+def _regression(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
+    """How far a regression head's outputs moved: their absolute differences, beside the spread
+    of the original's outputs that gives them a scale."""
+    moved, outputs = [], []
+    with torch.no_grad():
+        for enc, _ in batches:
+            a, b = ref(**enc).logits.double(), mine(**enc).logits.double()
+            moved.append((a - b).abs().flatten())
+            outputs.append(a.flatten())
+    d, a = torch.cat(moved), torch.cat(outputs)
+    return {"predictions": len(d), "mean_abs_difference": float(d.mean()), "max_abs_difference": float(d.max()),
+            "original_std": float(a.std()) if len(a) > 1 else 0.0}
 
 
 __all__ = ["evaluate"]

@@ -4,6 +4,11 @@ checks it.
 
 A file is JSON lines (`{"text": ..., "label": ...}`) or CSV with a `text` column (and optionally
 `label`), told apart by its extension (`.csv`); labels are optional and ignored by calibration.
+A pair task's rows give its second text too: `text_pair` (an entailment or paraphrase classifier's
+second sentence, as transformers' text-classification pipeline takes it), or `question` and
+`context` in place of `text` and `text_pair` (an extractive QA model's, as SQuAD names them).
+An image model's rows name an `image` file instead (relative to the data file's folder), read with
+Pillow and prepared by the model's image processor.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,26 +30,43 @@ from modelstore.errors import InputError
 OutputsFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+def _row(row: Any) -> dict[str, Any] | None:
+    """The row's fields (SQuAD's question and context as text and text_pair when it has no text),
+    or None without a text string or an image path."""
+    if not isinstance(row, dict):
+        return None
+    if row.get("text") in (None, "") and row.get("question") in (None, "") and row.get("image") not in (None, ""):
+        image = {"image": row["image"], **({"label": row["label"]} if row.get("label") not in (None, "") else {})}
+        return image if isinstance(row["image"], str) else None
+    names = ("text", "text_pair") if row.get("text") not in (None, "") else ("question", "context")
+    out = {k: row[n] for k, n in zip(("text", "text_pair"), names) if row.get(n) not in (None, "")}
+    if row.get("label") not in (None, ""):
+        out["label"] = row["label"]
+    return out if isinstance(out.get("text"), str) and isinstance(out.get("text_pair", ""), str) else None
+
+
 def _rows(path: str, flag: str) -> list[dict[str, Any]]:
+    what = 'a "text" string (and optionally a "text_pair" one), "question" and "context" strings, or an "image" path'
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(fh)
-                if reader.fieldnames is None or "text" not in reader.fieldnames:
-                    raise InputError(f"{flag} {path}: a CSV file needs a \"text\" column")
-                return [{k: v for k, v in row.items() if k in ("text", "label") and v not in (None, "")}
-                        for row in reader]
+                if reader.fieldnames is None or not {"text", "question", "image"} & set(reader.fieldnames):
+                    raise InputError(f"{flag} {path}: a CSV file needs a \"text\" (or \"question\", or \"image\") "
+                                     "column")
+                lines: Any = enumerate(reader, 2)
+                bad = f"row {{}} has no {what}"
+            else:
+                bad = f"line {{}} is not a JSON object with {what} (JSON lines, or CSV with a .csv name)"
+                lines = ((i, line) for i, line in enumerate(fh, 1) if line.strip())
             rows = []
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
+            for i, line in lines:
                 try:
-                    row = json.loads(line)
+                    row = _row(line if isinstance(line, dict) else json.loads(line))
                 except ValueError:
                     row = None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise InputError(f"{flag} {path}: line {i} is not a JSON object with a \"text\" string "
-                                     "(JSON lines, or CSV with a .csv name)")
+                if row is None:
+                    raise InputError(f"{flag} {path}: {bad.format(i)}")
                 rows.append(row)
             return rows
     except OSError as e:
@@ -53,19 +75,49 @@ def _rows(path: str, flag: str) -> list[dict[str, Any]]:
         raise InputError(f"{flag} {path}: not UTF-8 text (JSON lines, or CSV with a .csv name)") from None
 
 
-def read_data(path: str, label2id: dict[str, int] | None = None,
-              flag: str = "--data") -> tuple[list[str], list[int] | None]:
-    """Texts and (when every row has one) labels of a data file (see the module).
+class Examples(NamedTuple):
+    """A data file's texts, their second texts (None: single texts) and labels (None: unlabeled);
+    for image data its image paths (`texts` empty)."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int] | None
+    images: list[str] | None = None
+
+
+def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--data",
+              labels: bool = True) -> Examples:
+    """Texts, second texts and (when every row has one and `labels`) labels of a data file, or its
+    images' paths (see the module).
 
     Raises:
-        InputError: the file is missing or unreadable, has no examples, a row has no "text" string,
-            or a label is unknown.
+        InputError: the file is missing or unreadable, has no examples, a row has no text, some
+            rows have a second text (or an image) and some not, or a label is unknown.
     """
-    texts: list[str] = []
-    labels: list[Any] = []  # ints, and label names mapped to ints
-    for i, row in enumerate(_rows(path, flag), 1):
-        texts.append(row["text"])
+    rows = _rows(path, flag)
+    if not rows:
+        raise InputError(f"{flag} {path}: no examples")
+    labelled = _labels(rows, label2id, path, flag) if labels else None
+    imaged = ["image" in row for row in rows]
+    if all(imaged):
+        folder = os.path.dirname(os.path.abspath(path))
+        return Examples([], None, labelled, [os.path.join(folder, row["image"]) for row in rows])
+    if any(imaged):
+        raise InputError(f"{flag} {path}: some rows name an image and some give a text; give one kind of input")
+    paired = ["text_pair" in row for row in rows]
+    if any(paired) and not all(paired):
+        raise InputError(f"{flag} {path}: some rows have a second text (text_pair or context) and some do not; "
+                         "give it in every row or in none")
+    pairs = [row["text_pair"] for row in rows] if all(paired) else None
+    return Examples([row["text"] for row in rows], pairs, labelled)
+
+
+def _labels(rows: list[dict[str, Any]], label2id: dict[str, int] | None, path: str, flag: str) -> list[int] | None:
+    labels: list[int | None] = []
+    for i, row in enumerate(rows, 1):
         label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (int, str, type(None))):
+            raise InputError(f"{flag} {path}: row {i} has label {label!r}; a label is a class index or name")
         if isinstance(label, str):
             if label.lstrip("-").isdigit() and not (label2id and label in label2id):
                 label = int(label)  # a CSV's numbers are text
@@ -74,12 +126,10 @@ def read_data(path: str, label2id: dict[str, int] | None = None,
             else:
                 label = label2id[label]
         labels.append(label)
-    if not texts:
-        raise InputError(f"{flag} {path}: no examples")
     has = [lab is not None for lab in labels]
     if any(has) and not all(has):
         raise InputError(f"{flag} {path}: some rows have a label and some do not; label all or none")
-    return texts, (labels if all(has) else None)
+    return [lab for lab in labels if lab is not None] if all(has) else None
 
 
 @dataclass
@@ -92,6 +142,9 @@ class Calibration:
 
     Args:
         texts: the inputs.
+        pairs: their second texts, for a model of text pairs (an entailment classifier's
+            hypotheses, an extractive QA model's contexts after its questions in `texts`).
+        images: an image model's inputs instead of texts: image files' paths or PIL images.
         outputs: for a model whose head is not in its checkpoint, a function of (model, tokenized
             batch) giving [batch, classes] logits; by default the model's own logits (a sequence
             classifier's classes, a causal LM's next tokens).
@@ -100,39 +153,105 @@ class Calibration:
         name: what messages call the data.
     """
 
-    texts: Sequence[str]
+    texts: Sequence[str] = ()
     outputs: OutputsFn | None = None
     max_length: int = 256
     batch_size: int = 32
     name: str = "<texts>"
     sha256: str = field(default="")
+    pairs: Sequence[str] | None = field(default=None, kw_only=True)
+    images: Sequence[Any] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.texts = list(self.texts)
-        if not self.texts or not all(isinstance(t, str) for t in self.texts):
+        if self.images is not None:
+            self.images = list(self.images)
+            if not self.images or self.texts or self.pairs is not None:
+                raise InputError(f"calibration {self.name}: needs at least one image, and images only")
+            if not self.sha256:
+                self.sha256 = hashlib.sha256(b"".join(image_digest(x) for x in self.images)).hexdigest()
+        elif not self.texts or not all(isinstance(t, str) for t in self.texts):
             raise InputError(f"calibration {self.name}: needs at least one text, and texts only")
+        if self.pairs is not None:
+            self.pairs = list(self.pairs)
+            if len(self.pairs) != len(self.texts) or not all(isinstance(t, str) for t in self.pairs):
+                raise InputError(f"calibration {self.name}: needs one second text (a string) per text, "
+                                 f"got {len(self.pairs)} for {len(self.texts)}")
         if self.max_length < 2 or self.batch_size < 1:
             raise InputError("calibration: max_length must be at least 2 and batch_size at least 1")
         if not self.sha256:
-            self.sha256 = hashlib.sha256(json.dumps(self.texts, ensure_ascii=False).encode()).hexdigest()
+            inputs = self.texts if self.pairs is None else [self.texts, self.pairs]
+            self.sha256 = hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
+
+    @property
+    def inputs(self) -> Sequence[Any]:
+        """The examples: the images of image data, else the texts."""
+        return self.texts if self.images is None else self.images
 
     @classmethod
     def from_file(cls, path: str, *, max_examples: int | None = 256, max_length: int = 256,
                   batch_size: int = 32) -> Calibration:
-        """The first `max_examples` texts (None: all) of a JSON-lines or CSV file with a "text" field.
+        """The first `max_examples` examples (None: all) of a JSON-lines or CSV data file (see the module).
 
         Raises:
             InputError: the file is missing, unreadable, empty or has a row without text.
         """
         if max_examples is not None and max_examples < 1:
             raise InputError(f"--max-examples must be at least 1, got {max_examples}")
-        texts, _ = read_data(path, None, "--calibration") if path else ([], None)
+        none = Examples([], None, None)
+        texts, pairs, _, images = read_data(path, None, "--calibration", labels=False) if path else none
         try:
             with open(path, "rb") as fh:
-                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+                digest = hashlib.file_digest(fh, "sha256")
         except OSError as e:
             raise InputError(f"--calibration {path}: {e.strerror or e}") from None
-        return cls(texts[:max_examples], max_length=max_length, batch_size=batch_size, name=path, sha256=digest)
+        if images is not None:  # the images' contents are the data too
+            images = images[:max_examples]
+            for x in images:
+                digest.update(image_digest(x))
+        return cls(texts[:max_examples], max_length=max_length, batch_size=batch_size, name=path,
+                   sha256=digest.hexdigest(), pairs=None if pairs is None else pairs[:max_examples], images=images)
+
+
+def _pil() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InputError("image inputs are read with Pillow: pip install pillow") from None
+    return Image
+
+
+def image_digest(image: Any) -> bytes:
+    """The SHA-256 of an image file's bytes, or of a PIL image's mode, size and pixels.
+
+    Raises:
+        InputError: the file cannot be read.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with open(image, "rb") as fh:
+                return hashlib.file_digest(fh, "sha256").digest()
+        except OSError as e:
+            raise InputError(f"image {os.fspath(image)}: {e.strerror or e}") from None
+    if not isinstance(image, _pil().Image):
+        raise InputError(f"calibration images are file paths or PIL images, not {type(image).__name__}")
+    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).digest()
+
+
+def load_image(image: Any) -> Any:
+    """`image` (a file's path or a PIL image) as an RGB PIL image.
+
+    Raises:
+        InputError: the file is missing or not an image Pillow reads.
+    """
+    pil = _pil()
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with pil.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:  # Pillow's UnidentifiedImageError is an OSError
+            raise InputError(f"image {os.fspath(image)}: {getattr(e, 'strerror', None) or e}") from None
+    return image.convert("RGB")
 
 
 def as_calibration(calibration: Calibration | str | os.PathLike[str], max_examples: int | None = 256) -> Calibration:
@@ -142,4 +261,4 @@ def as_calibration(calibration: Calibration | str | os.PathLike[str], max_exampl
     return Calibration.from_file(os.fspath(calibration), max_examples=max_examples)
 
 
-__all__ = ["Calibration", "OutputsFn", "as_calibration", "read_data"]
+__all__ = ["Calibration", "Examples", "OutputsFn", "as_calibration", "image_digest", "load_image", "read_data"]

@@ -18,7 +18,7 @@ import torch
 
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError
-from modelstore.fidelity.data import Calibration
+from modelstore.fidelity.data import Calibration, load_image
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
 from modelstore.inputs.architectures import (
@@ -30,14 +30,22 @@ from modelstore.inputs.architectures import (
 )
 from modelstore.serving.modules import ModuleTensors
 
-#: What a model's class name says its outputs are: one prediction per text (classification), per
-#: token of the text (token-classification), per next token of the text (causal-lm), or per token of
-#: the output the original generates for the text (seq2seq: encoder-decoder models only).
-OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForTokenClassification": "token-classification",
+#: What a model's class name says its outputs are: one prediction per text (classification; a
+#: multi-label head's "multi-label" is one per label of the text, a one-output head's "regression"
+#: none), per token of the text (token-classification), per masked token (masked-lm: MASKED of the
+#: text's tokens), per next token of the text (causal-lm), the answer's start and end in the context
+#: (question-answering), or per token of the output the original generates for the text (seq2seq:
+#: encoder-decoder models only).
+OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
+                "ForTokenClassification": "token-classification",
+                "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
                 "MTModel": "seq2seq"}
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
+#: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
+#: text's index in its file as the seed, so every run masks the same tokens.
+MASKED = 0.15
 Check = Callable[[dict[str, tuple[int, ...]]], None]
 #: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
 Missed = Callable[[int, float, int, int], bool]
@@ -47,9 +55,57 @@ Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 def output_kind(arch: str, config: Any) -> str | None:
     """What the predictions of a transformers class are (OUTPUT_KINDS), None for other models (a
     "ForConditionalGeneration" class that is not an encoder-decoder reads images or speech; Marian's
-    translation models are "MarianMTModel")."""
+    translation models are "MarianMTModel"). A sequence classifier's config tells a multi-label
+    head (sigmoids) and a regression head (one output, as transformers reads num_labels=1) apart."""
     kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
-    return None if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False) else kind
+    if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
+        return None
+    if kind == "classification":
+        problem = getattr(config, "problem_type", None)
+        if problem == "multi_label_classification":
+            return "multi-label"
+        if problem == "regression" or (problem is None and getattr(config, "num_labels", 2) == 1):
+            return "regression"
+    return kind
+
+
+def needs_pairs(kind: str, pairs: object, what: str) -> None:
+    """Refuse data without second texts for a model that reads text pairs (extractive QA).
+
+    Raises:
+        InputError: a question-answering model's data has no contexts.
+    """
+    if kind == "question-answering" and pairs is None:
+        raise InputError(f"{what}: an extractive QA model answers a question from a context; give both in every "
+                         'row ("question" and "context", or "text" and "text_pair")')
+
+
+def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | None, max_length: int,
+           first: int, images: list[Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tokenized batch of `texts` (and their second texts), padded to its longest; a masked
+    LM's with MASKED of each text's tokens masked and their ids as its `labels` (-100 elsewhere, as
+    transformers takes them). `first` is the first text's index in its file, which seeds its mask.
+    With `images` (paths or PIL images), those prepared by the image processor `preprocessor`."""
+    if images is not None:
+        return dict(preprocessor(images=[load_image(x) for x in images], return_tensors="pt"))
+    tokenizer = preprocessor
+    enc = dict(tokenizer(texts, pairs, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                         return_special_tokens_mask=kind == "masked-lm"))
+    return _masked(enc, tokenizer, first) if kind == "masked-lm" else enc
+
+
+def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[str, torch.Tensor]:
+    if tokenizer.mask_token_id is None:
+        raise InputError("a masked LM predicts masked tokens, but its tokenizer has no mask token")
+    text = ~(enc.pop("special_tokens_mask").bool() | ~enc["attention_mask"].bool())
+    ids, labels = enc["input_ids"].clone(), torch.full_like(enc["input_ids"], -100)
+    for k, row in enumerate(text):
+        where = row.nonzero().flatten()
+        if len(where):
+            draw = torch.randperm(len(where), generator=torch.Generator().manual_seed(first + k))
+            pick = where[draw[:max(1, round(MASKED * len(where)))]]
+            labels[k, pick], ids[k, pick] = ids[k, pick], tokenizer.mask_token_id
+    return {**enc, "input_ids": ids, "labels": labels}
 
 
 def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
@@ -64,19 +120,81 @@ def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dic
     return {**batch, "decoder_input_ids": out[:, :-1], "decoder_attention_mask": real.long()}
 
 
-def rows_of(kind: str, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """One row of logits per prediction of a model whose outputs are `kind` (OUTPUT_KINDS) on `batch`."""
-    if kind == "classification":
-        return logits
-    if kind == "token-classification":
-        return logits[batch["attention_mask"].bool()]
-    if kind == "seq2seq":
-        return logits[batch["decoder_attention_mask"].bool()]
-    return logits[:, :-1][batch["attention_mask"][:, 1:].bool()]  # causal-lm: positions predicting a real token
+def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row of logits per prediction of a model whose outputs are `kind` (OUTPUT_KINDS), from
+    its output `out` on `batch`, and the index in the batch of the text of each row. A multi-label
+    head's rows are [0, logit] (softmax: the sigmoid's two outcomes); an extractive QA model's are
+    its start logits, then its end logits, over the text's real tokens (padding: -inf)."""
+    if kind == "question-answering":
+        real = batch["attention_mask"].bool()
+        ends = torch.stack([out.start_logits, out.end_logits]).masked_fill(~real, float("-inf"))
+        return ends.flatten(0, 1), torch.arange(len(real), device=real.device).repeat(2)
+    logits = out.logits
+    texts = torch.arange(len(logits), device=logits.device)
+    if kind in ("classification", "regression"):
+        return logits, texts
+    if kind == "multi-label":
+        return (torch.stack([torch.zeros_like(logits), logits], -1).flatten(0, 1),
+                texts.repeat_interleave(logits.shape[1]))
+    if kind == "causal-lm":  # positions predicting a real token
+        logits, where = logits[:, :-1], batch["attention_mask"][:, 1:].bool()
+    elif kind == "masked-lm":
+        where = batch["labels"] != -100
+    else:  # token-classification, seq2seq
+        where = batch["decoder_attention_mask" if kind == "seq2seq" else "attention_mask"].bool()
+    return logits[where], where.nonzero()[:, 0]
 
 
 def _tokenizer_file(name: str) -> bool:
     return name.startswith(("tokenizer", "vocab", "spiece", "merges", "sentencepiece"))
+
+
+def reads_images(model: Any) -> bool:
+    """Whether a transformers model's input is an image's pixels (a ViT's, a CLIP vision tower's)."""
+    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+
+
+def check_inputs(model: Any, images: object, what: str) -> None:
+    """Refuse data of the other modality than `model` reads.
+
+    Raises:
+        InputError: images for a text model, or texts for an image model.
+    """
+    if reads_images(model) != (images is not None):
+        need = '"image" paths' if reads_images(model) else 'texts ("text")'
+        raise InputError(f"{what}: {type(model).__name__} reads {'images' if reads_images(model) else 'text'}; "
+                         f"give its rows {need}")
+
+
+def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str,
+                     images: bool = False) -> Any:
+    """The tokenizer (`images`: image processor) in model `directory`, else the one the store keeps
+    with the base (see tokenizer_for).
+
+    Raises:
+        InputError: neither has one.
+    """
+    if not images:
+        return tokenizer_for(directory, stored, what)
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging as transformers_logging
+    name = "preprocessor_config.json"
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # not its note that a slower backend serves without torchvision
+    try:
+        if directory is not None and os.path.isfile(os.path.join(directory, name)):
+            return AutoImageProcessor.from_pretrained(directory)
+        files = stored()
+        if name not in files:
+            raise InputError(f"neither {directory} nor the store has an image processor ({name}) for {what}")
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, name), "wb") as fh:
+                fh.write(files[name])
+            return AutoImageProcessor.from_pretrained(d)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise InputError(f"{what}: its image processor cannot be loaded: {(str(e).splitlines() or ['?'])[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str) -> Any:
@@ -111,7 +229,8 @@ def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]],
 class Runner:
     """The task's architecture on `device`, run on `calibration` (see the module)."""
 
-    def __init__(self, task: str, calibration: Calibration, config_json: str | None, tokenizer: Callable[[], Any],
+    def __init__(self, task: str, calibration: Calibration, config_json: str | None,
+                 preprocessor: Callable[[bool], Any],
                  device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False):
         transformers = transformers_module("add-task --calibration")
         if not config_json:
@@ -122,8 +241,14 @@ class Runner:
         kind = "custom" if calibration.outputs is not None else output_kind(arch, config)
         if kind is None:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not predictions of text; calibration "
-                             "compares the predictions of sequence and token classifiers, causal LMs and "
-                             "encoder-decoder LMs (in Python, Calibration(outputs=...) gives another model's logits)")
+                             "compares the predictions of sequence and token classifiers, masked, causal and "
+                             "encoder-decoder LMs and extractive QA models (in Python, Calibration(outputs=...) "
+                             "gives another model's logits)")
+        if kind == "regression":
+            raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
+                             "whose agreement could be promised; store it with explicit settings and measure how "
+                             "far its outputs move with modelstore eval")
+        needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}")
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
         cls = model_class(transformers, None, config)
         dtype = torch.float32 if device.type == "cpu" or not checkpoint_dtype.is_floating_point else checkpoint_dtype
@@ -134,25 +259,31 @@ class Runner:
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config: {why}") from None
         self.target = ModuleTensors(self.model)
-        self.batches = self._tokenized(tokenizer())
+        check_inputs(self.model, calibration.images, f"calibration {calibration.name}")
+        self.dtype = dtype
+        self.batches = self._tokenized(preprocessor(calibration.images is not None))
         self.reference: list[torch.Tensor | Coarse] = []
 
-    def _tokenized(self, tokenizer: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
-        """(first example's index, batch) of the texts in order (so the first n examples are a
-        prefix), each batch padded to its own longest text."""
+    def _tokenized(self, preprocessor: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """(first example's index, batch) of the examples in order (so the first n examples are a
+        prefix), each batch of texts padded to its own longest text, images in the model's dtype."""
         cal = self.calibration
         out = []
-        for i in range(0, len(cal.texts), cal.batch_size):
-            enc = tokenizer(list(cal.texts[i:i + cal.batch_size]), return_tensors="pt", padding=True,
-                            truncation=True, max_length=cal.max_length)
-            out.append((i, {k: v.to(self.device) for k, v in enc.items()}))
+        for i in range(0, len(cal.inputs), cal.batch_size):
+            j = i + cal.batch_size
+            pairs, images = (None if x is None else list(x[i:j]) for x in (cal.pairs, cal.images))
+            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, cal.max_length, i, images)
+            out.append((i, {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                            for k, v in enc.items()}))
         if self.kind == "causal-lm" and not any(int(b["attention_mask"][:, 1:].sum()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text of two tokens or more to predict")
+        if self.kind == "masked-lm" and not any(bool((b["labels"] != -100).any()) for _, b in out):
+            raise InputError(f"calibration {cal.name}: no text has a token to mask")
         return out
 
     @property
     def examples(self) -> int:
-        return len(self.calibration.texts)
+        return len(self.calibration.inputs)
 
     def fill(self, tensors: Tensors) -> None:
         """Copy a task's tensors into the model: `tensors(check)` yields them after calling `check`
@@ -175,7 +306,7 @@ class Runner:
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
-        return rows_of(self.kind, self.model(**batch).logits, batch)
+        return rows_of(self.kind, self.model(**batch), batch)[0]
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
@@ -206,4 +337,5 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "OUTPUT_KINDS", "Runner", "generated", "output_kind", "rows_of", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "MASKED", "OUTPUT_KINDS", "Runner", "check_inputs", "encode", "generated", "needs_pairs",
+           "output_kind", "preprocessor_for", "reads_images", "rows_of", "tokenizer_for"]

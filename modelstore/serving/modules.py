@@ -7,13 +7,19 @@ with a name the task has, and a tensor is written once per pass whichever of its
 
 Every write of a task into a model (load_into, switch, load_model, eval, export) places the task's
 tensors by `ModuleTensors.fit`, so they all agree on which model tensor each task tensor is.
+
+transformers 5 renames some architectures' modules and keeps their checkpoints' names, renaming
+as it loads (ViT's `encoder.layer.0.attention.attention.query` is the module
+`layers.0.attention.q_proj`): a task's name that matches no model tensor is tried as transformers
+would rename it for this model.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +35,25 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 _HINT = "build the model as the architecture the task was fine-tuned as (modelstore.load_model does)"
+
+
+def _same(name: str) -> str:
+    return name
+
+
+def _checkpoint_renaming(model: Any) -> Callable[[str], str]:
+    """The renaming transformers applies to a checkpoint's names when it loads one into `model`
+    (its conversion mapping's renamings), or none for other modules and other transformers."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # transformers absent, or one without conversion mappings
+        return _same
+    if not isinstance(model, PreTrainedModel):
+        return _same
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return (lambda name: apply_renamings(name, renamings)) if renamings else _same
 
 
 @dataclass(frozen=True)
@@ -61,6 +86,7 @@ class ModuleTensors:
         first: dict[tuple, str] = {}
         #: name -> the first name of the tensor it shares storage with (itself if none)
         self.owner = {n: first.setdefault(_storage_key(t), n) for n, t in self.tensors.items()}
+        self.renamed = _checkpoint_renaming(model)
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +117,7 @@ class ModuleTensors:
         names = list(names)
         what = f"task {task!r}"
         try:
-            to_model = match_names(names, [*self.tensors, *self.unsaved], what, "model")
+            to_model = self._match(names, what)
             to_base = match_names(names, base_names, what)
         except ValueError as e:
             raise InputError(f"{e}; {hint}") from None
@@ -110,6 +136,18 @@ class ModuleTensors:
                 raise InputError(f"task {task!r} does not fit {model}: {m} has shape {list(shapes[n])} in the "
                                  f"task and {list(self.tensors[m].shape)} in the model; {hint}")
         return Placement(placed, dropped, {b: placed[t] for t, b in to_base.items() if t in placed})
+
+    def _match(self, names: list[str], what: str) -> dict[str, str]:
+        """task name -> model name, trying the names that match none as transformers renames them."""
+        model_names = [*self.tensors, *self.unsaved]
+        to_model = match_names(names, model_names, what, "model")
+        renamed = {self.renamed(n): n for n in names if n not in to_model}
+        taken = {m: n for n, m in to_model.items()}
+        for r, m in match_names([r for r, n in renamed.items() if r != n], model_names, what, "model").items():
+            if m in taken:
+                raise ValueError(f"{what}: tensors {taken[m]!r} and {renamed[r]!r} both match model tensor {m!r}")
+            to_model[renamed[r]] = taken[m] = m
+        return to_model
 
     def claim(self, task: str, name: str, shape: Iterable[int], written: set[str]) -> torch.Tensor | None:
         """The model's tensor `name` (a name `fit` placed a task tensor at) to write into, or None

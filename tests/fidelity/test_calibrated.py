@@ -27,9 +27,10 @@ def _texts(n: int, seed: int) -> list[str]:
 
 
 def _jsonl(path, texts) -> str:
+    """A JSON-lines file of `texts` (strings, or whole rows as dicts)."""
     with open(path, "w") as fh:
         for t in texts:
-            fh.write(json.dumps({"text": t}) + "\n")
+            fh.write(json.dumps(t if isinstance(t, dict) else {"text": t}) + "\n")
     return str(path)
 
 
@@ -246,7 +247,7 @@ def _perturbed(m, seed: int, scale: float) -> None:
                 v.add_(torch.randn(v.shape, generator=g) * scale)
 
 
-def _calibrated_pair(m, tok, tmp_path, scale: float, task: str, texts: list[str]) -> tuple[str, str, dict]:
+def _calibrated_pair(m, tok, tmp_path, scale: float, task: str, texts: list) -> tuple[str, str, dict]:
     """`m` saved as the pre-trained model and, _perturbed by `scale`, as its fine-tune (both with
     `tok`); the fine-tune added to a store of the first with calibration on `texts` at agreement
     0.9. Returns the store's url, the calibration file and the task's fidelity record."""

@@ -284,3 +284,48 @@ def test_a_switch_writes_the_base_where_an_earlier_task_left_it_out(clf, tmp_pat
         if task == "frozen":
             _assert_same_tensors(model, fresh, task)
 
+
+
+def test_an_image_classifier_whose_modules_transformers_renames_is_served(tmp_path):
+    """transformers 5 builds ViT with renamed modules (`layers.0.attention.q_proj`) and keeps its
+    checkpoints' names (`encoder.layer.0.attention.attention.query`), renaming as it loads: load_model,
+    switch and export of ViT classifiers over a bare ViTModel base equal the originals, and the
+    export serves an image-classification pipeline."""
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel, pipeline
+    cfg = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64)
+    proc = ViTImageProcessor(size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    base = ViTModel(ViTConfig(**cfg), add_pooling_layer=False)
+    base.save_pretrained(tmp_path / "pre")
+    proc.save_pretrained(tmp_path / "pre")
+    assert "encoder.layer.0.attention.attention.query.weight" in load_file(str(tmp_path / "pre" / "model.safetensors"))
+    originals = {}
+    for i, labels in enumerate((["cat", "dog"], ["day", "night"])):
+        m = ViTForImageClassification(ViTConfig(**cfg, num_labels=2, id2label=dict(enumerate(labels)),
+                                                label2id={lab: j for j, lab in enumerate(labels)}))
+        m.vit.load_state_dict(base.state_dict())
+        m.load_state_dict(finetuned_copy(m.state_dict(), seed=40 + i, scale=0.5))
+        m.save_pretrained(tmp_path / f"t{i}")
+        originals[f"t{i}"] = ViTForImageClassification.from_pretrained(tmp_path / f"t{i}").eval()
+    url = str(tmp_path / "s")
+    modelstore.build(url, str(tmp_path / "pre"), {t: str(tmp_path / t) for t in originals}, keep=1.0,
+                     value_dtype="float32")
+    store = modelstore.open(url)
+    for t, want in originals.items():
+        got = modelstore.load_model(t, store)
+        assert type(got) is ViTForImageClassification
+        for k, v in got.state_dict().items():
+            torch.testing.assert_close(v, want.state_dict()[k], rtol=1e-6, atol=1e-7, msg=f"{t} {k}")
+    model = modelstore.load_model("t0", store)
+    for t in ("t1", "t0", "t1"):
+        store.switch(model, t)
+        _assert_same_tensors(model, modelstore.load_model(t, store), f"switch to {t}")
+    CliRunner().invoke(main, ["export", url, "t1", str(tmp_path / "out")], catch_exceptions=False)
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    got = pipeline("image-classification", model=str(tmp_path / "out"))(image)
+    with torch.no_grad():
+        want = originals["t1"](**proc(images=image, return_tensors="pt")).logits.softmax(-1)[0]
+    assert {p["label"]: p["score"] for p in got} == pytest.approx({"day": float(want[0]), "night": float(want[1])},
+                                                                  abs=1e-5)

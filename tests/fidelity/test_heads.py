@@ -1,0 +1,267 @@
+"""Calibration and `eval` for the other heads users fine-tune: classifiers of text pairs, multi-label
+and regression heads, masked LMs and extractive QA models, each on small transformers models. The
+record's agreement and eval's are checked against counts made here one text at a time, without
+padding, from the model's own outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tokenizer, tiny_bert_config
+from test_calibrated import _calibrated_pair, _eval_agrees, _jsonl, _perturbed, _texts
+
+import modelstore
+from modelstore.cli import main
+from modelstore.fidelity.runner import MASKED
+
+
+def _models(cls, tmp_path, **cfg):
+    tok = make_tokenizer("bert")
+    torch.manual_seed(0)
+    return cls(tiny_bert_config(vocab_size=len(tok), max_position_embeddings=64, **cfg)).eval(), tok
+
+
+def _ref_and_stored(cls, url: str, task: str, tmp_path):
+    ref = cls.from_pretrained(tmp_path / "ft").eval()
+    return ref, modelstore.load_model(task, url, dtype=torch.float32)
+
+
+def _lossy(f: dict) -> None:
+    """The chosen candidate is lossy, so the counts it is checked against are not trivially all."""
+    assert f["setting"]["kind"] == "fft" and 0.9 <= f["agreement"] < 1, f["candidates"]
+
+
+def _pair_rows(n: int) -> list[dict]:
+    return [{"text": a, "text_pair": b} for a, b in zip(_texts(n, 3), _texts(n, 4))]
+
+
+def test_a_classifier_of_text_pairs_is_calibrated_and_evaluated_on_both_texts(tmp_path):
+    """An entailment-style classifier reads each text with its text_pair: the record's KL is that of
+    the pairs (not of the first texts alone), and eval's agreement too."""
+    from transformers import BertForSequenceClassification
+    m, tok = _models(BertForSequenceClassification, tmp_path, num_labels=3, initializer_range=0.2)
+    rows = _pair_rows(40)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.01, "nli", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(BertForSequenceClassification, url, "nli", tmp_path)
+
+    def counts(pairs: bool) -> tuple[int, float]:
+        agree, kl = 0, 0.0
+        with torch.no_grad():
+            for r in rows:
+                enc = tok(r["text"], r["text_pair"] if pairs else None, return_tensors="pt")
+                p, q = (x(**enc).logits[0].double().log_softmax(-1) for x in (ref, stored))
+                agree += int(p.argmax() == q.argmax())
+                kl += float((p.exp() * (p - q)).sum())
+        return agree, kl / len(rows)
+
+    agree, kl = counts(True)
+    assert f["output"] == "classification" and f["examples"] == f["predictions"] == 40
+    assert f["mean_kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7) != pytest.approx(counts(False)[1], rel=1e-2)
+    assert abs(f["agreement"] - agree / 40) <= 1 / 40
+    r = CliRunner().invoke(main, ["eval", url, "nli", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["agreement"] == pytest.approx(agree / 40, abs=1 / 40)
+
+
+def test_a_multi_label_head_agrees_label_by_label(tmp_path):
+    """Each label of a sigmoid head is a yes/no prediction; eval also counts the texts given exactly
+    the original's set of labels."""
+    from transformers import BertForSequenceClassification
+    m, tok = _models(BertForSequenceClassification, tmp_path, num_labels=4, initializer_range=0.2,
+                     problem_type="multi_label_classification")
+    texts = _texts(30, 3)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.02, "tags", texts)
+    _lossy(f)
+    ref, stored = _ref_and_stored(BertForSequenceClassification, url, "tags", tmp_path)
+    agree = same = 0
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            hit = (ref(**enc).logits[0] > 0) == (stored(**enc).logits[0] > 0)
+            agree, same = agree + int(hit.sum()), same + int(hit.all())
+    assert f["output"] == "multi-label" and f["predictions"] == 120
+    got = _eval_agrees(url, "tags", tmp_path, cal, f, agree, 120)
+    assert got["same_labels"] == pytest.approx(same / 30, abs=1 / 30)
+
+
+def test_a_regression_head_is_refused_by_calibration_and_measured_by_eval(tmp_path):
+    """One output (num_labels=1) is no class: a promise of agreement would be empty, so calibration
+    refuses it in one line and stores nothing; eval reports how far the outputs moved."""
+    from transformers import BertForSequenceClassification
+    m, tok = _models(BertForSequenceClassification, tmp_path, num_labels=1)
+    texts = _texts(20, 3)
+    with pytest.raises(modelstore.InputError, match="regression head"):
+        _calibrated_pair(m, tok, tmp_path, 0.1, "score", texts)
+    url = str(tmp_path / "s")
+    assert modelstore.open(url).tasks() == []
+    r = CliRunner().invoke(main, ["add-task", url, "score", str(tmp_path / "ft"), "--calibration",
+                                  str(tmp_path / "c.jsonl")])
+    assert r.exit_code == 1 and "regression head" in r.output and r.output.count("\n") == 1, r.output
+    modelstore.open(url, mode="a").add_task("score", str(tmp_path / "ft"))
+    ref, stored = _ref_and_stored(BertForSequenceClassification, url, "score", tmp_path)
+    with torch.no_grad():
+        moved = [abs(float(ref(**tok(t, return_tensors="pt")).logits - stored(**tok(t, return_tensors="pt")).logits))
+                 for t in texts]
+    args = ["eval", url, "score", "--original", str(tmp_path / "ft"), "--data", str(tmp_path / "c.jsonl")]
+    got = json.loads(CliRunner().invoke(main, [*args, "--json"]).output)
+    assert got["kind"] == "regression" and got["predictions"] == 20 and "top1_agreement" not in got
+    assert got["mean_abs_difference"] == pytest.approx(sum(moved) / 20, rel=1e-3, abs=1e-6)
+    assert got["max_abs_difference"] == pytest.approx(max(moved), rel=1e-3, abs=1e-6)
+    r = CliRunner().invoke(main, [*args, "--min-agreement", "0.9"])
+    assert r.exit_code == 1 and "regression head" in r.output and r.output.count("\n") == 1, r.output
+
+
+def _mask_positions(tok, text: str, index: int) -> tuple[dict, list[int]]:
+    """`text` tokenized alone with the tokens calibration masks of the text at `index` of its file
+    masked: MASKED of its non-special tokens, drawn by a generator seeded with `index`."""
+    enc = tok(text, return_tensors="pt", return_special_tokens_mask=True)
+    free = [i for i, s in enumerate(enc.pop("special_tokens_mask")[0].tolist()) if not s]
+    draw = torch.randperm(len(free), generator=torch.Generator().manual_seed(index)).tolist()
+    picked = [free[j] for j in draw[:max(1, round(MASKED * len(free)))]]
+    enc["input_ids"][0, picked] = tok.mask_token_id
+    return dict(enc), picked
+
+
+def test_a_masked_lm_is_calibrated_on_the_tokens_it_is_given_masked(tmp_path):
+    """The same tokens of each text are masked in every run and at any batch size; the record's
+    agreement, eval's, and both models' accuracy at the masked tokens are counted here text by text."""
+    from transformers import BertForMaskedLM
+    m, tok = _models(BertForMaskedLM, tmp_path)
+    texts = _texts(40, 3)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.005, "mlm", texts)
+    _lossy(f)
+    ref, stored = _ref_and_stored(BertForMaskedLM, url, "mlm", tmp_path)
+    agree = masked = right_ref = right_stored = 0
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            truth = tok(t, return_tensors="pt")["input_ids"][0]
+            enc, picked = _mask_positions(tok, t, i)
+            a, b = (x(**enc).logits[0, picked].argmax(-1) for x in (ref, stored))
+            agree, masked = agree + int((a == b).sum()), masked + len(picked)
+            right_ref += int((a == truth[picked]).sum())
+            right_stored += int((b == truth[picked]).sum())
+    assert f["output"] == "masked-lm" and f["predictions"] == masked < 0.3 * len(" ".join(texts).split())
+    got = _eval_agrees(url, "mlm", tmp_path, cal, f, agree, masked)
+    assert got["accuracy_original"] == pytest.approx(right_ref / masked, abs=1 / masked)
+    assert got["accuracy_stored"] == pytest.approx(right_stored / masked, abs=1 / masked)
+    one = CliRunner().invoke(main, ["eval", url, "mlm", "--original", str(tmp_path / "ft"), "--data", cal,
+                                    "--batch-size", "1", "--json"])
+    assert {k: v for k, v in json.loads(one.output).items() if k != "mean_kl"} == {
+        k: v for k, v in got.items() if k != "mean_kl"}
+
+
+def test_an_extractive_qa_model_agrees_on_answer_starts_and_ends(tmp_path):
+    """Rows in SQuAD's names: a question and its context. The answer's start and its end are one
+    prediction each; eval counts the texts whose span is the original's. Data without contexts is
+    refused in one line."""
+    from transformers import BertForQuestionAnswering
+    m, tok = _models(BertForQuestionAnswering, tmp_path)
+    rows = [{"question": q, "context": c} for q, c in zip(_texts(30, 3), _texts(30, 5))]
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.01, "qa", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(BertForQuestionAnswering, url, "qa", tmp_path)
+    agree = same = 0
+    with torch.no_grad():
+        for r in rows:
+            enc = tok(r["question"], r["context"], return_tensors="pt")
+            a, b = ref(**enc), stored(**enc)
+            hit = [int(x.argmax() == y.argmax()) for x, y in ((a.start_logits, b.start_logits),
+                                                              (a.end_logits, b.end_logits))]
+            agree, same = agree + sum(hit), same + int(all(hit))
+    assert f["output"] == "question-answering" and f["predictions"] == 60
+    got = _eval_agrees(url, "qa", tmp_path, cal, f, agree, 60)
+    assert got["same_answer"] == pytest.approx(same / 30, abs=1 / 30)
+    alone = _jsonl(tmp_path / "q.jsonl", [r["question"] for r in rows])
+    r = CliRunner().invoke(main, ["add-task", url, "qa2", str(tmp_path / "ft"), "--calibration", alone])
+    assert r.exit_code == 1 and '"question" and "context"' in r.output and r.output.count("\n") == 1, r.output
+    r = CliRunner().invoke(main, ["eval", url, "qa", "--original", str(tmp_path / "ft"), "--data", alone])
+    assert r.exit_code == 1 and '"question" and "context"' in r.output, r.output
+    assert modelstore.open(url).tasks() == ["qa"]
+
+
+def _vit(tmp_path, **cfg):
+    """A tiny ViT (32-pixel images, 8-pixel patches) and its image processor, and 24 PNG images of
+    assorted sizes under tmp_path/imgs; returns (model, processor, rows naming the images)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTImageProcessor
+    torch.manual_seed(0)
+    m = cfg.pop("cls")(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, initializer_range=0.2, **cfg)).eval()
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        pixels = (rng.random((int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append({"image": f"imgs/{i}.png", "label": i % 3})
+    return m, ViTImageProcessor(size={"height": 32, "width": 32}), rows
+
+
+def test_an_image_classifier_is_calibrated_and_evaluated_on_its_images(tmp_path):
+    """A ViT fine-tune's data rows name image files beside the data; the record's agreement and
+    eval's (with the rows' labels, both accuracies) are counted here image by image. Texts for it,
+    or a missing image, are refused in one line; the record's hash covers the images' bytes."""
+    from PIL import Image
+    from transformers import ViTForImageClassification
+    m, proc, rows = _vit(tmp_path, cls=ViTForImageClassification, num_labels=3)
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.01, "vit", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(ViTForImageClassification, url, "vit", tmp_path)
+    agree = right = 0
+    with torch.no_grad():
+        for r in rows:
+            x = proc(images=Image.open(tmp_path / r["image"]).convert("RGB"), return_tensors="pt")
+            a, b = ref(**x).logits.argmax(), stored(**x).logits.argmax()
+            agree, right = agree + int(a == b), right + int(b == r["label"])
+    assert f["output"] == "classification" and f["examples"] == f["predictions"] == 24
+    assert abs(f["agreement"] - agree / 24) <= 1 / 24
+    r = CliRunner().invoke(main, ["eval", url, "vit", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["agreement"] == pytest.approx(agree / 24, abs=1 / 24) and got["examples"] == 24
+    assert got["accuracy_stored"] == pytest.approx(right / 24, abs=1 / 24)
+    before = modelstore.Calibration.from_file(cal).sha256
+    Image.new("RGB", (30, 30)).save(tmp_path / "imgs" / "3.png")
+    assert modelstore.Calibration.from_file(cal).sha256 != before
+    texts = _jsonl(tmp_path / "t.jsonl", ["a cat"])
+    missing = _jsonl(tmp_path / "m.jsonl", [{"image": "imgs/none.png"}])
+    for data, what in [(texts, 'give its rows "image" paths'), (missing, "none.png")]:
+        r = CliRunner().invoke(main, ["add-task", url, "vit2", str(tmp_path / "ft"), "--calibration", data])
+        assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
+    assert modelstore.open(url).tasks() == ["vit"]
+
+
+def test_a_vision_encoder_with_a_head_outside_it_is_calibrated_on_pil_images(tmp_path):
+    """BYOM's CLIP setting: a bare ViT fine-tune whose classifier is a frozen head kept outside
+    the checkpoint, calibrated in Python on PIL images with `outputs=`."""
+    from PIL import Image
+    from transformers import ViTModel
+    m, proc, rows = _vit(tmp_path, cls=ViTModel)
+    head = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+
+    def outputs(model, batch):
+        return model(**batch).pooler_output @ head
+
+    images = [Image.open(tmp_path / r["image"]) for r in rows]
+    cal = modelstore.Calibration(images=images, outputs=outputs, batch_size=8)
+    for name in ("pre", "ft"):
+        if name == "ft":
+            _perturbed(m, 2, 0.01)
+        m.save_pretrained(tmp_path / name)
+        proc.save_pretrained(tmp_path / name)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task("clip", str(tmp_path / "ft"), calibration=cal,
+                                                min_agreement=0.9)["fidelity"]
+    _lossy(f)
+    ref = ViTModel.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("clip", url, dtype=torch.float32)
+    with torch.no_grad():
+        agree = sum(int(outputs(ref, x).argmax() == outputs(stored, x).argmax())
+                    for x in (proc(images=im.convert("RGB"), return_tensors="pt") for im in images))
+    assert f["output"] == "custom" and f["examples"] == 24 and abs(f["agreement"] - agree / 24) <= 1 / 24
