@@ -76,7 +76,8 @@ def _unkept(store: Store, task: str) -> frozenset[str]:
         cls, config = task_architecture(store, task)
         base = store.entry(task)["base"]
         names = store.kind(task).output_names(store.table(task), store._stored_base(base).names())
-        return placement(task, names, cls, config).dropped
+        placed = placement(task, names, cls, config)
+        return frozenset() if placed is None else placed.dropped
     except InputError:
         return frozenset()
 

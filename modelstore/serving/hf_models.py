@@ -40,9 +40,11 @@ def task_architecture(store: Store, task: str, model_cls: type | str | None = No
     return model_class(transformers, model_cls, config), config
 
 
-def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:
+def placement(task: str, names: list[str], cls: type, config: Any) -> Placement | None:
     """Where `task`'s tensors `names` go in a `cls` model of `config`, from one made on the meta
-    device (no memory: only its names are read).
+    device (no memory: only its names are read); None for a class whose checkpoints transformers
+    converts as it loads them (a MoE's experts fused into one tensor): its `from_pretrained` then
+    places them, and reports what did not fit.
 
     Raises:
         InputError: the task does not fit the class (ModuleTensors.fit).
@@ -54,8 +56,10 @@ def placement(task: str, names: list[str], cls: type, config: Any) -> Placement:
         why = (str(e).splitlines() or [type(e).__name__])[0]
         raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config ({config.model_type}): {why}; "
                          "pass the model class it was fine-tuned as") from None
-    return ModuleTensors(probe).fit(task, names, strict=True, model=cls.__name__,
-                                    hint="pass the model class it was fine-tuned as")
+    tensors = ModuleTensors(probe)
+    if tensors.fuses:
+        return None
+    return tensors.fit(task, names, strict=True, model=cls.__name__, hint="pass the model class it was fine-tuned as")
 
 
 def load_model(task: str, store: Store | str | os.PathLike[str] | None = None, model_cls: type | str | None = None,
@@ -89,7 +93,8 @@ def load_model(task: str, store: Store | str | os.PathLike[str] | None = None, m
     want = dtypes.requested_dtype(dtype)
     sd = store.load(task, device=device, dtype=want)
     placed = placement(task, list(sd), cls, config)
-    sd = {placed.model[n]: t for n, t in sd.items() if n in placed.model}
+    if placed is not None:
+        sd = {placed.model[n]: t for n, t in sd.items() if n in placed.model}
     floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
     init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
     try:

@@ -11,7 +11,8 @@ tensors by `ModuleTensors.fit`, so they all agree on which model tensor each tas
 transformers 5 renames some architectures' modules and keeps their checkpoints' names, renaming
 as it loads (ViT's `encoder.layer.0.attention.attention.query` is the module
 `layers.0.attention.q_proj`): a task's name that matches no model tensor is tried as transformers
-would rename it for this model.
+would rename it for this model. Names it fuses into other tensors (a MoE's experts stacked into
+one) have no tensor of their own to be written into in place: a write refuses them, saying so.
 """
 
 from __future__ import annotations
@@ -41,19 +42,32 @@ def _same(name: str) -> str:
     return name
 
 
-def _checkpoint_renaming(model: Any) -> Callable[[str], str]:
-    """The renaming transformers applies to a checkpoint's names when it loads one into `model`
-    (its conversion mapping's renamings), or none for other modules and other transformers."""
+def _none(name: str) -> str | None:
+    return None
+
+
+def _checkpoint_renaming(model: Any) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    """How transformers renames a checkpoint's names when it loads one into `model` (its
+    conversion mapping's renamings), and the tensor it fuses a name into (its converters; None
+    for a name it does not fuse); neither for other modules and other transformers."""
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
     except ImportError:  # transformers absent, or one without conversion mappings
-        return _same
+        return _same, _none
     if not isinstance(model, PreTrainedModel):
-        return _same
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    return (lambda name: apply_renamings(name, renamings)) if renamings else _same
+        return _same, _none
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+
+    def fused(name: str) -> str | None:
+        into, pattern = apply_converters(apply_renamings(name, renamings), converters)
+        return into if pattern is not None else None
+
+    return ((lambda name: apply_renamings(name, renamings)) if renamings else _same,
+            fused if converters else _none)
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,12 @@ class ModuleTensors:
         first: dict[tuple, str] = {}
         #: name -> the first name of the tensor it shares storage with (itself if none)
         self.owner = {n: first.setdefault(_storage_key(t), n) for n, t in self.tensors.items()}
-        self.renamed = _checkpoint_renaming(model)
+        self.renamed, self.fused = _checkpoint_renaming(model)
+
+    @property
+    def fuses(self) -> bool:
+        """Whether transformers fuses some checkpoint tensors into others as it loads this model."""
+        return self.fused is not _none
 
     @property
     def device(self) -> torch.device:
@@ -127,6 +146,11 @@ class ModuleTensors:
         covered = {self.owner[m] for m in placed.values()}
         missing = sorted(n for n in self.tensors
                          if self.owner[n] not in covered and n not in self.made) if strict else []
+        fused = next(((n, into) for n in unexpected if (into := self.fused(n)) is not None), None)
+        if fused is not None:
+            raise InputError(f"task {task!r} cannot be written into {model} in place: transformers fuses its "
+                             f"checkpoint's tensors into others as it loads one ({fused[0]} into {fused[1]}); "
+                             "`modelstore export` the task and load the export with from_pretrained")
         if unexpected or missing:
             problem = f"unexpected {unexpected[:3]}" if unexpected else f"missing {missing[:3]}"
             raise InputError(f"task {task!r} does not fit {model}: {problem} key(s) in its state dict "

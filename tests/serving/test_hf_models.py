@@ -123,3 +123,38 @@ def test_load_model_takes_the_task_first_and_the_store_from_the_environment(gpt2
     monkeypatch.delenv("MODELSTORE_URL")
     with pytest.raises(modelstore.InputError, match="MODELSTORE_URL"):
         modelstore.load_model("ft")
+
+
+def test_a_moe_whose_experts_transformers_fuses_loads_and_exports_but_is_not_written_in_place(tmp_path):
+    """transformers 5 stacks a Qwen3-MoE checkpoint's per-expert tensors into one as it loads it:
+    load_model gives them to from_pretrained to fuse, equal to the original; export loads back the
+    same; a write in place (load_into, switch, calibration) has no tensor for each expert and says
+    so in one line, pointing to export."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from modelstore.serving.export import export
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    pre = Qwen3MoeForCausalLM(cfg)
+    pre.save_pretrained(tmp_path / "pre")
+    tuned = Qwen3MoeForCausalLM(cfg)
+    tuned.load_state_dict(finetuned_copy(pre.state_dict(), seed=5, scale=0.5))
+    tuned.save_pretrained(tmp_path / "ft")
+    url = str(tmp_path / "s")
+    modelstore.build(url, str(tmp_path / "pre"), {"ft": str(tmp_path / "ft")}, merge="none", keep=1.0,
+                     value_dtype="float32")
+    want = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "ft").state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in want
+    for got in (modelstore.load_model("ft", url),
+                (export(modelstore.open(url), "ft", tmp_path / "out"), Qwen3MoeForCausalLM.from_pretrained(
+                    tmp_path / "out"))[1]):
+        assert got.state_dict().keys() == want.keys()
+        for k, v in got.state_dict().items():
+            torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-6, msg=k)
+    store = modelstore.open(url)
+    for write in (store.load_into, store.switch):
+        with pytest.raises(modelstore.InputError, match="fuses its checkpoint's tensors") as e:
+            write(Qwen3MoeForCausalLM(cfg), "ft")
+        assert "modelstore export" in str(e.value) and "\n" not in str(e.value)
