@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from modelstore.errors import InputError
+from modelstore.inputs.architectures import checkpoint_renaming_of
 from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import AdapterInput
 from modelstore.kinds.lora import resolve_names
@@ -60,9 +61,10 @@ def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:
     """The full weights a PEFT adapter makes of the store's θ0 (the task's base): θ0 + s·B·A per
     adapted weight (transposed for fan_in_fan_out and embedding layouts), saved tensors replacing
     theirs. Only the adapted weights are held; the rest is read from θ0 when asked for."""
-    base = store._stored_base(store.entry(task)["base"])
-    adapter = resolve_names(AdapterInput.read(path).adapter, base.names(),
-                            {n: base.shape(n) for n in base.names()})
+    base_id = store.entry(task)["base"]
+    base = store._stored_base(base_id)
+    adapter = resolve_names(AdapterInput.read(path).adapter, base.names(), {n: base.shape(n) for n in base.names()},
+                            checkpoint_renaming_of(store.manifest["bases"][base_id].get("config_json")))
     merged: dict[str, torch.Tensor] = {}
     for m in adapter.modules.values():
         update = m.scale * (m.B.to(torch.float64) @ m.A.to(torch.float64))

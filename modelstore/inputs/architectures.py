@@ -1,13 +1,17 @@
-"""transformers architectures from a config.json: the class a task was fine-tuned as, and
-transformers' loading chatter held back. transformers is an optional dependency, imported only
-when a model is built."""
+"""transformers architectures from a config.json: the class a task was fine-tuned as, how
+transformers renames a checkpoint's names as it loads one into it, and transformers' loading
+chatter held back. transformers is an optional dependency, imported only when a model is built.
+
+transformers 5 renames some architectures' modules and keeps their checkpoints' names, renaming
+as it loads (ViT's `encoder.layer.0.attention.attention.query` is the module
+`layers.0.attention.q_proj`); it fuses others' (a MoE's experts stacked into one tensor)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -96,22 +100,66 @@ def config_from_json(transformers: Any, text: str, what: str) -> Any:
                          "transformers does not know; upgrade transformers") from None
 
 
-def architecture_names(config_json: str | None) -> set[str] | None:
-    """The state-dict names of the model transformers builds from a checkpoint's config.json (on
-    the meta device: no memory, no weights), or None where that cannot be known: no config.json,
-    no transformers, or a config it cannot build. What tells a fine-tune whose class leaves out a
-    tensor of its base (a token classifier, no pooler) from a checkpoint that lost one."""
+def _same(name: str) -> str:
+    return name
+
+
+def not_fused(name: str) -> str | None:
+    return None
+
+
+def checkpoint_renaming(model: Any) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
+    """How transformers renames a checkpoint's names when it loads one into `model` (its
+    conversion mapping's renamings), and the tensor it fuses a name into (its converters; None
+    for a name it does not fuse); neither for other modules and other transformers."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
+    except ImportError:  # transformers absent, or one without conversion mappings
+        return _same, not_fused
+    if not isinstance(model, PreTrainedModel):
+        return _same, not_fused
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+
+    def fused(name: str) -> str | None:
+        into, pattern = apply_converters(apply_renamings(name, renamings), converters)
+        return into if pattern is not None else None
+
+    return ((lambda name: apply_renamings(name, renamings)) if renamings else _same,
+            fused if converters else not_fused)
+
+
+def _meta_model(config_json: str | None) -> Any:
+    """The model transformers builds from a checkpoint's config.json, on the meta device (no
+    memory, no weights); None where that cannot be known: no config.json, no transformers, or a
+    config it cannot build."""
     if not config_json:
         return None
     try:
         import transformers
         config = config_from_json(transformers, config_json, "the checkpoint")
         with no_loading_bars(), quiet_load_report(), torch.device("meta"):
-            model = model_class(transformers, None, config)(config)
+            return model_class(transformers, None, config)(config)
     except Exception:  # noqa: BLE001 - any config transformers cannot build: unknown, as without one
         return None
-    return set(model.state_dict())
 
 
-__all__ = ["architecture_names", "config_from_json", "model_class", "no_loading_bars", "quiet_load_report",
-           "transformers_module"]
+def checkpoint_renaming_of(config_json: str | None) -> Callable[[str], str]:
+    """checkpoint_renaming's renaming for the model a config.json names (none where unknown)."""
+    return checkpoint_renaming(_meta_model(config_json))[0]
+
+
+def architecture_names(config_json: str | None) -> set[str] | None:
+    """The state-dict names of the model transformers builds from a checkpoint's config.json (on
+    the meta device: no memory, no weights), or None where that cannot be known: no config.json,
+    no transformers, or a config it cannot build. What tells a fine-tune whose class leaves out a
+    tensor of its base (a token classifier, no pooler) from a checkpoint that lost one."""
+    model = _meta_model(config_json)
+    return None if model is None else set(model.state_dict())
+
+
+__all__ = ["architecture_names", "checkpoint_renaming", "checkpoint_renaming_of", "config_from_json", "model_class",
+           "no_loading_bars", "not_fused", "quiet_load_report", "transformers_module"]

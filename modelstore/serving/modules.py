@@ -8,23 +8,22 @@ with a name the task has, and a tensor is written once per pass whichever of its
 Every write of a task into a model (load_into, switch, load_model, eval, export) places the task's
 tensors by `ModuleTensors.fit`, so they all agree on which model tensor each task tensor is.
 
-transformers 5 renames some architectures' modules and keeps their checkpoints' names, renaming
-as it loads (ViT's `encoder.layer.0.attention.attention.query` is the module
-`layers.0.attention.q_proj`): a task's name that matches no model tensor is tried as transformers
-would rename it for this model. Names it fuses into other tensors (a MoE's experts stacked into
-one) have no tensor of their own to be written into in place: a write refuses them, saying so.
+A task's name that matches no model tensor is tried as transformers renames it as it loads a
+checkpoint into this model (modelstore.inputs.architectures.checkpoint_renaming). Names it fuses
+into other tensors (a MoE's experts stacked into one) have no tensor of their own to be written
+into in place: a write refuses them, saying so.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from modelstore.errors import InputError
+from modelstore.inputs.architectures import checkpoint_renaming, not_fused
 from modelstore.inputs.naming import match_names
 
 
@@ -36,38 +35,6 @@ def _storage_key(t: torch.Tensor) -> tuple:
 
 
 _HINT = "build the model as the architecture the task was fine-tuned as (modelstore.load_model does)"
-
-
-def _same(name: str) -> str:
-    return name
-
-
-def _none(name: str) -> str | None:
-    return None
-
-
-def _checkpoint_renaming(model: Any) -> tuple[Callable[[str], str], Callable[[str], str | None]]:
-    """How transformers renames a checkpoint's names when it loads one into `model` (its
-    conversion mapping's renamings), and the tensor it fuses a name into (its converters; None
-    for a name it does not fuse); neither for other modules and other transformers."""
-    try:
-        from transformers import PreTrainedModel
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
-    except ImportError:  # transformers absent, or one without conversion mappings
-        return _same, _none
-    if not isinstance(model, PreTrainedModel):
-        return _same, _none
-    mapping = get_model_conversion_mapping(model)
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-
-    def fused(name: str) -> str | None:
-        into, pattern = apply_converters(apply_renamings(name, renamings), converters)
-        return into if pattern is not None else None
-
-    return ((lambda name: apply_renamings(name, renamings)) if renamings else _same,
-            fused if converters else _none)
 
 
 @dataclass(frozen=True)
@@ -100,12 +67,12 @@ class ModuleTensors:
         first: dict[tuple, str] = {}
         #: name -> the first name of the tensor it shares storage with (itself if none)
         self.owner = {n: first.setdefault(_storage_key(t), n) for n, t in self.tensors.items()}
-        self.renamed, self.fused = _checkpoint_renaming(model)
+        self.renamed, self.fused = checkpoint_renaming(model)
 
     @property
     def fuses(self) -> bool:
         """Whether transformers fuses some checkpoint tensors into others as it loads this model."""
-        return self.fused is not _none
+        return self.fused is not not_fused
 
     @property
     def device(self) -> torch.device:

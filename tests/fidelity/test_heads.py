@@ -29,6 +29,15 @@ def _ref_and_stored(cls, url: str, task: str, tmp_path):
     return ref, modelstore.load_model(task, url, dtype=torch.float32)
 
 
+def _calibrated(cls, tmp_path, scale: float, task: str, rows: list, **cfg):
+    """A tiny BERT `cls` fine-tuned at `scale` and calibrated on `rows` (_calibrated_pair), its
+    choice lossy: (store url, calibration file, record, original, stored task, tokenizer)."""
+    m, tok = _models(cls, tmp_path, **cfg)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, scale, task, rows)
+    _lossy(f)
+    return url, cal, f, *_ref_and_stored(cls, url, task, tmp_path), tok
+
+
 def _lossy(f: dict) -> None:
     """The chosen candidate is lossy, so the counts it is checked against are not trivially all."""
     assert f["setting"]["kind"] == "fft" and 0.9 <= f["agreement"] < 1, f["candidates"]
@@ -42,11 +51,9 @@ def test_a_classifier_of_text_pairs_is_calibrated_and_evaluated_on_both_texts(tm
     """An entailment-style classifier reads each text with its text_pair: the record's KL is that of
     the pairs (not of the first texts alone), and eval's agreement too."""
     from transformers import BertForSequenceClassification
-    m, tok = _models(BertForSequenceClassification, tmp_path, num_labels=3, initializer_range=0.2)
     rows = _pair_rows(40)
-    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.01, "nli", rows)
-    _lossy(f)
-    ref, stored = _ref_and_stored(BertForSequenceClassification, url, "nli", tmp_path)
+    url, cal, f, ref, stored, tok = _calibrated(BertForSequenceClassification, tmp_path, 0.01, "nli", rows,
+                                                num_labels=3, initializer_range=0.2)
 
     def counts(pairs: bool) -> tuple[int, float]:
         agree, kl = 0, 0.0
@@ -71,12 +78,10 @@ def test_a_multi_label_head_agrees_label_by_label(tmp_path):
     """Each label of a sigmoid head is a yes/no prediction; eval also counts the texts given exactly
     the original's set of labels."""
     from transformers import BertForSequenceClassification
-    m, tok = _models(BertForSequenceClassification, tmp_path, num_labels=4, initializer_range=0.2,
-                     problem_type="multi_label_classification")
     texts = _texts(30, 3)
-    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.02, "tags", texts)
-    _lossy(f)
-    ref, stored = _ref_and_stored(BertForSequenceClassification, url, "tags", tmp_path)
+    url, cal, f, ref, stored, tok = _calibrated(BertForSequenceClassification, tmp_path, 0.02, "tags", texts,
+                                                num_labels=4, initializer_range=0.2,
+                                                problem_type="multi_label_classification")
     agree = same = 0
     with torch.no_grad():
         for t in texts:
@@ -130,11 +135,8 @@ def test_a_masked_lm_is_calibrated_on_the_tokens_it_is_given_masked(tmp_path):
     """The same tokens of each text are masked in every run and at any batch size; the record's
     agreement, eval's, and both models' accuracy at the masked tokens are counted here text by text."""
     from transformers import BertForMaskedLM
-    m, tok = _models(BertForMaskedLM, tmp_path)
     texts = _texts(40, 3)
-    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.005, "mlm", texts)
-    _lossy(f)
-    ref, stored = _ref_and_stored(BertForMaskedLM, url, "mlm", tmp_path)
+    url, cal, f, ref, stored, tok = _calibrated(BertForMaskedLM, tmp_path, 0.005, "mlm", texts)
     agree = masked = right_ref = right_stored = 0
     with torch.no_grad():
         for i, t in enumerate(texts):
@@ -159,11 +161,8 @@ def test_an_extractive_qa_model_agrees_on_answer_starts_and_ends(tmp_path):
     prediction each; eval counts the texts whose span is the original's. Data without contexts is
     refused in one line."""
     from transformers import BertForQuestionAnswering
-    m, tok = _models(BertForQuestionAnswering, tmp_path)
     rows = [{"question": q, "context": c} for q, c in zip(_texts(30, 3), _texts(30, 5))]
-    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.01, "qa", rows)
-    _lossy(f)
-    ref, stored = _ref_and_stored(BertForQuestionAnswering, url, "qa", tmp_path)
+    url, cal, f, ref, stored, tok = _calibrated(BertForQuestionAnswering, tmp_path, 0.01, "qa", rows)
     agree = same = 0
     with torch.no_grad():
         for r in rows:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -172,15 +172,26 @@ def resolve_names(
     adapter: LoraAdapter,
     base_names: Iterable[str],
     shapes: Mapping[str, Sequence[int]] | None = None,
+    renamed: Callable[[str], str] | None = None,
 ) -> LoraAdapter:
     """Point every target at a base-checkpoint tensor name, so an adapter trained on a task model
     (`bert.encoder...`) applies to a base saved from the bare model (`encoder...`) and vice versa.
 
     Tries the exact name, then the name with its first component stripped or with one component
-    added; zero or several candidates raise LoraError. Saved tensors the base lacks (a new
+    added; zero or several candidates raise LoraError. A target that matches none is tried against
+    the base's names as `renamed` (transformers' renaming of the base's checkpoint names into its
+    modules': PEFT names modules, `layers.0.attention.q_proj` where a transformers 5 ViT checkpoint
+    says `encoder.layer.0.attention.attention.query`). Saved tensors the base lacks (a new
     classifier head) keep their PEFT name. With `shapes`, each update must match its base weight.
     """
-    candidates = NameMatcher(base_names).candidates
+    base_names = list(base_names)
+    by_name = NameMatcher(base_names).candidates
+    module_names = {renamed(n): n for n in base_names} if renamed is not None else {}
+    by_module = NameMatcher([m for m, n in module_names.items() if m != n]).candidates
+
+    def candidates(target: str) -> list[str]:
+        return by_name(target) or [module_names[m] for m in by_module(target)]
+
     modules = {}
     for key, module in adapter.modules.items():
         found = candidates(module.target)

@@ -22,6 +22,7 @@ from modelstore._runtime.units import human_bytes, percent
 from modelstore.format import dtypes
 from modelstore.format.manifest import BaseEntry, TableEntry, TaskEntry
 from modelstore.format.payload import PayloadWriter, Segments
+from modelstore.inputs.architectures import checkpoint_renaming_of
 from modelstore.inputs.hub import resolve_input
 from modelstore.inputs.sources import TensorSource
 from modelstore.kinds.base import BaseTensors, Edit, Replace, TaskKind
@@ -159,7 +160,8 @@ class LowRankAdapter(TaskKind):
     def write(self, out: PayloadWriter, task: str, source: AdapterInput, base: TensorSource, base_entry: BaseEntry,
               options: LoraOptions, progress: bool) -> dict[str, Any]:
         opts = options.resolved()
-        adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()})
+        adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()},
+                                checkpoint_renaming_of(base_entry.get("config_json")))
         lows = compress_adapter(adapter, rank=opts.rank, energy=opts.energy)
         fw = out.declare(FACTORS, "float32", sum(low.rank * (low.U.shape[0] + low.V.shape[0] + 1)
                                                  for low in lows.values()))

@@ -231,3 +231,49 @@ def test_verify_takes_the_adapter_or_the_merged_model(bert_lora, tmp_path):
     for args in ([], ["--lora", bert_lora["ad1"], "--original", merged]):
         r = runner.invoke(main, ["verify", url, "cut", *args])
         assert r.exit_code == 1 and "one of them" in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_a_peft_adapter_of_a_vit_whose_modules_transformers_renames(tmp_path):
+    """PEFT names a transformers 5 ViT's modules (`layers.0.attention.q_proj`) where its checkpoint
+    keeps `encoder.layer.0.attention.attention.query`: the adapter is placed on the base tensors
+    transformers renames to those modules. The stored task at full rank is PEFT's merge_and_unload
+    (a ViT classifier's adapter, `vit.`-prefixed, over a bare ViTModel base); verify --lora agrees
+    and load_model serves it; the PEFT export loads back into a fresh model."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    base = ViTModel(cfg, add_pooling_layer=False)
+    base.save_pretrained(tmp_path / "pre")
+
+    def fresh():
+        m = ViTForImageClassification(cfg)
+        m.vit.load_state_dict(base.state_dict())
+        torch.manual_seed(9)
+        torch.nn.init.normal_(m.classifier.weight)
+        return m
+
+    merged = _adapter(fresh(), tmp_path / "ad", 1, r=4, target_modules=["q_proj", "v_proj", "fc1"],
+                      modules_to_save=["classifier"])
+    keys = list(__import__("safetensors.torch").torch.load_file(str(tmp_path / "ad" / "adapter_model.safetensors")))
+    assert any(".q_proj.lora_A" in k for k in keys)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    modelstore.add_lora_task(url, "t", str(tmp_path / "ad"), rank=4)
+    stored = modelstore.load("t", url)
+    renamed = {"vit.encoder.layer.1.attention.attention.query.weight": "vit.layers.1.attention.q_proj.weight",
+               "vit.encoder.layer.0.intermediate.dense.weight": "vit.layers.0.mlp.fc1.weight"}
+    for checkpoint_name, module_name in renamed.items():
+        got = stored.get(checkpoint_name, stored.get(checkpoint_name.removeprefix("vit.")))
+        assert got is not None and not torch.equal(got, base.state_dict()[module_name.removeprefix("vit.")])
+        torch.testing.assert_close(got, merged[module_name], rtol=1e-5, atol=1e-6)
+    r = json.loads(CliRunner().invoke(main, ["verify", url, "t", "--lora", str(tmp_path / "ad"), "--json"]).output)
+    assert r["ok"] and r["rel_error"] < 1e-6
+    served = modelstore.load_model("t", url, ViTForImageClassification).state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(served[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    r = CliRunner().invoke(main, ["export", url, "t", str(tmp_path / "out"), "--format", "peft"])
+    assert r.exit_code == 0, r.output
+    again = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "out")).merge_and_unload().state_dict()
+    for k, v in merged.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-5, atol=1e-6, msg=k)
