@@ -118,7 +118,7 @@ def _fidelity_options(f: Callable) -> Callable:
         click.option("--device", default=None, help="with --calibration: where the models run (cpu, cuda, cuda:1) "
                      "[default: cpu]"),
         click.option("--max-examples", type=int, default=None,
-                     help="with --calibration: the first N texts of the file are used [default: 256]"),
+                     help="with --calibration: the first N examples of the file are used [default: 256]"),
     ]):
         f = decorate(f)
     return f
@@ -260,8 +260,8 @@ _base_codec_option = click.option(
               help="only tensors whose name matches are merged and sparsified")
 @click.option("--exclude", default=None, metavar="REGEX", help="tensors whose name matches are stored dense per task")
 @click.option("--calibration", "calibration", multiple=True, metavar="NAME=FILE",
-              help="task NAME's own inputs (JSON lines or CSV with a text field): it is kept at the fewest bytes "
-                   "whose predictions agree with its original's on them (repeat per task)")
+              help="task NAME's own inputs (JSON lines or CSV, as add-task --calibration reads them): it is kept at "
+                   "the fewest bytes whose predictions agree with its original's on them (repeat per task)")
 @_fidelity_options
 @_base_codec_option
 @_json_option
@@ -337,8 +337,9 @@ def init(ctx: click.Context, store: str, pretrained: str, base_codec: str, as_js
                    "with a merge)")
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
 @click.option("--calibration", default=None, metavar="FILE",
-              help="the task's own inputs (JSON lines or CSV with a text field; labels not needed): keep the "
-                   "cheapest representation whose predictions agree with the original's on them")
+              help="the task's own inputs (JSON lines or CSV: a text field, with text_pair for pairs; question and "
+                   "context for QA; an image path for image models; labels not needed): keep the cheapest "
+                   "representation whose predictions agree with the original's on them")
 @_fidelity_options
 @_json_option
 @click.pass_context
@@ -594,7 +595,7 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 @click.option("--original", required=True, help="the task's original: a transformers model directory")
 @click.option("--data", required=True,
               help='JSON lines: {"text": ...} with an optional "text_pair" and "label" (an extractive QA model\'s: '
-                   '"question" and "context"), or CSV with those columns')
+                   '"question" and "context"; an image model\'s: "image", a path), or CSV with those columns')
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, truncated")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
