@@ -72,8 +72,10 @@ def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[s
 def add_lora_task(store: str | os.PathLike[str], name: str, adapter: str | os.PathLike[str], *,
                   rank: int | None = None, energy: float | None = None,
                   pretrained: str | os.PathLike[str] | None = None, overwrite: bool = False,
-                  storage_options: Mapping[str, Any] | None = None, progress: bool = False) -> Store:
-    """Add a PEFT LoRA adapter to the store at `store` (PERU-LoRA); see `Store.add_lora_task`.
+                  storage_options: Mapping[str, Any] | None = None, progress: bool = False,
+                  **calibrated: Any) -> Store:
+    """Add a PEFT LoRA adapter to the store at `store` (PERU-LoRA); see `Store.add_lora_task`
+    (`**calibrated`: `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`).
 
     >>> modelstore.add_lora_task("store", "sst2-lora", "adapters/sst2", rank=4)
 
@@ -82,7 +84,7 @@ def add_lora_task(store: str | os.PathLike[str], name: str, adapter: str | os.Pa
     """
     s = open_store(store, mode="a", storage_options=storage_options)
     s.add_lora_task(name, adapter, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
-                    progress=progress)
+                    progress=progress, **calibrated)
     return s
 
 

@@ -358,13 +358,11 @@ def add_task(ctx: click.Context, store: str, name: str, path: str | None, kind: 
         raise InputError(f"--{next(iter(fidelity)).replace('_', '-')} applies with --calibration FILE")
     options = _given_kind_options(flags)
     if lora is not None:
-        if calibration is not None:
-            raise InputError("--calibration applies to full fine-tuned models, not --lora adapters")
         if options or _given(ctx, "kind"):
             raise InputError(f"{'--kind' if _given(ctx, 'kind') else '--' + next(iter(options)).replace('_', '-')} "
                              "applies to full fine-tuned models, not --lora adapters")
         s = add_lora(store, name, lora, rank=rank, energy=energy, pretrained=pretrained, overwrite=overwrite,
-                     storage_options=so, progress=_progress(ctx, as_json))
+                     storage_options=so, progress=_progress(ctx, as_json), calibration=calibration, **fidelity)
     else:
         assert path is not None  # one of path and lora, checked above
         if rank is not None or energy is not None:
@@ -392,6 +390,8 @@ def _setting_words(setting: dict[str, Any]) -> str:
         words.append(f"keep {100 * setting['keep']:g}%")
     if setting.get("dare_q") is not None:
         words.append(f"q {setting['dare_q']:g}")
+    if setting.get("rank") is not None:
+        words.append(f"rank {setting['rank']}")
     return " ".join(str(w) for w in words if w is not None)
 
 

@@ -30,7 +30,7 @@ from modelstore.errors import (
     TaskExistsError,
     TaskNotFoundError,
 )
-from modelstore.fidelity.choose import StoreSide, checkpoint_tensors, choose
+from modelstore.fidelity.choose import StoreSide, adapted_tensors, checkpoint_tensors, choose
 from modelstore.fidelity.data import Calibration, as_calibration
 from modelstore.fidelity.runner import Runner, Tensors, preprocessor_for
 from modelstore.fidelity.search import Setting, Skip, Target
@@ -54,7 +54,8 @@ from modelstore.format.payload import (
     PayloadWriter,
     Segments,
 )
-from modelstore.inputs.sources import Checkpoint, open_checkpoint
+from modelstore.inputs.architectures import checkpoint_renaming_of
+from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import (
     AdapterInput,
     LoraOptions,
@@ -65,6 +66,7 @@ from modelstore.kinds import (
     get_kind,
 )
 from modelstore.kinds.base import Edit, Replace
+from modelstore.kinds.lora import resolve_names
 from modelstore.serving import switching
 from modelstore.serving.modules import ModuleTensors, Placement
 from modelstore.storage import Location
@@ -733,21 +735,9 @@ class Store:
         fft_base = fft.base_id(self.manifest["bases"], base)
         config = task_config_file(ck).get(TASK_CONFIG)
         config_json = config.decode() if config else self._base_entry(fft_base).get("config_json")
-        try:
-            dev = torch.device(device or "cpu")
-        except (RuntimeError, TypeError):
-            raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
-        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-            raise InputError(f"--device {device}: this machine's torch sees {torch.cuda.device_count()} CUDA "
-                             "device(s); use --device cpu or another index")
-
-        def preprocessor(images: bool) -> Any:  # asked for once the architecture is known to give predictions
-            return preprocessor_for(os.path.dirname(ck.path) if os.path.isfile(ck.path) else ck.path,
-                                    lambda: self.model_files(fft_base), f"task {name!r}", images)
-
-        floats = Counter(ck.dtype(n) for n in ck.names() if ck.dtype(n).is_floating_point)
-        main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype
-        runner = Runner(name, calibration, config_json, preprocessor, dev, main_dtype, progress)
+        runner = self._runner(name, calibration, config_json, os.path.dirname(ck.path) if os.path.isfile(ck.path)
+                              else ck.path, fft_base, device, ck, progress)
+        dev, main_dtype = runner.device, runner.checkpoint_dtype
         info = source_info(ck)
         bases = self.manifest["bases"]
         used: dict[str, dict[str, BaseEntry]] = {}  # payload -> the bases it was written against
@@ -776,9 +766,36 @@ class Store:
                                 else "float16", dare=dare, dare_positions=options.positions)
         return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
 
+    def _runner(self, name: str, calibration: Calibration, config_json: str | None, directory: str, base_id: str,
+                device: str | torch.device | None, weights: TensorSource, progress: bool) -> Runner:
+        """The model calibration runs task `name` in, on `device`, prepared as `weights` (most of
+        whose tensors' dtype it takes off the CPU), with the tokenizer or image processor in the
+        input's `directory`, else the one base `base_id` keeps.
+
+        Raises:
+            InputError: a bad device, or a model or data calibration cannot run (Runner).
+        """
+        try:
+            dev = torch.device(device or "cpu")
+        except (RuntimeError, TypeError):
+            raise InputError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise InputError(f"--device {device}: this machine's torch sees {torch.cuda.device_count()} CUDA "
+                             "device(s); use --device cpu or another index")
+
+        def preprocessor(images: bool) -> Any:  # asked for once the architecture is known to give predictions
+            return preprocessor_for(directory, lambda: self.model_files(base_id), f"task {name!r}", images)
+
+        floats = Counter(weights.dtype(n) for n in weights.names() if weights.dtype(n).is_floating_point)
+        main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype
+        return Runner(name, calibration, config_json, preprocessor, dev, main_dtype, progress)
+
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
                       energy: float | None = None, pretrained: str | os.PathLike[str] | None = None,
-                      overwrite: bool = False, progress: bool = False) -> TaskEntry:
+                      overwrite: bool = False, progress: bool = False,
+                      calibration: Calibration | str | os.PathLike[str] | None = None,
+                      min_agreement: float | None = None, max_kl: float | None = None,
+                      device: str | torch.device | None = None, max_examples: int | None = 256) -> TaskEntry:
         """Add a PEFT LoRA adapter as task `name`: rank-q SVD factors of each update, on θ0 (PERU-LoRA).
 
         Args:
@@ -791,6 +808,12 @@ class Store:
                 with a merge); checked against the fingerprint of the model the store was built from.
             overwrite: replace an existing task of that name.
             progress: draw a progress bar on a terminal.
+            calibration: the task's own inputs (as add_task takes them): the adapter's model
+                (θ0's architecture, from the config.json θ0 keeps) and the task at ranks 1, 2, 4...
+                up to the adapter's run on them, and the smallest rank meeting `min_agreement`
+                (default 0.99) or `max_kl` is kept, with a `fidelity` record in its entry; the
+                adapter's own rank when none below does.
+            min_agreement, max_kl, device, max_examples: with `calibration`, as add_task takes them.
 
         Returns:
             The task's manifest entry.
@@ -799,6 +822,11 @@ class Store:
             LoraError: the adapter is not plain LoRA (DoRA, biases...) or does not fit the base.
             InputError: a bad option; TaskExistsError: the task exists and not `overwrite`.
         """
+        if calibration is None and (min_agreement is not None or max_kl is not None or device is not None):
+            raise InputError("--min-agreement, --max-kl and --device apply with --calibration FILE")
+        if calibration is not None and (rank is not None or energy is not None):
+            raise InputError(f"--{'rank' if rank is not None else 'energy'} is chosen by --calibration; drop one "
+                             "of them")
         opts = LoraOptions(rank, energy).resolved()
         check_task_name(name)
         self._refresh()
@@ -809,8 +837,41 @@ class Store:
                 raise InputError(f"{self.url} keeps no pre-trained base (θ0), which LoRA tasks sit on; "
                                  "pass --pretrained PATH (the model this store was built from) once")
             self.add_pretrained(pretrained, progress)
+        if calibration is not None:
+            return self._add_lora_calibrated(name, source, as_calibration(calibration, max_examples),
+                                             _target(min_agreement, max_kl, {}), device, overwrite, progress)
         return self._write_task(name, get_kind("lora"), source, opts, base=None, source_info=source.source_info(),
                                 overwrite=overwrite, progress=progress)
+
+    def _add_lora_calibrated(self, name: str, source: AdapterInput, calibration: Calibration, target: Target | None,
+                             device: str | torch.device | None, overwrite: bool, progress: bool) -> TaskEntry:
+        """add_lora_task with `calibration` (see there): each rank written as a payload of `name`,
+        measured as stored; the chosen one committed, the others deleted."""
+        assert target is not None  # no option that _target reads as DARE's
+        self._require_writable()
+        base = self._stored_base("pretrained")
+        adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()},
+                                checkpoint_renaming_of(self._base_entry("pretrained").get("config_json")))
+        runner = self._runner(name, calibration, self._base_entry("pretrained").get("config_json"), source.path,
+                              "pretrained", device, base, progress)
+        kind, info = get_kind("lora"), source.source_info()
+        largest = max(m.r for m in adapter.modules.values())
+        ranks = sorted({*(2 ** i for i in range(largest.bit_length()) if 2 ** i < largest), largest})
+        used: dict[str, dict[str, BaseEntry]] = {}
+
+        def write(setting: Setting) -> tuple[dict[str, Any], str]:
+            written = self._write_task_payload(name, kind, source, LoraOptions(rank=setting["rank"]),
+                                               source_info=info, overwrite=overwrite)
+            used[written.path] = written.bases
+            return cast(dict[str, Any], written.entry), written.path
+
+        def tensors(entry: dict[str, Any]) -> Tensors:
+            return lambda check: self._tensors(name, cast(TaskEntry, entry), runner.device, None, check)
+
+        side = StoreSide(write, tensors, self._discard_payload)
+        entry, payload = choose(name, calibration, target, runner, adapted_tensors(adapter, base, runner.device),
+                                side, ranks=ranks)
+        return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
 
     def remove(self, name: str) -> None:
         """Remove task `name`: its manifest entry first, then its arrays.

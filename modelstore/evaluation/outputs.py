@@ -72,8 +72,8 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
     if kind is None:
-        raise InputError(f"{original} is a {arch}; eval runs sequence and token classifiers, masked, causal and "
-                         "encoder-decoder LMs and extractive QA models")
+        raise InputError(f"{original} is a {arch}; eval runs sequence, image and token classifiers, masked, causal "
+                         "and encoder-decoder LMs and extractive QA models")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         ref = cls.from_pretrained(original).eval()

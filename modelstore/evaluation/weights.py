@@ -67,8 +67,7 @@ def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:
                             checkpoint_renaming_of(store.manifest["bases"][base_id].get("config_json")))
     merged: dict[str, torch.Tensor] = {}
     for m in adapter.modules.values():
-        update = m.scale * (m.B.to(torch.float64) @ m.A.to(torch.float64))
-        merged[m.target] = base.get(m.target).to(torch.float64) + (update if m.layout == "linear" else update.T)
+        merged[m.target] = base.get(m.target).to(torch.float64) + m.update()
     merged.update({s.target: s.tensor for s in adapter.saved.values()})
     return _Overlay(base, merged)
 

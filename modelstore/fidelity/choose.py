@@ -1,5 +1,5 @@
 """Calibrated add-task: run the original on the calibration data, search the candidates
-(fidelity.search) or tune DARE's rescale, and describe what was chosen in the task's `fidelity`
+(fidelity.search; a LoRA task's ranks) or tune DARE's rescale, and describe what was chosen in the task's `fidelity`
 record (spec/FORMAT.md). The store writes, reads back and discards candidates through the three
 functions of `StoreSide`: every candidate is measured as stored, from its own payload, so the
 record describes the bytes that are kept, not a prediction of them."""
@@ -7,7 +7,7 @@ record describes the bytes that are kept, not a prediction of them."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,9 @@ from modelstore.fidelity.search import (
     Tried,
     Written,
     search,
+    search_rank,
 )
+from modelstore.kinds.lora import LoraAdapter
 
 
 @dataclass
@@ -69,20 +71,24 @@ def _setting_of(entry: dict[str, Any], setting: Setting) -> Setting:
 
 
 def choose(task: str, calibration: Calibration, target: Target | None, runner: Runner,
-           original: Tensors, side: StoreSide, *, full_bytes: int, float_dtype: str,
-           dare: Setting | None = None, dare_positions: str = "stored") -> tuple[dict[str, Any], str]:
+           original: Tensors, side: StoreSide, *, full_bytes: int = 0, float_dtype: str = "float16",
+           dare: Setting | None = None, dare_positions: str = "stored",
+           ranks: Sequence[int] | None = None) -> tuple[dict[str, Any], str]:
     """The chosen candidate's entry (with its `fidelity` record) and payload path, not yet
     committed; every other candidate written is deleted.
 
-    With `target`, the search of fidelity.search; else `dare` (an explicit DARE setting) with its
-    rescale tuned on the calibration data (DAREx-q). `dare_positions`: how the search's DARE
-    candidates keep their positions.
+    With `target`, the search of fidelity.search (with `ranks`, a LoRA task's: the smallest of
+    them meeting it); else `dare` (an explicit DARE setting) with its rescale tuned on the
+    calibration data (DAREx-q). `dare_positions`: how the search's DARE candidates keep their
+    positions.
     """
     start = time.perf_counter()
     runner.fill(original)
     runner.take_reference()
     trials = _Trials(side, runner)
-    if target is not None:
+    if target is not None and ranks is not None:
+        outcome = search_rank(trials, target, ranks)
+    elif target is not None:
         outcome = search(trials, target, float_dtype=float_dtype, full_bytes=full_bytes, dare_positions=dare_positions)
     else:
         assert dare is not None
@@ -144,4 +150,25 @@ def checkpoint_tensors(source: Any, device: torch.device) -> Tensors:
     return tensors
 
 
-__all__ = ["StoreSide", "checkpoint_tensors", "choose"]
+def adapted_tensors(adapter: LoraAdapter, base: Any, device: torch.device) -> Tensors:
+    """The model a PEFT adapter makes of `base` (θ0), for Runner.fill: θ0 + s·B·A per adapted
+    weight (computed in float64 on `device`, as merge_and_unload merges), its saved tensors in
+    place of theirs, the rest θ0's."""
+    updates = {m.target: m for m in adapter.modules.values()}
+    saved = {s.target: s.tensor for s in adapter.saved.values()}
+    names = list(dict.fromkeys([*base.names(), *saved]))
+
+    def tensors(check: Callable[[dict[str, tuple[int, ...]]], None]) -> Any:
+        check({n: tuple(saved[n].shape) if n in saved else tuple(base.shape(n)) for n in names})
+        for n in names:
+            if n in saved:
+                yield n, saved[n].to(device)
+            elif n in updates:
+                t = base.get(n).to(device)
+                yield n, (t.double() + updates[n].update(device)).to(t.dtype)
+            else:
+                yield n, base.get(n).to(device)
+    return tensors
+
+
+__all__ = ["StoreSide", "adapted_tensors", "checkpoint_tensors", "choose"]

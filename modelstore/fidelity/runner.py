@@ -240,16 +240,17 @@ class Runner:
         arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
         kind = "custom" if calibration.outputs is not None else output_kind(arch, config)
         if kind is None:
-            raise InputError(f"task {task!r} is a {arch}, whose outputs are not predictions of text; calibration "
-                             "compares the predictions of sequence and token classifiers, masked, causal and "
-                             "encoder-decoder LMs and extractive QA models (in Python, Calibration(outputs=...) "
-                             "gives another model's logits)")
+            raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
+                             "calibration compares the predictions of sequence, image and token classifiers, "
+                             "masked, causal and encoder-decoder LMs and extractive QA models (in Python, "
+                             "Calibration(outputs=...) gives another model's logits)")
         if kind == "regression":
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
                              "far its outputs move with modelstore eval")
         needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}")
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
+        self.checkpoint_dtype = checkpoint_dtype
         cls = model_class(transformers, None, config)
         dtype = torch.float32 if device.type == "cpu" or not checkpoint_dtype.is_floating_point else checkpoint_dtype
         try:

@@ -19,6 +19,9 @@ whose few large entries matter, so both are searched.
    that misses), and the 1-bit kinds (skipped when the best already costs less than a bit mask).
 4. The exact kind when nothing met the target, or when the best costs more than EXACT_ABOVE of the
    checkpoint: it meets any target (its outputs are the original's) and is measured like the rest.
+
+A LoRA task's candidates are its ranks q (PERU-LoRA keeps each update's best rank-q part, so its
+outputs come nearer the adapter's as q grows): `search_rank` bisects over them.
 """
 
 from __future__ import annotations
@@ -156,7 +159,8 @@ def fft_setting(sparsify: str, keep: float, value_dtype: str | None, dare_q: flo
 
 
 class _Search:
-    def __init__(self, trials: Trials, target: Target, float_dtype: str, full_bytes: int, dare_positions: str):
+    def __init__(self, trials: Trials, target: Target, float_dtype: str = "float16", full_bytes: int = 0,
+                 dare_positions: str = "stored"):
         self.trials, self.target, self.float_dtype, self.full_bytes = trials, target, float_dtype, full_bytes
         self.fft = functools.partial(fft_setting, positions=dare_positions)
         self.tried: list[Tried] = []
@@ -197,17 +201,28 @@ class _Search:
             self.best = t
         return t
 
-    def smallest_keep(self, setting: Callable[[float], Setting]) -> int | None:
-        """Index into KEEPS of the smallest m whose candidate meets the target (bisection), or None."""
-        lo, hi = 0, len(KEEPS)
+    def smallest(self, values: Sequence[Any], setting: Callable[[Any], Setting]) -> int | None:
+        """Index into `values` (ascending) of the smallest whose candidate meets the target
+        (bisection), or None."""
+        lo, hi = 0, len(values)
         while lo < hi:
             mid = (lo + hi) // 2
-            t = self.run(setting(KEEPS[mid]))
+            t = self.run(setting(values[mid]))
             if t is not None and t.met:
                 hi = mid
             else:
                 lo = mid + 1
-        return lo if lo < len(KEEPS) else None
+        return lo if lo < len(values) else None
+
+    def ranks(self, ranks: Sequence[int]) -> None:
+        """The smallest LoRA rank meeting the target; the largest, measured whole, when none does."""
+        def setting(q: int) -> Setting:
+            return {"kind": "lora", "rank": q}
+
+        if self.smallest(ranks, setting) is None:  # the bisection measured the largest last
+            last = next(t for t in self.tried if t.written.setting == setting(ranks[-1]))
+            last.score = self.trials.measure(last.written)  # whole: its measurement may have stopped early
+            self.best = last
 
     def tuned_dare(self, keep: float) -> Tried | None:
         """DARE at `keep` with q tuned on the first examples (None when 1/m does as well there),
@@ -225,7 +240,7 @@ class _Search:
     def search(self) -> None:
         found: dict[str, int] = {}  # per sparsifier, the index of its smallest m met (len(KEEPS): none)
         for sparsify in ("dare", "magnitude"):
-            i = self.smallest_keep(functools.partial(self.fft, sparsify, value_dtype="int4"))
+            i = self.smallest(KEEPS, functools.partial(self.fft, sparsify, value_dtype="int4"))
             found[sparsify] = len(KEEPS) if i is None else i
         # DAREx-q below DARE's smallest m (all of KEEPS when none met the target)
         i = found["dare"]
@@ -258,10 +273,22 @@ def search(trials: Trials, target: Target, *, float_dtype: str, full_bytes: int,
     Raises:
         RuntimeError: not even the exact kind could be written (it always can: a bug).
     """
+    return _searched(trials, _Search(trials, target, float_dtype, full_bytes, dare_positions), _Search.search, seconds)
+
+
+def search_rank(trials: Trials, target: Target, ranks: Sequence[int],
+                seconds: Callable[[], float] = time.perf_counter) -> Outcome:
+    """The smallest LoRA rank of `ranks` (ascending; the last keeps each update whole) whose
+    candidate meets `target`, by bisection; the last, its record saying the target was not met,
+    when none does. Every other written candidate is discarded."""
+    return _searched(trials, _Search(trials, target), lambda s: s.ranks(ranks), seconds)
+
+
+def _searched(trials: Trials, s: _Search, run: Callable[[_Search], None], seconds: Callable[[], float]) -> Outcome:
+    """`run(s)`, then every candidate written but the best discarded (all of them on an error)."""
     start = seconds()
-    s = _Search(trials, target, float_dtype, full_bytes, dare_positions)
     try:
-        s.search()
+        run(s)
         if s.best is None:
             raise RuntimeError("no candidate met the target, not even the exact kind")
     except BaseException:
@@ -286,4 +313,4 @@ def _all_written(s: _Search) -> Sequence[Written]:
 
 
 __all__ = ["KEEPS", "Q_FACTORS", "Outcome", "Score", "Setting", "Skip", "Target", "Trials", "Tried", "Written",
-           "fft_setting", "search"]
+           "fft_setting", "search", "search_rank"]

@@ -203,7 +203,7 @@ def test_calibration_of_a_model_without_predictions_is_refused(bert_models, clas
     modelstore.init(url, bert_models["pre"])
     r = CliRunner().invoke(main, ["add-task", url, "alpha", bert_models["tasks"]["alpha"], "--calibration",
                                   classifiers["cal"]])
-    assert r.exit_code == 1 and "BertModel, whose outputs are not predictions" in r.output, r.output
+    assert r.exit_code == 1 and "BertModel, whose outputs are not class or token predictions" in r.output, r.output
     assert r.output.count("\n") == 1 and modelstore.open(url).tasks() == []
 
 

@@ -97,6 +97,11 @@ class LoraModule:
         d_out, d_in = self.B.shape[0], self.A.shape[1]
         return (d_out, d_in) if self.layout == "linear" else (d_in, d_out)
 
+    def update(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """scale * B @ A in float64 on `device`, in the base weight's layout (what PEFT adds to it)."""
+        u = self.scale * (self.B.to(device, torch.float64) @ self.A.to(device, torch.float64))
+        return u if self.layout == "linear" else u.T
+
 
 @dataclass(frozen=True)
 class SavedTensor:

@@ -1,0 +1,83 @@
+"""Calibrated LoRA tasks: the smallest rank q whose stored task agrees with the adapter's model on
+the calibration data, checked against PEFT's own merge_and_unload of the adapter, text by text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tokenizer
+from test_calibrated import _jsonl, _texts
+
+import modelstore
+from modelstore.cli import main
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def gpt2_adapter(tmp_path_factory):
+    """A tiny GPT-2 (saved as θ0, with its tokenizer), a rank-8 PEFT adapter of it on c_attn and c_fc
+    (Conv1D: fan_in_fan_out), PEFT's merged model of the two, and calibration texts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    root = tmp_path_factory.mktemp("lora-cal")
+    tok = make_tokenizer("gpt2")
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=32)).eval()
+    m.save_pretrained(root / "pre")
+    tok.save_pretrained(root / "pre")
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                                fan_in_fan_out=True, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.3)
+    pm.save_pretrained(root / "ad")
+    merged = pm.merge_and_unload().eval()
+    texts = _texts(24, 3)
+    return {"root": root, "tok": tok, "merged": merged, "texts": texts, "cal": _jsonl(root / "cal.jsonl", texts)}
+
+
+def test_the_smallest_rank_meeting_the_target_is_kept_and_its_record_is_peft_measured(gpt2_adapter, tmp_path):
+    g = gpt2_adapter
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(g["root"] / "pre"))
+    store = modelstore.open(url, mode="a")
+    entry = store.add_lora_task("t", str(g["root"] / "ad"), calibration=g["cal"], min_agreement=0.9)
+    f = entry["fidelity"]
+    q = f["setting"]["rank"]
+    assert entry["kind"] == "lora" and f["setting"] == {"kind": "lora", "rank": q} and f["output"] == "causal-lm"
+    assert f["met"] and f["agreement"] >= 0.9 and entry["params"]["rank"] == q
+    tried = {c["setting"]["rank"]: c for c in f["candidates"]}
+    assert set(tried) <= {1, 2, 4, 8} and 1 < q < 8, f["candidates"]  # the test needs a lossy choice above 1
+    assert all(not c["met"] for r, c in tried.items() if r < q) and q // 2 in tried
+    stored = modelstore.load_model("t", url, dtype=torch.float32)
+    agree = tokens = 0
+    with torch.no_grad():
+        for t in g["texts"]:
+            ids = g["tok"](t, return_tensors="pt").input_ids
+            a, b = g["merged"](ids).logits[0, :-1], stored(ids).logits[0, :-1]
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            tokens += ids.shape[1] - 1
+    assert f["predictions"] == tokens and agree < tokens
+    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+    assert modelstore.open(url).check().ok and sorted(modelstore.open(url).tasks()) == ["t"]
+
+
+def test_the_cli_calibrates_a_lora_task_and_refuses_a_rank_beside_it(gpt2_adapter, tmp_path):
+    g = gpt2_adapter
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(g["root"] / "pre"))
+    args = ["add-task", url, "t", "--lora", str(g["root"] / "ad"), "--calibration", g["cal"]]
+    r = CliRunner().invoke(main, [*args, "--min-agreement", "0.999", "--json"])
+    assert r.exit_code == 0, r.output
+    f = modelstore.open(url).entry("t")["fidelity"]
+    assert f["target"] == 0.999 and f["setting"]["rank"] in (4, 8)
+    r = CliRunner().invoke(main, ["info", url, "t"])
+    assert f"rank {f['setting']['rank']}" in r.output, r.output
+    for extra, what in [(["--rank", "4"], "--rank is chosen by --calibration"),
+                        (["--max-kl", "0.1", "--min-agreement", "0.9"], "not both")]:
+        r = CliRunner().invoke(main, [*args[:2], "u", *args[3:], *extra])
+        assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
+    assert modelstore.open(url).tasks() == ["t"]
