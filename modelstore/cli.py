@@ -592,7 +592,9 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
 @main.command("eval")
 @click.argument("store")
 @click.argument("task")
-@click.option("--original", required=True, help="the task's original: a transformers model directory")
+@click.option("--original", default=None, help="the task's original: a transformers model directory")
+@click.option("--lora", default=None, metavar="ADAPTER_DIR",
+              help="instead, a LoRA task's PEFT adapter: the original is the model it makes of the store's θ0")
 @click.option("--data", required=True,
               help='JSON lines: {"text": ...} with an optional "text_pair" and "label" (an extractive QA model\'s: '
                    '"question" and "context"; an image model\'s: "image", a path), or CSV with those columns')
@@ -602,15 +604,15 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
               help="exit with status 3 when the stored task's top-1 agreement with the original is below this")
 @_json_option
 @click.pass_context
-def eval_task(ctx: click.Context, store: str, task: str, original: str, data: str, batch_size: int, max_length: int,
-              min_agreement: float | None, as_json: bool) -> None:
+def eval_task(ctx: click.Context, store: str, task: str, original: str | None, lora: str | None, data: str,
+              batch_size: int, max_length: int, min_agreement: float | None, as_json: bool) -> None:
     """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
     sequence classifier (per label for a multi-label one; a regression head's outputs' differences);
     top-1 agreement and KL per token for a token classifier, per masked token for a masked LM (and
     both models' accuracy at them), per answer start and end for an extractive QA model; perplexity,
     top-1 next-token agreement and KL for a causal LM; top-1 agreement and KL on the original's
     greedy output, and how often the task generates that output, for an encoder-decoder LM."""
-    r = evaluate(_open(ctx, store), task, original, data, batch_size=batch_size, max_length=max_length,
+    r = evaluate(_open(ctx, store), task, original, data, lora=lora, batch_size=batch_size, max_length=max_length,
                  progress=_progress(ctx, as_json))
     agreement = r.get("agreement", r.get("top1_agreement"))
     if min_agreement is not None:

@@ -37,6 +37,7 @@ import torch
 
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError
+from modelstore.evaluation.weights import task_adapter
 from modelstore.fidelity.data import Examples, read_data
 from modelstore.fidelity.metrics import Agreement
 from modelstore.fidelity.runner import (
@@ -49,42 +50,64 @@ from modelstore.fidelity.runner import (
     preprocessor_for,
     rows_of,
 )
-from modelstore.inputs.architectures import model_class, no_loading_bars, quiet_load_report
+from modelstore.inputs.architectures import (
+    config_from_json,
+    model_class,
+    no_loading_bars,
+    quiet_load_report,
+    transformers_module,
+)
+from modelstore.serving.hf_models import load_model
+from modelstore.serving.modules import ModuleTensors
 from modelstore.store import Store
 
 
-def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: int = 16, max_length: int = 256,
-             progress: bool = False) -> dict[str, Any]:
-    """Metrics of `task` against `original` (a transformers model directory) on `data` (see the module).
+def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: str | None = None,
+             batch_size: int = 16, max_length: int = 256, progress: bool = False) -> dict[str, Any]:
+    """Metrics of `task` against `original` (a transformers model directory), or for a LoRA task
+    against the model its PEFT adapter `lora` makes of the store's θ0, on `data` (see the module).
 
     Raises:
-        InputError: an unsupported architecture, unreadable data, or a task that does not fit.
+        InputError: neither or both originals, an unsupported architecture, unreadable data, or a
+            task that does not fit.
     """
     if batch_size < 1 or max_length < 2:
         raise InputError("--batch-size must be at least 1 and --max-length at least 2")
-    try:
-        import transformers
-    except ImportError:
-        raise InputError("modelstore eval needs transformers: pip install transformers") from None
-    if not os.path.isfile(os.path.join(original, "config.json")):
+    if (original is None) == (lora is None):
+        raise InputError("give the task's original as a model directory (--original) or, for a LoRA task, as its "
+                         "PEFT adapter (--lora), one of them")
+    transformers = transformers_module("modelstore eval")
+    if original is not None and not os.path.isfile(os.path.join(original, "config.json")):
         raise InputError(f"--original {original}: not a transformers model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(original)
+    if original is not None:
+        config = transformers.AutoConfig.from_pretrained(original)
+    else:
+        config_json = store.task_config(task)
+        if not config_json:
+            raise InputError(f"task {task!r}'s base keeps no config.json to build its model from; compare it with "
+                             "--original, the adapter merged into a model directory")
+        config = config_from_json(transformers, config_json, f"task {task!r}")
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
     if kind is None:
-        raise InputError(f"{original} is a {arch}; eval runs sequence, image and token classifiers, masked, causal "
-                         "and encoder-decoder LMs and extractive QA models")
+        raise InputError(f"{original or task} is a {arch}; eval runs sequence, image and token classifiers, masked, "
+                         "causal and encoder-decoder LMs and extractive QA models")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
-        ref = cls.from_pretrained(original).eval()
-        with quiet_load_report():  # the same load as ref's: transformers reported its keys once
-            mine = cls.from_pretrained(original).eval()
-    store.load_into(mine, task)
+        if original is not None:
+            ref = cls.from_pretrained(original).eval()
+            with quiet_load_report():  # the same load as ref's: transformers reported its keys once
+                mine = cls.from_pretrained(original).eval()
+            store.load_into(mine, task)
+        else:
+            assert lora is not None
+            mine = load_model(task, store, cls, dtype=torch.float32)
+            ref = _adapted(store, task, lora, load_model(task, store, cls, dtype=torch.float32))
     examples = read_data(data, getattr(config, "label2id", None), labels=kind == "classification")
     needs_pairs(kind, examples.pairs, f"--data {data}")
     check_inputs(ref, examples.images, f"--data {data}")
-    preprocessor = preprocessor_for(original, lambda: store.model_files(store.entry(task)["base"]), f"task {task!r}",
-                                    examples.images is not None)
+    preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
+                                    f"task {task!r}", examples.images is not None)
     batches = _batches(preprocessor, kind, examples, batch_size, max_length, progress)
     if kind == "classification":
         out = _classifier(ref, mine, batches)
@@ -94,8 +117,21 @@ def evaluate(store: Store, task: str, original: str, data: str, *, batch_size: i
         out = _regression(ref, mine, batches)
     else:
         out = _predictions(kind, ref, mine, batches)
-    return {"task": task, "original": original, "data": data, "model": arch, "kind": kind,
+    return {"task": task, "original": original or lora, "data": data, "model": arch, "kind": kind,
             "examples": len(examples.images or examples.texts), **out}
+
+
+def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
+    """`model`, holding LoRA task `task` as stored, with each weight the PEFT adapter at `path`
+    adapts set to θ0 + s·B·A (its saved tensors are stored as they are): the adapter's model."""
+    adapter, base = task_adapter(store, task, path)
+    target = ModuleTensors(model)
+    placed = target.fit(task, [m.target for m in adapter.modules.values()], strict=False)
+    with torch.no_grad():
+        for m in adapter.modules.values():
+            dst = target.tensors[placed.model[m.target]]
+            dst.copy_(base.get(m.target).to(torch.float64) + m.update())
+    return model.eval()
 
 
 def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_length: int,

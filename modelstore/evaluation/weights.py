@@ -11,7 +11,7 @@ from modelstore.errors import InputError
 from modelstore.inputs.architectures import checkpoint_renaming_of
 from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import AdapterInput
-from modelstore.kinds.lora import resolve_names
+from modelstore.kinds.lora import LoraAdapter, resolve_names
 from modelstore.store import Store
 
 
@@ -57,14 +57,25 @@ def verify(store: Store, task: str, original: str | None = None, lora: str | Non
             "worst_tensor": max(per, key=per.__getitem__) if per else None, "tensors": per}
 
 
-def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:
-    """The full weights a PEFT adapter makes of the store's θ0 (the task's base): θ0 + s·B·A per
-    adapted weight (transposed for fan_in_fan_out and embedding layouts), saved tensors replacing
-    theirs. Only the adapted weights are held; the rest is read from θ0 when asked for."""
+def task_adapter(store: Store, task: str, path: str) -> tuple[LoraAdapter, TensorSource]:
+    """The PEFT adapter at `path`, its targets named as the tensors of `task`'s base (θ0), and
+    that base, read tensor by tensor.
+
+    Raises:
+        LoraError: the adapter is not plain LoRA or does not fit the base.
+    """
     base_id = store.entry(task)["base"]
     base = store._stored_base(base_id)
     adapter = resolve_names(AdapterInput.read(path).adapter, base.names(), {n: base.shape(n) for n in base.names()},
                             checkpoint_renaming_of(store.manifest["bases"][base_id].get("config_json")))
+    return adapter, base
+
+
+def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:
+    """The full weights a PEFT adapter makes of the store's θ0 (the task's base): θ0 + s·B·A per
+    adapted weight (transposed for fan_in_fan_out and embedding layouts), saved tensors replacing
+    theirs. Only the adapted weights are held; the rest is read from θ0 when asked for."""
+    adapter, base = task_adapter(store, task, path)
     merged: dict[str, torch.Tensor] = {}
     for m in adapter.modules.values():
         merged[m.target] = base.get(m.target).to(torch.float64) + m.update()

@@ -3,6 +3,8 @@ the calibration data, checked against PEFT's own merge_and_unload of the adapter
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -63,6 +65,15 @@ def test_the_smallest_rank_meeting_the_target_is_kept_and_its_record_is_peft_mea
     assert f["predictions"] == tokens and agree < tokens
     assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
     assert modelstore.open(url).check().ok and sorted(modelstore.open(url).tasks()) == ["t"]
+    # eval --lora builds the adapter's model itself: the same agreement on the same texts
+    args = ["eval", url, "t", "--data", g["cal"], "--json"]
+    r = CliRunner().invoke(main, [*args, "--lora", str(g["root"] / "ad")])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["kind"] == "causal-lm" and got["tokens"] == tokens
+    assert got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
+    r = CliRunner().invoke(main, [*args, "--lora", str(g["root"] / "ad"), "--original", str(g["root"] / "pre")])
+    assert r.exit_code == 1 and "one of them" in r.output and r.output.count("\n") == 1, r.output
 
 
 def test_the_cli_calibrates_a_lora_task_and_refuses_a_rank_beside_it(gpt2_adapter, tmp_path):
