@@ -837,6 +837,7 @@ class Store:
                 raise InputError(f"{self.url} keeps no pre-trained base (θ0), which LoRA tasks sit on; "
                                  "pass --pretrained PATH (the model this store was built from) once")
             self.add_pretrained(pretrained, progress)
+        source = source.with_model_config(self._base_entry("pretrained").get("config_json"))
         if calibration is not None:
             return self._add_lora_calibrated(name, source, as_calibration(calibration, max_examples),
                                              _target(min_agreement, max_kl, {}), device, overwrite, progress)
@@ -852,8 +853,8 @@ class Store:
         base = self._stored_base("pretrained")
         adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()},
                                 checkpoint_renaming_of(self._base_entry("pretrained").get("config_json")))
-        runner = self._runner(name, calibration, self._base_entry("pretrained").get("config_json"), source.path,
-                              "pretrained", device, base, progress)
+        config_json = source.config_json or self._base_entry("pretrained").get("config_json")
+        runner = self._runner(name, calibration, config_json, source.path, "pretrained", device, base, progress)
         kind, info = get_kind("lora"), source.source_info()
         largest = max(m.r for m in adapter.modules.values())
         ranks = sorted({*(2 ** i for i in range(largest.bit_length()) if 2 ** i < largest), largest})

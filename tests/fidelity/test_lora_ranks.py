@@ -92,3 +92,43 @@ def test_the_cli_calibrates_a_lora_task_and_refuses_a_rank_beside_it(gpt2_adapte
         r = CliRunner().invoke(main, [*args[:2], "u", *args[3:], *extra])
         assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
     assert modelstore.open(url).tasks() == ["t"]
+
+
+def test_a_classifier_adapter_over_a_bare_base_is_calibrated_and_served_as_the_classifier(tmp_path):
+    """A PEFT SEQ_CLS adapter (its 3-label head saved whole) of a BertForSequenceClassification
+    whose θ0 was saved as a bare BertModel: the task keeps the config of the classifier its
+    task_type names, with the head's labels, so calibration runs it, load_model builds it and its
+    export loads as it; the record is what PEFT's merged classifier gives, text by text."""
+    from conftest import tiny_bert_config
+    from transformers import BertForSequenceClassification, BertModel
+    tok = make_tokenizer("bert")
+    cfg = tiny_bert_config(vocab_size=len(tok), max_position_embeddings=64, num_labels=3, initializer_range=0.2)
+    torch.manual_seed(0)
+    bare = BertModel(cfg, add_pooling_layer=True)
+    bare.save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    clf = BertForSequenceClassification(cfg)
+    clf.bert.load_state_dict(bare.state_dict())
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(clf, peft.LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"],
+                                                  init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "ad")
+    merged = pm.merge_and_unload().eval()
+    texts = _texts(40, 3)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_lora_task("t", str(tmp_path / "ad"), calibration=_jsonl(
+        tmp_path / "c.jsonl", texts), min_agreement=0.9)["fidelity"]
+    assert f["output"] == "classification" and f["predictions"] == 40
+    stored = modelstore.load_model("t", url, dtype=torch.float32)
+    assert type(stored) is BertForSequenceClassification and stored.config.num_labels == 3
+    with torch.no_grad():
+        agree = sum(int(merged(**tok(t, return_tensors="pt")).logits.argmax() ==
+                        stored(**tok(t, return_tensors="pt")).logits.argmax()) for t in texts)
+    assert abs(f["agreement"] - agree / 40) <= 1 / 40, f["candidates"]
+    r = CliRunner().invoke(main, ["export", url, "t", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    exported = BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    enc = tok(texts[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**enc).logits, stored(**enc).logits)

@@ -222,6 +222,32 @@ def resolve_names(
     return replace(adapter, modules=modules, saved=saved)
 
 
+#: The head each PEFT task_type puts on a model (transformers' class-name suffix).
+_HEADS = {"SEQ_CLS": "ForSequenceClassification", "TOKEN_CLS": "ForTokenClassification",
+          "QUESTION_ANS": "ForQuestionAnswering", "CAUSAL_LM": "ForCausalLM"}
+
+
+def adapted_config(config_json: str | None, adapter: LoraAdapter) -> str | None:
+    """θ0's config.json as the model a PEFT adapter makes of it: a bare model's architecture
+    (`BertModel`) with the head the adapter's task_type names (`BertForSequenceClassification`),
+    a classifier's labels counted as the rows of the smallest matrix the adapter saves whole (its
+    last layer, in modules_to_save); θ0's own config where it names a head already."""
+    head = _HEADS.get(str(adapter.config.get("task_type")))
+    if not config_json or head is None:
+        return config_json
+    config = json.loads(config_json)
+    arch = (config.get("architectures") or [""])[0]
+    if not arch.endswith("Model") or arch.endswith("LMHeadModel"):
+        return config_json
+    config["architectures"] = [arch.removesuffix("Model") + head]
+    rows = [s.tensor.shape[0] for s in adapter.saved.values() if s.tensor.dim() == 2]
+    if head in ("ForSequenceClassification", "ForTokenClassification") and rows:
+        config.pop("num_labels", None)
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(min(rows))}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(min(rows))}
+    return json.dumps(config)
+
+
 def _read_config(path: str | os.PathLike[str]) -> dict:
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):

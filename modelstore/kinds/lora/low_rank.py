@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -35,7 +35,7 @@ from modelstore.kinds.lora import (
     resolve_names,
     write_peft_adapter,
 )
-from modelstore.kinds.lora.adapter import Layout
+from modelstore.kinds.lora.adapter import Layout, adapted_config
 
 FACTORS = "factors.float32"
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -93,11 +93,20 @@ class AdapterInput:
 
     path: str
     adapter: LoraAdapter
+    #: the config.json of the model the adapter makes where it is not θ0's (a classifier's head
+    #: over a bare θ0: `with_model_config`), kept with the task as a fine-tune's is
+    config_json: str | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> AdapterInput:
         path = resolve_input(path)
         return cls(path, read_adapter(path))
+
+    def with_model_config(self, base_config_json: str | None) -> AdapterInput:
+        """This input with the config.json of the model it makes of θ0 (whose config.json is
+        `base_config_json`), where that is not θ0's own (adapted_config)."""
+        own = adapted_config(base_config_json, self.adapter)
+        return self if own == base_config_json else replace(self, config_json=own)
 
     def source_info(self) -> dict[str, str]:
         """Path and sha256 of the adapter's files, recorded in the task entry."""
