@@ -54,7 +54,6 @@ from modelstore.format.payload import (
     PayloadWriter,
     Segments,
 )
-from modelstore.inputs.architectures import checkpoint_renaming_of
 from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import (
     AdapterInput,
@@ -66,7 +65,6 @@ from modelstore.kinds import (
     get_kind,
 )
 from modelstore.kinds.base import Edit, Replace
-from modelstore.kinds.lora import resolve_names
 from modelstore.serving import switching
 from modelstore.serving.modules import ModuleTensors, Placement
 from modelstore.storage import Location
@@ -827,6 +825,9 @@ class Store:
         if calibration is not None and (rank is not None or energy is not None):
             raise InputError(f"--{'rank' if rank is not None else 'energy'} is chosen by --calibration; drop one "
                              "of them")
+        # read and checked before anything is written
+        cal = None if calibration is None else as_calibration(calibration, max_examples)
+        target = None if calibration is None else _target(min_agreement, max_kl, {})
         opts = LoraOptions(rank, energy).resolved()
         check_task_name(name)
         self._refresh()
@@ -838,9 +839,8 @@ class Store:
                                  "pass --pretrained PATH (the model this store was built from) once")
             self.add_pretrained(pretrained, progress)
         source = source.with_model_config(self._base_entry("pretrained").get("config_json"))
-        if calibration is not None:
-            return self._add_lora_calibrated(name, source, as_calibration(calibration, max_examples),
-                                             _target(min_agreement, max_kl, {}), device, overwrite, progress)
+        if cal is not None:
+            return self._add_lora_calibrated(name, source, cal, target, device, overwrite, progress)
         return self._write_task(name, get_kind("lora"), source, opts, base=None, source_info=source.source_info(),
                                 overwrite=overwrite, progress=progress)
 
@@ -851,8 +851,7 @@ class Store:
         assert target is not None  # no option that _target reads as DARE's
         self._require_writable()
         base = self._stored_base("pretrained")
-        adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()},
-                                checkpoint_renaming_of(self._base_entry("pretrained").get("config_json")))
+        adapter = source.resolved(base, self._base_entry("pretrained").get("config_json"))
         config_json = source.config_json or self._base_entry("pretrained").get("config_json")
         runner = self._runner(name, calibration, config_json, source.path, "pretrained", device, base, progress)
         kind, info = get_kind("lora"), source.source_info()

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 
 from modelstore.errors import InputError
-from modelstore.inputs.architectures import checkpoint_renaming_of
 from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
 from modelstore.kinds import AdapterInput
-from modelstore.kinds.lora import LoraAdapter, resolve_names
+from modelstore.kinds.lora import LoraAdapter
 from modelstore.store import Store
 
 
@@ -66,9 +65,7 @@ def task_adapter(store: Store, task: str, path: str) -> tuple[LoraAdapter, Tenso
     """
     base_id = store.entry(task)["base"]
     base = store._stored_base(base_id)
-    adapter = resolve_names(AdapterInput.read(path).adapter, base.names(), {n: base.shape(n) for n in base.names()},
-                            checkpoint_renaming_of(store.manifest["bases"][base_id].get("config_json")))
-    return adapter, base
+    return AdapterInput.read(path).resolved(base, store.manifest["bases"][base_id].get("config_json")), base
 
 
 def _adapter_weights(store: Store, task: str, path: str) -> _Overlay:

@@ -87,8 +87,10 @@ def test_the_cli_calibrates_a_lora_task_and_refuses_a_rank_beside_it(gpt2_adapte
     assert f["target"] == 0.999 and f["setting"]["rank"] in (4, 8)
     r = CliRunner().invoke(main, ["info", url, "t"])
     assert f"rank {f['setting']['rank']}" in r.output, r.output
+    (tmp_path / "empty.jsonl").write_text("")
     for extra, what in [(["--rank", "4"], "--rank is chosen by --calibration"),
-                        (["--max-kl", "0.1", "--min-agreement", "0.9"], "not both")]:
+                        (["--max-kl", "0.1", "--min-agreement", "0.9"], "not both"),
+                        (["--calibration", str(tmp_path / "empty.jsonl")], "no examples")]:
         r = CliRunner().invoke(main, [*args[:2], "u", *args[3:], *extra])
         assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
     assert modelstore.open(url).tasks() == ["t"]

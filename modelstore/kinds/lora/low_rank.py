@@ -102,6 +102,16 @@ class AdapterInput:
         path = resolve_input(path)
         return cls(path, read_adapter(path))
 
+    def resolved(self, base: TensorSource, base_config_json: str | None) -> LoraAdapter:
+        """The adapter with its targets named as `base`'s tensors (resolve_names, through
+        transformers' renaming of the model `base_config_json` describes).
+
+        Raises:
+            LoraError: a target matches no base tensor, or an update another shape than its weight.
+        """
+        return resolve_names(self.adapter, base.names(), {n: base.shape(n) for n in base.names()},
+                             checkpoint_renaming_of(base_config_json))
+
     def with_model_config(self, base_config_json: str | None) -> AdapterInput:
         """This input with the config.json of the model it makes of θ0 (whose config.json is
         `base_config_json`), where that is not θ0's own (adapted_config)."""
@@ -169,8 +179,7 @@ class LowRankAdapter(TaskKind):
     def write(self, out: PayloadWriter, task: str, source: AdapterInput, base: TensorSource, base_entry: BaseEntry,
               options: LoraOptions, progress: bool) -> dict[str, Any]:
         opts = options.resolved()
-        adapter = resolve_names(source.adapter, base.names(), {n: base.shape(n) for n in base.names()},
-                                checkpoint_renaming_of(base_entry.get("config_json")))
+        adapter = source.resolved(base, base_entry.get("config_json"))
         lows = compress_adapter(adapter, rank=opts.rank, energy=opts.energy)
         fw = out.declare(FACTORS, "float32", sum(low.rank * (low.U.shape[0] + low.V.shape[0] + 1)
                                                  for low in lows.values()))
