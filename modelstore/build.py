@@ -78,8 +78,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
           merge_options: Mapping[str, Any] | None = None, base_codec: str = "lz4",
           calibration: Mapping[str, str | os.PathLike[str] | Calibration] | None = None,
           min_agreement: float | None = None, max_kl: float | None = None, device: str | torch.device | None = None,
-          max_examples: int | None = 256, storage_options: Mapping[str, Any] | None = None, progress: bool = False,
-          **options: Any) -> Store:
+          max_examples: int | None = 256, bound: bool = False, storage_options: Mapping[str, Any] | None = None,
+          progress: bool = False, **options: Any) -> Store:
     """Make a new store: merge the task models into one base, then store each task with its kind
     (by default its sparse delta, PERU-FFT).
 
@@ -106,7 +106,7 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             its output, as safetensors does, instead of decoding it).
         calibration: task -> its calibration data (a file or a `Calibration`): that task is stored
             at the fewest bytes meeting `min_agreement` / `max_kl` on it (see `Store.add_task`;
-            `device` and `max_examples` as there); the other tasks with the settings above.
+            `device`, `max_examples` and `bound` as there); the other tasks with the settings above.
         storage_options: fsspec options of the store's location.
         progress: draw progress bars on a terminal.
 
@@ -131,14 +131,15 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     calibration = dict(calibration or {})
     if unknown := [n for n in calibration if n not in tasks]:
         raise InputError(f"--calibration {unknown[0]}=...: no --task {unknown[0]} to calibrate")
-    if (min_agreement is not None or max_kl is not None) and not calibration:
-        raise InputError("--min-agreement / --max-kl need --calibration NAME=FILE for the tasks they apply to")
+    if (min_agreement is not None or max_kl is not None or bound) and not calibration:
+        raise InputError("--min-agreement / --max-kl / --bound need --calibration NAME=FILE for the tasks they apply "
+                         "to")
     cals = {n: as_calibration(c, max_examples) for n, c in calibration.items()}  # read now: bad data stores nothing
 
     def add(out: Store, name: str, ck: Checkpoint, overwrite: bool = False) -> None:
         if name in cals:
             out.add_task(name, ck, base=base_id, overwrite=overwrite, progress=progress, calibration=cals[name],
-                         min_agreement=min_agreement, max_kl=max_kl, device=device)
+                         min_agreement=min_agreement, max_kl=max_kl, device=device, bound=bound)
         else:
             out.add_task(name, ck, kind=kind, base=base_id, overwrite=overwrite, progress=progress, **given)
 

@@ -119,6 +119,9 @@ def _fidelity_options(f: Callable) -> Callable:
                      "[default: cpu]"),
         click.option("--max-examples", type=int, default=None,
                      help="with --calibration: the first N examples of the file are used [default: 256]"),
+        click.option("--bound", is_flag=True, default=None,
+                     help="with --min-agreement X: the agreement's 95% lower bound over the calibration examples "
+                          "must meet X, a promise for more data like them (at 0.99, 256 examples allow only exact)"),
     ]):
         f = decorate(f)
     return f
@@ -126,8 +129,8 @@ def _fidelity_options(f: Callable) -> Callable:
 
 def _fidelity(flags: dict[str, Any]) -> dict[str, Any]:
     """The fidelity flags given, as keywords of Store.add_task / build."""
-    return {k: flags.pop(k) for k in ("min_agreement", "max_kl", "device", "max_examples")
-            if flags.get(k) is not None}
+    return {k: flags.pop(k) for k in ("min_agreement", "max_kl", "device", "max_examples", "bound")
+            if flags.get(k) not in (None, False)}
 
 
 class _Command(click.Command):
@@ -399,7 +402,8 @@ def _fidelity_line(f: FidelityRecord) -> str:
     """One line: what the stored task measured on the calibration data, against which target, and
     what the search chose (spec section 2, "Fidelity record")."""
     def against(metric: str, op: str, *more: str) -> str:
-        said = [f"target {op} {f['target']:g}, {'met' if f['met'] else 'NOT met'}"] if f["metric"] == metric else []
+        of = "target of the 95% bound" if f.get("bound") else "target"
+        said = [f"{of} {op} {f['target']:g}, {'met' if f['met'] else 'NOT met'}"] if f["metric"] == metric else []
         said += [m for m in more if m]
         return f" ({'; '.join(said)})" if said else ""
 

@@ -645,7 +645,7 @@ class Store:
                  overwrite: bool = False, progress: bool = False,
                  calibration: Calibration | str | os.PathLike[str] | None = None, min_agreement: float | None = None,
                  max_kl: float | None = None, device: str | torch.device | None = None,
-                 max_examples: int | None = 256, **options: Any) -> TaskEntry:
+                 max_examples: int | None = 256, bound: bool = False, **options: Any) -> TaskEntry:
         """Add a fully fine-tuned model as task `name`: by default a DARE drop of its delta to the base
         with int4 values (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
 
@@ -683,6 +683,9 @@ class Store:
             max_kl: with `calibration`: or the mean KL(original || stored) to stay under.
             device: with `calibration`: where the models run (default "cpu").
             max_examples: with a calibration file: its first texts used.
+            bound: with `calibration` and `min_agreement`: the agreement's one-sided 95% lower
+                bound over the calibration examples must meet it, not the agreement measured (a
+                promise for more data like it; at 0.99, 256 examples allow only the exact kind).
             **options: the options of other kinds by keyword (e.g. tall-mask's `tall_lambda`).
 
         Returns:
@@ -697,10 +700,10 @@ class Store:
         given = {**{n: v for n, v in fft.items() if v is not None}, **options}
         if calibration is not None:
             return self._add_calibrated(name, path, kind, given, as_calibration(calibration, max_examples),
-                                        _target(min_agreement, max_kl, given), device, base, pretrained, overwrite,
-                                        progress)
-        if min_agreement is not None or max_kl is not None or device is not None:
-            raise InputError("--min-agreement, --max-kl and --device apply with --calibration FILE")
+                                        _target(min_agreement, max_kl, given, bound), device, base, pretrained,
+                                        overwrite, progress)
+        if min_agreement is not None or max_kl is not None or device is not None or bound:
+            raise InputError("--min-agreement, --max-kl, --bound and --device apply with --calibration FILE")
         k = checkpoint_kind(kind or "fft")
         opts = k.parse_options(given)
         check_task_name(name)
@@ -793,7 +796,8 @@ class Store:
                       overwrite: bool = False, progress: bool = False,
                       calibration: Calibration | str | os.PathLike[str] | None = None,
                       min_agreement: float | None = None, max_kl: float | None = None,
-                      device: str | torch.device | None = None, max_examples: int | None = 256) -> TaskEntry:
+                      device: str | torch.device | None = None, max_examples: int | None = 256,
+                      bound: bool = False) -> TaskEntry:
         """Add a PEFT LoRA adapter as task `name`: rank-q SVD factors of each update, on θ0 (PERU-LoRA).
 
         Args:
@@ -811,7 +815,8 @@ class Store:
                 up to the adapter's run on them, and the smallest rank meeting `min_agreement`
                 (default 0.99) or `max_kl` is kept, with a `fidelity` record in its entry; the
                 adapter's own rank when none below does.
-            min_agreement, max_kl, device, max_examples: with `calibration`, as add_task takes them.
+            min_agreement, max_kl, device, max_examples, bound: with `calibration`, as add_task
+                takes them.
 
         Returns:
             The task's manifest entry.
@@ -820,14 +825,14 @@ class Store:
             LoraError: the adapter is not plain LoRA (DoRA, biases...) or does not fit the base.
             InputError: a bad option; TaskExistsError: the task exists and not `overwrite`.
         """
-        if calibration is None and (min_agreement is not None or max_kl is not None or device is not None):
-            raise InputError("--min-agreement, --max-kl and --device apply with --calibration FILE")
+        if calibration is None and (min_agreement is not None or max_kl is not None or device is not None or bound):
+            raise InputError("--min-agreement, --max-kl, --bound and --device apply with --calibration FILE")
         if calibration is not None and (rank is not None or energy is not None):
             raise InputError(f"--{'rank' if rank is not None else 'energy'} is chosen by --calibration; drop one "
                              "of them")
         # read and checked before anything is written
         cal = None if calibration is None else as_calibration(calibration, max_examples)
-        target = None if calibration is None else _target(min_agreement, max_kl, {})
+        target = None if calibration is None else _target(min_agreement, max_kl, {}, bound)
         opts = LoraOptions(rank, energy).resolved()
         check_task_name(name)
         self._refresh()
@@ -919,16 +924,20 @@ class TaskPayload(NamedTuple):
 STORAGE_MODES = ("positions",)
 
 
-def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any]) -> Target | None:
+def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any],
+            bound: bool = False) -> Target | None:
     """The calibration target from add_task's keywords: None for DARE's rescale tuning (an
-    explicit DARE setting and no target), else min_agreement 0.99 when neither is given.
+    explicit DARE setting and no target), else min_agreement 0.99 when neither is given; with
+    `bound`, min_agreement is what the agreement's 95% lower bound must meet.
 
     Raises:
-        InputError: both targets, a value out of range, or fft options beside a target (other
-            than STORAGE_MODES, which apply to every candidate).
+        InputError: both targets, a value out of range, `bound` without min_agreement, or fft
+            options beside a target (other than STORAGE_MODES, which apply to every candidate).
     """
     if min_agreement is not None and max_kl is not None:
         raise InputError("give --min-agreement or --max-kl, not both")
+    if bound and min_agreement is None:
+        raise InputError("--bound applies to --min-agreement X: give the agreement whose 95% lower bound must meet X")
     if min_agreement is not None and not (isinstance(min_agreement, (int, float)) and 0 < min_agreement <= 1):
         raise InputError(f"--min-agreement must be a fraction in (0, 1], got {min_agreement!r} (0.99 is usual)")
     if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < math.inf):
@@ -942,7 +951,7 @@ def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[st
         flag = "--" + chosen[0].replace("_", "-")
         raise InputError(f"{flag} is chosen by --calibration; drop it, or give --sparsify dare without a target "
                          "to tune DARE's rescale on the calibration data")
-    return Target(min_agreement=min_agreement if max_kl is None else None, max_kl=max_kl) \
+    return Target(min_agreement=min_agreement if max_kl is None else None, max_kl=max_kl, bound=bound) \
         if (min_agreement is not None or max_kl is not None) else Target(min_agreement=DEFAULT_AGREEMENT)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -83,6 +83,8 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
     positions.
     """
     start = time.perf_counter()
+    if target is not None and target.bound:
+        target = replace(target, examples=runner.examples)
     runner.fill(original)
     runner.take_reference()
     trials = _Trials(side, runner)
@@ -99,6 +101,7 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
     entry["fidelity"] = {
         "metric": target.metric if target is not None else "dare-q",
         "target": target.value if target is not None else None,
+        **({"bound": True} if target is not None and target.bound else {}),
         "met": outcome.chosen.met,
         "output": runner.kind,
         "agreement": score.agreement,

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from modelstore.fidelity.metrics import agreement_low
+
 #: keep fractions m searched (DARE: of the changed entries; magnitude: of all entries): steps of
 #: about 1.5x, since bytes grow with m and a coarser step pays up to its ratio over the m needed;
 #: a bisection runs log2(17) ~ 4 of them.
@@ -94,10 +96,17 @@ class Trials(Protocol):
 
 @dataclass(frozen=True)
 class Target:
-    """min_agreement: top-1 agreement at least this; or max_kl: mean KL at most this."""
+    """min_agreement: top-1 agreement at least this; or max_kl: mean KL at most this. With
+    `bound`, the agreement's one-sided 95% lower bound over `examples` independent examples
+    (metrics.agreement_low) must be at least min_agreement: a promise for more data like it."""
 
     min_agreement: float | None = None
     max_kl: float | None = None
+    bound: bool = False
+    examples: int = 0
+
+    def _agreement(self, agreement: float) -> float:
+        return agreement_low(agreement, self.examples) if self.bound else agreement
 
     def met(self, s: Score) -> bool:
         if not s.complete:
@@ -105,7 +114,7 @@ class Target:
         if self.max_kl is not None:
             return s.mean_kl <= self.max_kl
         assert self.min_agreement is not None
-        return s.agreement >= self.min_agreement
+        return self._agreement(s.agreement) >= self.min_agreement
 
     def missed(self, agree: int, kl_sum: float, rows: int, total: int) -> bool:
         """Whether a candidate whose first `rows` of `total` predictions agree `agree` times with a
@@ -115,7 +124,7 @@ class Target:
         if self.max_kl is not None:
             return kl_sum / total > self.max_kl
         assert self.min_agreement is not None
-        return (agree + total - rows) / total < self.min_agreement
+        return self._agreement((agree + total - rows) / total) < self.min_agreement
 
     @property
     def metric(self) -> str:

@@ -101,6 +101,7 @@ class FidelityRecord(TypedDict):
     output: str  # one of OUTPUTS
     agreement: float  # top-1 agreement with the original
     agreement_low: NotRequired[float]  # its one-sided 95% lower bound (records of later writers)
+    bound: NotRequired[bool]  # true: the target is of agreement_low, not of agreement
     mean_kl: float  # mean KL(original || stored) per prediction
     examples: int
     predictions: int
@@ -332,6 +333,8 @@ def fidelity_problem(record: Any) -> str | None:
     low = record.get("agreement_low", 0.0)
     if not _fraction(low) or low > record["agreement"]:
         return f"agreement_low {low!r} is not a fraction at most the agreement"
+    if "bound" in record and (record["bound"] is not True or metric != "agreement" or "agreement_low" not in record):
+        return f"bound {record['bound']!r} is not true on an agreement target with its agreement_low"
     for i, c in enumerate(record["candidates"]):
         problem = _fields_problem(c, _CANDIDATE_FIELDS)
         if problem:

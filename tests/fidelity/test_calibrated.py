@@ -431,3 +431,23 @@ def test_a_calibrated_write_to_s3_keeps_only_the_chosen_payload(classifiers, s3_
     assert payloads == {entry["path"].rsplit("/", 1)[-1]}
     r = modelstore.open(url, storage_options=s3_server)
     assert r.check().ok and r.load("spiky").keys()
+
+
+def test_a_bound_target_is_met_by_the_95_percent_bound_and_says_so(classifiers, tmp_path):
+    """`--bound`: the agreement's one-sided 95% bound over the calibration examples must meet the
+    target, so the choice costs at least what the plain target's does; info says which it was."""
+    s = _store(classifiers, tmp_path)
+    plain = s.add_task("plain", classifiers["dense"], calibration=classifiers["cal"], min_agreement=0.9)
+    r = CliRunner().invoke(main, ["add-task", s.url, "bound", classifiers["dense"], "--calibration",
+                                  classifiers["cal"], "--min-agreement", "0.9", "--bound"])
+    assert r.exit_code == 0, r.output
+    f = modelstore.open(s.url).entry("bound")["fidelity"]
+    assert f["bound"] is True and f["met"] and f["agreement_low"] >= 0.9 > metrics.agreement_low(0.9, 128)
+    assert modelstore.open(s.url).entry("bound")["bytes"] >= plain["bytes"]
+    assert all(c["met"] == (metrics.agreement_low(c["agreement"], 128) >= 0.9) for c in f["candidates"]
+               if c["predictions"] == 128 and c["setting"]["kind"] != "exact")
+    assert "target of the 95% bound >= 0.9, met" in CliRunner().invoke(main, ["info", s.url, "bound"]).output
+    assert modelstore.open(s.url).check().ok
+    r = CliRunner().invoke(main, ["add-task", s.url, "x", classifiers["dense"], "--calibration", classifiers["cal"],
+                                  "--bound"])
+    assert r.exit_code == 1 and "--bound applies to --min-agreement" in r.output and r.output.count("\n") == 1

@@ -84,7 +84,7 @@ def spiky_task(s):
 
 @pytest.mark.parametrize("task", [dense_task, spiky_task])
 @pytest.mark.parametrize("target", [S.Target(min_agreement=0.99), S.Target(min_agreement=0.995),
-                                    S.Target(max_kl=0.02)])
+                                    S.Target(max_kl=0.02), S.Target(min_agreement=0.97, bound=True, examples=256)])
 @pytest.mark.parametrize("positions", ["stored", "seeded"])
 def test_the_search_finds_the_cheapest_candidate_meeting_the_target(task, target, positions):
     oracle = Oracle(task)
@@ -168,3 +168,19 @@ def test_a_measurement_stops_early_only_when_no_rest_could_meet_the_target(targe
                 for rest in itertools.product([True, False], repeat=min(3, total - rows)):
                     full = a + sum(rest) + (total - rows - len(rest))
                     assert not target.met(S.Score(full / total, (k + 0.01 * len(rest)) / total, total))
+
+
+def test_a_bound_target_is_met_by_the_agreements_95_percent_bound():
+    """With `bound`, min_agreement applies to Wilson's one-sided 95% lower bound over the examples:
+    0.98 measured on 256 examples bounds at 0.961, short of 0.97; 0.99 bounds at 0.973. A
+    measurement stops only when even a perfect rest would leave the bound short."""
+    from modelstore.fidelity.metrics import agreement_low
+    t = S.Target(min_agreement=0.97, bound=True, examples=256)
+    assert agreement_low(0.98, 256) < 0.97 < agreement_low(0.99, 256)
+    assert not t.met(S.Score(0.98, 0.0, 256)) and t.met(S.Score(0.99, 0.0, 256))
+    assert S.Target(min_agreement=0.97).met(S.Score(0.98, 0.0, 256))
+    total = 256
+    for rows in (32, 128, 250):
+        for agree in range(rows - 12, rows + 1):
+            best = (agree + total - rows) / total
+            assert t.missed(agree, 0.0, rows, total) == (agreement_low(best, 256) < 0.97)
