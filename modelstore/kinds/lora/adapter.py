@@ -31,7 +31,7 @@ BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 # init_lora_weights values after which the adapter is relative to a base PEFT modified in place.
-_MUTATED_BASE_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+_MUTATED_BASE_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "astra")
 # Config fields that make the merged weight differ from W + s*B@A (or make merging impossible).
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA rescales the merged weight by a learned magnitude",
@@ -51,14 +51,14 @@ _UNSUPPORTED_FIELDS = {
 }
 # Fields read to rebuild the weights, and fields that carry no weight information (training,
 # provenance, initialisation schemes that init_lora_weights names). Together with the unsupported
-# ones above they are every field of PEFT 0.21's LoraConfig; a field outside all three is refused
+# ones above they are every field of PEFT 0.22's LoraConfig; a field outside all three is refused
 # when set, since a newer PEFT may have added it to change the adapter's weights.
 _USED_FIELDS = frozenset({"peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
                           "alpha_pattern", "modules_to_save", "target_modules", "init_lora_weights", "bias"})
 _INERT_FIELDS = frozenset({"auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
                            "lora_dropout", "peft_version", "exclude_modules", "layers_pattern", "layers_to_transform",
                            "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-                           "lora_ga_config"})
+                           "lora_ga_config", "astra_config"})
 _LORA_SUFFIXES = {
     ".lora_A.weight": ("A", False),
     ".lora_B.weight": ("B", False),

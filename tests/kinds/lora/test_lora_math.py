@@ -374,6 +374,7 @@ def test_resolve_checks_shapes_against_layout(cases: dict[str, Case], tmp_path: 
         ({"lora_bias": True}, "lora_bias"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"init_lora_weights": "astra", "astra_config": {}}, "relative to a modified base"),
         ({"target_parameters": ["experts.down_proj"]}, "target_parameters"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
         ({"alora_invocation_tokens": [5]}, "aLoRA"),
