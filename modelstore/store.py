@@ -741,9 +741,8 @@ class Store:
         dev, main_dtype = runner.device, runner.checkpoint_dtype
         info = source_info(ck)
         bases = self.manifest["bases"]
-        used: dict[str, dict[str, BaseEntry]] = {}  # payload -> the bases it was written against
 
-        def write(setting: Setting) -> tuple[dict[str, Any], str]:
+        def write(setting: Setting) -> TaskPayload:
             k = checkpoint_kind(setting["kind"])
             wanted = base if "sparsify" in setting else None
             try:
@@ -753,18 +752,30 @@ class Store:
             if any(b not in bases for b in ids):
                 raise Skip
             opts = k.parse_options({key: v for key, v in setting.items() if key != "kind" and v is not None})
-            written = self._write_task_payload(name, k, ck, opts, base=wanted, source_info=info,
-                                               overwrite=overwrite)
-            used[written.path] = written.bases
-            return cast(dict[str, Any], written.entry), written.path
+            return self._write_task_payload(name, k, ck, opts, base=wanted, source_info=info, overwrite=overwrite)
+
+        return self._choose_and_commit(name, calibration, target, runner, checkpoint_tensors(ck, dev), write,
+                                       overwrite, full_bytes=ck.nbytes(), dare=dare, dare_positions=options.positions,
+                                       float_dtype="bfloat16" if main_dtype == torch.bfloat16 else "float16")
+
+    def _choose_and_commit(self, name: str, calibration: Calibration, target: Target | None, runner: Runner,
+                           original: Tensors, write: Callable[[Setting], TaskPayload], overwrite: bool,
+                           **how: Any) -> TaskEntry:
+        """Commit the candidate `choose` keeps (`how`: its search) among those `write` makes as
+        unpublished payloads of `name`, each read back and run by `runner` against `original`;
+        the others are deleted."""
+        used: dict[str, dict[str, BaseEntry]] = {}  # payload -> the bases it was written against
+
+        def written(setting: Setting) -> tuple[dict[str, Any], str]:
+            payload = write(setting)
+            used[payload.path] = payload.bases
+            return cast(dict[str, Any], payload.entry), payload.path
 
         def tensors(entry: dict[str, Any]) -> Tensors:
-            return lambda check: self._tensors(name, cast(TaskEntry, entry), dev, None, check)
+            return lambda check: self._tensors(name, cast(TaskEntry, entry), runner.device, None, check)
 
-        side = StoreSide(write, tensors, self._discard_payload)
-        entry, payload = choose(name, calibration, target, runner, checkpoint_tensors(ck, dev), side,
-                                full_bytes=ck.nbytes(), float_dtype="bfloat16" if main_dtype == torch.bfloat16
-                                else "float16", dare=dare, dare_positions=options.positions)
+        side = StoreSide(written, tensors, self._discard_payload)
+        entry, payload = choose(name, calibration, target, runner, original, side, **how)
         return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
 
     def _runner(self, name: str, calibration: Calibration, config_json: str | None, directory: str, base_id: str,
@@ -862,21 +873,13 @@ class Store:
         kind, info = get_kind("lora"), source.source_info()
         largest = max(m.r for m in adapter.modules.values())
         ranks = sorted({*(2 ** i for i in range(largest.bit_length()) if 2 ** i < largest), largest})
-        used: dict[str, dict[str, BaseEntry]] = {}
 
-        def write(setting: Setting) -> tuple[dict[str, Any], str]:
-            written = self._write_task_payload(name, kind, source, LoraOptions(rank=setting["rank"]),
-                                               source_info=info, overwrite=overwrite)
-            used[written.path] = written.bases
-            return cast(dict[str, Any], written.entry), written.path
+        def write(setting: Setting) -> TaskPayload:
+            return self._write_task_payload(name, kind, source, LoraOptions(rank=setting["rank"]), source_info=info,
+                                            overwrite=overwrite)
 
-        def tensors(entry: dict[str, Any]) -> Tensors:
-            return lambda check: self._tensors(name, cast(TaskEntry, entry), runner.device, None, check)
-
-        side = StoreSide(write, tensors, self._discard_payload)
-        entry, payload = choose(name, calibration, target, runner, adapted_tensors(adapter, base, runner.device),
-                                side, ranks=ranks)
-        return self._commit_task(name, cast(TaskEntry, entry), payload, used[payload], overwrite)
+        return self._choose_and_commit(name, calibration, target, runner,
+                                       adapted_tensors(adapter, base, runner.device), write, overwrite, ranks=ranks)
 
     def remove(self, name: str) -> None:
         """Remove task `name`: its manifest entry first, then its arrays.

@@ -28,6 +28,7 @@ agreement and KL are counted as calibrated add-task counts them.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Iterator
@@ -77,9 +78,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
         raise InputError("give the task's original as a model directory (--original) or, for a LoRA task, as its "
                          "PEFT adapter (--lora), one of them")
     transformers = transformers_module("modelstore eval")
-    if original is not None and not os.path.isfile(os.path.join(original, "config.json")):
-        raise InputError(f"--original {original}: not a transformers model directory (no config.json)")
     if original is not None:
+        if not os.path.isfile(os.path.join(original, "config.json")):
+            raise InputError(f"--original {original}: not a transformers model directory (no config.json)")
         config = transformers.AutoConfig.from_pretrained(original)
     else:
         config_json = store.task_config(task)
@@ -102,7 +103,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
         else:
             assert lora is not None
             mine = load_model(task, store, cls, dtype=torch.float32)
-            ref = _adapted(store, task, lora, load_model(task, store, cls, dtype=torch.float32))
+            ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
     examples = read_data(data, getattr(config, "label2id", None), labels=kind == "classification")
     needs_pairs(kind, examples.pairs, f"--data {data}")
     check_inputs(ref, examples.images, f"--data {data}")

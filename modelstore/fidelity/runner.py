@@ -131,7 +131,7 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[tor
         return ends.flatten(0, 1), torch.arange(len(real), device=real.device).repeat(2)
     logits = out.logits
     texts = torch.arange(len(logits), device=logits.device)
-    if kind in ("classification", "regression"):
+    if kind == "classification":
         return logits, texts
     if kind == "multi-label":
         return (torch.stack([torch.zeros_like(logits), logits], -1).flatten(0, 1),

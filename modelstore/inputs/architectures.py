@@ -9,6 +9,7 @@ as it loads (ViT's `encoder.layer.0.attention.attention.query` is the module
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -147,8 +148,11 @@ def _meta_model(config_json: str | None) -> Any:
         return None
 
 
+@functools.lru_cache(maxsize=8)
 def checkpoint_renaming_of(config_json: str | None) -> Callable[[str], str]:
-    """checkpoint_renaming's renaming for the model a config.json names (none where unknown)."""
+    """checkpoint_renaming's renaming for the model a config.json names (none where unknown);
+    cached: it builds the model (on the meta device), and a calibrated LoRA task asks once per
+    candidate it writes."""
     return checkpoint_renaming(_meta_model(config_json))[0]
 
 
