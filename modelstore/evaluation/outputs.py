@@ -45,6 +45,9 @@ from modelstore.fidelity.runner import (
     GENERATED_TOKENS,
     check_inputs,
     encode,
+    examples_in,
+    fitted_length,
+    forward,
     generated,
     needs_pairs,
     output_kind,
@@ -97,9 +100,12 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     with no_loading_bars():  # eval draws its own bar
         if original is not None:
             ref = cls.from_pretrained(original).eval()
-            with quiet_load_report():  # the same load as ref's: transformers reported its keys once
-                mine = cls.from_pretrained(original).eval()
-            store.load_into(mine, task)
+            if ModuleTensors(ref).fuses:  # no tensor of the model is one of the task's: build it from them
+                mine = load_model(task, store, cls, dtype=torch.float32)
+            else:
+                with quiet_load_report():  # the same load as ref's: transformers reported its keys once
+                    mine = cls.from_pretrained(original).eval()
+                store.load_into(mine, task)
         else:
             assert lora is not None
             mine = load_model(task, store, cls, dtype=torch.float32)
@@ -109,7 +115,8 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     check_inputs(ref, examples.images, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
                                     f"task {task!r}", examples.images is not None)
-    batches = _batches(preprocessor, kind, examples, batch_size, max_length, progress)
+    batches = _batches(preprocessor, kind, examples, batch_size, fitted_length(max_length, config, preprocessor),
+                       progress)
     if kind == "classification":
         out = _classifier(ref, mine, batches)
     elif kind == "causal-lm":
@@ -201,11 +208,11 @@ def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str,
         for enc, _ in batches:
             if kind == "seq2seq":
                 enc = generated(ref, enc, GENERATED_TOKENS)
-            (a, text), (b, _) = (rows_of(kind, m(**enc), enc) for m in (ref, mine))
+            (a, text), (b, _) = (rows_of(kind, forward(m, enc), enc) for m in (ref, mine))
             a, b = a.double(), b.double()
             acc.add(a, b)
             differ += len(text[a.argmax(-1) != b.argmax(-1)].unique())
-            texts += len(enc["input_ids"])
+            texts += examples_in(enc)
             if kind == "masked-lm":
                 truth = enc["labels"][enc["labels"] != -100]
                 right_ref += int((a.argmax(-1) == truth).sum())

@@ -1,7 +1,8 @@
 """One resident model of a task's architecture, run on the calibration data: filled with the
 original's weights once (its outputs kept as the reference), then with each candidate's, scored
 against the reference. One model, filled in place tensor by tensor, so a 7B task on a GPU needs
-its weights once, not once per candidate.
+its weights once, not once per candidate (a MoE whose experts transformers fuses as it loads them
+is built anew for each, from the candidate's tensors).
 
 The model runs in float32 on a CPU (bfloat16 matmuls are slow there without native support, and
 the reference then reflects the weights, not rounding), in the checkpoint's dtype elsewhere.
@@ -22,6 +23,7 @@ from modelstore.fidelity.data import Calibration, load_image
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
 from modelstore.inputs.architectures import (
+    built_from,
     config_from_json,
     model_class,
     no_loading_bars,
@@ -46,6 +48,11 @@ GENERATED_TOKENS = 32
 #: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
 #: text's index in its file as the seed, so every run masks the same tokens.
 MASKED = 0.15
+#: The batch key of an extractive QA batch's windows: the index in the batch of each window's example.
+#: A context too long for max_length is read, as transformers' QA pipeline reads it, in windows of
+#: the question and a part of the context, neighbours sharing STRIDE of max_length's tokens.
+WINDOWS = "overflow_to_sample_mapping"
+STRIDE = 0.25
 Check = Callable[[dict[str, tuple[int, ...]]], None]
 #: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
 Missed = Callable[[int, float, int, int], bool]
@@ -89,9 +96,48 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
     if images is not None:
         return dict(preprocessor(images=[load_image(x) for x in images], return_tensors="pt"))
     tokenizer = preprocessor
+    if kind == "question-answering" and pairs is not None and getattr(tokenizer, "is_fast", False):
+        return _windows(tokenizer, texts, pairs, max_length, first)
     enc = dict(tokenizer(texts, pairs, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                          return_special_tokens_mask=kind == "masked-lm"))
     return _masked(enc, tokenizer, first) if kind == "masked-lm" else enc
+
+
+def _windows(tokenizer: Any, questions: list[str], contexts: list[str], max_length: int,
+             first: int) -> dict[str, torch.Tensor]:
+    """Each question with its context in windows of max_length tokens (see WINDOWS); every window
+    keeps the whole question, so a question must leave more than the stride for its context.
+
+    Raises:
+        InputError: a question too long for max_length.
+    """
+    stride = int(max_length * STRIDE)
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    lengths = [len(x) for x in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    k = max(range(len(lengths)), key=lengths.__getitem__)
+    if room - lengths[k] <= stride:
+        raise InputError(f"example {first + k + 1}: its question has {lengths[k]} tokens, leaving its context no more "
+                         f"than the {stride} tokens windows share of {max_length}; raise --max-length")
+    return dict(tokenizer(questions, contexts, return_tensors="pt", padding=True, truncation="only_second",
+                          max_length=max_length, stride=stride, return_overflowing_tokens=True))
+
+
+def fitted_length(max_length: int, config: Any, tokenizer: Any) -> int:
+    """`max_length`, or fewer tokens where the model has fewer positions (its config) or its
+    tokenizer says it reads fewer: a longer input would index past the model's position table."""
+    limits = [max_length] + [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    return min(n for n in limits if isinstance(n, int) and 1 < n)
+
+
+def forward(model: Any, batch: Mapping[str, torch.Tensor]) -> Any:
+    """`model`'s output on `batch` (without the QA windows' map, which is not an input)."""
+    return model(**{k: v for k, v in batch.items() if k != WINDOWS})
+
+
+def examples_in(batch: Mapping[str, torch.Tensor]) -> int:
+    """How many examples `batch` holds (an extractive QA example may take several windows)."""
+    return int(batch[WINDOWS][-1]) + 1 if WINDOWS in batch else len(batch["input_ids"])
 
 
 def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[str, torch.Tensor]:
@@ -124,11 +170,13 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[tor
     """One row of logits per prediction of a model whose outputs are `kind` (OUTPUT_KINDS), from
     its output `out` on `batch`, and the index in the batch of the text of each row. A multi-label
     head's rows are [0, logit] (softmax: the sigmoid's two outcomes); an extractive QA model's are
-    its start logits, then its end logits, over the text's real tokens (padding: -inf)."""
+    its start logits, then its end logits, over the text's real tokens (padding: -inf), in each window
+    of the text (WINDOWS)."""
     if kind == "question-answering":
         real = batch["attention_mask"].bool()
         ends = torch.stack([out.start_logits, out.end_logits]).masked_fill(~real, float("-inf"))
-        return ends.flatten(0, 1), torch.arange(len(real), device=real.device).repeat(2)
+        texts = batch[WINDOWS] if WINDOWS in batch else torch.arange(len(real), device=real.device)
+        return ends.flatten(0, 1), texts.repeat(2)
     logits = out.logits
     texts = torch.arange(len(logits), device=logits.device)
     if kind == "classification":
@@ -155,11 +203,17 @@ def reads_images(model: Any) -> bool:
 
 
 def check_inputs(model: Any, images: object, what: str) -> None:
-    """Refuse data of the other modality than `model` reads.
+    """Refuse data of the other modality than `model` reads, and models of neither text nor images.
 
     Raises:
-        InputError: images for a text model, or texts for an image model.
+        InputError: images for a text model, texts for an image model, or a model of speech or
+            another input.
     """
+    reads = getattr(model, "main_input_name", "input_ids")
+    if reads not in ("input_ids", "pixel_values"):
+        raise InputError(f"{what}: {type(model).__name__} reads {reads} (speech or another input than text or "
+                         "images); calibration and eval run models of text or images, so store it with explicit "
+                         "settings")
     if reads_images(model) != (images is not None):
         need = '"image" paths' if reads_images(model) else 'texts ("text")'
         raise InputError(f"{what}: {type(model).__name__} reads {'images' if reads_images(model) else 'text'}; "
@@ -252,6 +306,7 @@ class Runner:
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
         self.checkpoint_dtype = checkpoint_dtype
         cls = model_class(transformers, None, config)
+        self.cls, self.config = cls, config
         dtype = torch.float32 if device.type == "cpu" or not checkpoint_dtype.is_floating_point else checkpoint_dtype
         try:
             with no_loading_bars(), quiet_load_report(), torch.device(device):
@@ -260,6 +315,8 @@ class Runner:
             why = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"{cls.__name__} cannot be built from task {task!r}'s config: {why}") from None
         self.target = ModuleTensors(self.model)
+        if self.target.fuses:  # built from each fill's tensors: until then it needs no memory
+            self.model.to("meta")
         check_inputs(self.model, calibration.images, f"calibration {calibration.name}")
         self.dtype = dtype
         self.batches = self._tokenized(preprocessor(calibration.images is not None))
@@ -269,11 +326,12 @@ class Runner:
         """(first example's index, batch) of the examples in order (so the first n examples are a
         prefix), each batch of texts padded to its own longest text, images in the model's dtype."""
         cal = self.calibration
+        max_length = fitted_length(cal.max_length, self.model.config, preprocessor)
         out = []
         for i in range(0, len(cal.inputs), cal.batch_size):
             j = i + cal.batch_size
             pairs, images = (None if x is None else list(x[i:j]) for x in (cal.pairs, cal.images))
-            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, cal.max_length, i, images)
+            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, max_length, i, images)
             out.append((i, {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                             for k, v in enc.items()}))
         if self.kind == "causal-lm" and not any(int(b["attention_mask"][:, 1:].sum()) for _, b in out):
@@ -288,7 +346,15 @@ class Runner:
 
     def fill(self, tensors: Tensors) -> None:
         """Copy a task's tensors into the model: `tensors(check)` yields them after calling `check`
-        with their names and shapes (every one is placed and checked before any is written)."""
+        with their names and shapes (every one is placed and checked before any is written). A
+        model whose checkpoints transformers converts as it loads them (a MoE's experts fused into
+        one tensor) is built anew from them instead, as load_model builds it."""
+        if self.target.fuses:  # checkpoint tensors become others as transformers loads them: load them so
+            tensors_of = dict(tensors(lambda shapes: None))
+            self.model = None  # freed before the next is built
+            self.model = built_from(self.cls, self.config, tensors_of, f"task {self.task!r}", dtype=self.dtype,
+                                    device=self.device)
+            return
         placed = []
         written: set[str] = set()
 
@@ -307,7 +373,7 @@ class Runner:
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
-        return rows_of(self.kind, self.model(**batch), batch)[0]
+        return rows_of(self.kind, forward(self.model, batch), batch)[0]
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
@@ -338,5 +404,6 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "MASKED", "OUTPUT_KINDS", "Runner", "check_inputs", "encode", "generated", "needs_pairs",
-           "output_kind", "preprocessor_for", "reads_images", "rows_of", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs", "encode",
+           "examples_in", "fitted_length", "forward", "generated", "needs_pairs", "output_kind", "preprocessor_for",
+           "reads_images", "rows_of", "tokenizer_for"]

@@ -165,5 +165,32 @@ def architecture_names(config_json: str | None) -> set[str] | None:
     return None if model is None else set(model.state_dict())
 
 
-__all__ = ["architecture_names", "checkpoint_renaming", "checkpoint_renaming_of", "config_from_json", "model_class",
-           "no_loading_bars", "not_fused", "quiet_load_report", "transformers_module"]
+def built_from(cls: type[Any], config: Any, tensors: dict[str, torch.Tensor], what: str, *, dtype: torch.dtype,
+               device: str | torch.device) -> Any:
+    """A `cls` model of `config` in eval mode whose weights are `tensors` (checkpoint names), made by
+    `from_pretrained` on the meta device, so they are allocated once and converted as a checkpoint
+    is (a MoE's experts fused); buffers the tensors lack are made as transformers makes them.
+
+    Raises:
+        InputError: the model cannot be built, or its tensors are not `tensors` (missing, extra or
+            of another shape); `what` names the tensors' task.
+    """
+    try:
+        with quiet_load_report():  # the keys are checked below, into one line
+            model, info = cls.from_pretrained(None, config=config, state_dict=tensors, dtype=dtype,
+                                              device_map={"": torch.device(device)}, output_loading_info=True)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{cls.__name__} cannot be built from {what} ({config.model_type}): {why}; "
+                         "pass the model class it was fine-tuned as") from None
+    wrong = [f"{kind} {sorted(info[key])[:3]}" for key, kind in
+             (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "other shape"))
+             if info.get(key)]
+    if wrong or info.get("error_msgs"):
+        raise InputError(f"{cls.__name__} does not match {what}'s tensors ("
+                         f"{'; '.join(wrong) or info['error_msgs'][0]}); pass the model class it was fine-tuned as")
+    return model.eval()
+
+
+__all__ = ["architecture_names", "built_from", "checkpoint_renaming", "checkpoint_renaming_of", "config_from_json",
+           "model_class", "no_loading_bars", "not_fused", "quiet_load_report", "transformers_module"]

@@ -14,6 +14,7 @@ import torch
 from modelstore.errors import InputError
 from modelstore.format import dtypes
 from modelstore.inputs.architectures import (
+    built_from,
     config_from_json,
     model_class,
     no_loading_bars,
@@ -97,21 +98,7 @@ def load_model(task: str, store: Store | str | os.PathLike[str] | None = None, m
         sd = {placed.model[n]: t for n, t in sd.items() if n in placed.model}
     floats = {t.dtype for t in sd.values() if t.dtype.is_floating_point}
     init_dtype = want or (floats.pop() if len(floats) == 1 else torch.float32)
-    try:
-        with quiet_load_report():  # the keys are checked below, into one line
-            model, info = cls.from_pretrained(None, config=config, state_dict=sd, dtype=init_dtype,
-                                              device_map={"": torch.device(device)}, output_loading_info=True)
-    except (AttributeError, TypeError, ValueError, RuntimeError) as e:
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise InputError(f"{cls.__name__} cannot be built from task {task!r} ({config.model_type}): {why}; "
-                         "pass the model class it was fine-tuned as") from None
-    wrong = [f"{what} {sorted(info[key])[:3]}" for key, what in
-             (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "other shape"))
-             if info.get(key)]
-    if wrong or info.get("error_msgs"):
-        raise InputError(f"{cls.__name__} does not match task {task!r}'s tensors ("
-                         f"{'; '.join(wrong) or info['error_msgs'][0]}); pass the model class it was fine-tuned as")
-    return model.eval()
+    return built_from(cls, config, sd, f"task {task!r}", dtype=init_dtype, device=device)
 
 
 __all__ = ["load_model", "task_architecture", "placement", "no_loading_bars", "quiet_load_report"]

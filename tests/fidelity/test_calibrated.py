@@ -272,8 +272,13 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
     texts = _texts(24, 3)
     url, _, f = _calibrated_pair(m, tok, tmp_path, 0.05, "lm", texts)
     assert f["output"] == "causal-lm" and f["met"] and f["examples"] == 24
-    ref = GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval()
-    stored = modelstore.load_model("lm", url, dtype=torch.float32)
+    _next_tokens_agree(GPT2LMHeadModel.from_pretrained(tmp_path / "ft").eval(),
+                       modelstore.load_model("lm", url, dtype=torch.float32), tok, texts, f)
+
+
+def _next_tokens_agree(ref, stored, tok, texts: list[str], f: dict) -> tuple[int, int]:
+    """The record's next-token agreement is what `ref` and `stored` give one text at a time (to one
+    prediction). Returns (agreeing, all) next-token predictions."""
     tokens = agree = 0
     with torch.no_grad():
         for t in texts:
@@ -283,6 +288,43 @@ def test_a_causal_lm_is_calibrated_on_its_next_token_predictions(tmp_path):
             tokens += ids.shape[1] - 1
     assert f["predictions"] == tokens
     assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+    return agree, tokens
+
+
+def test_a_moe_whose_experts_transformers_fuses_is_calibrated_by_building_each_candidate(tmp_path):
+    """transformers stacks a Qwen3-MoE checkpoint's per-expert tensors into one as it loads it, so
+    no candidate can be written into a resident model: each is built as load_model builds it. The
+    record's agreement (a lossy choice, the experts changed) is what the original and load_model's
+    task give one text at a time, and so is eval's (which builds the task as load_model does)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    tok = make_tokenizer("gpt2")
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = Qwen3MoeForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    for name in ("pre", "ft"):
+        if name == "ft":  # the fused experts (3-d) move too
+            with torch.no_grad():
+                for v in m.state_dict().values():
+                    if v.dtype.is_floating_point and v.dim() >= 2:
+                        v.add_(torch.randn(v.shape, generator=g) * 0.003)
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    texts = _texts(24, 3)
+    cal = _jsonl(tmp_path / "c.jsonl", texts)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task("moe", str(tmp_path / "ft"), calibration=cal,
+                                                 min_agreement=0.9)["fidelity"]
+    assert f["output"] == "causal-lm" and f["setting"]["kind"] == "fft" and 0.9 <= f["agreement"] < 1, f
+    agree, tokens = _next_tokens_agree(Qwen3MoeForCausalLM.from_pretrained(tmp_path / "ft").eval(),
+                                       modelstore.load_model("moe", url, dtype=torch.float32), tok, texts, f)
+    r = CliRunner().invoke(main, ["eval", url, "moe", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert got["tokens"] == tokens and got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
 
 
 def _eval_agrees(url: str, task: str, tmp_path, cal: str, f: dict, agree: int, predictions: int) -> dict:

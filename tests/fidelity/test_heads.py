@@ -120,6 +120,28 @@ def test_a_regression_head_is_refused_by_calibration_and_measured_by_eval(tmp_pa
     assert r.exit_code == 1 and "regression head" in r.output and r.output.count("\n") == 1, r.output
 
 
+def test_a_speech_model_is_refused_by_calibration_and_eval_in_one_line(tmp_path):
+    """A wav2vec2 classifier reads audio (`input_values`), not text: calibration and eval say so
+    in one line (not a TypeError from its forward) and store nothing."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+    torch.manual_seed(0)
+    m = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, conv_dim=(8, 8),
+        conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        num_labels=3))
+    m.save_pretrained(tmp_path / "pre")
+    make_tokenizer("bert").save_pretrained(tmp_path / "pre")  # a tokenizer would be found: the model is refused
+    url, cal = str(tmp_path / "s"), _jsonl(tmp_path / "c.jsonl", _texts(4, 1))
+    modelstore.init(url, str(tmp_path / "pre"))
+    for args in (["add-task", url, "kws", str(tmp_path / "pre"), "--calibration", cal],
+                 ["eval", url, "kws", "--original", str(tmp_path / "pre"), "--data", cal]):
+        if args[0] == "eval":
+            modelstore.open(url, mode="a").add_task("kws", str(tmp_path / "pre"))
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and "reads input_values" in r.output and r.output.count("\n") == 1, r.output
+        assert modelstore.open(url).tasks() == ([] if args[0] == "add-task" else ["kws"])
+
+
 def _mask_positions(tok, text: str, index: int) -> tuple[dict, list[int]]:
     """`text` tokenized alone with the tokens calibration masks of the text at `index` of its file
     masked: MASKED of its non-special tokens, drawn by a generator seeded with `index`."""
@@ -179,6 +201,51 @@ def test_an_extractive_qa_model_agrees_on_answer_starts_and_ends(tmp_path):
     assert r.exit_code == 1 and '"question" and "context"' in r.output and r.output.count("\n") == 1, r.output
     r = CliRunner().invoke(main, ["eval", url, "qa", "--original", str(tmp_path / "ft"), "--data", alone])
     assert r.exit_code == 1 and '"question" and "context"' in r.output, r.output
+    assert modelstore.open(url).tasks() == ["qa"]
+
+
+def _qa_windows(tok, question: str, context: str, max_length: int) -> list[dict]:
+    """The windows of one example, made here by hand: [CLS] question [SEP] part of the context
+    [SEP], each part max_length's room long, neighbours sharing a quarter of max_length."""
+    q = tok(question, add_special_tokens=False)["input_ids"]
+    c = tok(context, add_special_tokens=False)["input_ids"]
+    room, stride, start, out = max_length - 3 - len(q), max_length // 4, 0, []
+    while True:
+        part = c[start:start + room]
+        ids = [tok.cls_token_id, *q, tok.sep_token_id, *part, tok.sep_token_id]
+        out.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                    "token_type_ids": torch.tensor([[0] * (len(q) + 2) + [1] * (len(part) + 1)])})
+        if start + room >= len(c):
+            return out
+        start += room - stride
+
+
+def test_a_qa_context_longer_than_the_model_reads_is_read_in_overlapping_windows(tmp_path):
+    """A context longer than the model's 64 positions is not cut at them: it is read in windows, as
+    transformers' QA pipeline reads it, each window's start and end one prediction each. The record
+    and eval (at its default --max-length, more than the model has) count what the windows made
+    here by hand give; a question leaving the context no room is refused in one line."""
+    from transformers import BertForQuestionAnswering
+    rows = [{"question": q, "context": " ".join(_texts(14, 7 + i))} for i, q in enumerate(_texts(16, 3))]
+    url, cal, f, ref, stored, tok = _calibrated(BertForQuestionAnswering, tmp_path, 0.002, "qa", rows)
+    predictions = agree = same = 0
+    windows = []
+    with torch.no_grad():
+        for r in rows:
+            windows.append(len(_qa_windows(tok, r["question"], r["context"], 64)))
+            hits = []
+            for enc in _qa_windows(tok, r["question"], r["context"], 64):
+                a, b = ref(**enc), stored(**enc)
+                hits += [int(a.start_logits.argmax() == b.start_logits.argmax()),
+                         int(a.end_logits.argmax() == b.end_logits.argmax())]
+            predictions, agree, same = predictions + len(hits), agree + sum(hits), same + int(all(hits))
+    assert min(windows) >= 2 and max(windows) >= 3, windows  # every context overflows 64 tokens
+    assert f["predictions"] == predictions == 2 * sum(windows)
+    got = _eval_agrees(url, "qa", tmp_path, cal, f, agree, predictions)
+    assert got["same_answer"] == pytest.approx(same / len(rows), abs=1 / len(rows))
+    long = _jsonl(tmp_path / "long.jsonl", [{"question": " ".join(_texts(12, 1)), "context": "a b c"}])
+    r = CliRunner().invoke(main, ["add-task", url, "qa2", str(tmp_path / "ft"), "--calibration", long])
+    assert r.exit_code == 1 and "raise --max-length" in r.output and r.output.count("\n") == 1, r.output
     assert modelstore.open(url).tasks() == ["qa"]
 
 

@@ -128,8 +128,8 @@ def test_load_model_takes_the_task_first_and_the_store_from_the_environment(gpt2
 def test_a_moe_whose_experts_transformers_fuses_loads_and_exports_but_is_not_written_in_place(tmp_path):
     """transformers 5 stacks a Qwen3-MoE checkpoint's per-expert tensors into one as it loads it:
     load_model gives them to from_pretrained to fuse, equal to the original; export loads back the
-    same; a write in place (load_into, switch, calibration) has no tensor for each expert and says
-    so in one line, pointing to export."""
+    same; a write in place (load_into, switch) has no tensor for each expert and says so in one
+    line, pointing to export (calibration builds each candidate instead: tests/fidelity)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from modelstore.serving.export import export
