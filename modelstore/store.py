@@ -795,8 +795,8 @@ class Store:
             raise InputError(f"--device {device}: this machine's torch sees {torch.cuda.device_count()} CUDA "
                              "device(s); use --device cpu or another index")
 
-        def preprocessor(images: bool) -> Any:  # asked for once the architecture is known to give predictions
-            return preprocessor_for(directory, lambda: self.model_files(base_id), f"task {name!r}", images)
+        def preprocessor(inputs: str) -> Any:  # asked for once the architecture is known to give predictions
+            return preprocessor_for(directory, lambda: self.model_files(base_id), f"task {name!r}", inputs)
 
         floats = Counter(weights.dtype(n) for n in weights.names() if weights.dtype(n).is_floating_point)
         main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype

@@ -1,9 +1,10 @@
 """Output-space fidelity of a stored task: run it and its original on the same data.
 
 Weight-space error (`verify`) does not tell whether a task still works; this does, for any
-transformers sequence or token classifier, masked, causal or encoder-decoder LM or extractive QA
-model. The stored task is its original's architecture with the store's weights copied in
-(`Store.load_into`), so both run the same code.
+transformers sequence, image, audio or token classifier, masked, causal or encoder-decoder LM,
+extractive QA model, CTC speech recognizer or semantic segmentation model. The stored task is its
+original's architecture with the store's weights copied in (`Store.load_into`; built as load_model
+builds it where transformers fuses a checkpoint's tensors), so both run the same code.
 
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
   distributions; with labels in the data, both accuracies and their difference. A multi-label
@@ -12,6 +13,9 @@ model. The stored task is its original's architecture with the store's weights c
 - Token classifiers: top-1 agreement and mean KL over every token of the texts.
 - Masked LMs: the same over the tokens masked of each text (runner.MASKED, the same tokens every
   run), and both models' accuracy at predicting them.
+- CTC speech recognizers: the same over the frames of each sound, and the fraction of sounds
+  whose every frame agrees (`same_transcript`); semantic segmentation models: over a grid of
+  each image's label map (runner.GRID).
 - Extractive QA models: the same over the answer's start and its end, and the fraction of texts
   whose answer span is the original's (`same_answer`).
 - Causal LMs: perplexity of both on the data's text, top-1 next-token agreement, and mean KL of
@@ -21,8 +25,9 @@ model. The stored task is its original's architecture with the store's weights c
   output the stored task generates identically.
 
 Data is JSON lines (`{"text": ...}`, optionally with `"text_pair"`, and `"label"`: an int, or a name
-in the model's config `label2id`; a QA model's `"question"` and `"context"`) or CSV with those
-columns, read as calibration data is (modelstore.fidelity);
+in the model's config `label2id`; a QA model's `"question"` and `"context"`; an image or speech
+model's `"image"` or `"audio"` file) or CSV with those columns, read as calibration data is
+(modelstore.fidelity);
 agreement and KL are counted as calibrated add-task counts them.
 """
 
@@ -94,8 +99,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
     if kind is None:
-        raise InputError(f"{original or task} is a {arch}; eval runs sequence, image and token classifiers, masked, "
-                         "causal and encoder-decoder LMs and extractive QA models")
+        raise InputError(f"{original or task} is a {arch}; eval runs sequence, image, audio and token classifiers, "
+                         "masked, causal and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
+                         "speech recognizers and semantic segmentation models")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         if original is not None:
@@ -112,9 +118,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
     examples = read_data(data, getattr(config, "label2id", None), labels=kind == "classification")
     needs_pairs(kind, examples.pairs, f"--data {data}")
-    check_inputs(ref, examples.images, f"--data {data}")
+    check_inputs(ref, examples.modality, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
-                                    f"task {task!r}", examples.images is not None)
+                                    f"task {task!r}", examples.modality)
     batches = _batches(preprocessor, kind, examples, batch_size, fitted_length(max_length, config, preprocessor),
                        progress)
     if kind == "classification":
@@ -126,7 +132,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     else:
         out = _predictions(kind, ref, mine, batches)
     return {"task": task, "original": original or lora, "data": data, "model": arch, "kind": kind,
-            "examples": len(examples.images or examples.texts), **out}
+            "examples": len(examples.inputs), **out}
 
 
 def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
@@ -144,12 +150,12 @@ def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
 
 def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_length: int,
              progress: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    texts, pairs, labels, images = examples
-    starts = range(0, len(images or texts), size)
+    texts, pairs, labels, images, audio = examples
+    starts = range(0, len(examples.inputs), size)
     for i in bar(starts, "eval", progress, length=len(starts)):
         j = i + size
         enc = encode(preprocessor, kind, texts[i:j], None if pairs is None else pairs[i:j], max_length, i,
-                     None if images is None else images[i:j])
+                     *(None if x is None else x[i:j] for x in (images, audio)))
         yield enc, None if labels is None else torch.tensor(labels[i:j])
 
 
@@ -195,7 +201,8 @@ def _causal_lm(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
 
 #: What eval calls the fraction of texts whose predictions all agree, for the kinds whose users
 #: read a text's predictions together.
-_WHOLE = {"seq2seq": "same_generation", "question-answering": "same_answer", "multi-label": "same_labels"}
+_WHOLE = {"seq2seq": "same_generation", "question-answering": "same_answer", "multi-label": "same_labels",
+          "ctc": "same_transcript"}
 
 
 def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
@@ -208,7 +215,7 @@ def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str,
         for enc, _ in batches:
             if kind == "seq2seq":
                 enc = generated(ref, enc, GENERATED_TOKENS)
-            (a, text), (b, _) = (rows_of(kind, forward(m, enc), enc) for m in (ref, mine))
+            (a, text), (b, _) = (rows_of(kind, forward(m, enc), enc, m) for m in (ref, mine))
             a, b = a.double(), b.double()
             acc.add(a, b)
             differ += len(text[a.argmax(-1) != b.argmax(-1)].unique())

@@ -8,7 +8,8 @@ A pair task's rows give its second text too: `text_pair` (an entailment or parap
 second sentence, as transformers' text-classification pipeline takes it), or `question` and
 `context` in place of `text` and `text_pair` (an extractive QA model's, as SQuAD names them).
 An image model's rows name an `image` file instead (relative to the data file's folder), read with
-Pillow and prepared by the model's image processor.
+Pillow and prepared by the model's image processor; a speech model's rows an `audio` file (WAV, at
+the sampling rate of the model's feature extractor), prepared by its feature extractor.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import csv
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from modelstore.errors import InputError
@@ -28,16 +31,19 @@ from modelstore.errors import InputError
 #: A function of (model, tokenized batch) giving [batch, classes] logits, for a model whose head
 #: lives outside its checkpoint (a frozen head over a bare encoder).
 OutputsFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+#: The fields of a row that name an input file instead of giving a text: an image, a sound.
+FILES = ("image", "audio")
 
 
 def _row(row: Any) -> dict[str, Any] | None:
     """The row's fields (SQuAD's question and context as text and text_pair when it has no text),
-    or None without a text string or an image path."""
+    or None without a text string or a file's path (FILES)."""
     if not isinstance(row, dict):
         return None
-    if row.get("text") in (None, "") and row.get("question") in (None, "") and row.get("image") not in (None, ""):
-        image = {"image": row["image"], **({"label": row["label"]} if row.get("label") not in (None, "") else {})}
-        return image if isinstance(row["image"], str) else None
+    file = next((f for f in FILES if row.get(f) not in (None, "")), None)
+    if row.get("text") in (None, "") and row.get("question") in (None, "") and file is not None:
+        named = {file: row[file], **({"label": row["label"]} if row.get("label") not in (None, "") else {})}
+        return named if isinstance(row[file], str) else None
     names = ("text", "text_pair") if row.get("text") not in (None, "") else ("question", "context")
     out = {k: row[n] for k, n in zip(("text", "text_pair"), names) if row.get(n) not in (None, "")}
     if row.get("label") not in (None, ""):
@@ -46,14 +52,15 @@ def _row(row: Any) -> dict[str, Any] | None:
 
 
 def _rows(path: str, flag: str) -> list[dict[str, Any]]:
-    what = 'a "text" string (and optionally a "text_pair" one), "question" and "context" strings, or an "image" path'
+    what = ('a "text" string (and optionally a "text_pair" one), "question" and "context" strings, or an "image" '
+            'or "audio" path')
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(fh)
-                if reader.fieldnames is None or not {"text", "question", "image"} & set(reader.fieldnames):
-                    raise InputError(f"{flag} {path}: a CSV file needs a \"text\" (or \"question\", or \"image\") "
-                                     "column")
+                if reader.fieldnames is None or not {"text", "question", *FILES} & set(reader.fieldnames):
+                    raise InputError(f"{flag} {path}: a CSV file needs a \"text\" (or \"question\", \"image\" or "
+                                     "\"audio\") column")
                 lines: Any = enumerate(reader, 2)
                 bad = f"row {{}} has no {what}"
             else:
@@ -77,12 +84,23 @@ def _rows(path: str, flag: str) -> list[dict[str, Any]]:
 
 class Examples(NamedTuple):
     """A data file's texts, their second texts (None: single texts) and labels (None: unlabeled);
-    for image data its image paths (`texts` empty)."""
+    for image or audio data its files' paths (`texts` empty)."""
 
     texts: list[str]
     pairs: list[str] | None
     labels: list[int] | None
     images: list[str] | None = None
+    audio: list[str] | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The examples: the files of image or audio data, else the texts."""
+        return self.images or self.audio or self.texts
+
+    @property
+    def modality(self) -> str:
+        """What the examples are: "image", "audio" or "text"."""
+        return "image" if self.images is not None else "audio" if self.audio is not None else "text"
 
 
 def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--data",
@@ -92,18 +110,19 @@ def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--
 
     Raises:
         InputError: the file is missing or unreadable, has no examples, a row has no text, some
-            rows have a second text (or an image) and some not, or a label is unknown.
+            rows have a second text (or a file) and some not, or a label is unknown.
     """
     rows = _rows(path, flag)
     if not rows:
         raise InputError(f"{flag} {path}: no examples")
     labelled = _labels(rows, label2id, path, flag) if labels else None
-    imaged = ["image" in row for row in rows]
-    if all(imaged):
-        folder = os.path.dirname(os.path.abspath(path))
-        return Examples([], None, labelled, [os.path.join(folder, row["image"]) for row in rows])
-    if any(imaged):
-        raise InputError(f"{flag} {path}: some rows name an image and some give a text; give one kind of input")
+    for file, kind in zip(FILES, ("images", "audio")):
+        named = [file in row for row in rows]
+        if all(named):
+            folder = os.path.dirname(os.path.abspath(path))
+            return Examples([], None, labelled, **{kind: [os.path.join(folder, row[file]) for row in rows]})
+        if any(named):
+            raise InputError(f"{flag} {path}: some rows name an {file} file and some do not; give one kind of input")
     paired = ["text_pair" in row for row in rows]
     if any(paired) and not all(paired):
         raise InputError(f"{flag} {path}: some rows have a second text (text_pair or context) and some do not; "
@@ -145,6 +164,8 @@ class Calibration:
         pairs: their second texts, for a model of text pairs (an entailment classifier's
             hypotheses, an extractive QA model's contexts after its questions in `texts`).
         images: an image model's inputs instead of texts: image files' paths or PIL images.
+        audio: a speech model's inputs instead of texts: WAV files' paths or 1-d float arrays at
+            the sampling rate of the model's feature extractor.
         outputs: for a model whose head is not in its checkpoint, a function of (model, tokenized
             batch) giving [batch, classes] logits; by default the model's own logits (a sequence
             classifier's classes, a causal LM's next tokens).
@@ -161,15 +182,17 @@ class Calibration:
     sha256: str = field(default="")
     pairs: Sequence[str] | None = field(default=None, kw_only=True)
     images: Sequence[Any] | None = field(default=None, kw_only=True)
+    audio: Sequence[Any] | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.texts = list(self.texts)
-        if self.images is not None:
-            self.images = list(self.images)
-            if not self.images or self.texts or self.pairs is not None:
-                raise InputError(f"calibration {self.name}: needs at least one image, and images only")
+        self.images, self.audio = (None if x is None else list(x) for x in (self.images, self.audio))
+        if self.files is not None:
+            what = "image" if self.audio is None else "sound"
+            if not self.files or self.texts or self.pairs is not None or None not in (self.images, self.audio):
+                raise InputError(f"calibration {self.name}: needs at least one {what}, and {what}s only")
             if not self.sha256:
-                self.sha256 = hashlib.sha256(b"".join(image_digest(x) for x in self.images)).hexdigest()
+                self.sha256 = hashlib.sha256(b"".join(map(self.digest, self.files))).hexdigest()
         elif not self.texts or not all(isinstance(t, str) for t in self.texts):
             raise InputError(f"calibration {self.name}: needs at least one text, and texts only")
         if self.pairs is not None:
@@ -184,9 +207,24 @@ class Calibration:
             self.sha256 = hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
 
     @property
+    def files(self) -> list[Any] | None:
+        """The images or sounds of image or audio data (None: texts)."""
+        return self.images if self.images is not None else self.audio  # type: ignore[return-value]
+
+    @property
     def inputs(self) -> Sequence[Any]:
-        """The examples: the images of image data, else the texts."""
-        return self.texts if self.images is None else self.images
+        """The examples: the images or sounds of image or audio data, else the texts."""
+        return self.texts if self.files is None else self.files
+
+    @property
+    def modality(self) -> str:
+        """What the examples are: "image", "audio" or "text"."""
+        return "image" if self.images is not None else "audio" if self.audio is not None else "text"
+
+    @property
+    def digest(self) -> Callable[[Any], bytes]:
+        """The SHA-256 of one of the data's images or sounds."""
+        return image_digest if self.images is not None else audio_digest
 
     @classmethod
     def from_file(cls, path: str, *, max_examples: int | None = 256, max_length: int = 256,
@@ -199,18 +237,20 @@ class Calibration:
         if max_examples is not None and max_examples < 1:
             raise InputError(f"--max-examples must be at least 1, got {max_examples}")
         none = Examples([], None, None)
-        texts, pairs, _, images = read_data(path, None, "--calibration", labels=False) if path else none
+        texts, pairs, _, images, audio = read_data(path, None, "--calibration", labels=False) if path else none
         try:
             with open(path, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256")
         except OSError as e:
             raise InputError(f"--calibration {path}: {e.strerror or e}") from None
-        if images is not None:  # the images' contents are the data too
-            images = images[:max_examples]
-            for x in images:
-                digest.update(image_digest(x))
+        images, audio = (None if x is None else x[:max_examples] for x in (images, audio))
+        for x in images or ():  # the files' contents are the data too
+            digest.update(image_digest(x))
+        for x in audio or ():
+            digest.update(audio_digest(x))
         return cls(texts[:max_examples], max_length=max_length, batch_size=batch_size, name=path,
-                   sha256=digest.hexdigest(), pairs=None if pairs is None else pairs[:max_examples], images=images)
+                   sha256=digest.hexdigest(), pairs=None if pairs is None else pairs[:max_examples], images=images,
+                   audio=audio)
 
 
 def _pil() -> Any:
@@ -221,6 +261,14 @@ def _pil() -> Any:
     return Image
 
 
+def _file_digest(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").digest()
+    except OSError as e:
+        raise InputError(f"{what} {os.fspath(path)}: {e.strerror or e}") from None
+
+
 def image_digest(image: Any) -> bytes:
     """The SHA-256 of an image file's bytes, or of a PIL image's mode, size and pixels.
 
@@ -228,11 +276,7 @@ def image_digest(image: Any) -> bytes:
         InputError: the file cannot be read.
     """
     if isinstance(image, (str, os.PathLike)):
-        try:
-            with open(image, "rb") as fh:
-                return hashlib.file_digest(fh, "sha256").digest()
-        except OSError as e:
-            raise InputError(f"image {os.fspath(image)}: {e.strerror or e}") from None
+        return _file_digest(image, "image")
     if not isinstance(image, _pil().Image):
         raise InputError(f"calibration images are file paths or PIL images, not {type(image).__name__}")
     return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).digest()
@@ -254,6 +298,76 @@ def load_image(image: Any) -> Any:
     return image.convert("RGB")
 
 
+def audio_digest(sound: Any) -> bytes:
+    """The SHA-256 of a sound file's bytes, or of a float array's samples (as float32).
+
+    Raises:
+        InputError: the file cannot be read, or the sound is neither a path nor an array.
+    """
+    if isinstance(sound, (str, os.PathLike)):
+        return _file_digest(sound, "audio")
+    return hashlib.sha256(_samples(sound).tobytes()).digest()
+
+
+def _samples(sound: Any) -> np.ndarray:
+    if isinstance(sound, torch.Tensor):
+        sound = sound.detach().cpu().numpy()
+    if not isinstance(sound, np.ndarray) or sound.ndim != 1 or not np.issubdtype(sound.dtype, np.floating):
+        raise InputError("calibration sounds are WAV files' paths or 1-d float arrays of samples, not "
+                         f"{type(sound).__name__}")
+    return np.ascontiguousarray(sound, dtype=np.float32)
+
+
+#: WAV sample formats read: (format tag, bits per sample) -> numpy dtype; 1 is integer PCM, 3 float.
+_WAV: dict[tuple[int, int], np.dtype[Any]] = {
+    (1, 8): np.dtype("u1"), (1, 16): np.dtype("<i2"), (1, 32): np.dtype("<i4"), (3, 32): np.dtype("<f4"),
+    (3, 64): np.dtype("<f8")}
+
+
+def load_audio(sound: Any, rate: int) -> np.ndarray:
+    """`sound` (a WAV file's path, or an array of samples taken to be at `rate`) as float32 mono
+    samples in [-1, 1] (channels averaged).
+
+    Raises:
+        InputError: the file is missing, not a WAV file of PCM or float samples, or not at `rate`.
+    """
+    if not isinstance(sound, (str, os.PathLike)):
+        return _samples(sound)
+    name = os.fspath(sound)
+    try:
+        with open(name, "rb") as fh:
+            blob = fh.read()
+    except OSError as e:
+        raise InputError(f"audio {name}: {e.strerror or e}") from None
+    chunks: dict[bytes, bytes] = {}
+    at = 12
+    while blob[:4] == b"RIFF" and blob[8:12] == b"WAVE" and at + 8 <= len(blob):
+        tag, size = blob[at:at + 4], struct.unpack("<I", blob[at + 4:at + 8])[0]
+        chunks.setdefault(tag, blob[at + 8:at + 8 + size])
+        at += 8 + size + size % 2
+    fmt, data = chunks.get(b"fmt "), chunks.get(b"data")
+    head = struct.unpack("<HHIIHH", fmt[:16]) if fmt is not None and len(fmt) >= 16 else None
+    if head is None or data is None:
+        raise InputError(f"audio {name}: not a WAV file; convert it, e.g. ffmpeg -i IN -ar {rate} OUT.wav")
+    tag, channels, file_rate, _, _, bits = head
+    if tag == 0xFFFE and fmt is not None and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the format is its sub-format's
+        tag = struct.unpack("<H", fmt[24:26])[0]
+    dtype = _WAV.get((tag, bits))
+    if dtype is None or channels < 1:
+        raise InputError(f"audio {name}: WAV samples of format {tag}, {bits} bits are not read; convert it to 16-bit "
+                         f"PCM, e.g. ffmpeg -i IN -ar {rate} OUT.wav")
+    if file_rate != rate:
+        raise InputError(f"audio {name}: sampled at {file_rate} Hz, and the model's feature extractor takes {rate} "
+                         f"Hz; resample it, e.g. ffmpeg -i IN -ar {rate} OUT.wav")
+    whole = len(data) // (dtype.itemsize * channels) * dtype.itemsize * channels
+    x = np.frombuffer(data[:whole], dtype).reshape(-1, channels).astype(np.float64)
+    if dtype.kind == "u":
+        x = (x - 128) / 128
+    elif dtype.kind == "i":
+        x /= 2.0 ** (bits - 1)
+    return x.mean(1).astype(np.float32)
+
+
 def as_calibration(calibration: Calibration | str | os.PathLike[str], max_examples: int | None = 256) -> Calibration:
     """`calibration`, or the Calibration of the file it names (its first `max_examples` texts)."""
     if isinstance(calibration, Calibration):
@@ -261,4 +375,5 @@ def as_calibration(calibration: Calibration | str | os.PathLike[str], max_exampl
     return Calibration.from_file(os.fspath(calibration), max_examples=max_examples)
 
 
-__all__ = ["Calibration", "Examples", "OutputsFn", "as_calibration", "image_digest", "load_image", "read_data"]
+__all__ = ["FILES", "Calibration", "Examples", "OutputsFn", "as_calibration", "audio_digest", "image_digest",
+           "load_audio", "load_image", "read_data"]

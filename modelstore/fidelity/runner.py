@@ -10,6 +10,7 @@ the reference then reflects the weights, not rounding), in the checkpoint's dtyp
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +20,7 @@ import torch
 
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError
-from modelstore.fidelity.data import Calibration, load_image
+from modelstore.fidelity.data import Calibration, load_audio, load_image
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
 from modelstore.inputs.architectures import (
@@ -36,13 +37,19 @@ from modelstore.serving.modules import ModuleTensors
 #: multi-label head's "multi-label" is one per label of the text, a one-output head's "regression"
 #: none), per token of the text (token-classification), per masked token (masked-lm: MASKED of the
 #: text's tokens), per next token of the text (causal-lm), the answer's start and end in the context
-#: (question-answering), or per token of the output the original generates for the text (seq2seq:
-#: encoder-decoder models only).
+#: (question-answering), per frame of a sound (ctc: a speech recognizer's characters or blank), per
+#: pixel of an image's label map (segmentation: on a grid of at most GRID x GRID of its pixels), or
+#: per token of the output the original generates for the text (seq2seq: encoder-decoder models, a
+#: Whisper's transcript of a sound).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
-                "ForTokenClassification": "token-classification",
+                "ForAudioClassification": "classification", "ForTokenClassification": "token-classification",
+                "ForCTC": "ctc", "ForSemanticSegmentation": "segmentation",
                 "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
                 "MTModel": "seq2seq"}
+#: The most rows and columns of a semantic segmentation model's label map compared: every k-th of
+#: each, the smallest k that leaves at most GRID (its outputs would otherwise fill memory).
+GRID = 32
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
 #: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
@@ -88,13 +95,19 @@ def needs_pairs(kind: str, pairs: object, what: str) -> None:
 
 
 def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | None, max_length: int,
-           first: int, images: list[Any] | None = None) -> dict[str, torch.Tensor]:
+           first: int, images: list[Any] | None = None, audio: list[Any] | None = None) -> dict[str, torch.Tensor]:
     """The tokenized batch of `texts` (and their second texts), padded to its longest; a masked
     LM's with MASKED of each text's tokens masked and their ids as its `labels` (-100 elsewhere, as
     transformers takes them). `first` is the first text's index in its file, which seeds its mask.
-    With `images` (paths or PIL images), those prepared by the image processor `preprocessor`."""
+    With `images` (paths or PIL images), those prepared by the image processor `preprocessor`; with
+    `audio` (WAV paths or arrays of samples), those prepared by the feature extractor `preprocessor`
+    (padded to the longest, or as a Whisper-like extractor pads every one: to its window)."""
     if images is not None:
         return dict(preprocessor(images=[load_image(x) for x in images], return_tensors="pt"))
+    if audio is not None:
+        rate = preprocessor.sampling_rate
+        pad = {} if "input_features" in preprocessor.model_input_names else {"padding": True}
+        return dict(preprocessor([load_audio(x, rate) for x in audio], sampling_rate=rate, return_tensors="pt", **pad))
     tokenizer = preprocessor
     if kind == "question-answering" and pairs is not None and getattr(tokenizer, "is_fast", False):
         return _windows(tokenizer, texts, pairs, max_length, first)
@@ -137,7 +150,7 @@ def forward(model: Any, batch: Mapping[str, torch.Tensor]) -> Any:
 
 def examples_in(batch: Mapping[str, torch.Tensor]) -> int:
     """How many examples `batch` holds (an extractive QA example may take several windows)."""
-    return int(batch[WINDOWS][-1]) + 1 if WINDOWS in batch else len(batch["input_ids"])
+    return int(batch[WINDOWS][-1]) + 1 if WINDOWS in batch else len(next(iter(batch.values())))
 
 
 def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[str, torch.Tensor]:
@@ -154,11 +167,24 @@ def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[st
     return {**enc, "input_ids": ids, "labels": labels}
 
 
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' warnings held back (its errors still said)."""
+    from transformers.utils import logging as transformers_logging
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
     """`batch` with the decoder inputs of a seq2seq model's greedy output for it (its start token
     and the generated tokens but the last) and their mask: each position predicts the next token,
     up to and including the end-of-sequence token (padding after it is not predicted)."""
-    out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, num_beams=1)
+    with _transformers_quiet():  # not its notes on the generation settings its config also holds
+        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, num_beams=1)
     eos = model.generation_config.eos_token_id
     ends = torch.isin(out[:, 1:], torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device))
     # a position is real while no end-of-sequence token came before it
@@ -166,12 +192,14 @@ def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dic
     return {**batch, "decoder_input_ids": out[:, :-1], "decoder_attention_mask": real.long()}
 
 
-def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
+            model: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One row of logits per prediction of a model whose outputs are `kind` (OUTPUT_KINDS), from
     its output `out` on `batch`, and the index in the batch of the text of each row. A multi-label
     head's rows are [0, logit] (softmax: the sigmoid's two outcomes); an extractive QA model's are
     its start logits, then its end logits, over the text's real tokens (padding: -inf), in each window
-    of the text (WINDOWS)."""
+    of the text (WINDOWS); a CTC model's (of `model`) over the frames of each sound, not of its
+    padding where the batch's attention mask tells them."""
     if kind == "question-answering":
         real = batch["attention_mask"].bool()
         ends = torch.stack([out.start_logits, out.end_logits]).masked_fill(~real, float("-inf"))
@@ -181,6 +209,10 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[tor
     texts = torch.arange(len(logits), device=logits.device)
     if kind == "classification":
         return logits, texts
+    if kind == "segmentation":  # [B, classes, h, w] -> a row per pixel of the grid
+        k = -(-max(logits.shape[2:]) // GRID)
+        pixels = logits[:, :, ::k, ::k].flatten(2).transpose(1, 2)
+        return pixels.flatten(0, 1), texts.repeat_interleave(pixels.shape[1])
     if kind == "multi-label":
         return (torch.stack([torch.zeros_like(logits), logits], -1).flatten(0, 1),
                 texts.repeat_interleave(logits.shape[1]))
@@ -188,6 +220,11 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor]) -> tuple[tor
         logits, where = logits[:, :-1], batch["attention_mask"][:, 1:].bool()
     elif kind == "masked-lm":
         where = batch["labels"] != -100
+    elif kind == "ctc":
+        where = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        if "attention_mask" in batch and hasattr(model, "_get_feat_extract_output_lengths"):
+            frames = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1))
+            where = torch.arange(logits.shape[1], device=logits.device)[None] < frames[:, None]
     else:  # token-classification, seq2seq
         where = batch["decoder_attention_mask" if kind == "seq2seq" else "attention_mask"].bool()
     return logits[where], where.nonzero()[:, 0]
@@ -197,58 +234,62 @@ def _tokenizer_file(name: str) -> bool:
     return name.startswith(("tokenizer", "vocab", "spiece", "merges", "sentencepiece"))
 
 
-def reads_images(model: Any) -> bool:
-    """Whether a transformers model's input is an image's pixels (a ViT's, a CLIP vision tower's)."""
-    return getattr(model, "main_input_name", "input_ids") == "pixel_values"
+#: What a transformers model reads, by the name of its main input (models of other inputs are refused).
+MODALITIES = {"input_ids": "text", "pixel_values": "image", "input_values": "audio", "input_features": "audio"}
+#: What the rows of each modality give.
+_ROWS = {"text": 'texts ("text")', "image": '"image" paths', "audio": '"audio" paths (WAV files)'}
 
 
-def check_inputs(model: Any, images: object, what: str) -> None:
-    """Refuse data of the other modality than `model` reads, and models of neither text nor images.
+def modality(model: Any) -> str | None:
+    """What a transformers model reads: "text", "image" (a ViT's, a CLIP vision tower's pixels),
+    "audio" (a wav2vec2's samples, a Whisper's features), or None for another input."""
+    return MODALITIES.get(getattr(model, "main_input_name", "input_ids"))
+
+
+def check_inputs(model: Any, given: str, what: str) -> None:
+    """Refuse data of another modality (`given`: "text", "image" or "audio") than `model` reads,
+    and models of other inputs.
 
     Raises:
-        InputError: images for a text model, texts for an image model, or a model of speech or
-            another input.
+        InputError: data `model` does not read, or a model of neither text, images nor sound.
     """
-    reads = getattr(model, "main_input_name", "input_ids")
-    if reads not in ("input_ids", "pixel_values"):
-        raise InputError(f"{what}: {type(model).__name__} reads {reads} (speech or another input than text or "
-                         "images); calibration and eval run models of text or images, so store it with explicit "
-                         "settings")
-    if reads_images(model) != (images is not None):
-        need = '"image" paths' if reads_images(model) else 'texts ("text")'
-        raise InputError(f"{what}: {type(model).__name__} reads {'images' if reads_images(model) else 'text'}; "
-                         f"give its rows {need}")
+    reads = modality(model)
+    if reads is None:
+        raise InputError(f"{what}: {type(model).__name__} reads {model.main_input_name}, neither text, images nor "
+                         "sound; calibration and eval run models of those, so store it with explicit settings")
+    if reads != given:
+        noun = {"text": "text", "image": "images", "audio": "sound"}[reads]
+        raise InputError(f"{what}: {type(model).__name__} reads {noun}; give its rows {_ROWS[reads]}")
 
 
 def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str,
-                     images: bool = False) -> Any:
-    """The tokenizer (`images`: image processor) in model `directory`, else the one the store keeps
-    with the base (see tokenizer_for).
+                     inputs: str = "text") -> Any:
+    """The tokenizer (for `inputs` "image": image processor, "audio": feature extractor) in model
+    `directory`, else the one the store keeps with the base (see tokenizer_for).
 
     Raises:
         InputError: neither has one.
     """
-    if not images:
+    if inputs == "text":
         return tokenizer_for(directory, stored, what)
-    from transformers import AutoImageProcessor
-    from transformers.utils import logging as transformers_logging
+    from transformers import AutoFeatureExtractor, AutoImageProcessor
+    loader, noun = (AutoImageProcessor, "image processor") if inputs == "image" else (AutoFeatureExtractor,
+                                                                                      "feature extractor")
     name = "preprocessor_config.json"
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # not its note that a slower backend serves without torchvision
     try:
-        if directory is not None and os.path.isfile(os.path.join(directory, name)):
-            return AutoImageProcessor.from_pretrained(directory)
-        files = stored()
-        if name not in files:
-            raise InputError(f"neither {directory} nor the store has an image processor ({name}) for {what}")
-        with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, name), "wb") as fh:
-                fh.write(files[name])
-            return AutoImageProcessor.from_pretrained(d)
+        with _transformers_quiet():  # not its note that a slower backend serves without torchvision
+            if directory is not None and os.path.isfile(os.path.join(directory, name)):
+                return loader.from_pretrained(directory)
+            files = stored()
+            if name not in files:
+                raise InputError(f"neither {directory} nor the store has a{'n' * (noun[0] == 'i')} {noun} ({name}) "
+                                 f"for {what}")
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, name), "wb") as fh:
+                    fh.write(files[name])
+                return loader.from_pretrained(d)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise InputError(f"{what}: its image processor cannot be loaded: {(str(e).splitlines() or ['?'])[0]}") from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
+        raise InputError(f"{what}: its {noun} cannot be loaded: {(str(e).splitlines() or ['?'])[0]}") from None
 
 
 def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str) -> Any:
@@ -284,7 +325,7 @@ class Runner:
     """The task's architecture on `device`, run on `calibration` (see the module)."""
 
     def __init__(self, task: str, calibration: Calibration, config_json: str | None,
-                 preprocessor: Callable[[bool], Any],
+                 preprocessor: Callable[[str], Any],
                  device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False):
         transformers = transformers_module("add-task --calibration")
         if not config_json:
@@ -295,8 +336,9 @@ class Runner:
         kind = "custom" if calibration.outputs is not None else output_kind(arch, config)
         if kind is None:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
-                             "calibration compares the predictions of sequence, image and token classifiers, "
-                             "masked, causal and encoder-decoder LMs and extractive QA models (in Python, "
+                             "calibration compares the predictions of sequence, image, audio and token "
+                             "classifiers, masked, causal and encoder-decoder LMs (Whisper too), extractive QA "
+                             "models, CTC speech recognizers and semantic segmentation models (in Python, "
                              "Calibration(outputs=...) gives another model's logits)")
         if kind == "regression":
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
@@ -317,21 +359,22 @@ class Runner:
         self.target = ModuleTensors(self.model)
         if self.target.fuses:  # built from each fill's tensors: until then it needs no memory
             self.model.to("meta")
-        check_inputs(self.model, calibration.images, f"calibration {calibration.name}")
+        check_inputs(self.model, calibration.modality, f"calibration {calibration.name}")
         self.dtype = dtype
-        self.batches = self._tokenized(preprocessor(calibration.images is not None))
+        self.batches = self._tokenized(preprocessor(calibration.modality))
         self.reference: list[torch.Tensor | Coarse] = []
 
     def _tokenized(self, preprocessor: Any) -> list[tuple[int, dict[str, torch.Tensor]]]:
         """(first example's index, batch) of the examples in order (so the first n examples are a
-        prefix), each batch of texts padded to its own longest text, images in the model's dtype."""
+        prefix), each batch of texts padded to its own longest text, images and sounds in the model's
+        dtype."""
         cal = self.calibration
         max_length = fitted_length(cal.max_length, self.model.config, preprocessor)
         out = []
         for i in range(0, len(cal.inputs), cal.batch_size):
             j = i + cal.batch_size
-            pairs, images = (None if x is None else list(x[i:j]) for x in (cal.pairs, cal.images))
-            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, max_length, i, images)
+            pairs, images, audio = (None if x is None else list(x[i:j]) for x in (cal.pairs, cal.images, cal.audio))
+            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, max_length, i, images, audio)
             out.append((i, {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                             for k, v in enc.items()}))
         if self.kind == "causal-lm" and not any(int(b["attention_mask"][:, 1:].sum()) for _, b in out):
@@ -373,7 +416,7 @@ class Runner:
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
-        return rows_of(self.kind, forward(self.model, batch), batch)[0]
+        return rows_of(self.kind, forward(self.model, batch), batch, self.model)[0]
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
@@ -404,6 +447,6 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs", "encode",
-           "examples_in", "fitted_length", "forward", "generated", "needs_pairs", "output_kind", "preprocessor_for",
-           "reads_images", "rows_of", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs",
+           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "output_kind",
+           "preprocessor_for", "rows_of", "tokenizer_for"]

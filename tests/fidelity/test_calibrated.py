@@ -384,19 +384,20 @@ def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path
     m.config.eos_token_id = m.generation_config.eos_token_id = eos
     url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.2, "t5", texts)
     ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "ft").eval()
-    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("t5", url, dtype=torch.float32), tok, texts, eos)
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("t5", url, dtype=torch.float32),
+                                         [tok(t, return_tensors="pt") for t in texts], eos)
     assert f["output"] == "seq2seq" and f["predictions"] == tokens < 32 * len(texts) and f["met"]
     assert f["setting"]["kind"] == "fft" and f["agreement"] < 1
     assert _eval_agrees(url, "t5", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 
 
-def _greedy_counts(ref, stored, tok, texts: list[str], eos: int) -> tuple[int, int, int]:
-    """(agreeing tokens, tokens, texts generated the same): the original's greedy output for each
-    text, both models teacher-forced on it up to and with its end token, one text at a time."""
+def _greedy_counts(ref, stored, encodings: list, eos: int) -> tuple[int, int, int]:
+    """(agreeing tokens, tokens, inputs generated the same): the original's greedy output for each
+    input (a text's or a sound's encoding), both models teacher-forced on it up to and with its end
+    token, one input at a time."""
     tokens = agree = same = 0
     with torch.no_grad():
-        for t in texts:
-            enc = tok(t, return_tensors="pt")
+        for enc in encodings:
             out = ref.generate(**enc, max_new_tokens=32, do_sample=False, num_beams=1)[0]
             ends = (out[1:] == eos).nonzero()
             n = int(ends[0]) + 1 if len(ends) else len(out) - 1  # predictions up to and with the end token
@@ -429,8 +430,8 @@ def test_bart_and_marian_are_calibrated_as_encoder_decoders(tmp_path, arch):
     texts = _texts(12, 5)
     url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.05, "s2s", texts)
     ref = getattr(transformers, arch).from_pretrained(tmp_path / "ft").eval()
-    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32), tok, texts,
-                                         tok.eos_token_id)
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32),
+                                         [tok(t, return_tensors="pt") for t in texts], tok.eos_token_id)
     assert f["output"] == "seq2seq" and f["predictions"] == tokens and f["met"]
     assert _eval_agrees(url, "s2s", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 

@@ -120,26 +120,25 @@ def test_a_regression_head_is_refused_by_calibration_and_measured_by_eval(tmp_pa
     assert r.exit_code == 1 and "regression head" in r.output and r.output.count("\n") == 1, r.output
 
 
-def test_a_speech_model_is_refused_by_calibration_and_eval_in_one_line(tmp_path):
-    """A wav2vec2 classifier reads audio (`input_values`), not text: calibration and eval say so
-    in one line (not a TypeError from its forward) and store nothing."""
-    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+def test_a_model_of_neither_text_images_nor_sound_is_refused_in_one_line(tmp_path):
+    """A Perceiver classifier reads `inputs` (any modality, prepared outside transformers' auto
+    classes): calibration and eval say so in one line (not a TypeError from its forward) and store
+    nothing."""
+    from transformers import PerceiverConfig, PerceiverForSequenceClassification
     torch.manual_seed(0)
-    m = Wav2Vec2ForSequenceClassification(Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, conv_dim=(8, 8),
-        conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        num_labels=3))
-    m.save_pretrained(tmp_path / "pre")
-    make_tokenizer("bert").save_pretrained(tmp_path / "pre")  # a tokenizer would be found: the model is refused
+    PerceiverForSequenceClassification(PerceiverConfig(
+        num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+        num_self_attention_heads=1, num_cross_attention_heads=1, vocab_size=32, max_position_embeddings=64,
+        num_labels=2)).save_pretrained(tmp_path / "pre")
     url, cal = str(tmp_path / "s"), _jsonl(tmp_path / "c.jsonl", _texts(4, 1))
     modelstore.init(url, str(tmp_path / "pre"))
-    for args in (["add-task", url, "kws", str(tmp_path / "pre"), "--calibration", cal],
-                 ["eval", url, "kws", "--original", str(tmp_path / "pre"), "--data", cal]):
+    for args in (["add-task", url, "p", str(tmp_path / "pre"), "--calibration", cal],
+                 ["eval", url, "p", "--original", str(tmp_path / "pre"), "--data", cal]):
         if args[0] == "eval":
-            modelstore.open(url, mode="a").add_task("kws", str(tmp_path / "pre"))
+            modelstore.open(url, mode="a").add_task("p", str(tmp_path / "pre"))
         r = CliRunner().invoke(main, args)
-        assert r.exit_code == 1 and "reads input_values" in r.output and r.output.count("\n") == 1, r.output
-        assert modelstore.open(url).tasks() == ([] if args[0] == "add-task" else ["kws"])
+        assert r.exit_code == 1 and "reads inputs, neither text" in r.output and r.output.count("\n") == 1, r.output
+        assert modelstore.open(url).tasks() == ([] if args[0] == "add-task" else ["p"])
 
 
 def _mask_positions(tok, text: str, index: int) -> tuple[dict, list[int]]:
@@ -249,23 +248,37 @@ def test_a_qa_context_longer_than_the_model_reads_is_read_in_overlapping_windows
     assert modelstore.open(url).tasks() == ["qa"]
 
 
-def _vit(tmp_path, **cfg):
-    """A tiny ViT (32-pixel images, 8-pixel patches) and its image processor, and 24 PNG images of
-    assorted sizes under tmp_path/imgs; returns (model, processor, rows naming the images)."""
+def _images(tmp_path, n: int) -> list[dict]:
+    """`n` PNG images of noise of assorted sizes under tmp_path/imgs; rows naming them, labelled."""
     import numpy as np
     from PIL import Image
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        pixels = (rng.random((int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append({"image": f"imgs/{i}.png", "label": i % 3})
+    return rows
+
+
+def _each_image(tmp_path, proc, rows: list[dict], *models):
+    """(row, each model's logits) for each row's image, prepared alone by image processor `proc`."""
+    from PIL import Image
+    with torch.no_grad():
+        for r in rows:
+            x = proc(images=Image.open(tmp_path / r["image"]).convert("RGB"), return_tensors="pt")
+            yield r, *(m(**x).logits for m in models)
+
+
+def _vit(tmp_path, **cfg):
+    """A tiny ViT (32-pixel images, 8-pixel patches) and its image processor, and 24 _images;
+    returns (model, processor, rows naming the images)."""
     from transformers import ViTConfig, ViTImageProcessor
     torch.manual_seed(0)
     m = cfg.pop("cls")(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, initializer_range=0.2, **cfg)).eval()
-    (tmp_path / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(24):
-        pixels = (rng.random((int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3)) * 255).astype("uint8")
-        Image.fromarray(pixels).save(tmp_path / "imgs" / f"{i}.png")
-        rows.append({"image": f"imgs/{i}.png", "label": i % 3})
-    return m, ViTImageProcessor(size={"height": 32, "width": 32}), rows
+    return m, ViTImageProcessor(size={"height": 32, "width": 32}), _images(tmp_path, 24)
 
 
 def test_an_image_classifier_is_calibrated_and_evaluated_on_its_images(tmp_path):
@@ -279,11 +292,8 @@ def test_an_image_classifier_is_calibrated_and_evaluated_on_its_images(tmp_path)
     _lossy(f)
     ref, stored = _ref_and_stored(ViTForImageClassification, url, "vit", tmp_path)
     agree = right = 0
-    with torch.no_grad():
-        for r in rows:
-            x = proc(images=Image.open(tmp_path / r["image"]).convert("RGB"), return_tensors="pt")
-            a, b = ref(**x).logits.argmax(), stored(**x).logits.argmax()
-            agree, right = agree + int(a == b), right + int(b == r["label"])
+    for r, a, b in _each_image(tmp_path, proc, rows, ref, stored):
+        agree, right = agree + int(a.argmax() == b.argmax()), right + int(b.argmax() == r["label"])
     assert f["output"] == "classification" and f["examples"] == f["predictions"] == 24
     assert abs(f["agreement"] - agree / 24) <= 1 / 24
     r = CliRunner().invoke(main, ["eval", url, "vit", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
@@ -300,6 +310,30 @@ def test_an_image_classifier_is_calibrated_and_evaluated_on_its_images(tmp_path)
         r = CliRunner().invoke(main, ["add-task", url, "vit2", str(tmp_path / "ft"), "--calibration", data])
         assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
     assert modelstore.open(url).tasks() == ["vit"]
+
+
+def test_a_segmentation_model_agrees_pixel_by_pixel_on_a_grid_of_its_label_map(tmp_path):
+    """A SegFormer's label map (64 x 64 for 256-pixel images) is compared on every other row and
+    column (GRID: at most 32 of each), one prediction per pixel there; the record and eval count
+    what each image run alone gives."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+    rows = _images(tmp_path, 12)
+    torch.manual_seed(0)
+    m = SegformerForSemanticSegmentation(SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=5,
+        initializer_range=0.2)).eval()
+    proc = SegformerImageProcessor(size={"height": 256, "width": 256})
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.01, "seg", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(SegformerForSemanticSegmentation, url, "seg", tmp_path)
+    agree = pixels = 0
+    for _, a, b in _each_image(tmp_path, proc, rows, ref, stored):
+        a, b = (x[0, :, ::2, ::2].argmax(0) for x in (a, b))
+        assert a.shape == (32, 32)
+        agree, pixels = agree + int((a == b).sum()), pixels + a.numel()
+    assert f["output"] == "segmentation" and f["predictions"] == pixels
+    _eval_agrees(url, "seg", tmp_path, cal, f, agree, pixels)
 
 
 def test_a_vision_encoder_with_a_head_outside_it_is_calibrated_on_pil_images(tmp_path):

@@ -52,12 +52,12 @@ def test_json_lines_and_csv_read_alike(tmp_path):
     j, c = tmp_path / "d.jsonl", tmp_path / "d.csv"
     j.write_text('{"text": "a cat", "label": 1}\n\n{"text": "b, \\"dog\\"", "label": 0}\n')
     c.write_text('text,label\na cat,1\n"b, ""dog""",0\n')
-    assert read_data(str(j)) == read_data(str(c)) == (["a cat", 'b, "dog"'], None, [1, 0], None)
+    assert read_data(str(j)) == read_data(str(c)) == (["a cat", 'b, "dog"'], None, [1, 0], None, None)
     assert read_data(str(j), labels=False).labels is None
     cal = Calibration.from_file(str(c), max_examples=1)
     assert cal.texts == ["a cat"] and cal.pairs is None and cal.sha256 == hashlib.sha256(c.read_bytes()).hexdigest()
     (tmp_path / "x.csv").write_text("words\nhello\n")
-    with pytest.raises(InputError, match='needs a "text" \\(or "question", or "image"\\) column'):
+    with pytest.raises(InputError, match='needs a "text" \\(or "question", "image" or "audio"\\) column'):
         read_data(str(tmp_path / "x.csv"))
     with pytest.raises(InputError, match="at least one text"):
         Calibration([])
@@ -70,7 +70,7 @@ def test_pairs_are_read_under_either_name_and_all_or_none(tmp_path):
     j.write_text('{"text": "a cat", "text_pair": "sat"}\n{"text": "a dog", "text_pair": "ran", "label": 2}\n')
     c.write_text('question,context\na cat,sat\na dog,ran\n')
     q.write_text('{"question": "a cat", "context": "sat", "id": "x1"}\n{"question": "a dog", "context": "ran"}\n')
-    want = (["a cat", "a dog"], ["sat", "ran"], None, None)
+    want = (["a cat", "a dog"], ["sat", "ran"], None, None, None)
     assert read_data(str(c)) == read_data(str(q)) == read_data(str(j), labels=False) == want
     cal = Calibration.from_file(str(q), max_examples=1)
     assert (cal.texts, cal.pairs) == (["a cat"], ["sat"])
@@ -86,22 +86,30 @@ def test_pairs_are_read_under_either_name_and_all_or_none(tmp_path):
         Calibration(["a", "b"], pairs=["c"])
 
 
-def test_image_rows_name_files_beside_the_data(tmp_path):
-    """An image path is relative to the data file's folder; a file mixing images and texts, or
-    images and texts given together in Python, is refused in one line."""
+def test_image_and_audio_rows_name_files_beside_the_data(tmp_path):
+    """An image or audio path is relative to the data file's folder; a file mixing images and
+    texts, or images and sounds, or images and texts given together in Python, is refused in one
+    line."""
     (tmp_path / "d").mkdir()
     j, c = tmp_path / "d" / "i.jsonl", tmp_path / "d" / "i.csv"
     j.write_text('{"image": "a.png", "label": 1}\n{"image": "/x/b.png", "label": 0}\n')
     c.write_text("image,label\na.png,1\n/x/b.png,0\n")
-    want = ([], None, [1, 0], [str(tmp_path / "d" / "a.png"), "/x/b.png"])
+    want = ([], None, [1, 0], [str(tmp_path / "d" / "a.png"), "/x/b.png"], None)
     assert read_data(str(j)) == read_data(str(c)) == want
-    (tmp_path / "m.jsonl").write_text('{"image": "a.png"}\n{"text": "a cat"}\n')
-    with pytest.raises(InputError, match="some rows name an image and some give a text"):
-        read_data(str(tmp_path / "m.jsonl"))
+    j.write_text('{"audio": "a.wav", "label": 1}\n{"audio": "/x/b.wav", "label": 0}\n')
+    assert read_data(str(j)) == ([], None, [1, 0], None, [str(tmp_path / "d" / "a.wav"), "/x/b.wav"])
+    for rows in ('{"image": "a.png"}\n{"text": "a cat"}\n', '{"image": "a.png"}\n{"audio": "a.wav"}\n'):
+        (tmp_path / "m.jsonl").write_text(rows)
+        with pytest.raises(InputError, match="some rows name an image file and some do not"):
+            read_data(str(tmp_path / "m.jsonl"))
     with pytest.raises(InputError, match="at least one image, and images only"):
         Calibration(["a cat"], images=["a.png"])
+    with pytest.raises(InputError, match="at least one sound, and sounds only"):
+        Calibration(audio=["a.wav"], pairs=["x"])
+    with pytest.raises(InputError, match="and sounds only"):
+        Calibration(images=["a.png"], audio=["a.wav"])
     with pytest.raises(InputError, match="a.png"):  # read for its hash, so a missing image is named at once
-        Calibration.from_file(str(j))
+        Calibration.from_file(str(c))
 
 
 @pytest.mark.parametrize("agree, n", [(256, 256), (253, 256), (230, 256), (5, 10), (0, 7), (999, 1000)])
