@@ -341,7 +341,8 @@ def init(ctx: click.Context, store: str, pretrained: str, base_codec: str, as_js
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
 @click.option("--calibration", default=None, metavar="FILE",
               help="the task's own inputs (JSON lines or CSV: a text field, with text_pair for pairs; question and "
-                   "context for QA; an image path for image models; labels not needed): keep the cheapest "
+                   "context for QA; an image path for image models, an audio path (WAV) for speech models; labels "
+                   "not needed): keep the cheapest "
                    "representation whose predictions agree with the original's on them")
 @_fidelity_options
 @_json_option
@@ -601,9 +602,12 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
               help="instead, a LoRA task's PEFT adapter: the original is the model it makes of the store's θ0")
 @click.option("--data", required=True,
               help='JSON lines: {"text": ...} with an optional "text_pair" and "label" (an extractive QA model\'s: '
-                   '"question" and "context"; an image model\'s: "image", a path), or CSV with those columns')
+                   '"question" and "context"; an image model\'s: "image", a speech model\'s: "audio" (WAV), a path), '
+                   'or CSV with those columns')
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-length", type=int, default=256, show_default=True, help="tokens per example, truncated")
+@click.option("--max-length", type=int, default=256, show_default=True,
+              help="tokens per example, cut (fewer where the model has fewer positions; a QA context is read in "
+                   "windows)")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="exit with status 3 when the stored task's top-1 agreement with the original is below this")
 @_json_option

@@ -21,7 +21,7 @@ run)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/tests.log" || true
+    python3 -m pytest -q -p no:cacheprovider tests/serving/test_gpu.py tests/fidelity/test_gpu_calibration.py 2>&1 | tee "$out/tests.log" || true
     python3 -m tools.bench_gpu --params "${PARAMS:-7e9}" --dir /tmp/bench-gpu --json \
         > "$out/bench_gpu.json" 2> "$out/bench_gpu.log" || { tail -20 "$out/bench_gpu.log"; exit 1; }
     python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(json.dumps({k: r[k] for k in ('params', 'write_s', 'store_s', 'ratios', 'check')}, indent=1))" "$out/bench_gpu.json" ;;
