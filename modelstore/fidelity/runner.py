@@ -101,12 +101,12 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
     transformers takes them). `first` is the first text's index in its file, which seeds its mask.
     With `images` (paths or PIL images), those prepared by the image processor `preprocessor`; with
     `audio` (WAV paths or arrays of samples), those prepared by the feature extractor `preprocessor`
-    (padded to the longest, or as a Whisper-like extractor pads every one: to its window)."""
+    (padded to the longest, or as Whisper's extractor pads every one: to its `n_samples` window)."""
     if images is not None:
         return dict(preprocessor(images=[load_image(x) for x in images], return_tensors="pt"))
     if audio is not None:
         rate = preprocessor.sampling_rate
-        pad = {} if "input_features" in preprocessor.model_input_names else {"padding": True}
+        pad = {} if hasattr(preprocessor, "n_samples") else {"padding": True}  # Whisper's pads to its window
         return dict(preprocessor([load_audio(x, rate) for x in audio], sampling_rate=rate, return_tensors="pt", **pad))
     tokenizer = preprocessor
     if kind == "question-answering" and pairs is not None and getattr(tokenizer, "is_fast", False):
