@@ -55,7 +55,7 @@ def add_task(store: str | os.PathLike[str], name: str, path: str | os.PathLike[s
              storage_options: Mapping[str, Any] | None = None, progress: bool = False, **options: Any) -> Store:
     """Add one fully fine-tuned task to the store at `store`; see `Store.add_task` (`**options`: the
     other options of `kind`, e.g. `group_size`, `sparsify`, `seed`, `tall_lambda`, and the calibration
-    keywords `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`).
+    keywords `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`, `max_length`).
 
     >>> modelstore.add_task("store", "qnli", "ft/qnli", keep=0.05, value_dtype="int8")
     >>> modelstore.add_task("store", "sst2", "ft/sst2", calibration="sst2-val.jsonl", min_agreement=0.99)
@@ -75,7 +75,7 @@ def add_lora_task(store: str | os.PathLike[str], name: str, adapter: str | os.Pa
                   storage_options: Mapping[str, Any] | None = None, progress: bool = False,
                   **calibrated: Any) -> Store:
     """Add a PEFT LoRA adapter to the store at `store` (PERU-LoRA); see `Store.add_lora_task`
-    (`**calibrated`: `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`).
+    (`**calibrated`: `calibration`, `min_agreement`, `max_kl`, `device`, `max_examples`, `max_length`).
 
     >>> modelstore.add_lora_task("store", "sst2-lora", "adapters/sst2", rank=4)
 

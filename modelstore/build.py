@@ -78,7 +78,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
           merge_options: Mapping[str, Any] | None = None, base_codec: str = "lz4",
           calibration: Mapping[str, str | os.PathLike[str] | Calibration] | None = None,
           min_agreement: float | None = None, max_kl: float | None = None, device: str | torch.device | None = None,
-          max_examples: int | None = 256, bound: bool = False, storage_options: Mapping[str, Any] | None = None,
+          max_examples: int | None = 256, max_length: int = 256, bound: bool = False,
+          storage_options: Mapping[str, Any] | None = None,
           progress: bool = False, **options: Any) -> Store:
     """Make a new store: merge the task models into one base, then store each task with its kind
     (by default its sparse delta, PERU-FFT).
@@ -106,7 +107,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
             its output, as safetensors does, instead of decoding it).
         calibration: task -> its calibration data (a file or a `Calibration`): that task is stored
             at the fewest bytes meeting `min_agreement` / `max_kl` on it (see `Store.add_task`;
-            `device`, `max_examples` and `bound` as there); the other tasks with the settings above.
+            `device`, `max_examples`, `max_length` and `bound` as there); the other tasks with the
+            settings above.
         storage_options: fsspec options of the store's location.
         progress: draw progress bars on a terminal.
 
@@ -134,7 +136,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     if (min_agreement is not None or max_kl is not None or bound) and not calibration:
         raise InputError("--min-agreement / --max-kl / --bound need --calibration NAME=FILE for the tasks they apply "
                          "to")
-    cals = {n: as_calibration(c, max_examples) for n, c in calibration.items()}  # read now: bad data stores nothing
+    # read now: bad data stores nothing
+    cals = {n: as_calibration(c, max_examples, max_length) for n, c in calibration.items()}
 
     def add(out: Store, name: str, ck: Checkpoint, overwrite: bool = False) -> None:
         if name in cals:

@@ -21,7 +21,7 @@ from modelstore.api import add_task as add_fft
 from modelstore.api import open_store
 from modelstore.build import build as build_store
 from modelstore.build import init as init_store
-from modelstore.config import BuildConfig, load_config
+from modelstore.config import FIDELITY_KEYS, BuildConfig, load_config
 from modelstore.errors import InputError, ModelStoreError
 from modelstore.evaluation.outputs import evaluate
 from modelstore.evaluation.weights import verify as run_verify
@@ -119,6 +119,9 @@ def _fidelity_options(f: Callable) -> Callable:
                      "[default: cpu]"),
         click.option("--max-examples", type=int, default=None,
                      help="with --calibration: the first N examples of the file are used [default: 256]"),
+        click.option("--max-length", type=int, default=None,
+                     help="with --calibration: tokens kept of each example, fewer where the model has fewer "
+                          "positions (a QA context is read in windows) [default: 256]"),
         click.option("--bound", is_flag=True, default=None,
                      help="with --min-agreement X: the agreement's 95% lower bound over the calibration examples "
                           "must meet X, a promise for more data like them (at 0.99, 256 examples allow only exact)"),
@@ -129,7 +132,7 @@ def _fidelity_options(f: Callable) -> Callable:
 
 def _fidelity(flags: dict[str, Any]) -> dict[str, Any]:
     """The fidelity flags given, as keywords of Store.add_task / build."""
-    return {k: flags.pop(k) for k in ("min_agreement", "max_kl", "device", "max_examples", "bound")
+    return {k: flags.pop(k) for k in FIDELITY_KEYS
             if flags.get(k) not in (None, False)}
 
 

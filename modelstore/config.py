@@ -32,7 +32,7 @@ from modelstore.merging import method_class
 #: The task kinds' declared options, by config key.
 KIND_KEYS = {o.key: o for k in KINDS for o in k.declared}
 #: Keys of calibrated builds (Store.add_task's keywords of the same names).
-FIDELITY_KEYS = ("min_agreement", "max_kl", "device", "max_examples", "bound")
+FIDELITY_KEYS = ("min_agreement", "max_kl", "device", "max_examples", "max_length", "bound")
 TOP_KEYS = ("pretrained", "tasks", "merge", "kind", *KIND_KEYS, "include", "exclude", "stats", "base_codec",
             "calibration", *FIDELITY_KEYS)
 

@@ -645,7 +645,8 @@ class Store:
                  overwrite: bool = False, progress: bool = False,
                  calibration: Calibration | str | os.PathLike[str] | None = None, min_agreement: float | None = None,
                  max_kl: float | None = None, device: str | torch.device | None = None,
-                 max_examples: int | None = 256, bound: bool = False, **options: Any) -> TaskEntry:
+                 max_examples: int | None = 256, max_length: int = 256, bound: bool = False,
+                 **options: Any) -> TaskEntry:
         """Add a fully fine-tuned model as task `name`: by default a DARE drop of its delta to the base
         with int4 values (PERU-FFT); `kind` picks another way to keep it (`modelstore.kinds`).
 
@@ -678,11 +679,13 @@ class Store:
                 cheapest meeting `min_agreement` (default 0.99) or `max_kl` is kept, with a
                 `fidelity` record in its entry. With `sparsify="dare"` and no target, DARE's
                 rescale is tuned on them instead (DAREx-q). The checkpoint must be a transformers
-                sequence classifier or causal LM (or give `Calibration(outputs=...)`).
+                model whose predictions docs/evaluation.md lists (or give `Calibration(outputs=...)`).
             min_agreement: with `calibration`: top-1 agreement with the original to meet.
             max_kl: with `calibration`: or the mean KL(original || stored) to stay under.
             device: with `calibration`: where the models run (default "cpu").
             max_examples: with a calibration file: its first texts used.
+            max_length: with a calibration file: tokens kept of each example (fewer where the
+                model has fewer positions).
             bound: with `calibration` and `min_agreement`: the agreement's one-sided 95% lower
                 bound over the calibration examples must meet it, not the agreement measured (a
                 promise for more data like it; at 0.99, 256 examples allow only the exact kind).
@@ -699,7 +702,7 @@ class Store:
                "sparsify": sparsify, "seed": seed}
         given = {**{n: v for n, v in fft.items() if v is not None}, **options}
         if calibration is not None:
-            return self._add_calibrated(name, path, kind, given, as_calibration(calibration, max_examples),
+            return self._add_calibrated(name, path, kind, given, as_calibration(calibration, max_examples, max_length),
                                         _target(min_agreement, max_kl, given, bound), device, base, pretrained,
                                         overwrite, progress)
         if min_agreement is not None or max_kl is not None or device is not None or bound:
@@ -808,7 +811,7 @@ class Store:
                       calibration: Calibration | str | os.PathLike[str] | None = None,
                       min_agreement: float | None = None, max_kl: float | None = None,
                       device: str | torch.device | None = None, max_examples: int | None = 256,
-                      bound: bool = False) -> TaskEntry:
+                      max_length: int = 256, bound: bool = False) -> TaskEntry:
         """Add a PEFT LoRA adapter as task `name`: rank-q SVD factors of each update, on θ0 (PERU-LoRA).
 
         Args:
@@ -826,8 +829,8 @@ class Store:
                 up to the adapter's run on them, and the smallest rank meeting `min_agreement`
                 (default 0.99) or `max_kl` is kept, with a `fidelity` record in its entry; the
                 adapter's own rank when none below does.
-            min_agreement, max_kl, device, max_examples, bound: with `calibration`, as add_task
-                takes them.
+            min_agreement, max_kl, device, max_examples, max_length, bound: with `calibration`, as
+                add_task takes them.
 
         Returns:
             The task's manifest entry.
@@ -842,7 +845,7 @@ class Store:
             raise InputError(f"--{'rank' if rank is not None else 'energy'} is chosen by --calibration; drop one "
                              "of them")
         # read and checked before anything is written
-        cal = None if calibration is None else as_calibration(calibration, max_examples)
+        cal = None if calibration is None else as_calibration(calibration, max_examples, max_length)
         target = None if calibration is None else _target(min_agreement, max_kl, {}, bound)
         opts = LoraOptions(rank, energy).resolved()
         check_task_name(name)

@@ -200,8 +200,9 @@ class Calibration:
             if len(self.pairs) != len(self.texts) or not all(isinstance(t, str) for t in self.pairs):
                 raise InputError(f"calibration {self.name}: needs one second text (a string) per text, "
                                  f"got {len(self.pairs)} for {len(self.texts)}")
-        if self.max_length < 2 or self.batch_size < 1:
-            raise InputError("calibration: max_length must be at least 2 and batch_size at least 1")
+        if not all(isinstance(n, int) for n in (self.max_length, self.batch_size)) or self.max_length < 2 \
+                or self.batch_size < 1:
+            raise InputError("calibration: --max-length must be an integer of at least 2, and batch_size of at least 1")
         if not self.sha256:
             inputs = self.texts if self.pairs is None else [self.texts, self.pairs]
             self.sha256 = hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
@@ -234,8 +235,8 @@ class Calibration:
         Raises:
             InputError: the file is missing, unreadable, empty or has a row without text.
         """
-        if max_examples is not None and max_examples < 1:
-            raise InputError(f"--max-examples must be at least 1, got {max_examples}")
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+            raise InputError(f"--max-examples must be an integer of at least 1, got {max_examples!r}")
         none = Examples([], None, None)
         texts, pairs, _, images, audio = read_data(path, None, "--calibration", labels=False) if path else none
         try:
@@ -368,11 +369,13 @@ def load_audio(sound: Any, rate: int) -> np.ndarray:
     return x.mean(1).astype(np.float32)
 
 
-def as_calibration(calibration: Calibration | str | os.PathLike[str], max_examples: int | None = 256) -> Calibration:
-    """`calibration`, or the Calibration of the file it names (its first `max_examples` texts)."""
+def as_calibration(calibration: Calibration | str | os.PathLike[str], max_examples: int | None = 256,
+                   max_length: int = 256) -> Calibration:
+    """`calibration`, or the Calibration of the file it names (its first `max_examples` examples,
+    each of at most `max_length` tokens)."""
     if isinstance(calibration, Calibration):
         return calibration
-    return Calibration.from_file(os.fspath(calibration), max_examples=max_examples)
+    return Calibration.from_file(os.fspath(calibration), max_examples=max_examples, max_length=max_length)
 
 
 __all__ = ["FILES", "Calibration", "Examples", "OutputsFn", "as_calibration", "audio_digest", "image_digest",

@@ -359,6 +359,19 @@ def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path)
             tokens += enc["input_ids"].shape[1]
     assert f["output"] == "token-classification" and f["met"] and f["predictions"] == tokens
     _eval_agrees(url, "ner", tmp_path, cal, f, agree, tokens)
+    # --max-length cuts each example as eval's does: the same tokens, in add-task and in a build config
+    cut = sum(min(len(tok(t)["input_ids"]), 4) for t in texts)
+    r = CliRunner().invoke(main, ["add-task", url, "ner4", str(tmp_path / "ft"), "--calibration", cal,
+                                  "--max-length", "4", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["fidelity"]["predictions"] == cut < tokens, r.output
+    (tmp_path / "b.yaml").write_text(f"pretrained: {tmp_path / 'pre'}\ntasks: {{ner: {tmp_path / 'ft'}}}\n"
+                                     f"merge: none\ncalibration: {{ner: {cal}}}\nmax_length: 4\n")
+    r = CliRunner().invoke(main, ["build", str(tmp_path / "b"), "--config", str(tmp_path / "b.yaml")])
+    assert r.exit_code == 0, r.output
+    assert modelstore.open(str(tmp_path / "b")).info("ner")["fidelity"]["predictions"] == cut
+    r = CliRunner().invoke(main, ["add-task", url, "ner1", str(tmp_path / "ft"), "--calibration", cal,
+                                  "--max-length", "1"])
+    assert r.exit_code == 1 and "--max-length must be an integer of at least 2" in r.output, r.output
 
 
 def test_an_encoder_decoder_lm_is_calibrated_on_the_output_it_generates(tmp_path):
