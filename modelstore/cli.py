@@ -608,15 +608,15 @@ def sync(ctx: click.Context, src: str, dst: str, tasks: tuple[str, ...], delete:
                    '"question" and "context"; an image model\'s: "image", a speech model\'s: "audio" (WAV), a path), '
                    'or CSV with those columns')
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--max-length", type=int, default=256, show_default=True,
+@click.option("--max-length", type=int, default=None,
               help="tokens per example, cut (fewer where the model has fewer positions; a QA context is read in "
-                   "windows)")
+                   "windows) [default: as the task was calibrated, else 256]")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="exit with status 3 when the stored task's top-1 agreement with the original is below this")
 @_json_option
 @click.pass_context
 def eval_task(ctx: click.Context, store: str, task: str, original: str | None, lora: str | None, data: str,
-              batch_size: int, max_length: int, min_agreement: float | None, as_json: bool) -> None:
+              batch_size: int, max_length: int | None, min_agreement: float | None, as_json: bool) -> None:
     """Run TASK from STORE and its original on DATA: accuracy (with labels), agreement and KL for a
     sequence classifier (per label for a multi-label one; a regression head's outputs' differences);
     top-1 agreement and KL per token for a token classifier, per masked token for a masked LM (and

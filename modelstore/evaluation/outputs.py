@@ -72,14 +72,19 @@ from modelstore.store import Store
 
 
 def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: str | None = None,
-             batch_size: int = 16, max_length: int = 256, progress: bool = False) -> dict[str, Any]:
+             batch_size: int = 16, max_length: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Metrics of `task` against `original` (a transformers model directory), or for a LoRA task
     against the model its PEFT adapter `lora` makes of the store's θ0, on `data` (see the module).
+    Texts are cut at `max_length` tokens: by default the task's calibration cut them at (its
+    fidelity record's `max_length`), else 256.
 
     Raises:
         InputError: neither or both originals, an unsupported architecture, unreadable data, or a
             task that does not fit.
     """
+    if max_length is None:
+        fidelity: dict[str, Any] = dict(store.entry(task).get("fidelity") or {})
+        max_length = fidelity.get("max_length", 256)
     if batch_size < 1 or max_length < 2:
         raise InputError("--batch-size must be at least 1 and --max-length at least 2")
     if (original is None) == (lora is None):

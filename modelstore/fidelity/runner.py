@@ -370,6 +370,8 @@ class Runner:
         dtype."""
         cal = self.calibration
         max_length = fitted_length(cal.max_length, self.model.config, preprocessor)
+        #: the tokens each text was cut at (None: images or sounds)
+        self.max_length = max_length if cal.files is None else None
         out = []
         for i in range(0, len(cal.inputs), cal.batch_size):
             j = i + cal.batch_size

@@ -104,6 +104,7 @@ class FidelityRecord(TypedDict):
     bound: NotRequired[bool]  # true: the target is of agreement_low, not of agreement
     mean_kl: float  # mean KL(original || stored) per prediction
     examples: int
+    max_length: NotRequired[int]  # the tokens each text was cut at (text data; records of later writers)
     predictions: int
     calibration_sha256: str
     device: str
@@ -292,7 +293,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 METRICS = ("agreement", "kl", "dare-q")
 #: The outputs writers record (spec: "Fidelity record"); a reader takes any name, for later writers'.
 OUTPUTS = ("classification", "multi-label", "token-classification", "masked-lm", "question-answering", "causal-lm",
-           "seq2seq", "custom")
+           "seq2seq", "ctc", "segmentation", "custom")
 #: field -> (its test, what it must be): the fields of a fidelity record, and of each of its candidates.
 _Fields = dict[str, tuple[Callable[[Any], bool], str]]
 _CANDIDATE_FIELDS: _Fields = {
@@ -333,6 +334,8 @@ def fidelity_problem(record: Any) -> str | None:
     low = record.get("agreement_low", 0.0)
     if not _fraction(low) or low > record["agreement"]:
         return f"agreement_low {low!r} is not a fraction at most the agreement"
+    if "max_length" in record and not (_count(record["max_length"]) and record["max_length"] >= 2):
+        return f"max_length {record['max_length']!r} is not a count of at least 2"
     if "bound" in record and (record["bound"] is not True or metric != "agreement" or "agreement_low" not in record):
         return f"bound {record['bound']!r} is not true on an agreement target with its agreement_low"
     for i, c in enumerate(record["candidates"]):

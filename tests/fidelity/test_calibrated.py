@@ -364,6 +364,9 @@ def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path)
     r = CliRunner().invoke(main, ["add-task", url, "ner4", str(tmp_path / "ft"), "--calibration", cal,
                                   "--max-length", "4", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["fidelity"]["predictions"] == cut < tokens, r.output
+    assert json.loads(r.stdout)["fidelity"]["max_length"] == 4
+    r = CliRunner().invoke(main, ["eval", url, "ner4", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    assert json.loads(r.output)["predictions"] == cut  # eval cuts texts as the task's calibration did
     (tmp_path / "b.yaml").write_text(f"pretrained: {tmp_path / 'pre'}\ntasks: {{ner: {tmp_path / 'ft'}}}\n"
                                      f"merge: none\ncalibration: {{ner: {cal}}}\nmax_length: 4\n")
     r = CliRunner().invoke(main, ["build", str(tmp_path / "b"), "--config", str(tmp_path / "b.yaml")])

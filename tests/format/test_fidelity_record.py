@@ -50,6 +50,7 @@ def test_a_sound_record_passes_and_later_fields_are_allowed():
     assert fidelity_problem(_record(agreement=1, mean_kl=0, candidates=[])) is None  # JSON integers are numbers
     assert fidelity_problem(_record(extra={"by": "a later writer"})) is None
     assert fidelity_problem(_record(agreement_low=0.98)) is None  # a bound, written since
+    assert fidelity_problem(_record(max_length=128)) is None  # the tokens texts were cut at, written since
     for output in ("token-classification", "seq2seq", "regression"):  # a later writer's outputs read too
         assert fidelity_problem(_record(output=output)) is None
 
@@ -80,6 +81,8 @@ def _bad_candidate(**changes) -> dict:
     (_record(output=""), "output '' is not a name"),
     (_record(agreement_low=0.999), "agreement_low 0.999 is not a fraction at most the agreement"),
     (_record(agreement_low=-0.1), "agreement_low -0.1 is not a fraction"),
+    (_record(max_length=1), "max_length 1 is not a count of at least 2"),
+    (_record(max_length="256"), "max_length '256' is not a count"),
     (_record(met="yes"), "met 'yes' is not true or false"),
     (_record(examples=2.5), "examples 2.5 is not a count"),
     (_record(predictions=-1), "predictions -1 is not a count"),
