@@ -344,8 +344,8 @@ def init(ctx: click.Context, store: str, pretrained: str, base_codec: str, as_js
 @click.option("--overwrite", is_flag=True, help="replace an existing task of that name")
 @click.option("--calibration", default=None, metavar="FILE",
               help="the task's own inputs (JSON lines or CSV: a text field, with text_pair for pairs; question and "
-                   "context for QA; an image path for image models, an audio path (WAV) for speech models; labels "
-                   "not needed): keep the cheapest "
+                   "context for QA; an image path for image models (with a text: a LLaVA's prompt), an audio path "
+                   "(WAV) for speech models; labels not needed): keep the cheapest "
                    "representation whose predictions agree with the original's on them")
 @_fidelity_options
 @_json_option
@@ -643,7 +643,9 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str | None, l
 
 #: eval's line's words for the fraction of texts whose predictions all agree (evaluation.outputs).
 _WHOLE_WORDS = {"same_generation": "the same output", "same_answer": "the same answer",
-                "same_labels": "the same labels"}
+                "same_labels": "the same labels", "same_transcript": "the same transcript"}
+#: What eval's examples are called, by the data's modality.
+_UNITS = {"text": "texts", "image": "images", "audio": "sounds", "image-text": "images with prompts"}
 
 
 def _eval_line(r: dict[str, Any]) -> str:
@@ -661,12 +663,13 @@ def _eval_line(r: dict[str, Any]) -> str:
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
         return f"{acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples"
     what = {"seq2seq": "generated tokens", "masked-lm": "masked tokens", "question-answering": "answer starts and ends",
-            "multi-label": "labels"}.get(kind, "tokens")
-    extra = "".join(f", {words} for {r[k]:.2%} of texts" for k, words in _WHOLE_WORDS.items() if k in r)
+            "multi-label": "labels", "ctc": "frames", "segmentation": "pixels"}.get(kind, "tokens")
+    units = _UNITS.get(r.get("inputs", "text"), "examples")
+    extra = "".join(f", {words} for {r[k]:.2%} of {units}" for k, words in _WHOLE_WORDS.items() if k in r)
     if "accuracy_stored" in r:
         extra += f", accuracy at them {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%})"
     return (f"top-1 agreement {r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['predictions']} {what} "
-            f"of {r['examples']} texts{extra}")
+            f"of {r['examples']} {units}{extra}")
 
 
 @main.command()

@@ -55,6 +55,7 @@ from modelstore.fidelity.runner import (
     forward,
     generated,
     needs_pairs,
+    next_tokens,
     output_kind,
     preprocessor_for,
     rows_of,
@@ -105,7 +106,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     kind = output_kind(arch, config)
     if kind is None:
         raise InputError(f"{original or task} is a {arch}; eval runs sequence, image, audio and token classifiers, "
-                         "masked, causal and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
+                         "masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
                          "speech recognizers and semantic segmentation models")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
@@ -137,7 +138,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     else:
         out = _predictions(kind, ref, mine, batches)
     return {"task": task, "original": original or lora, "data": data, "model": arch, "kind": kind,
-            "examples": len(examples.inputs), **out}
+            "examples": len(examples.inputs), "inputs": examples.modality, **out}
 
 
 def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
@@ -189,8 +190,7 @@ def _causal_lm(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
     nll_ref = nll_mine = 0.0
     with torch.no_grad():
         for enc, _ in batches:
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            real = mask[:, 1:].bool()  # positions that predict a real token
+            ids, real = enc["input_ids"], next_tokens(enc, ref)  # positions that predict a token of the text
             a = ref(**enc).logits[:, :-1][real].double().log_softmax(-1)
             b = mine(**enc).logits[:, :-1][real].double().log_softmax(-1)
             target = ids[:, 1:][real]

@@ -9,7 +9,8 @@ second sentence, as transformers' text-classification pipeline takes it), or `qu
 `context` in place of `text` and `text_pair` (an extractive QA model's, as SQuAD names them).
 An image model's rows name an `image` file instead (relative to the data file's folder), read with
 Pillow and prepared by the model's image processor; a speech model's rows an `audio` file (WAV, at
-the sampling rate of the model's feature extractor), prepared by its feature extractor.
+the sampling rate of the model's feature extractor), prepared by its feature extractor. A model
+of images with text (a LLaVA) takes rows of both, `image` and `text` (its prompt).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def _row(row: Any) -> dict[str, Any] | None:
     out = {k: row[n] for k, n in zip(("text", "text_pair"), names) if row.get(n) not in (None, "")}
     if row.get("label") not in (None, ""):
         out["label"] = row["label"]
-    return out if isinstance(out.get("text"), str) and isinstance(out.get("text_pair", ""), str) else None
+    if file == "image":  # a model of images with text (a LLaVA's)
+        out["image"] = row["image"]
+    return out if all(isinstance(out.get(k, ""), str) for k in ("text_pair", "image")) and isinstance(
+        out.get("text"), str) else None
 
 
 def _rows(path: str, flag: str) -> list[dict[str, Any]]:
@@ -82,9 +86,15 @@ def _rows(path: str, flag: str) -> list[dict[str, Any]]:
         raise InputError(f"{flag} {path}: not UTF-8 text (JSON lines, or CSV with a .csv name)") from None
 
 
+def _modality(texts: Sequence[str], images: object, audio: object) -> str:
+    if images is not None:
+        return "image-text" if texts else "image"
+    return "audio" if audio is not None else "text"
+
+
 class Examples(NamedTuple):
     """A data file's texts, their second texts (None: single texts) and labels (None: unlabeled);
-    for image or audio data its files' paths (`texts` empty)."""
+    for image or audio data its files' paths (`texts` empty but for images with texts)."""
 
     texts: list[str]
     pairs: list[str] | None
@@ -99,8 +109,8 @@ class Examples(NamedTuple):
 
     @property
     def modality(self) -> str:
-        """What the examples are: "image", "audio" or "text"."""
-        return "image" if self.images is not None else "audio" if self.audio is not None else "text"
+        """What the examples are: "image", "image-text", "audio" or "text"."""
+        return _modality(self.texts, self.images, self.audio)
 
 
 def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--data",
@@ -116,13 +126,17 @@ def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--
     if not rows:
         raise InputError(f"{flag} {path}: no examples")
     labelled = _labels(rows, label2id, path, flag) if labels else None
+    folder = os.path.dirname(os.path.abspath(path))
     for file, kind in zip(FILES, ("images", "audio")):
-        named = [file in row for row in rows]
-        if all(named):
-            folder = os.path.dirname(os.path.abspath(path))
+        named, texts = [file in row for row in rows], ["text" in row for row in rows]
+        if all(named) and all(texts) and file == "image":  # images with texts (a LLaVA's prompts)
+            return Examples([row["text"] for row in rows], None, labelled,
+                            [os.path.join(folder, row[file]) for row in rows])
+        if all(named) and not any(texts):
             return Examples([], None, labelled, **{kind: [os.path.join(folder, row[file]) for row in rows]})
         if any(named):
-            raise InputError(f"{flag} {path}: some rows name an {file} file and some do not; give one kind of input")
+            raise InputError(f"{flag} {path}: some rows name an {file} file and some do not, or some give a text "
+                             "with it and some not; give one kind of input")
     paired = ["text_pair" in row for row in rows]
     if any(paired) and not all(paired):
         raise InputError(f"{flag} {path}: some rows have a second text (text_pair or context) and some do not; "
@@ -163,7 +177,9 @@ class Calibration:
         texts: the inputs.
         pairs: their second texts, for a model of text pairs (an entailment classifier's
             hypotheses, an extractive QA model's contexts after its questions in `texts`).
-        images: an image model's inputs instead of texts: image files' paths or PIL images.
+        images: an image model's inputs instead of texts: image files' paths or PIL images; with
+            `texts` too, one per image, a model of images with text (a LLaVA: each text its
+            prompt, holding the processor's image token).
         audio: a speech model's inputs instead of texts: WAV files' paths or 1-d float arrays at
             the sampling rate of the model's feature extractor.
         outputs: for a model whose head is not in its checkpoint, a function of (model, tokenized
@@ -189,10 +205,14 @@ class Calibration:
         self.images, self.audio = (None if x is None else list(x) for x in (self.images, self.audio))
         if self.files is not None:
             what = "image" if self.audio is None else "sound"
-            if not self.files or self.texts or self.pairs is not None or None not in (self.images, self.audio):
-                raise InputError(f"calibration {self.name}: needs at least one {what}, and {what}s only")
+            prompted = self.audio is None and len(self.texts) == len(self.files)  # an image-text model's
+            if not self.files or (self.texts and not prompted) or self.pairs is not None \
+                    or None not in (self.images, self.audio) or not all(isinstance(t, str) for t in self.texts):
+                raise InputError(f"calibration {self.name}: needs at least one {what}, and {what}s only (or "
+                                 "images each with a text)")
             if not self.sha256:
-                self.sha256 = hashlib.sha256(b"".join(map(self.digest, self.files))).hexdigest()
+                texts = json.dumps(self.texts, ensure_ascii=False).encode() if self.texts else b""
+                self.sha256 = hashlib.sha256(texts + b"".join(map(self.digest, self.files))).hexdigest()
         elif not self.texts or not all(isinstance(t, str) for t in self.texts):
             raise InputError(f"calibration {self.name}: needs at least one text, and texts only")
         if self.pairs is not None:
@@ -219,8 +239,8 @@ class Calibration:
 
     @property
     def modality(self) -> str:
-        """What the examples are: "image", "audio" or "text"."""
-        return "image" if self.images is not None else "audio" if self.audio is not None else "text"
+        """What the examples are: "image", "image-text", "audio" or "text"."""
+        return _modality(self.texts, self.images, self.audio)
 
     @property
     def digest(self) -> Callable[[Any], bytes]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -68,12 +68,14 @@ Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 def output_kind(arch: str, config: Any) -> str | None:
     """What the predictions of a transformers class are (OUTPUT_KINDS), None for other models (a
-    "ForConditionalGeneration" class that is not an encoder-decoder reads images or speech; Marian's
-    translation models are "MarianMTModel"). A sequence classifier's config tells a multi-label
-    head (sigmoids) and a regression head (one output, as transformers reads num_labels=1) apart."""
+    "ForConditionalGeneration" class that is not an encoder-decoder is a causal LM reading images
+    with its text where its config has a vision tower's, a LLaVA; else it reads something else;
+    Marian's translation models are "MarianMTModel"). A sequence classifier's config tells a
+    multi-label head (sigmoids) and a regression head (one output, as transformers reads
+    num_labels=1) apart."""
     kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
     if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
-        return None
+        return "causal-lm" if _image_token(config) is not None else None
     if kind == "classification":
         problem = getattr(config, "problem_type", None)
         if problem == "multi_label_classification":
@@ -81,6 +83,16 @@ def output_kind(arch: str, config: Any) -> str | None:
         if problem == "regression" or (problem is None and getattr(config, "num_labels", 2) == 1):
             return "regression"
     return kind
+
+
+def _image_token(config: Any) -> int | None:
+    """The token id a model of images with text (a LLaVA) holds each image's place with, None for
+    other models."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    token = getattr(config, "image_token_id", None)
+    token = getattr(config, "image_token_index", None) if token is None else token
+    return token if isinstance(token, int) else None
 
 
 def needs_pairs(kind: str, pairs: object, what: str) -> None:
@@ -102,6 +114,12 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
     With `images` (paths or PIL images), those prepared by the image processor `preprocessor`; with
     `audio` (WAV paths or arrays of samples), those prepared by the feature extractor `preprocessor`
     (padded to the longest, or as Whisper's extractor pads every one: to its `n_samples` window)."""
+    if images is not None and texts:  # a LLaVA's: each prompt holds its image's token, so is not cut
+        token = getattr(preprocessor, "image_token", None)
+        if missing := [k for k, t in enumerate(texts) if token and token not in t]:
+            raise InputError(f"example {first + missing[0] + 1}: its text has no {token} where its image goes")
+        return dict(preprocessor(images=[load_image(x) for x in images], text=texts, return_tensors="pt",
+                                 padding=True))
     if images is not None:
         return dict(preprocessor(images=[load_image(x) for x in images], return_tensors="pt"))
     if audio is not None:
@@ -216,8 +234,8 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
     if kind == "multi-label":
         return (torch.stack([torch.zeros_like(logits), logits], -1).flatten(0, 1),
                 texts.repeat_interleave(logits.shape[1]))
-    if kind == "causal-lm":  # positions predicting a real token
-        logits, where = logits[:, :-1], batch["attention_mask"][:, 1:].bool()
+    if kind == "causal-lm":
+        logits, where = logits[:, :-1], next_tokens(batch, model)
     elif kind == "masked-lm":
         where = batch["labels"] != -100
     elif kind == "ctc":
@@ -230,6 +248,14 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
     return logits[where], where.nonzero()[:, 0]
 
 
+def next_tokens(batch: Mapping[str, torch.Tensor], model: Any = None) -> torch.Tensor:
+    """Where a causal LM's outputs on `batch` predict a real token of its text: [B, L - 1], not
+    padding, nor the tokens standing for an image of a model of images with text (`model`'s)."""
+    where = batch["attention_mask"][:, 1:].bool()
+    image = _image_token(getattr(model, "config", None))
+    return where if image is None else where & (batch["input_ids"][:, 1:] != image)
+
+
 def _tokenizer_file(name: str) -> bool:
     return name.startswith(("tokenizer", "vocab", "spiece", "merges", "sentencepiece"))
 
@@ -237,13 +263,16 @@ def _tokenizer_file(name: str) -> bool:
 #: What a transformers model reads, by the name of its main input (models of other inputs are refused).
 MODALITIES = {"input_ids": "text", "pixel_values": "image", "input_values": "audio", "input_features": "audio"}
 #: What the rows of each modality give.
-_ROWS = {"text": 'texts ("text")', "image": '"image" paths', "audio": '"audio" paths (WAV files)'}
+_ROWS = {"text": 'texts ("text")', "image": '"image" paths', "audio": '"audio" paths (WAV files)',
+         "image-text": '"image" paths, each with its prompt in "text"'}
 
 
 def modality(model: Any) -> str | None:
     """What a transformers model reads: "text", "image" (a ViT's, a CLIP vision tower's pixels),
-    "audio" (a wav2vec2's samples, a Whisper's features), or None for another input."""
-    return MODALITIES.get(getattr(model, "main_input_name", "input_ids"))
+    "image-text" (a LLaVA's images with its prompts), "audio" (a wav2vec2's samples, a Whisper's
+    features), or None for another input."""
+    reads = MODALITIES.get(getattr(model, "main_input_name", "input_ids"))
+    return "image-text" if reads == "text" and _image_token(getattr(model, "config", None)) is not None else reads
 
 
 def check_inputs(model: Any, given: str, what: str) -> None:
@@ -258,7 +287,7 @@ def check_inputs(model: Any, given: str, what: str) -> None:
         raise InputError(f"{what}: {type(model).__name__} reads {model.main_input_name}, neither text, images nor "
                          "sound; calibration and eval run models of those, so store it with explicit settings")
     if reads != given:
-        noun = {"text": "text", "image": "images", "audio": "sound"}[reads]
+        noun = {"text": "text", "image": "images", "audio": "sound", "image-text": "images with text"}[reads]
         raise InputError(f"{what}: {type(model).__name__} reads {noun}; give its rows {_ROWS[reads]}")
 
 
@@ -270,8 +299,8 @@ def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes
     Raises:
         InputError: neither has one.
     """
-    if inputs == "text":
-        return tokenizer_for(directory, stored, what)
+    if inputs in ("text", "image-text"):
+        return tokenizer_for(directory, stored, what, processor=inputs == "image-text")
     from transformers import AutoFeatureExtractor, AutoImageProcessor
     loader, noun = (AutoImageProcessor, "image processor") if inputs == "image" else (AutoFeatureExtractor,
                                                                                       "feature extractor")
@@ -292,32 +321,44 @@ def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes
         raise InputError(f"{what}: its {noun} cannot be loaded: {(str(e).splitlines() or ['?'])[0]}") from None
 
 
-def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str) -> Any:
-    """The tokenizer in model `directory`, else the one the store keeps with the base (`stored()`:
-    its files), set to pad after the text (a causal LM's positions stay those of the text).
+def tokenizer_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str,
+                  processor: bool = False) -> Any:
+    """The tokenizer (`processor`: the processor of images with text, a LLaVA's) in model
+    `directory`, else the one the store keeps with the base (`stored()`: its files), set to pad
+    after the text (a causal LM's positions stay those of the text).
 
     Raises:
         InputError: neither has one.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
+    loader, noun = (AutoProcessor, "processor of images with text") if processor else (AutoTokenizer, "tokenizer")
+
+    def complete(names: Iterable[str]) -> bool:
+        names = list(names)
+        return any(map(_tokenizer_file, names)) and (
+            not processor or bool({"processor_config.json", "preprocessor_config.json"} & set(names)))
+
     try:
         # transformers makes a tokenizer without a vocabulary (every word unknown) from a directory
         # holding only a config.json: a directory without tokenizer files has none
-        if directory is None or not os.path.isdir(directory) or not any(map(_tokenizer_file, os.listdir(directory))):
+        if directory is None or not os.path.isdir(directory) or not complete(os.listdir(directory)):
             raise OSError
-        tok = AutoTokenizer.from_pretrained(directory)
+        with _transformers_quiet():
+            tok = loader.from_pretrained(directory)
     except (OSError, ValueError, TypeError):
         files = stored()
-        if not any(map(_tokenizer_file, files)):
-            raise InputError(f"neither {directory} nor the store has a tokenizer for {what}") from None
+        if not complete(files):
+            raise InputError(f"neither {directory} nor the store has a {noun} for {what}") from None
         with tempfile.TemporaryDirectory() as d:
             for name, blob in files.items():
                 with open(os.path.join(d, name), "wb") as fh:
                     fh.write(blob)
-            tok = AutoTokenizer.from_pretrained(d)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    tok.padding_side = "right"
+            with _transformers_quiet():
+                tok = loader.from_pretrained(d)
+    text = tok.tokenizer if processor else tok
+    if text.pad_token is None:
+        text.pad_token = text.eos_token or text.unk_token
+    text.padding_side = "right"
     return tok
 
 
@@ -337,9 +378,9 @@ class Runner:
         if kind is None:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
                              "calibration compares the predictions of sequence, image, audio and token "
-                             "classifiers, masked, causal and encoder-decoder LMs (Whisper too), extractive QA "
-                             "models, CTC speech recognizers and semantic segmentation models (in Python, "
-                             "Calibration(outputs=...) gives another model's logits)")
+                             "classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), "
+                             "extractive QA models, CTC speech recognizers and semantic segmentation models (in "
+                             "Python, Calibration(outputs=...) gives another model's logits)")
         if kind == "regression":
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
@@ -379,7 +420,7 @@ class Runner:
             enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, max_length, i, images, audio)
             out.append((i, {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                             for k, v in enc.items()}))
-        if self.kind == "causal-lm" and not any(int(b["attention_mask"][:, 1:].sum()) for _, b in out):
+        if self.kind == "causal-lm" and not any(bool(next_tokens(b, self.model).any()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text of two tokens or more to predict")
         if self.kind == "masked-lm" and not any(bool((b["labels"] != -100).any()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text has a token to mask")
@@ -450,5 +491,5 @@ class Runner:
 
 
 __all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs",
-           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "output_kind",
-           "preprocessor_for", "rows_of", "tokenizer_for"]
+           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "next_tokens",
+           "output_kind", "preprocessor_for", "rows_of", "tokenizer_for"]

@@ -119,6 +119,8 @@ def test_a_ctc_recognizer_agrees_frame_by_frame_on_the_frames_of_each_sound(tmp_
     assert frames < 2 * len(paths) * max(map(len, (load_audio(p, RATE) for p in paths))) // 16  # not padded frames
     got = _eval_agrees(url, "asr", tmp_path, cal, f, agree, frames)
     assert got["same_transcript"] == pytest.approx(same / len(paths), abs=1 / len(paths))
+    line = CliRunner().invoke(main, ["eval", url, "asr", "--original", str(tmp_path / "ft"), "--data", cal]).output
+    assert f"over {frames} frames of {len(paths)} sounds, the same transcript for" in line, line
     arrays = [load_audio(p, RATE) for p in paths[:3]]
     as_files, as_arrays = (encode(fe, "ctc", [], None, 256, 0, audio=x) for x in (paths[:3], arrays))
     assert as_files.keys() == as_arrays.keys() and all(torch.equal(as_files[k], as_arrays[k]) for k in as_files)

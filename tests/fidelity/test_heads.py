@@ -336,6 +336,59 @@ def test_a_segmentation_model_agrees_pixel_by_pixel_on_a_grid_of_its_label_map(t
     _eval_agrees(url, "seg", tmp_path, cal, f, agree, pixels)
 
 
+def _llava(tmp_path):
+    """A tiny LLaVA (a CLIP vision tower of 16-pixel images, 8-pixel patches, under a Llama) and
+    its processor, its tokenizer holding the image token."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    tok = make_tokenizer("gpt2")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.pad_token = tok.eos_token
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-1,
+                                                  image_token_index=tok.convert_tokens_to_ids("<image>"))).eval()
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                             crop_size={"height": 16, "width": 16}),
+                          tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
+    return m, proc
+
+
+def test_a_model_of_images_with_text_agrees_on_the_next_tokens_of_its_prompts(tmp_path):
+    """A LLaVA fine-tune: rows give an image and its prompt; every token of the prompt after the
+    first is a prediction, the positions standing for the image are not. The record and eval count
+    what each image with its prompt run alone gives; a prompt without the image token is refused in
+    one line."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+    m, proc = _llava(tmp_path)
+    rows = [{**r, "text": "<image> " + t} for r, t in zip(_images(tmp_path, 16), _texts(16, 6))]
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.003, "vlm", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(LlavaForConditionalGeneration, url, "vlm", tmp_path)
+    image = ref.config.image_token_index
+    agree = tokens = 0
+    with torch.no_grad():
+        for r in rows:
+            x = proc(images=Image.open(tmp_path / r["image"]).convert("RGB"), text=r["text"], return_tensors="pt")
+            a, b = (model(**x).logits[0, :-1].argmax(-1) for model in (ref, stored))
+            text = x["input_ids"][0, 1:] != image
+            assert 0 < int(text.sum()) < len(text)  # image positions left out, the prompt's kept
+            agree, tokens = agree + int((a == b)[text].sum()), tokens + int(text.sum())
+    assert f["output"] == "causal-lm" and f["predictions"] == tokens
+    assert abs(f["agreement"] - agree / tokens) <= 1 / tokens
+    r = CliRunner().invoke(main, ["eval", url, "vlm", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    got = json.loads(r.output)
+    assert got["tokens"] == tokens and got["top1_agreement"] == pytest.approx(agree / tokens, abs=1 / tokens)
+    bare = _jsonl(tmp_path / "bare.jsonl", [{"image": rows[0]["image"], "text": "no token here"}])
+    r = CliRunner().invoke(main, ["add-task", url, "vlm2", str(tmp_path / "ft"), "--calibration", bare])
+    assert r.exit_code == 1 and "has no <image> where its image goes" in r.output and r.output.count("\n") == 1, \
+        r.output
+
+
 def test_a_vision_encoder_with_a_head_outside_it_is_calibrated_on_pil_images(tmp_path):
     """BYOM's CLIP setting: a bare ViT fine-tune whose classifier is a frozen head kept outside
     the checkpoint, calibrated in Python on PIL images with `outputs=`."""

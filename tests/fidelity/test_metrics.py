@@ -103,7 +103,13 @@ def test_image_and_audio_rows_name_files_beside_the_data(tmp_path):
         with pytest.raises(InputError, match="some rows name an image file and some do not"):
             read_data(str(tmp_path / "m.jsonl"))
     with pytest.raises(InputError, match="at least one image, and images only"):
-        Calibration(["a cat"], images=["a.png"])
+        Calibration(["a cat", "a dog"], images=["a.png"])  # images with texts: one each
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "text": "<image> a"}\n{"image": "b.png"}\n')
+    with pytest.raises(InputError, match="some give a text with it and some not"):
+        read_data(str(tmp_path / "m.jsonl"))
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "text": "<image> a", "label": 1}\n')
+    assert read_data(str(tmp_path / "m.jsonl")) == (["<image> a"], None, [1], [str(tmp_path / "a.png")], None)
+    assert read_data(str(tmp_path / "m.jsonl")).modality == "image-text"
     with pytest.raises(InputError, match="at least one sound, and sounds only"):
         Calibration(audio=["a.wav"], pairs=["x"])
     with pytest.raises(InputError, match="and sounds only"):
