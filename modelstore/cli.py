@@ -658,13 +658,17 @@ def _eval_line(r: dict[str, Any]) -> str:
     if kind == "causal-lm":
         return (f"perplexity {r['perplexity_stored']:.4g} (original {r['perplexity_original']:.4g}), top-1 agreement "
                 f"{r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['tokens']} tokens")
+    units = _UNITS.get(r.get("inputs", "text"), "examples")
+    if kind == "embedding":
+        return (f"the same nearest neighbour for {r['top1_agreement']:.2%} of {r['examples']} {units} (mean KL "
+                f"{r['mean_kl']:.3g}); cosine to the original's embeddings {r['mean_cosine']:.4f} on average, "
+                f"{r['min_cosine']:.4f} at the lowest")
     if kind == "classification":
         acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
         return f"{acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples"
     what = {"seq2seq": "generated tokens", "masked-lm": "masked tokens", "question-answering": "answer starts and ends",
             "multi-label": "labels", "ctc": "frames", "segmentation": "pixels"}.get(kind, "tokens")
-    units = _UNITS.get(r.get("inputs", "text"), "examples")
     extra = "".join(f", {words} for {r[k]:.2%} of {units}" for k, words in _WHOLE_WORDS.items() if k in r)
     if "accuracy_stored" in r:
         extra += f", accuracy at them {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%})"

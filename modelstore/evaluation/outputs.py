@@ -2,10 +2,14 @@
 
 Weight-space error (`verify`) does not tell whether a task still works; this does, for any
 transformers sequence, image, audio or token classifier, masked, causal or encoder-decoder LM,
-extractive QA model, CTC speech recognizer or semantic segmentation model. The stored task is its
-original's architecture with the store's weights copied in (`Store.load_into`; built as load_model
-builds it where transformers fuses a checkpoint's tensors), so both run the same code.
+extractive QA model, CTC speech recognizer, semantic segmentation model or bare (embedding)
+model. The stored task is its original's architecture with the store's weights copied in
+(`Store.load_into`; built as load_model builds it where transformers fuses a checkpoint's
+tensors), so both run the same code.
 
+- Bare (embedding) models: whether each example's nearest neighbour among the original's
+  embeddings of the others is the same (runner.neighbours), and the cosine of each stored
+  embedding to the original's.
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
   distributions; with labels in the data, both accuracies and their difference. A multi-label
   head's every label is a yes/no prediction (and `same_labels` the fraction of texts given the
@@ -49,14 +53,17 @@ from modelstore.fidelity.metrics import Agreement
 from modelstore.fidelity.runner import (
     GENERATED_TOKENS,
     check_inputs,
+    embedded,
     encode,
     examples_in,
     fitted_length,
     forward,
     generated,
     needs_pairs,
+    neighbours,
     next_tokens,
     output_kind,
+    pooling_of,
     preprocessor_for,
     rows_of,
 )
@@ -107,7 +114,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     if kind is None:
         raise InputError(f"{original or task} is a {arch}; eval runs sequence, image, audio and token classifiers, "
                          "masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
-                         "speech recognizers and semantic segmentation models")
+                         "speech recognizers, semantic segmentation models and bare (embedding) models")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         if original is not None:
@@ -129,7 +136,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
                                     f"task {task!r}", examples.modality)
     batches = _batches(preprocessor, kind, examples, batch_size, fitted_length(max_length, config, preprocessor),
                        progress)
-    if kind == "classification":
+    if kind == "embedding":
+        out = _embedding(ref, mine, batches, pooling_of(original or lora))
+    elif kind == "classification":
         out = _classifier(ref, mine, batches)
     elif kind == "causal-lm":
         out = _causal_lm(ref, mine, batches)
@@ -235,6 +244,25 @@ def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str,
     if kind == "masked-lm" and acc.rows:
         out.update(accuracy_original=right_ref / acc.rows, accuracy_stored=right_mine / acc.rows)
     return out
+
+
+def _embedding(ref: Any, mine: Any, batches: Iterator, pooling: str) -> dict[str, Any]:
+    """An embedding model's nearest neighbours (runner.neighbours: of each example among the
+    original's embeddings of the others) and how far its embeddings moved (cosine to the original's)."""
+    with torch.no_grad():
+        pairs = [(embedded(forward(ref, enc), enc, pooling), embedded(forward(mine, enc), enc, pooling))
+                 for enc, _ in batches]
+    anchors = torch.cat([a for a, _ in pairs])
+    if len(anchors) < 2:
+        raise InputError("an embedding model's examples are compared by their nearest neighbours among the others; "
+                         "give at least two")
+    acc, first = Agreement(), 0
+    for a, b in pairs:
+        acc.add(neighbours(a, anchors, first), neighbours(b, anchors, first))
+        first += len(a)
+    cosine = torch.cat([(a * b).sum(-1) for a, b in pairs])
+    return {"predictions": acc.rows, "top1_agreement": acc.agreement, "mean_kl": acc.mean_kl,
+            "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
 
 
 def _regression(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:

@@ -11,6 +11,7 @@ the reference then reflects the weights, not rounding), in the checkpoint's dtyp
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,6 +51,13 @@ OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassifi
 #: The most rows and columns of a semantic segmentation model's label map compared: every k-th of
 #: each, the smallest k that leaves at most GRID (its outputs would otherwise fill memory).
 GRID = 32
+#: An embedding model's prediction for an example is its nearest neighbour among the original's
+#: embeddings of the other examples, by cosine; the distribution compared is softmax(cosine / this)
+#: (a contrastive loss's usual temperature).
+TEMPERATURE = 0.05
+#: How a sentence-transformers model pools its tokens into one embedding (its 1_Pooling/config.json).
+POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+            "pooling_mode_lasttoken": "lasttoken"}
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
 #: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
@@ -67,7 +75,8 @@ Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 
 def output_kind(arch: str, config: Any) -> str | None:
-    """What the predictions of a transformers class are (OUTPUT_KINDS), None for other models (a
+    """What the predictions of a transformers class are (OUTPUT_KINDS; a bare model's, "...Model",
+    its embeddings' nearest neighbours: "embedding"), None for other models (a
     "ForConditionalGeneration" class that is not an encoder-decoder is a causal LM reading images
     with its text where its config has a vision tower's, a LLaVA; else it reads something else;
     Marian's translation models are "MarianMTModel"). A sequence classifier's config tells a
@@ -76,6 +85,9 @@ def output_kind(arch: str, config: Any) -> str | None:
     kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
     if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
         return "causal-lm" if _image_token(config) is not None else None
+    if kind is None and arch.endswith("Model") and not getattr(config, "is_encoder_decoder", False) \
+            and getattr(config, "vision_config", None) is None:  # a bare encoder: a sentence embedding model
+        return "embedding"
     if kind == "classification":
         problem = getattr(config, "problem_type", None)
         if problem == "multi_label_classification":
@@ -93,6 +105,44 @@ def _image_token(config: Any) -> int | None:
     token = getattr(config, "image_token_id", None)
     token = getattr(config, "image_token_index", None) if token is None else token
     return token if isinstance(token, int) else None
+
+
+def pooling_of(directory: str | None) -> str:
+    """How the model in `directory` pools its tokens into an embedding: as its sentence-transformers
+    1_Pooling/config.json says (one of POOLINGS' values), else "mean"."""
+    try:
+        with open(os.path.join(directory or "", "1_Pooling", "config.json"), encoding="utf-8") as fh:
+            modes = json.load(fh)
+    except (OSError, ValueError):
+        return "mean"
+    return next((p for key, p in POOLINGS.items() if isinstance(modes, dict) and modes.get(key) is True), "mean")
+
+
+def embedded(out: Any, batch: Mapping[str, torch.Tensor], pooling: str) -> torch.Tensor:
+    """The unit-length embeddings [B, H] (float64) a bare model's output `out` on `batch` pools
+    (`pooling`: "mean", "cls", "max" or "lasttoken", over the real tokens; all of an image's)."""
+    h = out.last_hidden_state.double()
+    mask = batch.get("attention_mask")
+    real = mask.bool() if mask is not None and mask.shape == h.shape[:2] else torch.ones(h.shape[:2], dtype=torch.bool,
+                                                                                       device=h.device)
+    if pooling == "cls":
+        e = h[:, 0]
+    elif pooling == "max":
+        e = h.masked_fill(~real[..., None], float("-inf")).amax(1)
+    elif pooling == "lasttoken":  # padding after the text: its last real token
+        e = h[torch.arange(len(h), device=h.device), real.sum(1) - 1]
+    else:
+        e = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def neighbours(embeddings: torch.Tensor, anchors: torch.Tensor, first: int) -> torch.Tensor:
+    """Rows of logits cosine / TEMPERATURE of each of `embeddings` (examples first, first + 1 ...)
+    against `anchors` (the original's embeddings of every example), an example's own anchor left out."""
+    rows = embeddings @ anchors.T / TEMPERATURE
+    own = torch.arange(len(rows), device=rows.device)
+    rows[own, own + first] = float("-inf")
+    return rows
 
 
 def needs_pairs(kind: str, pairs: object, what: str) -> None:
@@ -367,7 +417,7 @@ class Runner:
 
     def __init__(self, task: str, calibration: Calibration, config_json: str | None,
                  preprocessor: Callable[[str], Any],
-                 device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False):
+                 device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False, pooling: str = "mean"):
         transformers = transformers_module("add-task --calibration")
         if not config_json:
             raise InputError(f"task {task!r}: calibration runs the task's model, but neither its checkpoint nor the "
@@ -379,14 +429,18 @@ class Runner:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
                              "calibration compares the predictions of sequence, image, audio and token "
                              "classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), "
-                             "extractive QA models, CTC speech recognizers and semantic segmentation models (in "
-                             "Python, Calibration(outputs=...) gives another model's logits)")
+                             "extractive QA models, CTC speech recognizers, semantic segmentation models and bare "
+                             "(embedding) models (in Python, Calibration(outputs=...) gives another model's logits)")
         if kind == "regression":
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
                              "far its outputs move with modelstore eval")
         needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}")
+        if kind == "embedding" and len(calibration.inputs) < 2:
+            raise InputError(f"calibration {calibration.name}: an embedding model's examples are compared by their "
+                             "nearest neighbours among the others; give at least two")
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
+        self.pooling, self.anchors = pooling, torch.empty(0)
         self.checkpoint_dtype = checkpoint_dtype
         cls = model_class(transformers, None, config)
         self.cls, self.config = cls, config
@@ -401,6 +455,9 @@ class Runner:
         if self.target.fuses:  # built from each fill's tensors: until then it needs no memory
             self.model.to("meta")
         check_inputs(self.model, calibration.modality, f"calibration {calibration.name}")
+        if kind == "embedding" and modality(self.model) == "audio":
+            raise InputError(f"task {task!r} is a bare {arch}: calibration compares the embeddings of text and image "
+                             "models, not of sound; store it with explicit settings")
         self.dtype = dtype
         self.batches = self._tokenized(preprocessor(calibration.modality))
         self.reference: list[torch.Tensor | Coarse] = []
@@ -454,25 +511,32 @@ class Runner:
                 if dst is not None:
                     dst.copy_(t)
 
-    def _rows(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One row of logits per prediction of the current model on `batch`."""
+    def _rows(self, batch: Mapping[str, torch.Tensor], first: int) -> torch.Tensor:
+        """One row of logits per prediction of the current model on `batch` (its first example the
+        `first`-th)."""
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
+        if self.kind == "embedding":
+            return neighbours(embedded(forward(self.model, batch), batch, self.pooling), self.anchors, first)
         return rows_of(self.kind, forward(self.model, batch), batch, self.model)[0]
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
         with torch.inference_mode():
-            for j, (_, batch) in enumerate(bar(todo, label, self.progress, length=len(todo))):
-                yield j, self._rows(batch)
+            for j, (first, batch) in enumerate(bar(todo, label, self.progress, length=len(todo))):
+                yield j, self._rows(batch, first)
 
     def take_reference(self) -> None:
         """Run the model (filled with the original) and keep its outputs as the reference (for a
-        seq2seq task, on the output it generates for each text, which every candidate is then run on)."""
+        seq2seq task, on the output it generates for each text, which every candidate is then run on;
+        for an embedding model, its embeddings, among which every candidate's neighbours are found)."""
         if self.kind == "seq2seq":
             with torch.inference_mode():
                 self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
+        if self.kind == "embedding":  # every example's neighbours are among the original's embeddings
+            with torch.inference_mode():
+                self.anchors = torch.cat([embedded(forward(self.model, b), b, self.pooling) for _, b in self.batches])
         self.reference = []
         for _, rows in self._run(None, "calibration: original"):
             logp = rows.double().log_softmax(-1)
@@ -490,6 +554,7 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs",
-           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "next_tokens",
-           "output_kind", "preprocessor_for", "rows_of", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "POOLINGS", "STRIDE", "TEMPERATURE", "WINDOWS",
+           "Runner", "check_inputs", "embedded", "encode", "examples_in", "fitted_length", "forward", "generated",
+           "modality", "needs_pairs", "neighbours", "next_tokens", "output_kind", "pooling_of", "preprocessor_for",
+           "rows_of", "tokenizer_for"]

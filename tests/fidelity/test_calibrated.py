@@ -198,12 +198,16 @@ def test_bad_calibration_data_is_one_line_and_stores_nothing(classifiers, tmp_pa
     assert modelstore.open(s.url).tasks() == [] and _payload_dirs(s, "dense") == []
 
 
-def test_calibration_of_a_model_without_predictions_is_refused(bert_models, classifiers, tmp_path):
+def test_calibration_of_a_model_without_predictions_is_refused(classifiers, tmp_path):
+    """BERT's pre-training class has two heads (masked tokens and next sentence): no one kind of
+    prediction to promise."""
+    from transformers import BertForPreTraining
+    torch.manual_seed(0)
+    BertForPreTraining(classifiers["cfg"]).save_pretrained(tmp_path / "pt")
     url = str(tmp_path / "bare")
-    modelstore.init(url, bert_models["pre"])
-    r = CliRunner().invoke(main, ["add-task", url, "alpha", bert_models["tasks"]["alpha"], "--calibration",
-                                  classifiers["cal"]])
-    assert r.exit_code == 1 and "BertModel, whose outputs are not class or token predictions" in r.output, r.output
+    modelstore.init(url, str(tmp_path / "pt"))
+    r = CliRunner().invoke(main, ["add-task", url, "pt", str(tmp_path / "pt"), "--calibration", classifiers["cal"]])
+    assert r.exit_code == 1 and "BertForPreTraining, whose outputs are not class or token" in r.output, r.output
     assert r.output.count("\n") == 1 and modelstore.open(url).tasks() == []
 
 

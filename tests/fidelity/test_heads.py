@@ -141,6 +141,32 @@ def test_a_model_of_neither_text_images_nor_sound_is_refused_in_one_line(tmp_pat
         assert modelstore.open(url).tasks() == ([] if args[0] == "add-task" else ["p"])
 
 
+def test_a_sentence_embedding_model_agrees_on_each_texts_nearest_neighbour(tmp_path):
+    """A bare encoder fine-tuned as a sentence-transformers model (its 1_Pooling/config.json asks
+    for the CLS token): each text's prediction is its nearest neighbour among the original's
+    embeddings of the other texts. The record and eval count what embeddings made here one text at a
+    time give; eval also says how far the embeddings moved (cosine to the original's)."""
+    from transformers import BertModel
+    m, tok = _models(BertModel, tmp_path, initializer_range=0.5)  # texts' embeddings far enough apart
+    (tmp_path / "ft" / "1_Pooling").mkdir(parents=True)
+    (tmp_path / "ft" / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    texts = _texts(40, 8)
+    url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.003, "emb", texts)
+    _lossy(f)
+    ref, stored = _ref_and_stored(BertModel, url, "emb", tmp_path)
+    with torch.no_grad():
+        e, s = (torch.stack([torch.nn.functional.normalize(x(**tok(t, return_tensors="pt")).last_hidden_state[0, 0]
+                                                           .double(), dim=0) for t in texts]) for x in (ref, stored))
+    own = torch.eye(len(texts), dtype=torch.bool)
+    agree = int(((e @ e.T).masked_fill(own, -2).argmax(1) == (s @ e.T).masked_fill(own, -2).argmax(1)).sum())
+    assert f["output"] == "embedding" and f["examples"] == f["predictions"] == len(texts)
+    assert abs(f["agreement"] - agree / len(texts)) <= 1 / len(texts)
+    got = _eval_agrees(url, "emb", tmp_path, cal, f, agree, len(texts))
+    assert got["mean_cosine"] == pytest.approx(float((e * s).sum(1).mean()), abs=1e-5)
+    assert got["min_cosine"] == pytest.approx(float((e * s).sum(1).min()), abs=1e-5)
+
+
 def _mask_positions(tok, text: str, index: int) -> tuple[dict, list[int]]:
     """`text` tokenized alone with the tokens calibration masks of the text at `index` of its file
     masked: MASKED of its non-special tokens, drawn by a generator seeded with `index`."""
