@@ -167,6 +167,26 @@ def test_a_sentence_embedding_model_agrees_on_each_texts_nearest_neighbour(tmp_p
     assert got["min_cosine"] == pytest.approx(float((e * s).sum(1).min()), abs=1e-5)
 
 
+def test_a_bare_image_encoder_agrees_on_each_images_nearest_neighbour(tmp_path):
+    """A bare ViT (no sentence-transformers pooling file: the mean of all its tokens) is an image
+    embedding model: the record and eval count the nearest neighbours embeddings made here one
+    image at a time give."""
+    from PIL import Image
+    from transformers import ViTModel
+    m, proc, rows = _vit(tmp_path, cls=ViTModel)
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.003, "vemb", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(ViTModel, url, "vemb", tmp_path)
+    with torch.no_grad():
+        e, s = (torch.stack([torch.nn.functional.normalize(x(**proc(images=Image.open(tmp_path / r["image"]).convert(
+            "RGB"), return_tensors="pt")).last_hidden_state[0].double().mean(0), dim=0) for r in rows])
+            for x in (ref, stored))
+    own = torch.eye(len(rows), dtype=torch.bool)
+    agree = int(((e @ e.T).masked_fill(own, -2).argmax(1) == (s @ e.T).masked_fill(own, -2).argmax(1)).sum())
+    assert f["output"] == "embedding" and f["predictions"] == len(rows)
+    assert _eval_agrees(url, "vemb", tmp_path, cal, f, agree, len(rows))["inputs"] == "image"
+
+
 def _mask_positions(tok, text: str, index: int) -> tuple[dict, list[int]]:
     """`text` tokenized alone with the tokens calibration masks of the text at `index` of its file
     masked: MASKED of its non-special tokens, drawn by a generator seeded with `index`."""
