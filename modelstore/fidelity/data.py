@@ -333,9 +333,10 @@ def audio_digest(sound: Any) -> bytes:
 def _samples(sound: Any) -> np.ndarray:
     if isinstance(sound, torch.Tensor):
         sound = sound.detach().cpu().numpy()
-    if not isinstance(sound, np.ndarray) or sound.ndim != 1 or not np.issubdtype(sound.dtype, np.floating):
-        raise InputError("calibration sounds are WAV files' paths or 1-d float arrays of samples, not "
-                         f"{type(sound).__name__}")
+    if not isinstance(sound, np.ndarray) or sound.ndim != 1 or not np.issubdtype(sound.dtype, np.floating) \
+            or not len(sound):
+        raise InputError("calibration sounds are WAV files' paths or 1-d float arrays of samples (at least one), not "
+                         f"{type(sound).__name__} of shape {getattr(sound, 'shape', '?')}")
     return np.ascontiguousarray(sound, dtype=np.float32)
 
 
@@ -381,6 +382,8 @@ def load_audio(sound: Any, rate: int) -> np.ndarray:
         raise InputError(f"audio {name}: sampled at {file_rate} Hz, and the model's feature extractor takes {rate} "
                          f"Hz; resample it, e.g. ffmpeg -i IN -ar {rate} OUT.wav")
     whole = len(data) // (dtype.itemsize * channels) * dtype.itemsize * channels
+    if not whole:
+        raise InputError(f"audio {name}: the file holds no samples")
     x = np.frombuffer(data[:whole], dtype).reshape(-1, channels).astype(np.float64)
     if dtype.kind == "u":
         x = (x - 128) / 128

@@ -29,7 +29,7 @@ W2V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermedi
 
 def _write_wav(path, samples: np.ndarray, rate: int = RATE, width: int = 2) -> None:
     """`samples` ([n] or [n, channels] in [-1, 1]) as integer PCM of `width` bytes (stdlib wave)."""
-    x = samples.reshape(len(samples), -1)
+    x = samples[:, None] if samples.ndim == 1 else samples
     ints = (x * 127 + 128).astype("u1") if width == 1 else (x * 32767).astype("<i2")
     with wave.open(str(path), "wb") as w:
         w.setnchannels(x.shape[1])
@@ -149,18 +149,21 @@ def test_a_whisper_is_calibrated_on_the_transcript_it_generates(tmp_path):
 
 def test_speech_data_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     """Texts for a speech model, a sound at another sampling rate than its feature extractor's, a
-    file that is not WAV: each a one-line error naming what to do, and nothing stored."""
+    file that is not WAV, one without samples: each a one-line error naming what to do, and nothing
+    stored."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
     torch.manual_seed(0)
     Wav2Vec2ForSequenceClassification(Wav2Vec2Config(num_labels=3, **W2V)).save_pretrained(tmp_path / "pre")
     Wav2Vec2FeatureExtractor().save_pretrained(tmp_path / "pre")
     _write_wav(tmp_path / "fast.wav", np.zeros(4410), rate=44100)
     (tmp_path / "not.wav").write_bytes(b"ID3 an mp3, say")
+    _write_wav(tmp_path / "empty.wav", np.zeros(0))
     url = str(tmp_path / "s")
     modelstore.init(url, str(tmp_path / "pre"))
     for rows, says in (([{"text": "hello"}], 'reads sound; give its rows "audio" paths'),
                        ([{"audio": "fast.wav"}], "sampled at 44100 Hz"),
-                       ([{"audio": "not.wav"}], "not a WAV file")):
+                       ([{"audio": "not.wav"}], "not a WAV file"),
+                       ([{"audio": "empty.wav"}], "the file holds no samples")):
         cal = _jsonl(tmp_path / "c.jsonl", rows)
         r = CliRunner().invoke(main, ["add-task", url, "t", str(tmp_path / "pre"), "--calibration", cal])
         assert r.exit_code == 1 and says in r.output and r.output.count("\n") == 1, r.output
