@@ -66,6 +66,7 @@ from modelstore.fidelity.runner import (
     pooling_of,
     preprocessor_for,
     rows_of,
+    runs_on,
 )
 from modelstore.inputs.architectures import (
     config_from_json,
@@ -136,16 +137,17 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
                                     f"task {task!r}", examples.modality)
     batches = _batches(preprocessor, kind, examples, batch_size, fitted_length(max_length, config, preprocessor),
                        progress)
-    if kind == "embedding":
-        out = _embedding(ref, mine, batches, pooling_of(original or lora))
-    elif kind == "classification":
-        out = _classifier(ref, mine, batches)
-    elif kind == "causal-lm":
-        out = _causal_lm(ref, mine, batches)
-    elif kind == "regression":
-        out = _regression(ref, mine, batches)
-    else:
-        out = _predictions(kind, ref, mine, batches)
+    with runs_on(f"--data {data}", "the models"):
+        if kind == "embedding":
+            out = _embedding(ref, mine, batches, pooling_of(original or lora))
+        elif kind == "classification":
+            out = _classifier(ref, mine, batches)
+        elif kind == "causal-lm":
+            out = _causal_lm(ref, mine, batches)
+        elif kind == "regression":
+            out = _regression(ref, mine, batches)
+        else:
+            out = _predictions(kind, ref, mine, batches)
     return {"task": task, "original": original or lora, "data": data, "model": arch, "kind": kind,
             "examples": len(examples.inputs), "inputs": examples.modality, **out}
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from modelstore._runtime.progress import bar
-from modelstore.errors import InputError
+from modelstore.errors import InputError, ModelStoreError
 from modelstore.fidelity.data import Calibration, load_audio, load_image
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
@@ -233,6 +233,24 @@ def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[st
             pick = where[draw[:max(1, round(MASKED * len(where)))]]
             labels[k, pick], ids[k, pick] = ids[k, pick], tokenizer.mask_token_id
     return {**enc, "input_ids": ids, "labels": labels}
+
+
+@contextlib.contextmanager
+def runs_on(data: str, model: str) -> Iterator[None]:
+    """A model's failure on the user's data as a one-line InputError naming both (the data does
+    not suit the model: a sound shorter than its convolutions take, an input it cannot read).
+
+    Raises:
+        InputError: the model raised RuntimeError, ValueError or IndexError.
+    """
+    try:
+        yield
+    except ModelStoreError:  # already said in one line (an unreadable image, a bad store)
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{data}: running {model} on it failed ({why}); check that its examples suit the "
+                         "model") from None
 
 
 @contextlib.contextmanager
@@ -530,17 +548,24 @@ class Runner:
     def take_reference(self) -> None:
         """Run the model (filled with the original) and keep its outputs as the reference (for a
         seq2seq task, on the output it generates for each text, which every candidate is then run on;
-        for an embedding model, its embeddings, among which every candidate's neighbours are found)."""
-        if self.kind == "seq2seq":
-            with torch.inference_mode():
-                self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
-        if self.kind == "embedding":  # every example's neighbours are among the original's embeddings
-            with torch.inference_mode():
-                self.anchors = torch.cat([embedded(forward(self.model, b), b, self.pooling) for _, b in self.batches])
-        self.reference = []
-        for _, rows in self._run(None, "calibration: original"):
-            logp = rows.double().log_softmax(-1)
-            self.reference.append(Coarse.of(logp) if logp.shape[-1] > TOP_TOKENS else logp.float())
+        for an embedding model, its embeddings, among which every candidate's neighbours are found).
+
+        Raises:
+            InputError: the original fails on the calibration data (a sound shorter than its
+                convolutions take, say): the data does not suit the model.
+        """
+        with runs_on(f"calibration {self.calibration.name}", "the original model"):
+            if self.kind == "seq2seq":
+                with torch.inference_mode():
+                    self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
+            if self.kind == "embedding":  # every example's neighbours are among the original's embeddings
+                with torch.inference_mode():
+                    self.anchors = torch.cat([embedded(forward(self.model, b), b, self.pooling)
+                                              for _, b in self.batches])
+            self.reference = []
+            for _, rows in self._run(None, "calibration: original"):
+                logp = rows.double().log_softmax(-1)
+                self.reference.append(Coarse.of(logp) if logp.shape[-1] > TOP_TOKENS else logp.float())
 
     def score(self, examples: int | None = None, missed: Missed | None = None) -> Score:
         """The current model's outputs against the reference on the first `examples` (None: all),
@@ -557,4 +582,4 @@ class Runner:
 __all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "POOLINGS", "STRIDE", "TEMPERATURE", "WINDOWS",
            "Runner", "check_inputs", "embedded", "encode", "examples_in", "fitted_length", "forward", "generated",
            "modality", "needs_pairs", "neighbours", "next_tokens", "output_kind", "pooling_of", "preprocessor_for",
-           "rows_of", "tokenizer_for"]
+           "rows_of", "runs_on", "tokenizer_for"]

@@ -149,8 +149,8 @@ def test_a_whisper_is_calibrated_on_the_transcript_it_generates(tmp_path):
 
 def test_speech_data_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     """Texts for a speech model, a sound at another sampling rate than its feature extractor's, a
-    file that is not WAV, one without samples: each a one-line error naming what to do, and nothing
-    stored."""
+    file that is not WAV, one without samples, one too short for the model: each a one-line error
+    naming what to do, and nothing stored (eval likewise)."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
     torch.manual_seed(0)
     Wav2Vec2ForSequenceClassification(Wav2Vec2Config(num_labels=3, **W2V)).save_pretrained(tmp_path / "pre")
@@ -158,16 +158,21 @@ def test_speech_data_that_cannot_be_read_is_refused_in_one_line(tmp_path):
     _write_wav(tmp_path / "fast.wav", np.zeros(4410), rate=44100)
     (tmp_path / "not.wav").write_bytes(b"ID3 an mp3, say")
     _write_wav(tmp_path / "empty.wav", np.zeros(0))
+    _write_wav(tmp_path / "short.wav", np.zeros(5))  # shorter than the first convolution's kernel
     url = str(tmp_path / "s")
     modelstore.init(url, str(tmp_path / "pre"))
     for rows, says in (([{"text": "hello"}], 'reads sound; give its rows "audio" paths'),
                        ([{"audio": "fast.wav"}], "sampled at 44100 Hz"),
                        ([{"audio": "not.wav"}], "not a WAV file"),
-                       ([{"audio": "empty.wav"}], "the file holds no samples")):
+                       ([{"audio": "empty.wav"}], "the file holds no samples"),
+                       ([{"audio": "short.wav"}], "running the original model on it failed (")):
         cal = _jsonl(tmp_path / "c.jsonl", rows)
         r = CliRunner().invoke(main, ["add-task", url, "t", str(tmp_path / "pre"), "--calibration", cal])
         assert r.exit_code == 1 and says in r.output and r.output.count("\n") == 1, r.output
         assert modelstore.open(url).tasks() == []
+    modelstore.open(url, mode="a").add_task("t", str(tmp_path / "pre"))
+    r = CliRunner().invoke(main, ["eval", url, "t", "--original", str(tmp_path / "pre"), "--data", cal])
+    assert r.exit_code == 1 and "running the models on it failed (" in r.output and r.output.count("\n") == 1, r.output
 
 
 def _riff(fmt: bytes, data: bytes) -> bytes:
