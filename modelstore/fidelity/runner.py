@@ -560,10 +560,14 @@ class Runner:
                     self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
             if self.kind == "embedding":  # every example's neighbours are among the original's embeddings
                 with torch.inference_mode():
-                    self.anchors = torch.cat([embedded(forward(self.model, b), b, self.pooling)
-                                              for _, b in self.batches])
+                    own = [embedded(forward(self.model, b), b, self.pooling) for _, b in self.batches]
+                self.anchors = torch.cat(own)  # the original's rows follow from them: it is run once
+                originals: Iterator[torch.Tensor] = (neighbours(e, self.anchors, i)
+                                                      for (i, _), e in zip(self.batches, own))
+            else:
+                originals = (rows for _, rows in self._run(None, "calibration: original"))
             self.reference = []
-            for _, rows in self._run(None, "calibration: original"):
+            for rows in originals:
                 logp = rows.double().log_softmax(-1)
                 self.reference.append(Coarse.of(logp) if logp.shape[-1] > TOP_TOKENS else logp.float())
 
