@@ -118,7 +118,8 @@ def _fidelity_options(f: Callable) -> Callable:
         click.option("--device", default=None, help="with --calibration: where the models run (cpu, cuda, cuda:1) "
                      "[default: cpu]"),
         click.option("--max-examples", type=int, default=None,
-                     help="with --calibration: the first N examples of the file are used [default: 256]"),
+                     help="with --calibration: N examples of the file are used, spread evenly over a longer one "
+                          "[default: 256]"),
         click.option("--max-length", type=int, default=None,
                      help="with --calibration: tokens kept of each example, fewer where the model has fewer "
                           "positions (a QA context is read in windows) [default: 256]"),
@@ -412,6 +413,8 @@ def _fidelity_line(f: FidelityRecord) -> str:
         return f" ({'; '.join(said)})" if said else ""
 
     on = f"{f['examples']} calibration examples"
+    if "file_rows" in f:
+        on += f" of the {f['file_rows']} rows of its file"
     if f["predictions"] != f["examples"]:
         on += f" ({f['predictions']} predictions)"
     chose = "tuned DARE's rescale, chose" if f["metric"] == "dare-q" else "chose"

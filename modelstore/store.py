@@ -683,7 +683,7 @@ class Store:
             min_agreement: with `calibration`: top-1 agreement with the original to meet.
             max_kl: with `calibration`: or the mean KL(original || stored) to stay under.
             device: with `calibration`: where the models run (default "cpu").
-            max_examples: with a calibration file: its first texts used.
+            max_examples: with a calibration file: its examples used (spread evenly over a longer file).
             max_length: with a calibration file: tokens kept of each example (fewer where the
                 model has fewer positions).
             bound: with `calibration` and `min_agreement`: the agreement's one-sided 95% lower

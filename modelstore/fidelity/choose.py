@@ -109,6 +109,7 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
         "agreement_low": agreement_low(score.agreement, runner.examples),
         "mean_kl": score.mean_kl,
         "examples": runner.examples,
+        **({"file_rows": calibration.file_rows} if calibration.file_rows else {}),
         **({"max_length": runner.max_length} if runner.max_length is not None else {}),
         "predictions": score.predictions,
         "calibration_sha256": calibration.sha256,

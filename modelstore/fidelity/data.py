@@ -199,6 +199,8 @@ class Calibration:
     pairs: Sequence[str] | None = field(default=None, kw_only=True)
     images: Sequence[Any] | None = field(default=None, kw_only=True)
     audio: Sequence[Any] | None = field(default=None, kw_only=True)
+    #: the rows of the file the examples were spread over, when it had more than were used (None: all used)
+    file_rows: int | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.texts = list(self.texts)
@@ -250,7 +252,9 @@ class Calibration:
     @classmethod
     def from_file(cls, path: str, *, max_examples: int | None = 256, max_length: int = 256,
                   batch_size: int = 32) -> Calibration:
-        """The first `max_examples` examples (None: all) of a JSON-lines or CSV data file (see the module).
+        """`max_examples` examples (None: all) of a JSON-lines or CSV data file (see the module):
+        of a file with more rows, rows spread evenly over it (spread), since a file sorted by
+        label, source or date would otherwise calibrate on its first kind of rows only.
 
         Raises:
             InputError: the file is missing, unreadable, empty or has a row without text.
@@ -264,14 +268,24 @@ class Calibration:
                 digest = hashlib.file_digest(fh, "sha256")
         except OSError as e:
             raise InputError(f"--calibration {path}: {e.strerror or e}") from None
-        images, audio = (None if x is None else x[:max_examples] for x in (images, audio))
+        rows = len(images or audio or texts)
+        keep = spread(rows, max_examples)
+        texts, pairs, images, audio = (None if x is None else [x[i] for i in keep] if x else x
+                                       for x in (texts, pairs, images, audio))
         for x in images or ():  # the files' contents are the data too
             digest.update(image_digest(x))
         for x in audio or ():
             digest.update(audio_digest(x))
-        return cls(texts[:max_examples], max_length=max_length, batch_size=batch_size, name=path,
-                   sha256=digest.hexdigest(), pairs=None if pairs is None else pairs[:max_examples], images=images,
-                   audio=audio)
+        return cls(texts or [], max_length=max_length, batch_size=batch_size, name=path, sha256=digest.hexdigest(),
+                   pairs=pairs, images=images, audio=audio, file_rows=rows if len(keep) < rows else None)
+
+
+def spread(rows: int, examples: int | None) -> list[int]:
+    """The indices of `examples` rows (None: all) spread evenly over `rows`: row ⌊i·rows/examples⌋
+    of each i < examples (spec section 2, "Fidelity record"), every row when there are no more."""
+    if examples is None or rows <= examples:
+        return list(range(rows))
+    return [i * rows // examples for i in range(examples)]
 
 
 def _pil() -> Any:
@@ -394,12 +408,12 @@ def load_audio(sound: Any, rate: int) -> np.ndarray:
 
 def as_calibration(calibration: Calibration | str | os.PathLike[str], max_examples: int | None = 256,
                    max_length: int = 256) -> Calibration:
-    """`calibration`, or the Calibration of the file it names (its first `max_examples` examples,
-    each of at most `max_length` tokens)."""
+    """`calibration`, or the Calibration of the file it names (`max_examples` of its examples spread
+    over it, each of at most `max_length` tokens)."""
     if isinstance(calibration, Calibration):
         return calibration
     return Calibration.from_file(os.fspath(calibration), max_examples=max_examples, max_length=max_length)
 
 
 __all__ = ["FILES", "Calibration", "Examples", "OutputsFn", "as_calibration", "audio_digest", "image_digest",
-           "load_audio", "load_image", "read_data"]
+           "load_audio", "load_image", "read_data", "spread"]

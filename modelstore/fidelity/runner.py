@@ -61,7 +61,7 @@ POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
 #: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
-#: text's index in its file as the seed, so every run masks the same tokens.
+#: text's index among the examples as the seed, so every run masks the same tokens.
 MASKED = 0.15
 #: The batch key of an extractive QA batch's windows: the index in the batch of each window's example.
 #: A context too long for max_length is read, as transformers' QA pipeline reads it, in windows of
@@ -160,7 +160,7 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
            first: int, images: list[Any] | None = None, audio: list[Any] | None = None) -> dict[str, torch.Tensor]:
     """The tokenized batch of `texts` (and their second texts), padded to its longest; a masked
     LM's with MASKED of each text's tokens masked and their ids as its `labels` (-100 elsewhere, as
-    transformers takes them). `first` is the first text's index in its file, which seeds its mask.
+    transformers takes them). `first` is the first text's index among the examples, which seeds its mask.
     With `images` (paths or PIL images), those prepared by the image processor `preprocessor`; with
     `audio` (WAV paths or arrays of samples), those prepared by the feature extractor `preprocessor`
     (padded to the longest, or as Whisper's extractor pads every one: to its `n_samples` window)."""

@@ -104,6 +104,7 @@ class FidelityRecord(TypedDict):
     bound: NotRequired[bool]  # true: the target is of agreement_low, not of agreement
     mean_kl: float  # mean KL(original || stored) per prediction
     examples: int
+    file_rows: NotRequired[int]  # the calibration file's rows the examples were spread over (records of later writers)
     max_length: NotRequired[int]  # the tokens each text was cut at (text data; records of later writers)
     predictions: int
     calibration_sha256: str
@@ -334,6 +335,8 @@ def fidelity_problem(record: Any) -> str | None:
     low = record.get("agreement_low", 0.0)
     if not _fraction(low) or low > record["agreement"]:
         return f"agreement_low {low!r} is not a fraction at most the agreement"
+    if "file_rows" in record and not (_count(record["file_rows"]) and record["file_rows"] > record["examples"]):
+        return f"file_rows {record['file_rows']!r} is not a count of more than the examples"
     if "max_length" in record and not (_count(record["max_length"]) and record["max_length"] >= 2):
         return f"max_length {record['max_length']!r} is not a count of at least 2"
     if "bound" in record and (record["bound"] is not True or metric != "agreement" or "agreement_low" not in record):

@@ -167,10 +167,17 @@ def test_the_cli_calibrates_and_info_shows_the_promise(classifiers, tmp_path):
     out = json.loads(r.stdout)
     assert out["task"] == "spiky" and out["fidelity"]["examples"] == 64 and out["fidelity"]["met"]
     f = out["fidelity"]
+    # 64 of the file's 128 rows, spread over it (every other one), not its first 64
+    assert f["file_rows"] == 128
+    texts = [json.loads(line)["text"] for line in open(classifiers["cal"])]
+    stored = modelstore.load_model("spiky", modelstore.open(s.url))
+    _, kl = _independent(classifiers["spiky"], stored, texts[::2], classifiers["tok"])
+    assert f["mean_kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
     assert f["agreement_low"] == pytest.approx(metrics.agreement_low(f["agreement"], 64))
     assert f["agreement_low"] < f["agreement"]
     info = CliRunner().invoke(main, ["info", s.url, "spiky"])
-    assert "fidelity: agreement" in info.output and "on 64 calibration examples" in info.output, info.output
+    assert "fidelity: agreement" in info.output, info.output
+    assert "on 64 calibration examples of the 128 rows of its file" in info.output, info.output
     assert f"met; 95% lower bound {f['agreement_low']:.4g}) on 64" in info.output
 
 

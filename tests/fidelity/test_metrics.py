@@ -4,6 +4,8 @@ reader's two formats."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from modelstore.errors import InputError
 from modelstore.fidelity import metrics
-from modelstore.fidelity.data import Calibration, read_data
+from modelstore.fidelity.data import Calibration, read_data, spread
 
 
 def _np_kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -61,6 +63,27 @@ def test_json_lines_and_csv_read_alike(tmp_path):
         read_data(str(tmp_path / "x.csv"))
     with pytest.raises(InputError, match="at least one text"):
         Calibration([])
+
+
+def test_a_longer_file_gives_examples_spread_over_it(tmp_path):
+    """A file sorted by label calibrates on every part of it: max_examples of its rows, row
+    floor(i * rows / max_examples) of each i (spec section 2), pairs and images alike."""
+    c = tmp_path / "sorted.csv"
+    c.write_text("text,text_pair,label\n" + "".join(f"t{i},p{i},{i // 5}\n" for i in range(10)))
+    cal = Calibration.from_file(str(c), max_examples=4)
+    assert cal.texts == ["t0", "t2", "t5", "t7"] and cal.pairs == ["p0", "p2", "p5", "p7"] and cal.file_rows == 10
+    for everything in (10, 11, None):
+        whole = Calibration.from_file(str(c), max_examples=everything)
+        assert len(whole.texts) == 10 and whole.file_rows is None
+    assert spread(7, 3) == [0, 2, 4] and spread(3, 3) == [0, 1, 2] and spread(256, 1) == [0]
+    from PIL import Image
+    rows = []
+    for i in range(5):
+        Image.new("RGB", (4, 4), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "text": f"<image> {i}"}))
+    (tmp_path / "im.jsonl").write_text("\n".join(rows))
+    cal = Calibration.from_file(str(tmp_path / "im.jsonl"), max_examples=2)
+    assert cal.texts == ["<image> 0", "<image> 2"] and [os.path.basename(x) for x in cal.images] == ["0.png", "2.png"]
 
 
 def test_pairs_are_read_under_either_name_and_all_or_none(tmp_path):

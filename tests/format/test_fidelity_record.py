@@ -51,6 +51,7 @@ def test_a_sound_record_passes_and_later_fields_are_allowed():
     assert fidelity_problem(_record(extra={"by": "a later writer"})) is None
     assert fidelity_problem(_record(agreement_low=0.98)) is None  # a bound, written since
     assert fidelity_problem(_record(max_length=128)) is None  # the tokens texts were cut at, written since
+    assert fidelity_problem(_record(file_rows=1000)) is None  # the rows the examples were spread over, since
     for output in ("token-classification", "seq2seq", "regression"):  # a later writer's outputs read too
         assert fidelity_problem(_record(output=output)) is None
 
@@ -82,6 +83,8 @@ def _bad_candidate(**changes) -> dict:
     (_record(agreement_low=0.999), "agreement_low 0.999 is not a fraction at most the agreement"),
     (_record(agreement_low=-0.1), "agreement_low -0.1 is not a fraction"),
     (_record(max_length=1), "max_length 1 is not a count of at least 2"),
+    (_record(file_rows=64), "file_rows 64 is not a count of more than the examples"),
+    (_record(file_rows=-1), "file_rows -1 is not a count of more than the examples"),
     (_record(max_length="256"), "max_length '256' is not a count"),
     (_record(met="yes"), "met 'yes' is not true or false"),
     (_record(examples=2.5), "examples 2.5 is not a count"),
