@@ -270,13 +270,13 @@ class Calibration:
             raise InputError(f"--calibration {path}: {e.strerror or e}") from None
         rows = len(images or audio or texts)
         keep = spread(rows, max_examples)
-        texts, pairs, images, audio = (None if x is None else [x[i] for i in keep] if x else x
-                                       for x in (texts, pairs, images, audio))
+        texts = [texts[i] for i in keep] if texts else []
+        pairs, images, audio = (None if x is None else [x[i] for i in keep] for x in (pairs, images, audio))
         for x in images or ():  # the files' contents are the data too
             digest.update(image_digest(x))
         for x in audio or ():
             digest.update(audio_digest(x))
-        return cls(texts or [], max_length=max_length, batch_size=batch_size, name=path, sha256=digest.hexdigest(),
+        return cls(texts, max_length=max_length, batch_size=batch_size, name=path, sha256=digest.hexdigest(),
                    pairs=pairs, images=images, audio=audio, file_rows=rows if len(keep) < rows else None)
 
 
