@@ -32,7 +32,7 @@ from modelstore.errors import (
 )
 from modelstore.fidelity.choose import StoreSide, adapted_tensors, checkpoint_tensors, choose
 from modelstore.fidelity.data import Calibration, as_calibration
-from modelstore.fidelity.runner import Runner, Tensors, pooling_of, preprocessor_for
+from modelstore.fidelity.runner import Runner, Tensors, preprocessor_for
 from modelstore.fidelity.search import Setting, Skip, Target
 from modelstore.format import dtypes
 from modelstore.format.codecs import BASE_CODECS
@@ -803,7 +803,7 @@ class Store:
 
         floats = Counter(weights.dtype(n) for n in weights.names() if weights.dtype(n).is_floating_point)
         main_dtype = floats.most_common(1)[0][0] if floats else torch.float32  # the most tensors' dtype
-        return Runner(name, calibration, config_json, preprocessor, dev, main_dtype, progress, pooling_of(directory))
+        return Runner(name, calibration, config_json, preprocessor, dev, main_dtype, progress, directory)
 
     def add_lora_task(self, name: str, adapter: str | os.PathLike[str], *, rank: int | None = None,
                       energy: float | None = None, pretrained: str | os.PathLike[str] | None = None,

@@ -8,8 +8,10 @@ model. The stored task is its original's architecture with the store's weights c
 tensors), so both run the same code.
 
 - Bare (embedding) models: whether each example's nearest neighbour among the original's
-  embeddings of the others is the same (runner.neighbours), and the cosine of each stored
-  embedding to the original's.
+  embeddings of the others is the same (embeddings.neighbours), and the cosine of each stored
+  embedding to the original's. A dual encoder (CLIP) given images with texts: whether each image
+  matches the same of the data's texts (embeddings.matches), and how often each model matches an
+  image with its own row's text.
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
   distributions; with labels in the data, both accuracies and their difference. A multi-label
   head's every label is a yes/no prediction (and `same_labels` the fraction of texts given the
@@ -49,21 +51,19 @@ from modelstore._runtime.progress import bar
 from modelstore.errors import InputError
 from modelstore.evaluation.weights import task_adapter
 from modelstore.fidelity.data import Examples, read_data
+from modelstore.fidelity.embeddings import distinct, embedded, matches, neighbours, pooling_of, text_batch
 from modelstore.fidelity.metrics import Agreement
 from modelstore.fidelity.runner import (
     GENERATED_TOKENS,
     check_inputs,
-    embedded,
     encode,
     examples_in,
     fitted_length,
     forward,
     generated,
     needs_pairs,
-    neighbours,
     next_tokens,
     output_kind,
-    pooling_of,
     preprocessor_for,
     rows_of,
     runs_on,
@@ -135,11 +135,19 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     check_inputs(ref, examples.modality, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
                                     f"task {task!r}", examples.modality)
-    batches = _batches(preprocessor, kind, examples, batch_size, fitted_length(max_length, config, preprocessor),
-                       progress)
+    max_length = fitted_length(max_length, config, preprocessor)
+    pooling = pooling_of(original or lora, ref)
+    if pooling == "features" and examples.modality == "image-text":
+        kind = "zero-shot"  # a dual encoder's: each image's match among the data's texts
+    batches = _batches(preprocessor, kind, examples, batch_size, max_length, progress,
+                       ref if pooling == "features" else None)
     with runs_on(f"--data {data}", "the models"):
         if kind == "embedding":
-            out = _embedding(ref, mine, batches, pooling_of(original or lora))
+            out = _embedding(ref, mine, batches, pooling)
+        elif kind == "zero-shot":
+            texts = distinct(examples.texts)
+            out = _zero_shot(ref, mine, batches, text_batch(preprocessor, texts, max_length, ref),
+                             torch.tensor([texts.index(t) for t in examples.texts]))
         elif kind == "classification":
             out = _classifier(ref, mine, batches)
         elif kind == "causal-lm":
@@ -165,14 +173,20 @@ def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
     return model.eval()
 
 
-def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_length: int,
-             progress: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_length: int, progress: bool,
+             dual: Any = None) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """The examples in batches, with their labels; a dual encoder's (`dual`) texts padded as it
+    takes them, its images with texts (zero-shot) as images alone, matched with the texts apart."""
     texts, pairs, labels, images, audio = examples
     starts = range(0, len(examples.inputs), size)
     for i in bar(starts, "eval", progress, length=len(starts)):
         j = i + size
-        enc = encode(preprocessor, kind, texts[i:j], None if pairs is None else pairs[i:j], max_length, i,
-                     *(None if x is None else x[i:j] for x in (images, audio)))
+        if dual is not None and images is None:
+            enc = text_batch(preprocessor, texts[i:j], max_length, dual)
+        else:
+            enc = encode(preprocessor, kind, [] if kind == "zero-shot" else texts[i:j],
+                         None if pairs is None else pairs[i:j], max_length, i,
+                         *(None if x is None else x[i:j] for x in (images, audio)))
         yield enc, None if labels is None else torch.tensor(labels[i:j])
 
 
@@ -252,8 +266,7 @@ def _embedding(ref: Any, mine: Any, batches: Iterator, pooling: str) -> dict[str
     """An embedding model's nearest neighbours (runner.neighbours: of each example among the
     original's embeddings of the others) and how far its embeddings moved (cosine to the original's)."""
     with torch.no_grad():
-        pairs = [(embedded(forward(ref, enc), enc, pooling), embedded(forward(mine, enc), enc, pooling))
-                 for enc, _ in batches]
+        pairs = [(embedded(ref, enc, pooling), embedded(mine, enc, pooling)) for enc, _ in batches]
     anchors = torch.cat([a for a, _ in pairs])
     if len(anchors) < 2:
         raise InputError("an embedding model's examples are compared by their nearest neighbours among the others; "
@@ -265,6 +278,23 @@ def _embedding(ref: Any, mine: Any, batches: Iterator, pooling: str) -> dict[str
     cosine = torch.cat([(a * b).sum(-1) for a, b in pairs])
     return {"predictions": acc.rows, "top1_agreement": acc.agreement, "mean_kl": acc.mean_kl,
             "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
+
+
+def _zero_shot(ref: Any, mine: Any, batches: Iterator, texts: dict[str, torch.Tensor],
+               own: torch.Tensor) -> dict[str, Any]:
+    """A dual encoder's match of each image among the data's texts (`texts`, a batch; `own`: the
+    index among them of each image's row's text), and how often each model matches its own."""
+    acc, first, right = Agreement(), 0, [0, 0]
+    with torch.no_grad():
+        features = [embedded(m, texts, "features") for m in (ref, mine)]
+        for enc, _ in batches:
+            a, b = (matches(m, enc, f) for m, f in zip((ref, mine), features))
+            acc.add(a, b)
+            mine_own = own[first:first + len(a)]
+            right = [r + int((x.argmax(-1) == mine_own).sum()) for r, x in zip(right, (a, b))]
+            first += len(a)
+    return {"predictions": acc.rows, "texts": len(texts["input_ids"]), "top1_agreement": acc.agreement,
+            "mean_kl": acc.mean_kl, "matched_original": right[0] / first, "matched_stored": right[1] / first}
 
 
 def _regression(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:

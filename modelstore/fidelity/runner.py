@@ -11,7 +11,6 @@ the reference then reflects the weights, not rounding), in the checkpoint's dtyp
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,6 +21,7 @@ import torch
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError, ModelStoreError
 from modelstore.fidelity.data import Calibration, load_audio, load_image
+from modelstore.fidelity.embeddings import distinct, dual, embedded, matches, neighbours, pooling_of, text_batch
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
 from modelstore.inputs.architectures import (
@@ -51,13 +51,6 @@ OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassifi
 #: The most rows and columns of a semantic segmentation model's label map compared: every k-th of
 #: each, the smallest k that leaves at most GRID (its outputs would otherwise fill memory).
 GRID = 32
-#: An embedding model's prediction for an example is its nearest neighbour among the original's
-#: embeddings of the other examples, by cosine; the distribution compared is softmax(cosine / this)
-#: (a contrastive loss's usual temperature).
-TEMPERATURE = 0.05
-#: How a sentence-transformers model pools its tokens into one embedding (its 1_Pooling/config.json).
-POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
-            "pooling_mode_lasttoken": "lasttoken"}
 #: Tokens the original generates for each text of a seq2seq task (greedy), then compared token by token.
 GENERATED_TOKENS = 32
 #: The fraction of each text's tokens a masked LM is given masked (BERT's rate), drawn with the
@@ -75,8 +68,9 @@ Tensors = Callable[[Check], Iterator[tuple[str, torch.Tensor]]]
 
 
 def output_kind(arch: str, config: Any) -> str | None:
-    """What the predictions of a transformers class are (OUTPUT_KINDS; a bare model's, "...Model",
-    its embeddings' nearest neighbours: "embedding"), None for other models (a
+    """What the predictions of a transformers class are (OUTPUT_KINDS; a bare model's, "...Model"
+    or "...WithProjection", its embeddings' nearest neighbours: "embedding", also a dual encoder's,
+    whose images with texts make it "zero-shot" (see modelstore.fidelity.embeddings)), None for other models (a
     "ForConditionalGeneration" class that is not an encoder-decoder is a causal LM reading images
     with its text where its config has a vision tower's, a LLaVA; else it reads something else;
     Marian's translation models are "MarianMTModel"). A sequence classifier's config tells a
@@ -85,8 +79,8 @@ def output_kind(arch: str, config: Any) -> str | None:
     kind = next((k for suffix, k in OUTPUT_KINDS.items() if arch.endswith(suffix)), None)
     if kind == "seq2seq" and not getattr(config, "is_encoder_decoder", False):
         return "causal-lm" if _image_token(config) is not None else None
-    if kind is None and arch.endswith("Model") and not getattr(config, "is_encoder_decoder", False) \
-            and getattr(config, "vision_config", None) is None:  # a bare encoder: a sentence embedding model
+    bare = arch.endswith(("Model", "WithProjection")) and not getattr(config, "is_encoder_decoder", False)
+    if kind is None and bare and (getattr(config, "vision_config", None) is None or _two_towers(config)):
         return "embedding"
     if kind == "classification":
         problem = getattr(config, "problem_type", None)
@@ -97,6 +91,11 @@ def output_kind(arch: str, config: Any) -> str | None:
     return kind
 
 
+def _two_towers(config: Any) -> bool:
+    """Whether `config` is a dual encoder's (CLIP's: a vision and a text tower, no image token)."""
+    return getattr(config, "text_config", None) is not None and _image_token(config) is None
+
+
 def _image_token(config: Any) -> int | None:
     """The token id a model of images with text (a LLaVA) holds each image's place with, None for
     other models."""
@@ -105,44 +104,6 @@ def _image_token(config: Any) -> int | None:
     token = getattr(config, "image_token_id", None)
     token = getattr(config, "image_token_index", None) if token is None else token
     return token if isinstance(token, int) else None
-
-
-def pooling_of(directory: str | None) -> str:
-    """How the model in `directory` pools its tokens into an embedding: as its sentence-transformers
-    1_Pooling/config.json says (one of POOLINGS' values), else "mean"."""
-    try:
-        with open(os.path.join(directory or "", "1_Pooling", "config.json"), encoding="utf-8") as fh:
-            modes = json.load(fh)
-    except (OSError, ValueError):
-        return "mean"
-    return next((p for key, p in POOLINGS.items() if isinstance(modes, dict) and modes.get(key) is True), "mean")
-
-
-def embedded(out: Any, batch: Mapping[str, torch.Tensor], pooling: str) -> torch.Tensor:
-    """The unit-length embeddings [B, H] (float64) a bare model's output `out` on `batch` pools
-    (`pooling`: "mean", "cls", "max" or "lasttoken", over the real tokens; all of an image's)."""
-    h = out.last_hidden_state.double()
-    mask = batch.get("attention_mask")
-    real = mask.bool() if mask is not None and mask.shape == h.shape[:2] else torch.ones(h.shape[:2], dtype=torch.bool,
-                                                                                       device=h.device)
-    if pooling == "cls":
-        e = h[:, 0]
-    elif pooling == "max":
-        e = h.masked_fill(~real[..., None], float("-inf")).amax(1)
-    elif pooling == "lasttoken":  # padding after the text: its last real token
-        e = h[torch.arange(len(h), device=h.device), real.sum(1) - 1]
-    else:
-        e = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
-    return torch.nn.functional.normalize(e, dim=-1)
-
-
-def neighbours(embeddings: torch.Tensor, anchors: torch.Tensor, first: int) -> torch.Tensor:
-    """Rows of logits cosine / TEMPERATURE of each of `embeddings` (examples first, first + 1 ...)
-    against `anchors` (the original's embeddings of every example), an example's own anchor left out."""
-    rows = embeddings @ anchors.T / TEMPERATURE
-    own = torch.arange(len(rows), device=rows.device)
-    rows[own, own + first] = float("-inf")
-    return rows
 
 
 def needs_pairs(kind: str, pairs: object, what: str) -> None:
@@ -204,9 +165,11 @@ def _windows(tokenizer: Any, questions: list[str], contexts: list[str], max_leng
 
 
 def fitted_length(max_length: int, config: Any, tokenizer: Any) -> int:
-    """`max_length`, or fewer tokens where the model has fewer positions (its config) or its
-    tokenizer says it reads fewer: a longer input would index past the model's position table."""
-    limits = [max_length] + [getattr(config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    """`max_length`, or fewer tokens where the model has fewer positions (its config, or its text
+    tower's) or its tokenizer says it reads fewer: a longer input would index past the model's
+    position table."""
+    configs = (config, getattr(config, "text_config", None))
+    limits = [max_length] + [getattr(c, k, None) for c in configs for k in ("max_position_embeddings", "n_positions")]
     limits.append(getattr(tokenizer, "model_max_length", None))
     return min(n for n in limits if isinstance(n, int) and 1 < n)
 
@@ -344,13 +307,15 @@ def modality(model: Any) -> str | None:
 
 
 def check_inputs(model: Any, given: str, what: str) -> None:
-    """Refuse data of another modality (`given`: "text", "image" or "audio") than `model` reads,
-    and models of other inputs.
+    """Refuse data of another modality (`given`: "text", "image", "image-text" or "audio") than
+    `model` reads (a dual encoder reads all but sound), and models of other inputs.
 
     Raises:
         InputError: data `model` does not read, or a model of neither text, images nor sound.
     """
     reads = modality(model)
+    if dual(model) and given in ("text", "image", "image-text"):  # a CLIP's images, texts, or images with texts
+        return
     if reads is None:
         raise InputError(f"{what}: {type(model).__name__} reads {model.main_input_name}, neither text, images nor "
                          "sound; calibration and eval run models of those, so store it with explicit settings")
@@ -362,7 +327,8 @@ def check_inputs(model: Any, given: str, what: str) -> None:
 def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes]], what: str,
                      inputs: str = "text") -> Any:
     """The tokenizer (for `inputs` "image": image processor, "audio": feature extractor) in model
-    `directory`, else the one the store keeps with the base (see tokenizer_for).
+    `directory`, else the one the store keeps with the base (see tokenizer_for); an image processor
+    or feature extractor also as a part of the processor kept (a CLIP's, of images with texts).
 
     Raises:
         InputError: neither has one.
@@ -378,6 +344,12 @@ def preprocessor_for(directory: str | None, stored: Callable[[], dict[str, bytes
             if directory is not None and os.path.isfile(os.path.join(directory, name)):
                 return loader.from_pretrained(directory)
             files = stored()
+            whole = "processor_config.json"
+            if name not in files and (whole in files or os.path.isfile(os.path.join(directory or "", whole))):
+                part = getattr(tokenizer_for(directory, stored, what, processor=True),
+                               "image_processor" if inputs == "image" else "feature_extractor", None)
+                if part is not None:
+                    return part
             if name not in files:
                 raise InputError(f"neither {directory} nor the store has a{'n' * (noun[0] == 'i')} {noun} ({name}) "
                                  f"for {what}")
@@ -435,7 +407,8 @@ class Runner:
 
     def __init__(self, task: str, calibration: Calibration, config_json: str | None,
                  preprocessor: Callable[[str], Any],
-                 device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False, pooling: str = "mean"):
+                 device: torch.device, checkpoint_dtype: torch.dtype, progress: bool = False,
+                 directory: str | None = None):
         transformers = transformers_module("add-task --calibration")
         if not config_json:
             raise InputError(f"task {task!r}: calibration runs the task's model, but neither its checkpoint nor the "
@@ -458,7 +431,7 @@ class Runner:
             raise InputError(f"calibration {calibration.name}: an embedding model's examples are compared by their "
                              "nearest neighbours among the others; give at least two")
         self.task, self.calibration, self.kind, self.device, self.progress = task, calibration, kind, device, progress
-        self.pooling, self.anchors = pooling, torch.empty(0)
+        self.anchors = torch.empty(0)
         self.checkpoint_dtype = checkpoint_dtype
         cls = model_class(transformers, None, config)
         self.cls, self.config = cls, config
@@ -476,6 +449,12 @@ class Runner:
         if kind == "embedding" and modality(self.model) == "audio":
             raise InputError(f"task {task!r} is a bare {arch}: calibration compares the embeddings of text and image "
                              "models, not of sound; store it with explicit settings")
+        if kind == "embedding" and _two_towers(config) and not dual(self.model):
+            raise InputError(f"task {task!r} is a {arch}, which neither matches images with texts nor embeds them "
+                             "alone; store it with explicit settings")
+        self.pooling = pooling_of(directory, self.model)
+        if kind == "embedding" and self.pooling == "features" and calibration.modality == "image-text":
+            self.kind = kind = "zero-shot"  # each image's match among the data's texts
         self.dtype = dtype
         self.batches = self._tokenized(preprocessor(calibration.modality))
         self.reference: list[torch.Tensor | Coarse] = []
@@ -486,20 +465,30 @@ class Runner:
         dtype."""
         cal = self.calibration
         max_length = fitted_length(cal.max_length, self.model.config, preprocessor)
-        #: the tokens each text was cut at (None: images or sounds)
-        self.max_length = max_length if cal.files is None else None
+        #: the tokens each text was cut at (None: images or sounds, a LLaVA's prompts)
+        self.max_length = max_length if cal.files is None or self.kind == "zero-shot" else None
+        #: a dual encoder's texts, each image's match among which is predicted (zero-shot)
+        self.texts = {} if self.kind != "zero-shot" else self._placed(
+            text_batch(preprocessor, distinct(list(cal.texts)), max_length, self.model))
         out = []
         for i in range(0, len(cal.inputs), cal.batch_size):
             j = i + cal.batch_size
             pairs, images, audio = (None if x is None else list(x[i:j]) for x in (cal.pairs, cal.images, cal.audio))
-            enc = encode(preprocessor, self.kind, list(cal.texts[i:j]), pairs, max_length, i, images, audio)
-            out.append((i, {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
-                            for k, v in enc.items()}))
+            texts = [] if self.kind == "zero-shot" else list(cal.texts[i:j])  # its images alone: texts are apart
+            if self.pooling == "features" and images is None:  # a dual encoder's texts, padded as it takes them
+                enc = text_batch(preprocessor, texts, max_length, self.model)
+            else:
+                enc = encode(preprocessor, self.kind, texts, pairs, max_length, i, images, audio)
+            out.append((i, self._placed(enc)))
         if self.kind == "causal-lm" and not any(bool(next_tokens(b, self.model).any()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text of two tokens or more to predict")
         if self.kind == "masked-lm" and not any(bool((b["labels"] != -100).any()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text has a token to mask")
         return out
+
+    def _placed(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` on the device, its images and sounds in the model's dtype."""
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
 
     @property
     def examples(self) -> int:
@@ -529,21 +518,24 @@ class Runner:
                 if dst is not None:
                     dst.copy_(t)
 
-    def _rows(self, batch: Mapping[str, torch.Tensor], first: int) -> torch.Tensor:
+    def _rows(self, batch: Mapping[str, torch.Tensor], first: int, texts: torch.Tensor) -> torch.Tensor:
         """One row of logits per prediction of the current model on `batch` (its first example the
-        `first`-th)."""
+        `first`-th; `texts`: a dual encoder's features of the texts its images are matched with)."""
         if self.kind == "custom":
             assert self.calibration.outputs is not None
             return self.calibration.outputs(self.model, dict(batch))
         if self.kind == "embedding":
-            return neighbours(embedded(forward(self.model, batch), batch, self.pooling), self.anchors, first)
+            return neighbours(embedded(self.model, batch, self.pooling), self.anchors, first)
+        if self.kind == "zero-shot":
+            return matches(self.model, batch, texts)
         return rows_of(self.kind, forward(self.model, batch), batch, self.model)[0]
 
     def _run(self, examples: int | None, label: str) -> Iterator[tuple[int, torch.Tensor]]:
         todo = [(i, b) for i, b in self.batches if examples is None or i < examples]
         with torch.inference_mode():
+            texts = embedded(self.model, self.texts, "features") if self.texts else torch.empty(0)  # once a model
             for j, (first, batch) in enumerate(bar(todo, label, self.progress, length=len(todo))):
-                yield j, self._rows(batch, first)
+                yield j, self._rows(batch, first, texts)
 
     def take_reference(self) -> None:
         """Run the model (filled with the original) and keep its outputs as the reference (for a
@@ -560,7 +552,7 @@ class Runner:
                     self.batches = [(i, generated(self.model, b, GENERATED_TOKENS)) for i, b in self.batches]
             if self.kind == "embedding":  # every example's neighbours are among the original's embeddings
                 with torch.inference_mode():
-                    own = [embedded(forward(self.model, b), b, self.pooling) for _, b in self.batches]
+                    own = [embedded(self.model, b, self.pooling) for _, b in self.batches]
                 self.anchors = torch.cat(own)  # the original's rows follow from them: it is run once
                 originals: Iterator[torch.Tensor] = (neighbours(e, self.anchors, i)
                                                       for (i, _), e in zip(self.batches, own))
@@ -583,7 +575,6 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "POOLINGS", "STRIDE", "TEMPERATURE", "WINDOWS",
-           "Runner", "check_inputs", "embedded", "encode", "examples_in", "fitted_length", "forward", "generated",
-           "modality", "needs_pairs", "neighbours", "next_tokens", "output_kind", "pooling_of", "preprocessor_for",
-           "rows_of", "runs_on", "tokenizer_for"]
+__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs",
+           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "next_tokens",
+           "output_kind", "preprocessor_for", "rows_of", "runs_on", "tokenizer_for"]

@@ -1,0 +1,129 @@
+"""What an embedding model predicts, so that calibration and `eval` can promise it: a bare encoder
+(a sentence-transformers or image embedding model) predicts each example's nearest neighbour among
+the original's embeddings of the other examples; a dual encoder (CLIP, SigLIP) given images with
+texts predicts, for each image, which of the data's texts it matches, as its zero-shot classifier
+and its retrieval do.
+
+An embedding is the one the model's users take: the pooling its sentence-transformers
+`1_Pooling/config.json` names; else a dual encoder's image or text features (`get_image_features`);
+else a projection model's `image_embeds` / `text_embeds`, or a dual encoder's tower's pooled output
+(the features before their projection); else the mean of the last hidden state over the real tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+#: The distribution compared of an embedding model's prediction: softmax(cosine / this) over the
+#: neighbours (a contrastive loss's usual temperature).
+TEMPERATURE = 0.05
+#: How a sentence-transformers model pools its tokens into one embedding (its 1_Pooling/config.json).
+POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
+            "pooling_mode_lasttoken": "lasttoken"}
+#: The model's own embeddings, when no pooling file names one: a dual encoder's features; the
+#: embeds of a projection model (a CLIPVisionModelWithProjection's) or the pooled output of a dual
+#: encoder's tower (a CLIPVisionModel's).
+OWN = ("features", "own")
+#: The model types of dual encoders whose text batches transformers' zero-shot pipeline pads to the
+#: tokenizer's whole length (they pool a fixed position: padding to the longest would move it).
+PADDED_TO_LENGTH = ("siglip", "siglip2")
+
+
+def dual(model: Any) -> bool:
+    """Whether `model` encodes images and texts apart into one space and scores their match (CLIP,
+    SigLIP, ALIGN: `get_image_features`, `get_text_features` and a logit scale or temperature)."""
+    return all(hasattr(model, k) for k in ("get_image_features", "get_text_features")) and (
+        hasattr(model, "logit_scale") or hasattr(model, "temperature"))
+
+
+def pooling_of(directory: str | None, model: Any) -> str:
+    """How `model` (kept in `directory`) makes one embedding of an example: the mode of its
+    sentence-transformers 1_Pooling/config.json (one of POOLINGS' values), else its own (OWN:
+    "features" for a dual encoder, "own" for a ...WithProjection model or a dual encoder's vision
+    or text tower), else "mean"."""
+    try:
+        with open(os.path.join(directory or "", "1_Pooling", "config.json"), encoding="utf-8") as fh:
+            modes = json.load(fh)
+    except (OSError, ValueError):
+        modes = None
+    named = next((p for key, p in POOLINGS.items() if isinstance(modes, dict) and modes.get(key) is True), None)
+    if named is not None:
+        return named
+    if dual(model):
+        return "features"
+    tower = str(getattr(getattr(model, "config", None), "model_type", "")).endswith(("_vision_model", "_text_model"))
+    return "own" if tower or type(model).__name__.endswith("WithProjection") else "mean"
+
+
+def _tensor(x: Any) -> torch.Tensor:
+    """A features call's result: a tensor (transformers 4), or an output whose pooled output it is (5)."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+
+def embedded(model: Any, batch: Mapping[str, torch.Tensor], pooling: str) -> torch.Tensor:
+    """The unit-length embeddings [B, H] (float64) `model` makes of `batch`'s examples, pooled as
+    `pooling` says (pooling_of; "mean", "max" and "lasttoken" over the real tokens; all of an image's)."""
+    if pooling == "features":
+        get = model.get_image_features if "pixel_values" in batch else model.get_text_features
+        return torch.nn.functional.normalize(_tensor(get(**batch)).double(), dim=-1)
+    out = model(**batch)
+    if pooling == "own":  # its projection's embeds where it projects, else its pooled output
+        own = [getattr(out, k, None) for k in ("image_embeds", "text_embeds", "pooler_output")]
+        return torch.nn.functional.normalize(next(e for e in own if e is not None).double(), dim=-1)
+    h = out.last_hidden_state.double()
+    mask = batch.get("attention_mask")
+    real = mask.bool() if mask is not None and mask.shape == h.shape[:2] else torch.ones(h.shape[:2], dtype=torch.bool,
+                                                                                       device=h.device)
+    if pooling == "cls":
+        e = h[:, 0]
+    elif pooling == "max":
+        e = h.masked_fill(~real[..., None], float("-inf")).amax(1)
+    elif pooling == "lasttoken":  # padding after the text: its last real token
+        e = h[torch.arange(len(h), device=h.device), real.sum(1) - 1]
+    else:
+        e = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def neighbours(embeddings: torch.Tensor, anchors: torch.Tensor, first: int) -> torch.Tensor:
+    """Rows of logits cosine / TEMPERATURE of each of `embeddings` (examples first, first + 1 ...)
+    against `anchors` (the original's embeddings of every example), an example's own anchor left out."""
+    rows = embeddings @ anchors.T / TEMPERATURE
+    own = torch.arange(len(rows), device=rows.device)
+    rows[own, own + first] = float("-inf")
+    return rows
+
+
+def distinct(texts: list[str]) -> list[str]:
+    """The texts a dual encoder matches each image against: the data's, each once, in order of
+    first appearance (a classification set's class prompts, a captioned set's captions)."""
+    return list(dict.fromkeys(texts))
+
+
+def text_batch(processor: Any, texts: list[str], max_length: int, model: Any) -> dict[str, torch.Tensor]:
+    """`texts` tokenized for dual encoder `model`, as transformers' zero-shot image classification
+    pipeline pads them (PADDED_TO_LENGTH)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    fixed = getattr(getattr(model, "config", None), "model_type", None) in PADDED_TO_LENGTH
+    padding: str | bool = "max_length" if fixed else True
+    return dict(tokenizer(texts, return_tensors="pt", padding=padding, truncation=True, max_length=max_length))
+
+
+def matches(model: Any, images: Mapping[str, torch.Tensor], texts: torch.Tensor) -> torch.Tensor:
+    """Dual encoder `model`'s logits [B, T] of each image of `images` (a batch) against the unit
+    text features `texts` [T, H]: cosine times its logit scale, plus its bias (SigLIP), or over its
+    temperature (ALIGN), as its forward scores them."""
+    cos = embedded(model, images, "features") @ texts.T
+    if hasattr(model, "logit_scale"):
+        bias = getattr(model, "logit_bias", None)
+        return cos * model.logit_scale.double().exp() + (0 if bias is None else bias.double())
+    return cos / model.temperature.double()
+
+
+__all__ = ["OWN", "PADDED_TO_LENGTH", "POOLINGS", "TEMPERATURE", "distinct", "dual", "embedded", "matches",
+           "neighbours", "pooling_of", "text_batch"]
