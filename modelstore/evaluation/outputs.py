@@ -115,7 +115,8 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     if kind is None:
         raise InputError(f"{original or task} is a {arch}; eval runs sequence, image, audio and token classifiers, "
                          "masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
-                         "speech recognizers, semantic segmentation models and bare (embedding) models")
+                         "speech recognizers, semantic segmentation models, bare (embedding) models and dual "
+                         "encoders (CLIP)")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         if original is not None:

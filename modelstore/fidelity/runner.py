@@ -420,8 +420,9 @@ class Runner:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
                              "calibration compares the predictions of sequence, image, audio and token "
                              "classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), "
-                             "extractive QA models, CTC speech recognizers, semantic segmentation models and bare "
-                             "(embedding) models (in Python, Calibration(outputs=...) gives another model's logits)")
+                             "extractive QA models, CTC speech recognizers, semantic segmentation models, bare "
+                             "(embedding) models and dual encoders (CLIP) (in Python, Calibration(outputs=...) gives "
+                             "another model's logits)")
         if kind == "regression":
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
