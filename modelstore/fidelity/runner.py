@@ -41,13 +41,13 @@ from modelstore.serving.modules import ModuleTensors
 #: (question-answering), per frame of a sound (ctc: a speech recognizer's characters or blank), per
 #: pixel of an image's label map (segmentation: on a grid of at most GRID x GRID of its pixels), or
 #: per token of the output the original generates for the text (seq2seq: encoder-decoder models, a
-#: Whisper's transcript of a sound).
+#: Whisper's transcript of a sound, a VisionEncoderDecoderModel's caption of an image).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
                 "ForAudioClassification": "classification", "ForTokenClassification": "token-classification",
                 "ForCTC": "ctc", "ForSemanticSegmentation": "segmentation",
                 "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
-                "MTModel": "seq2seq"}
+                "MTModel": "seq2seq", "EncoderDecoderModel": "seq2seq"}
 #: The most rows and columns of a semantic segmentation model's label map compared: every k-th of
 #: each, the smallest k that leaves at most GRID (its outputs would otherwise fill memory).
 GRID = 32

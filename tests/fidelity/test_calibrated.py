@@ -463,6 +463,47 @@ def test_bart_and_marian_are_calibrated_as_encoder_decoders(tmp_path, arch):
     assert _eval_agrees(url, "s2s", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 
 
+@pytest.mark.parametrize("inputs", ["image", "text"])
+def test_composed_encoder_decoders_are_calibrated_on_the_output_they_generate(tmp_path, inputs):
+    """transformers' composed encoder-decoders (a ViT encoder, or a BERT one, with a GPT-2
+    decoder: VisionEncoderDecoderModel, an image captioner or OCR model; EncoderDecoderModel):
+    the record and eval count what generating and teacher forcing one input at a time counts."""
+    import transformers
+    from PIL import Image
+    from test_heads import _images
+    tok = make_tokenizer("gpt2")
+    tok.pad_token = "<unk>"
+    decoder = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64)
+    if inputs == "image":
+        cls, proc = transformers.VisionEncoderDecoderModel, transformers.ViTImageProcessor(
+            size={"height": 32, "width": 32})
+        encoder = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64)
+        rows = [{"image": r["image"]} for r in _images(tmp_path, 12)]
+        alone = [proc(images=Image.open(tmp_path / r["image"]).convert("RGB"), return_tensors="pt") for r in rows]
+    else:
+        cls, proc, encoder = transformers.EncoderDecoderModel, tok, tiny_bert_config(vocab_size=len(tok))
+        rows = _texts(12, 5)
+        alone = [{k: v for k, v in tok(t, return_tensors="pt").items() if k != "token_type_ids"} for t in rows]
+    cfg = getattr(transformers, f"{cls.__name__[:-5]}Config").from_encoder_decoder_configs(encoder, decoder)
+    cfg.decoder_start_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    m.generation_config.decoder_start_token_id, m.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    # the end token: one this random model generates part way through some outputs, not all
+    with torch.no_grad():
+        outs = [m.generate(**x, max_new_tokens=32, do_sample=False)[0, 2:] for x in alone]
+    rows_with = {int(t): sum(int((o == t).any()) for o in outs) for t in torch.cat(outs).unique()}
+    eos = min(rows_with, key=lambda t: abs(rows_with[t] - len(rows) / 2))
+    m.config.eos_token_id = m.generation_config.eos_token_id = eos
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.03, "s2s", rows)
+    ref = cls.from_pretrained(tmp_path / "ft").eval()
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32), alone, eos)
+    assert f["output"] == "seq2seq" and f["predictions"] == tokens and f["met"]
+    assert f["setting"]["kind"] == "fft" and f["agreement"] < 1, f["candidates"]
+    assert _eval_agrees(url, "s2s", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(rows)
+
+
 def test_an_interrupted_selection_leaves_no_candidate_behind(classifiers, tmp_path, monkeypatch):
     """Ctrl-C in the middle of the search: every candidate written so far is deleted, its lease
     ended, and the store is as it was."""
