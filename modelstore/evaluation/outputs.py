@@ -131,8 +131,8 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             assert lora is not None
             mine = load_model(task, store, cls, dtype=torch.float32)
             ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
-    examples = read_data(data, getattr(config, "label2id", None), labels=kind == "classification")
-    needs_pairs(kind, examples.pairs, f"--data {data}")
+    examples = read_data(data, getattr(config, "label2id", None), labels=kind in ("classification", "multiple-choice"))
+    needs_pairs(kind, examples.pairs, f"--data {data}", examples.choices)
     check_inputs(ref, examples.modality, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
                                     f"task {task!r}", examples.modality)
@@ -149,8 +149,8 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             texts = distinct(examples.texts)
             out = _zero_shot(ref, mine, batches, text_batch(preprocessor, texts, max_length, ref),
                              torch.tensor([texts.index(t) for t in examples.texts]))
-        elif kind == "classification":
-            out = _classifier(ref, mine, batches)
+        elif kind in ("classification", "multiple-choice"):
+            out = _classifier(kind, ref, mine, batches)
         elif kind == "causal-lm":
             out = _causal_lm(ref, mine, batches)
         elif kind == "regression":
@@ -178,7 +178,7 @@ def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_le
              dual: Any = None) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
     """The examples in batches, with their labels; a dual encoder's (`dual`) texts padded as it
     takes them, its images with texts (zero-shot) as images alone, matched with the texts apart."""
-    texts, pairs, labels, images, audio = examples
+    texts, pairs, labels, images, audio, choices = examples
     starts = range(0, len(examples.inputs), size)
     for i in bar(starts, "eval", progress, length=len(starts)):
         j = i + size
@@ -187,17 +187,20 @@ def _batches(preprocessor: Any, kind: str, examples: Examples, size: int, max_le
         else:
             enc = encode(preprocessor, kind, [] if kind == "zero-shot" else texts[i:j],
                          None if pairs is None else pairs[i:j], max_length, i,
-                         *(None if x is None else x[i:j] for x in (images, audio)))
+                         None if images is None else images[i:j], None if audio is None else audio[i:j],
+                         None if choices is None else choices[i:j])
         yield enc, None if labels is None else torch.tensor(labels[i:j])
 
 
-def _classifier(ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
+def _classifier(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str, Any]:
+    """A classifier's (a multiple-choice model's: over each text's choices) agreement and KL, and
+    with labels both accuracies."""
     acc = Agreement()
     n = right_ref = right_mine = 0
     labelled = False
     with torch.no_grad():
         for enc, y in batches:
-            a, b = ref(**enc).logits.double(), mine(**enc).logits.double()
+            a, b = (rows_of(kind, forward(m, enc), enc)[0].double() for m in (ref, mine))
             acc.add(a, b)
             if y is not None:
                 labelled = True

@@ -10,7 +10,9 @@ second sentence, as transformers' text-classification pipeline takes it), or `qu
 An image model's rows name an `image` file instead (relative to the data file's folder), read with
 Pillow and prepared by the model's image processor; a speech model's rows an `audio` file (WAV, at
 the sampling rate of the model's feature extractor), prepared by its feature extractor. A model
-of images with text (a LLaVA) takes rows of both, `image` and `text` (its prompt).
+of images with text (a LLaVA) takes rows of both, `image` and `text` (its prompt). A multiple-choice
+model's rows give their `choices` after their `text` (its context or question): a JSON list of
+strings, or the columns `choice0`, `choice1` ... (SWAG's `ending0` ... also do), at least two.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,18 @@ from modelstore.errors import InputError
 OutputsFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 #: The fields of a row that name an input file instead of giving a text: an image, a sound.
 FILES = ("image", "audio")
+#: The columns of a multiple-choice row's choices, numbered from 0 (a JSON row may give a "choices" list).
+_CHOICE = re.compile(r"^(?:choice|ending)(\d+)$")
+
+
+def _choices(row: dict[str, Any]) -> list[Any] | None:
+    """A row's choices: its "choices" list, or its choice0 (ending0) ... columns that are not
+    empty, in order of their number; None without either."""
+    if "choices" in row:
+        return row["choices"] if isinstance(row["choices"], list) else [row["choices"]]
+    numbered = sorted((int(m.group(1)), v) for k, v in row.items()
+                      if (m := _CHOICE.match(str(k))) and v not in (None, ""))
+    return [v for _, v in numbered] or None
 
 
 def _row(row: Any) -> dict[str, Any] | None:
@@ -51,13 +66,18 @@ def _row(row: Any) -> dict[str, Any] | None:
         out["label"] = row["label"]
     if file == "image":  # a model of images with text (a LLaVA's)
         out["image"] = row["image"]
+    choices = _choices(row)
+    if choices is not None:
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices) or "text_pair" in out:
+            return None
+        out["choices"] = choices
     return out if all(isinstance(out.get(k, ""), str) for k in ("text_pair", "image")) and isinstance(
         out.get("text"), str) else None
 
 
 def _rows(path: str, flag: str) -> list[dict[str, Any]]:
-    what = ('a "text" string (and optionally a "text_pair" one), "question" and "context" strings, or an "image" '
-            'or "audio" path')
+    what = ('a "text" string (and optionally a "text_pair" one, or "choices", a list of two strings or more), '
+            '"question" and "context" strings, or an "image" or "audio" path')
     try:
         with open(path, encoding="utf-8", newline="") as fh:
             if path.lower().endswith(".csv"):
@@ -94,13 +114,15 @@ def _modality(texts: Sequence[str], images: object, audio: object) -> str:
 
 class Examples(NamedTuple):
     """A data file's texts, their second texts (None: single texts) and labels (None: unlabeled);
-    for image or audio data its files' paths (`texts` empty but for images with texts)."""
+    for image or audio data its files' paths (`texts` empty but for images with texts); for a
+    multiple-choice model the choices after each text."""
 
     texts: list[str]
     pairs: list[str] | None
     labels: list[int] | None
     images: list[str] | None = None
     audio: list[str] | None = None
+    choices: list[list[str]] | None = None
 
     @property
     def inputs(self) -> list[str]:
@@ -127,22 +149,25 @@ def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--
         raise InputError(f"{flag} {path}: no examples")
     labelled = _labels(rows, label2id, path, flag) if labels else None
     folder = os.path.dirname(os.path.abspath(path))
-    for file, kind in zip(FILES, ("images", "audio")):
-        named, texts = [file in row for row in rows], ["text" in row for row in rows]
-        if all(named) and all(texts) and file == "image":  # images with texts (a LLaVA's prompts)
-            return Examples([row["text"] for row in rows], None, labelled,
-                            [os.path.join(folder, row[file]) for row in rows])
-        if all(named) and not any(texts):
-            return Examples([], None, labelled, **{kind: [os.path.join(folder, row[file]) for row in rows]})
+    for file in FILES:
+        named, texted = [file in row for row in rows], ["text" in row for row in rows]
+        paths = [os.path.join(folder, row[file]) for row in rows] if all(named) else []
+        if paths and all(texted) and file == "image":  # images with texts (a LLaVA's prompts)
+            return Examples([row["text"] for row in rows], None, labelled, paths)
+        if paths and not any(texted):
+            return Examples([], None, labelled, *((paths, None) if file == "image" else (None, paths)))
         if any(named):
             raise InputError(f"{flag} {path}: some rows name an {file} file and some do not, or some give a text "
                              "with it and some not; give one kind of input")
-    paired = ["text_pair" in row for row in rows]
-    if any(paired) and not all(paired):
-        raise InputError(f"{flag} {path}: some rows have a second text (text_pair or context) and some do not; "
-                         "give it in every row or in none")
-    pairs = [row["text_pair"] for row in rows] if all(paired) else None
-    return Examples([row["text"] for row in rows], pairs, labelled)
+    for key, what in (("text_pair", "a second text (text_pair or context)"), ("choices", "choices")):
+        given = [key in row for row in rows]
+        if any(given) and not all(given):
+            raise InputError(f"{flag} {path}: some rows have {what} and some do not; give them in every row or in "
+                             "none")
+    texts = [row["text"] for row in rows]
+    if "choices" in rows[0]:
+        return Examples(texts, None, labelled, choices=[row["choices"] for row in rows])
+    return Examples(texts, [row["text_pair"] for row in rows] if "text_pair" in rows[0] else None, labelled)
 
 
 def _labels(rows: list[dict[str, Any]], label2id: dict[str, int] | None, path: str, flag: str) -> list[int] | None:
@@ -182,6 +207,8 @@ class Calibration:
             prompt, holding the processor's image token).
         audio: a speech model's inputs instead of texts: WAV files' paths or 1-d float arrays at
             the sampling rate of the model's feature extractor.
+        choices: a multiple-choice model's choices after each text (its context or question), at
+            least two each.
         outputs: for a model whose head is not in its checkpoint, a function of (model, tokenized
             batch) giving [batch, classes] logits; by default the model's own logits (a sequence
             classifier's classes, a causal LM's next tokens).
@@ -199,6 +226,7 @@ class Calibration:
     pairs: Sequence[str] | None = field(default=None, kw_only=True)
     images: Sequence[Any] | None = field(default=None, kw_only=True)
     audio: Sequence[Any] | None = field(default=None, kw_only=True)
+    choices: Sequence[Sequence[str]] | None = field(default=None, kw_only=True)
     #: the rows of the file the examples were spread over, when it had more than were used (None: all used)
     file_rows: int | None = field(default=None, kw_only=True)
 
@@ -217,6 +245,12 @@ class Calibration:
                 self.sha256 = hashlib.sha256(texts + b"".join(map(self.digest, self.files))).hexdigest()
         elif not self.texts or not all(isinstance(t, str) for t in self.texts):
             raise InputError(f"calibration {self.name}: needs at least one text, and texts only")
+        if self.choices is not None:
+            self.choices = [list(c) for c in self.choices]
+            if len(self.choices) != len(self.texts) or self.pairs is not None or self.files is not None or not all(
+                    len(c) >= 2 and all(isinstance(t, str) for t in c) for c in self.choices):
+                raise InputError(f"calibration {self.name}: needs two choices (strings) or more for each text, and "
+                                 "no second texts or files with them")
         if self.pairs is not None:
             self.pairs = list(self.pairs)
             if len(self.pairs) != len(self.texts) or not all(isinstance(t, str) for t in self.pairs):
@@ -226,7 +260,8 @@ class Calibration:
                 or self.batch_size < 1:
             raise InputError("calibration: --max-length must be an integer of at least 2, and batch_size of at least 1")
         if not self.sha256:
-            inputs = self.texts if self.pairs is None else [self.texts, self.pairs]
+            inputs = self.texts if self.pairs is None and self.choices is None else [self.texts, self.pairs or
+                                                                                      self.choices]
             self.sha256 = hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).hexdigest()
 
     @property
@@ -262,7 +297,7 @@ class Calibration:
         if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
             raise InputError(f"--max-examples must be an integer of at least 1, got {max_examples!r}")
         none = Examples([], None, None)
-        texts, pairs, _, images, audio = read_data(path, None, "--calibration", labels=False) if path else none
+        texts, pairs, _, images, audio, choices = read_data(path, None, "--calibration", labels=False) if path else none
         try:
             with open(path, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256")
@@ -272,12 +307,14 @@ class Calibration:
         keep = spread(rows, max_examples)
         texts = [texts[i] for i in keep] if texts else []
         pairs, images, audio = (None if x is None else [x[i] for i in keep] for x in (pairs, images, audio))
+        choices = None if choices is None else [choices[i] for i in keep]
         for x in images or ():  # the files' contents are the data too
             digest.update(image_digest(x))
         for x in audio or ():
             digest.update(audio_digest(x))
         return cls(texts, max_length=max_length, batch_size=batch_size, name=path, sha256=digest.hexdigest(),
-                   pairs=pairs, images=images, audio=audio, file_rows=rows if len(keep) < rows else None)
+                   pairs=pairs, images=images, audio=audio, choices=choices,
+                   file_rows=rows if len(keep) < rows else None)
 
 
 def spread(rows: int, examples: int | None) -> list[int]:

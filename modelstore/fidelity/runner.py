@@ -34,16 +34,18 @@ from modelstore.inputs.architectures import (
 )
 from modelstore.serving.modules import ModuleTensors
 
-#: What a model's class name says its outputs are: one prediction per text (classification; a
-#: multi-label head's "multi-label" is one per label of the text, a one-output head's "regression"
-#: none), per token of the text (token-classification), per masked token (masked-lm: MASKED of the
-#: text's tokens), per next token of the text (causal-lm), the answer's start and end in the context
-#: (question-answering), per frame of a sound (ctc: a speech recognizer's characters or blank), per
-#: pixel of an image's label map (segmentation: on a grid of at most GRID x GRID of its pixels), or
-#: per token of the output the original generates for the text (seq2seq: encoder-decoder models, a
-#: Whisper's transcript of a sound, a VisionEncoderDecoderModel's caption of an image).
+#: What a model's class name says its outputs are: one prediction per text (classification;
+#: multiple-choice: over the text's choices; a multi-label head's "multi-label" is one per label of
+#: the text, a one-output head's "regression" none), per token of the text (token-classification),
+#: per masked token (masked-lm: MASKED of the text's tokens), per next token of the text
+#: (causal-lm), the answer's start and end in the context (question-answering), per frame of a
+#: sound (ctc: a speech recognizer's characters or blank), per pixel of an image's label map (segmentation: on a
+#: grid of at most GRID x GRID of its pixels), or per token of the output the original generates for
+#: the text (seq2seq: encoder-decoder models, a Whisper's transcript of a sound, a
+#: VisionEncoderDecoderModel's caption of an image).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
                 "ForAudioClassification": "classification", "ForTokenClassification": "token-classification",
+                "ForMultipleChoice": "multiple-choice",
                 "ForCTC": "ctc", "ForSemanticSegmentation": "segmentation",
                 "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
@@ -61,6 +63,9 @@ MASKED = 0.15
 #: the question and a part of the context, neighbours sharing STRIDE of max_length's tokens.
 WINDOWS = "overflow_to_sample_mapping"
 STRIDE = 0.25
+#: The batch key of a multiple-choice batch's [B, choices] mask of the choices each text has (a
+#: batch's texts with fewer choices than its most are given empty ones, left out by the mask).
+CHOICES = "choices_mask"
 Check = Callable[[dict[str, tuple[int, ...]]], None]
 #: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
 Missed = Callable[[int, float, int, int], bool]
@@ -106,25 +111,34 @@ def _image_token(config: Any) -> int | None:
     return token if isinstance(token, int) else None
 
 
-def needs_pairs(kind: str, pairs: object, what: str) -> None:
-    """Refuse data without second texts for a model that reads text pairs (extractive QA).
+def needs_pairs(kind: str, pairs: object, what: str, choices: object = None) -> None:
+    """Refuse data without second texts for a model that reads text pairs (extractive QA), without
+    choices for a multiple-choice model, and choices for another.
 
     Raises:
-        InputError: a question-answering model's data has no contexts.
+        InputError: a question-answering model's data has no contexts, a multiple-choice model's
+            no choices, or another model's data has choices.
     """
     if kind == "question-answering" and pairs is None:
         raise InputError(f"{what}: an extractive QA model answers a question from a context; give both in every "
                          'row ("question" and "context", or "text" and "text_pair")')
+    if (kind == "multiple-choice") != (choices is not None):
+        raise InputError(f"{what}: a multiple-choice model picks one of the choices after each text; give them in "
+                         'every row ("choices", a list, or columns choice0, choice1 ...)' if choices is None else
+                         f"{what}: the rows give choices, which only a multiple-choice model "
+                         "(...ForMultipleChoice) reads")
 
 
 def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | None, max_length: int,
-           first: int, images: list[Any] | None = None, audio: list[Any] | None = None) -> dict[str, torch.Tensor]:
+           first: int, images: list[Any] | None = None, audio: list[Any] | None = None,
+           choices: list[list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The tokenized batch of `texts` (and their second texts), padded to its longest; a masked
     LM's with MASKED of each text's tokens masked and their ids as its `labels` (-100 elsewhere, as
     transformers takes them). `first` is the first text's index among the examples, which seeds its mask.
     With `images` (paths or PIL images), those prepared by the image processor `preprocessor`; with
     `audio` (WAV paths or arrays of samples), those prepared by the feature extractor `preprocessor`
-    (padded to the longest, or as Whisper's extractor pads every one: to its `n_samples` window)."""
+    (padded to the longest, or as Whisper's extractor pads every one: to its `n_samples` window).
+    With `choices`, each text with each of its choices, [B, choices, L], and their mask (CHOICES)."""
     if images is not None and texts:  # a LLaVA's: each prompt holds its image's token, so is not cut
         token = getattr(preprocessor, "image_token", None)
         if missing := [k for k, t in enumerate(texts) if token and token not in t]:
@@ -138,11 +152,26 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
         pad = {} if hasattr(preprocessor, "n_samples") else {"padding": True}  # Whisper's pads to its window
         return dict(preprocessor([load_audio(x, rate) for x in audio], sampling_rate=rate, return_tensors="pt", **pad))
     tokenizer = preprocessor
+    if choices is not None:
+        return _choices(tokenizer, texts, choices, max_length)
     if kind == "question-answering" and pairs is not None and getattr(tokenizer, "is_fast", False):
         return _windows(tokenizer, texts, pairs, max_length, first)
     enc = dict(tokenizer(texts, pairs, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                          return_special_tokens_mask=kind == "masked-lm"))
     return _masked(enc, tokenizer, first) if kind == "masked-lm" else enc
+
+
+def _choices(tokenizer: Any, texts: list[str], choices: list[list[str]], max_length: int) -> dict[str, torch.Tensor]:
+    """Each text paired with each of its choices, as transformers' multiple-choice models take them
+    ([B, choices, L]), a text with fewer choices than the batch's most given empty ones (CHOICES
+    masks them out)."""
+    n = max(map(len, choices))
+    firsts = [t for t in texts for _ in range(n)]
+    seconds = [c for cs in choices for c in cs + [""] * (n - len(cs))]
+    enc = tokenizer(firsts, seconds, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    out = {k: v.view(len(texts), n, -1) for k, v in enc.items()}
+    out[CHOICES] = torch.arange(n)[None] < torch.tensor([len(cs) for cs in choices])[:, None]
+    return out
 
 
 def _windows(tokenizer: Any, questions: list[str], contexts: list[str], max_length: int,
@@ -175,8 +204,8 @@ def fitted_length(max_length: int, config: Any, tokenizer: Any) -> int:
 
 
 def forward(model: Any, batch: Mapping[str, torch.Tensor]) -> Any:
-    """`model`'s output on `batch` (without the QA windows' map, which is not an input)."""
-    return model(**{k: v for k, v in batch.items() if k != WINDOWS})
+    """`model`'s output on `batch` (without the QA windows' map or the choices' mask, not inputs)."""
+    return model(**{k: v for k, v in batch.items() if k not in (WINDOWS, CHOICES)})
 
 
 def examples_in(batch: Mapping[str, torch.Tensor]) -> int:
@@ -258,6 +287,8 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
     texts = torch.arange(len(logits), device=logits.device)
     if kind == "classification":
         return logits, texts
+    if kind == "multiple-choice":  # the choices a text does not have: none
+        return logits.masked_fill(~batch[CHOICES], float("-inf")), texts
     if kind == "segmentation":  # [B, classes, h, w] -> a row per pixel of the grid
         k = -(-max(logits.shape[2:]) // GRID)
         pixels = logits[:, :, ::k, ::k].flatten(2).transpose(1, 2)
@@ -427,7 +458,7 @@ class Runner:
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
                              "far its outputs move with modelstore eval")
-        needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}")
+        needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}", calibration.choices)
         if kind == "embedding" and len(calibration.inputs) < 2:
             raise InputError(f"calibration {calibration.name}: an embedding model's examples are compared by their "
                              "nearest neighbours among the others; give at least two")
@@ -479,7 +510,8 @@ class Runner:
             if self.pooling == "features" and images is None:  # a dual encoder's texts, padded as it takes them
                 enc = text_batch(preprocessor, texts, max_length, self.model)
             else:
-                enc = encode(preprocessor, self.kind, texts, pairs, max_length, i, images, audio)
+                choices = None if cal.choices is None else [list(c) for c in cal.choices[i:j]]
+            enc = encode(preprocessor, self.kind, texts, pairs, max_length, i, images, audio, choices)
             out.append((i, self._placed(enc)))
         if self.kind == "causal-lm" and not any(bool(next_tokens(b, self.model).any()) for _, b in out):
             raise InputError(f"calibration {cal.name}: no text of two tokens or more to predict")
@@ -576,6 +608,6 @@ class Runner:
         return Score(acc.agreement, acc.mean_kl, acc.rows)
 
 
-__all__ = ["GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner", "check_inputs",
-           "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs", "next_tokens",
-           "output_kind", "preprocessor_for", "rows_of", "runs_on", "tokenizer_for"]
+__all__ = ["CHOICES", "GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner",
+           "check_inputs", "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs",
+           "next_tokens", "output_kind", "preprocessor_for", "rows_of", "runs_on", "tokenizer_for"]

@@ -74,6 +74,38 @@ def test_a_classifier_of_text_pairs_is_calibrated_and_evaluated_on_both_texts(tm
     assert json.loads(r.output)["agreement"] == pytest.approx(agree / 40, abs=1 / 40)
 
 
+def test_a_multiple_choice_model_agrees_on_the_choice_it_picks(tmp_path):
+    """A multiple-choice fine-tune (SWAG, RACE, ARC: 2-4 choices a text, fewer than a batch's most
+    masked out): each text's prediction is its pick among its own choices. The record and eval
+    (with the rows' labels, both accuracies) count what each text run alone with its choices gives;
+    data without choices, or choices for another model, are refused in one line."""
+    import random
+
+    from transformers import BertForMultipleChoice
+    rng = random.Random(5)
+    rows = [{"text": t, "choices": _texts(rng.randint(2, 4), 100 + i), "label": 0} for i, t in enumerate(_texts(32, 9))]
+    url, cal, f, ref, stored, tok = _calibrated(BertForMultipleChoice, tmp_path, 0.03, "mc", rows,
+                                                initializer_range=0.5)
+    agree = right = 0
+    with torch.no_grad():
+        for r in rows:
+            x = {k: v[None] for k, v in tok([r["text"]] * len(r["choices"]), r["choices"], return_tensors="pt",
+                                            padding=True).items()}
+            a, b = ref(**x).logits[0], stored(**x).logits[0]
+            assert a.shape == (len(r["choices"]),)
+            agree, right = agree + int(a.argmax() == b.argmax()), right + int(b.argmax() == r["label"])
+    assert f["output"] == "multiple-choice" and f["predictions"] == f["examples"] == len(rows)
+    assert abs(f["agreement"] - agree / len(rows)) <= 1 / len(rows)
+    r = CliRunner().invoke(main, ["eval", url, "mc", "--original", str(tmp_path / "ft"), "--data", cal, "--json"])
+    got = json.loads(r.output)
+    assert got["kind"] == "multiple-choice" and got["agreement"] == pytest.approx(agree / len(rows), abs=1 / len(rows))
+    assert got["accuracy_stored"] == pytest.approx(right / len(rows), abs=1 / len(rows))
+    plain = _jsonl(tmp_path / "plain.jsonl", [r["text"] for r in rows])
+    r = CliRunner().invoke(main, ["add-task", url, "mc2", str(tmp_path / "ft"), "--calibration", plain])
+    assert r.exit_code == 1 and "picks one of the choices after each text" in r.output and \
+        r.output.count("\n") == 1, r.output
+
+
 def test_a_multi_label_head_agrees_label_by_label(tmp_path):
     """Each label of a sigmoid head is a yes/no prediction; eval also counts the texts given exactly
     the original's set of labels."""

@@ -54,7 +54,7 @@ def test_json_lines_and_csv_read_alike(tmp_path):
     j, c = tmp_path / "d.jsonl", tmp_path / "d.csv"
     j.write_text('{"text": "a cat", "label": 1}\n\n{"text": "b, \\"dog\\"", "label": 0}\n')
     c.write_text('text,label\na cat,1\n"b, ""dog""",0\n')
-    assert read_data(str(j)) == read_data(str(c)) == (["a cat", 'b, "dog"'], None, [1, 0], None, None)
+    assert read_data(str(j)) == read_data(str(c)) == (["a cat", 'b, "dog"'], None, [1, 0], None, None, None)
     assert read_data(str(j), labels=False).labels is None
     cal = Calibration.from_file(str(c), max_examples=1)
     assert cal.texts == ["a cat"] and cal.pairs is None and cal.sha256 == hashlib.sha256(c.read_bytes()).hexdigest()
@@ -63,6 +63,28 @@ def test_json_lines_and_csv_read_alike(tmp_path):
         read_data(str(tmp_path / "x.csv"))
     with pytest.raises(InputError, match="at least one text"):
         Calibration([])
+
+
+def test_choices_are_read_as_a_list_or_numbered_columns(tmp_path):
+    """A multiple-choice row's choices: a JSON "choices" list, or choice0, choice1 ... columns (SWAG's
+    ending0 ... too), empty ones left out; fewer than two, or choices in some rows only, are refused."""
+    j, c = tmp_path / "m.jsonl", tmp_path / "m.csv"
+    j.write_text('{"text": "q1", "choices": ["a", "b", "c"], "label": 2}\n{"text": "q2", "choices": ["d", "e"], '
+                 '"label": 0}\n')
+    c.write_text("text,ending1,ending0,ending2,label\nq1,b,a,c,2\nq2,e,d,,0\n")
+    want = (["q1", "q2"], None, [2, 0], None, None, [["a", "b", "c"], ["d", "e"]])
+    assert read_data(str(j)) == read_data(str(c)) == want
+    cal = Calibration.from_file(str(c))
+    assert cal.choices == want[-1] and cal.sha256 == hashlib.sha256(c.read_bytes()).hexdigest()
+    assert Calibration(["q"], choices=[["a", "b"]]).sha256 != Calibration(["q"], pairs=["a"]).sha256
+    for body, what in [('{"text": "q", "choices": ["a"]}\n', 'line 1 is not a JSON object'),
+                       ('{"text": "q", "choices": ["a", 1]}\n', 'line 1 is not a JSON object'),
+                       ('{"text": "q", "choices": ["a", "b"]}\n{"text": "r"}\n', "some rows have choices")]:
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(InputError, match=what):
+            read_data(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(InputError, match="two choices"):
+        Calibration(["q"], choices=[["a"]])
 
 
 def test_a_longer_file_gives_examples_spread_over_it(tmp_path):
@@ -93,7 +115,7 @@ def test_pairs_are_read_under_either_name_and_all_or_none(tmp_path):
     j.write_text('{"text": "a cat", "text_pair": "sat"}\n{"text": "a dog", "text_pair": "ran", "label": 2}\n')
     c.write_text('question,context\na cat,sat\na dog,ran\n')
     q.write_text('{"question": "a cat", "context": "sat", "id": "x1"}\n{"question": "a dog", "context": "ran"}\n')
-    want = (["a cat", "a dog"], ["sat", "ran"], None, None, None)
+    want = (["a cat", "a dog"], ["sat", "ran"], None, None, None, None)
     assert read_data(str(c)) == read_data(str(q)) == read_data(str(j), labels=False) == want
     cal = Calibration.from_file(str(q), max_examples=1)
     assert (cal.texts, cal.pairs) == (["a cat"], ["sat"])
@@ -117,10 +139,10 @@ def test_image_and_audio_rows_name_files_beside_the_data(tmp_path):
     j, c = tmp_path / "d" / "i.jsonl", tmp_path / "d" / "i.csv"
     j.write_text('{"image": "a.png", "label": 1}\n{"image": "/x/b.png", "label": 0}\n')
     c.write_text("image,label\na.png,1\n/x/b.png,0\n")
-    want = ([], None, [1, 0], [str(tmp_path / "d" / "a.png"), "/x/b.png"], None)
+    want = ([], None, [1, 0], [str(tmp_path / "d" / "a.png"), "/x/b.png"], None, None)
     assert read_data(str(j)) == read_data(str(c)) == want
     j.write_text('{"audio": "a.wav", "label": 1}\n{"audio": "/x/b.wav", "label": 0}\n')
-    assert read_data(str(j)) == ([], None, [1, 0], None, [str(tmp_path / "d" / "a.wav"), "/x/b.wav"])
+    assert read_data(str(j)) == ([], None, [1, 0], None, [str(tmp_path / "d" / "a.wav"), "/x/b.wav"], None)
     for rows in ('{"image": "a.png"}\n{"text": "a cat"}\n', '{"image": "a.png"}\n{"audio": "a.wav"}\n'):
         (tmp_path / "m.jsonl").write_text(rows)
         with pytest.raises(InputError, match="some rows name an image file and some do not"):
@@ -131,7 +153,7 @@ def test_image_and_audio_rows_name_files_beside_the_data(tmp_path):
     with pytest.raises(InputError, match="some give a text with it and some not"):
         read_data(str(tmp_path / "m.jsonl"))
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "text": "<image> a", "label": 1}\n')
-    assert read_data(str(tmp_path / "m.jsonl")) == (["<image> a"], None, [1], [str(tmp_path / "a.png")], None)
+    assert read_data(str(tmp_path / "m.jsonl")) == (["<image> a"], None, [1], [str(tmp_path / "a.png")], None, None)
     assert read_data(str(tmp_path / "m.jsonl")).modality == "image-text"
     with pytest.raises(InputError, match="at least one sound, and sounds only"):
         Calibration(audio=["a.wav"], pairs=["x"])
