@@ -13,7 +13,8 @@ tensors), so both run the same code.
   matches the same of the data's texts (embeddings.matches), and how often each model matches an
   image with its own row's text.
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
-  distributions; with labels in the data, both accuracies and their difference. A multi-label
+  distributions; with labels in the data, both accuracies and their difference. Multiple-choice
+  models likewise, over each text's own choices. A multi-label
   head's every label is a yes/no prediction (and `same_labels` the fraction of texts given the
   same set); a regression head's outputs are compared by their absolute difference.
 - Token classifiers: top-1 agreement and mean KL over every token of the texts.
@@ -113,10 +114,10 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     arch = (config.architectures or ["?"])[0]
     kind = output_kind(arch, config)
     if kind is None:
-        raise InputError(f"{original or task} is a {arch}; eval runs sequence, image, audio and token classifiers, "
-                         "masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), extractive QA models, CTC "
-                         "speech recognizers, semantic segmentation models, bare (embedding) models and dual "
-                         "encoders (CLIP)")
+        raise InputError(f"{original or task} is a {arch}; eval runs sequence, multiple-choice, image, audio and "
+                         "token classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper and "
+                         "captioners too), extractive QA models, CTC speech recognizers, semantic segmentation models, "
+                         "bare (embedding) models and dual encoders (CLIP)")
     cls = model_class(transformers, None, config)  # the class it was fine-tuned as
     with no_loading_bars():  # eval draws its own bar
         if original is not None:
