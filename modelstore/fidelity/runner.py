@@ -449,8 +449,9 @@ class Runner:
         kind = "custom" if calibration.outputs is not None else output_kind(arch, config)
         if kind is None:
             raise InputError(f"task {task!r} is a {arch}, whose outputs are not class or token predictions; "
-                             "calibration compares the predictions of sequence, image, audio and token "
-                             "classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper too), "
+                             "calibration compares the predictions of sequence, multiple-choice, image, audio and "
+                             "token classifiers, masked, causal (LLaVA too) and encoder-decoder LMs (Whisper and "
+                             "captioners too), "
                              "extractive QA models, CTC speech recognizers, semantic segmentation models, bare "
                              "(embedding) models and dual encoders (CLIP) (in Python, Calibration(outputs=...) gives "
                              "another model's logits)")
