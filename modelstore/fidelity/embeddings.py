@@ -6,8 +6,9 @@ and its retrieval do.
 
 An embedding is the one the model's users take: the pooling its sentence-transformers
 `1_Pooling/config.json` names; else a dual encoder's image or text features (`get_image_features`);
-else a projection model's `image_embeds` / `text_embeds`, or a dual encoder's tower's pooled output
-(the features before their projection); else the mean of the last hidden state over the real tokens.
+else a projection model's `image_embeds` / `text_embeds`, a speaker model's x-vector, or a dual
+encoder's tower's pooled output (the features before their projection); else the mean of the last
+hidden state over the real tokens (a sound's: over the frames of its samples, not of its padding).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ TEMPERATURE = 0.05
 POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
             "pooling_mode_lasttoken": "lasttoken"}
 #: The model's own embeddings, when no pooling file names one: a dual encoder's features; the
-#: embeds of a projection model (a CLIPVisionModelWithProjection's) or the pooled output of a dual
-#: encoder's tower (a CLIPVisionModel's).
+#: embeds of a projection model (a CLIPVisionModelWithProjection's), the x-vector of a speaker
+#: model (a WavLMForXVector's) or the pooled output of a dual encoder's tower (a CLIPVisionModel's).
 OWN = ("features", "own")
 #: The model types of dual encoders whose text batches transformers' zero-shot pipeline pads to the
 #: tokenizer's whole length (they pool a fixed position: padding to the longest would move it).
@@ -44,8 +45,8 @@ def dual(model: Any) -> bool:
 def pooling_of(directory: str | None, model: Any) -> str:
     """How `model` (kept in `directory`) makes one embedding of an example: the mode of its
     sentence-transformers 1_Pooling/config.json (one of POOLINGS' values), else its own (OWN:
-    "features" for a dual encoder, "own" for a ...WithProjection model or a dual encoder's vision
-    or text tower), else "mean"."""
+    "features" for a dual encoder, "own" for a ...WithProjection or ...ForXVector model or a dual
+    encoder's vision or text tower), else "mean"."""
     try:
         with open(os.path.join(directory or "", "1_Pooling", "config.json"), encoding="utf-8") as fh:
             modes = json.load(fh)
@@ -57,7 +58,7 @@ def pooling_of(directory: str | None, model: Any) -> str:
     if dual(model):
         return "features"
     tower = str(getattr(getattr(model, "config", None), "model_type", "")).endswith(("_vision_model", "_text_model"))
-    return "own" if tower or type(model).__name__.endswith("WithProjection") else "mean"
+    return "own" if tower or type(model).__name__.endswith(("WithProjection", "ForXVector")) else "mean"
 
 
 def _tensor(x: Any) -> torch.Tensor:
@@ -73,12 +74,10 @@ def embedded(model: Any, batch: Mapping[str, torch.Tensor], pooling: str) -> tor
         return torch.nn.functional.normalize(_tensor(get(**batch)).double(), dim=-1)
     out = model(**batch)
     if pooling == "own":  # its projection's embeds where it projects, else its pooled output
-        own = [getattr(out, k, None) for k in ("image_embeds", "text_embeds", "pooler_output")]
+        own = [getattr(out, k, None) for k in ("image_embeds", "text_embeds", "embeddings", "pooler_output")]
         return torch.nn.functional.normalize(next(e for e in own if e is not None).double(), dim=-1)
     h = out.last_hidden_state.double()
-    mask = batch.get("attention_mask")
-    real = mask.bool() if mask is not None and mask.shape == h.shape[:2] else torch.ones(h.shape[:2], dtype=torch.bool,
-                                                                                       device=h.device)
+    real = real_positions(model, batch, h.shape[:2])
     if pooling == "cls":
         e = h[:, 0]
     elif pooling == "max":
@@ -88,6 +87,19 @@ def embedded(model: Any, batch: Mapping[str, torch.Tensor], pooling: str) -> tor
     else:
         e = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
     return torch.nn.functional.normalize(e, dim=-1)
+
+
+def real_positions(model: Any, batch: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """[B, L] (`shape`) of the positions of `model`'s outputs on `batch` that stand for real input:
+    the tokens its attention mask keeps; a sound's frames of its samples, not of its padding (the
+    mask is then of samples); every position without a mask."""
+    mask, device = batch.get("attention_mask"), next(iter(batch.values())).device
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if {"input_values", "input_features"} & set(batch) and hasattr(model, "_get_feat_extract_output_lengths"):
+        frames = model._get_feat_extract_output_lengths(mask.sum(-1))
+        return torch.arange(shape[1], device=device)[None] < frames[:, None]
+    return mask.bool() if mask.shape == shape else torch.ones(shape, dtype=torch.bool, device=device)
 
 
 def neighbours(embeddings: torch.Tensor, anchors: torch.Tensor, first: int) -> torch.Tensor:
@@ -126,4 +138,4 @@ def matches(model: Any, images: Mapping[str, torch.Tensor], texts: torch.Tensor)
 
 
 __all__ = ["OWN", "PADDED_TO_LENGTH", "POOLINGS", "TEMPERATURE", "distinct", "dual", "embedded", "matches",
-           "neighbours", "pooling_of", "text_batch"]
+           "neighbours", "pooling_of", "real_positions", "text_batch"]

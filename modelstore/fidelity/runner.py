@@ -21,7 +21,16 @@ import torch
 from modelstore._runtime.progress import bar
 from modelstore.errors import InputError, ModelStoreError
 from modelstore.fidelity.data import Calibration, load_audio, load_image
-from modelstore.fidelity.embeddings import distinct, dual, embedded, matches, neighbours, pooling_of, text_batch
+from modelstore.fidelity.embeddings import (
+    distinct,
+    dual,
+    embedded,
+    matches,
+    neighbours,
+    pooling_of,
+    real_positions,
+    text_batch,
+)
 from modelstore.fidelity.metrics import TOP_TOKENS, Agreement, Coarse
 from modelstore.fidelity.search import Score
 from modelstore.inputs.architectures import (
@@ -45,7 +54,7 @@ from modelstore.serving.modules import ModuleTensors
 #: VisionEncoderDecoderModel's caption of an image).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
                 "ForAudioClassification": "classification", "ForTokenClassification": "token-classification",
-                "ForMultipleChoice": "multiple-choice",
+                "ForMultipleChoice": "multiple-choice", "ForXVector": "embedding",
                 "ForCTC": "ctc", "ForSemanticSegmentation": "segmentation",
                 "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
@@ -301,10 +310,7 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
     elif kind == "masked-lm":
         where = batch["labels"] != -100
     elif kind == "ctc":
-        where = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        if "attention_mask" in batch and hasattr(model, "_get_feat_extract_output_lengths"):
-            frames = model._get_feat_extract_output_lengths(batch["attention_mask"].sum(-1))
-            where = torch.arange(logits.shape[1], device=logits.device)[None] < frames[:, None]
+        where = real_positions(model, batch, logits.shape[:2])
     else:  # token-classification, seq2seq
         where = batch["decoder_attention_mask" if kind == "seq2seq" else "attention_mask"].bool()
     return logits[where], where.nonzero()[:, 0]
@@ -479,9 +485,6 @@ class Runner:
         if self.target.fuses:  # built from each fill's tensors: until then it needs no memory
             self.model.to("meta")
         check_inputs(self.model, calibration.modality, f"calibration {calibration.name}")
-        if kind == "embedding" and modality(self.model) == "audio":
-            raise InputError(f"task {task!r} is a bare {arch}: calibration compares the embeddings of text and image "
-                             "models, not of sound; store it with explicit settings")
         if kind == "embedding" and _two_towers(config) and not dual(self.model):
             raise InputError(f"task {task!r} is a {arch}, which neither matches images with texts nor embeds them "
                              "alone; store it with explicit settings")

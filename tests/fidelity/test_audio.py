@@ -78,13 +78,14 @@ def _alone(fe, path: str) -> dict:
 
 
 def _wav2vec2(cls, tmp_path, scale: float, task: str, output: str, **cfg):
-    """A tiny wav2vec2 `cls` (with `cfg`) _calibrated as task `task`, its record's output `output`
+    """A tiny wav2vec2 (or WavLM) `cls` (with `cfg`) _calibrated as task `task`, its record's output `output`
     and its choice lossy: (store url, calibration file, record, sounds, original, stored task, feature
     extractor)."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, WavLMConfig
     torch.manual_seed(0)
     fe = Wav2Vec2FeatureExtractor(return_attention_mask=True)
-    url, cal, f, paths = _calibrated(cls(Wav2Vec2Config(**cfg, **W2V)).eval(), fe, tmp_path, scale, task)
+    config = WavLMConfig if cls.__name__.startswith("WavLM") else Wav2Vec2Config
+    url, cal, f, paths = _calibrated(cls(config(**cfg, **W2V)).eval(), fe, tmp_path, scale, task)
     assert f["output"] == output and f["setting"]["kind"] == "fft" and 0.9 <= f["agreement"] < 1, f
     ref, stored = cls.from_pretrained(tmp_path / "ft").eval(), modelstore.load_model(task, url, dtype=torch.float32)
     return url, cal, f, paths, ref, stored, fe
@@ -124,6 +125,31 @@ def test_a_ctc_recognizer_agrees_frame_by_frame_on_the_frames_of_each_sound(tmp_
     arrays = [load_audio(p, RATE) for p in paths[:3]]
     as_files, as_arrays = (encode(fe, "ctc", [], None, 256, 0, audio=x) for x in (paths[:3], arrays))
     assert as_files.keys() == as_arrays.keys() and all(torch.equal(as_files[k], as_arrays[k]) for k in as_files)
+
+
+@pytest.mark.parametrize("cls, output, scale, cfg", [
+    ("Wav2Vec2Model", "last_hidden_state", 0.01, {}),
+    ("WavLMForXVector", "embeddings", 0.002, dict(xvector_output_dim=16, tdnn_dim=(16, 16), tdnn_kernel=(3, 1),
+                                                  tdnn_dilation=(1, 1)))])
+def test_a_speech_embedding_model_agrees_on_each_sounds_nearest_neighbour(tmp_path, cls, output, scale, cfg):
+    """A bare wav2vec2 embeds a sound as the mean of its frames, the frames of its padding left
+    out; a speaker model (x-vectors) as its own embedding: the record and eval count the nearest
+    neighbours those make here of each sound run alone."""
+    import transformers
+    url, cal, f, paths, ref, stored, fe = _wav2vec2(getattr(transformers, cls), tmp_path, scale, "emb", "embedding",
+                                                    **cfg)
+
+    def embedding(model, path: str) -> torch.Tensor:
+        e = getattr(model(**_alone(fe, path)), output)[0].double()
+        return torch.nn.functional.normalize(e.mean(0) if e.dim() == 2 else e, dim=0)  # frames [T, H]: their mean
+
+    with torch.no_grad():
+        e, s = (torch.stack([embedding(x, p) for p in paths]) for x in (ref, stored))
+    own = torch.eye(len(paths), dtype=torch.bool)
+    agree = int(((e @ e.T).masked_fill(own, -2).argmax(1) == (s @ e.T).masked_fill(own, -2).argmax(1)).sum())
+    assert f["predictions"] == len(paths)
+    got = _eval_agrees(url, "emb", tmp_path, cal, f, agree, len(paths))
+    assert got["mean_cosine"] == pytest.approx(float((e * s).sum(1).mean()), abs=1e-5)
 
 
 def test_a_whisper_is_calibrated_on_the_transcript_it_generates(tmp_path):
