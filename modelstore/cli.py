@@ -648,7 +648,7 @@ def eval_task(ctx: click.Context, store: str, task: str, original: str | None, l
 _WHOLE_WORDS = {"same_generation": "the same output", "same_answer": "the same answer",
                 "same_labels": "the same labels", "same_transcript": "the same transcript"}
 #: What eval's examples are called, by the data's modality.
-_UNITS = {"text": "texts", "image": "images", "audio": "sounds", "image-text": "images with prompts"}
+_UNITS = {"text": "texts", "image": "images", "audio": "sounds", "image-text": "images with texts"}
 
 
 def _eval_line(r: dict[str, Any]) -> str:
@@ -666,7 +666,11 @@ def _eval_line(r: dict[str, Any]) -> str:
         return (f"the same nearest neighbour for {r['top1_agreement']:.2%} of {r['examples']} {units} (mean KL "
                 f"{r['mean_kl']:.3g}); cosine to the original's embeddings {r['mean_cosine']:.4f} on average, "
                 f"{r['min_cosine']:.4f} at the lowest")
-    if kind == "classification":
+    if kind == "zero-shot":
+        return (f"the same text for {r['top1_agreement']:.2%} of {r['examples']} images among the data's {r['texts']} "
+                f"texts (mean KL {r['mean_kl']:.3g}); matched with their own row's text {r['matched_stored']:.2%} "
+                f"(original {r['matched_original']:.2%})")
+    if kind in ("classification", "multiple-choice"):
         acc = (f"accuracy {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%}, "
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
         return f"{acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples"

@@ -97,6 +97,8 @@ def test_a_dual_encoder_matches_each_image_with_the_same_of_the_datas_texts(tmp_
     assert got["texts"] == 12 and got["inputs"] == "image-text"
     assert got["matched_original"] == int((a.argmax(1) == own).sum()) / 24
     assert got["matched_stored"] == int((b.argmax(1) == own).sum()) / 24
+    line = CliRunner().invoke(main, ["eval", url, "clip", "--original", str(tmp_path / "ft"), "--data", cal]).output
+    assert f"the same text for {agree / 24:.2%} of 24 images among the data's 12 texts" in line, line
     # images alone: an image embedding model of CLIP's image features; texts alone: of its text features
     for data, e, s in (([{"image": r["image"]} for r in rows], ei, si), ([{"text": t} for t in prompts], et, st)):
         r = CliRunner().invoke(main, ["eval", url, "clip", "--original", str(tmp_path / "ft"), "--data",

@@ -100,6 +100,8 @@ def test_a_multiple_choice_model_agrees_on_the_choice_it_picks(tmp_path):
     got = json.loads(r.output)
     assert got["kind"] == "multiple-choice" and got["agreement"] == pytest.approx(agree / len(rows), abs=1 / len(rows))
     assert got["accuracy_stored"] == pytest.approx(right / len(rows), abs=1 / len(rows))
+    line = CliRunner().invoke(main, ["eval", url, "mc", "--original", str(tmp_path / "ft"), "--data", cal]).output
+    assert f"agreement {got['agreement']:.2%}" in line and f"over {len(rows)} examples" in line, line
     plain = _jsonl(tmp_path / "plain.jsonl", [r["text"] for r in rows])
     r = CliRunner().invoke(main, ["add-task", url, "mc2", str(tmp_path / "ft"), "--calibration", plain])
     assert r.exit_code == 1 and "picks one of the choices after each text" in r.output and \
