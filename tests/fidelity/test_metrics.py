@@ -65,6 +65,14 @@ def test_json_lines_and_csv_read_alike(tmp_path):
         Calibration([])
 
 
+def _each_refused(tmp_path, cases: list[tuple[str, str]]) -> None:
+    """Each (file body, message) of `cases`: read_data refuses the body with the message."""
+    for body, what in cases:
+        (tmp_path / "bad.jsonl").write_text(body)
+        with pytest.raises(InputError, match=what):
+            read_data(str(tmp_path / "bad.jsonl"))
+
+
 def test_choices_are_read_as_a_list_or_numbered_columns(tmp_path):
     """A multiple-choice row's choices: a JSON "choices" list, or choice0, choice1 ... columns (SWAG's
     ending0 ... too), empty ones left out; fewer than two, or choices in some rows only, are refused."""
@@ -77,12 +85,9 @@ def test_choices_are_read_as_a_list_or_numbered_columns(tmp_path):
     cal = Calibration.from_file(str(c))
     assert cal.choices == want[-1] and cal.sha256 == hashlib.sha256(c.read_bytes()).hexdigest()
     assert Calibration(["q"], choices=[["a", "b"]]).sha256 != Calibration(["q"], pairs=["a"]).sha256
-    for body, what in [('{"text": "q", "choices": ["a"]}\n', 'line 1 is not a JSON object'),
-                       ('{"text": "q", "choices": ["a", 1]}\n', 'line 1 is not a JSON object'),
-                       ('{"text": "q", "choices": ["a", "b"]}\n{"text": "r"}\n', "some rows have choices")]:
-        (tmp_path / "bad.jsonl").write_text(body)
-        with pytest.raises(InputError, match=what):
-            read_data(str(tmp_path / "bad.jsonl"))
+    _each_refused(tmp_path, [('{"text": "q", "choices": ["a"]}\n', 'line 1 is not a JSON object'),
+                             ('{"text": "q", "choices": ["a", 1]}\n', 'line 1 is not a JSON object'),
+                             ('{"text": "q", "choices": ["a", "b"]}\n{"text": "r"}\n', "some rows have choices")])
     with pytest.raises(InputError, match="two choices"):
         Calibration(["q"], choices=[["a"]])
 
@@ -120,13 +125,10 @@ def test_pairs_are_read_under_either_name_and_all_or_none(tmp_path):
     cal = Calibration.from_file(str(q), max_examples=1)
     assert (cal.texts, cal.pairs) == (["a cat"], ["sat"])
     assert Calibration(["a"], pairs=["b"]).sha256 != Calibration(["a"]).sha256 == Calibration(["a"]).sha256
-    for body, what in [('{"text": "a", "text_pair": "b"}\n{"text": "c"}\n', "some rows have a second text"),
-                       ('{"context": "b"}\n', 'line 1 is not a JSON object with a "text" string'),
-                       ('{"text": "a", "label": [1, 2]}\n', "a label is a class index or name"),
-                       ('{"text": "a", "label": 0.5}\n', "a label is a class index or name")]:
-        (tmp_path / "bad.jsonl").write_text(body)
-        with pytest.raises(InputError, match=what):
-            read_data(str(tmp_path / "bad.jsonl"))
+    _each_refused(tmp_path, [('{"text": "a", "text_pair": "b"}\n{"text": "c"}\n', "some rows have a second text"),
+                             ('{"context": "b"}\n', 'line 1 is not a JSON object with a "text" string'),
+                             ('{"text": "a", "label": [1, 2]}\n', "a label is a class index or name"),
+                             ('{"text": "a", "label": 0.5}\n', "a label is a class index or name")])
     with pytest.raises(InputError, match="one second text"):
         Calibration(["a", "b"], pairs=["c"])
 
