@@ -33,3 +33,30 @@ def test_a_calibrated_write_on_the_device_measures_what_the_cpu_measures(classif
     agreement, kl = _independent(classifiers[task], stored, texts, classifiers["tok"])
     assert abs(agreement - f["agreement"]) <= 2 / len(texts)
     assert f["mean_kl"] == pytest.approx(kl, rel=0.02, abs=1e-6)
+
+
+def test_a_dual_encoder_calibrated_on_the_device_matches_what_the_cpu_matches(tmp_path):
+    """CLIP's zero-shot matches on the device (its texts' batch placed there, its logit scale
+    applied there): the record is what features made on the CPU one image and text at a time give."""
+    from test_calibrated import _perturbed, _texts
+    from test_dual_encoders import _clip, _features
+    from transformers import CLIPModel
+    prompts = _texts(12, 6)
+    m, proc, rows = _clip(tmp_path, prompts * 2)
+    for name in ("pre", "ft"):
+        if name == "ft":
+            _perturbed(m, 2, 0.001)
+        m.save_pretrained(tmp_path / name)
+        proc.save_pretrained(tmp_path / name)
+    cal = tmp_path / "c.jsonl"
+    cal.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_task("clip", str(tmp_path / "ft"), calibration=str(cal), device=DEVICE,
+                                                min_agreement=0.9)["fidelity"]
+    assert f["device"].startswith(DEVICE) and f["output"] == "zero-shot"
+    ref = CLIPModel.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("clip", url, dtype=torch.float32)
+    (ei, et), (si, st) = (_features(x, proc, tmp_path, rows, prompts) for x in (ref, stored))
+    agree = int(((ei @ et.T).argmax(1) == (si @ st.T).argmax(1)).sum())
+    assert abs(f["agreement"] - agree / 24) <= 2 / 24
