@@ -675,7 +675,8 @@ def _eval_line(r: dict[str, Any]) -> str:
                f"{100 * r['accuracy_difference']:+.1f} points), " if "accuracy_stored" in r else "")
         return f"{acc}agreement {r['agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['examples']} examples"
     what = {"seq2seq": "generated tokens", "masked-lm": "masked tokens", "question-answering": "answer starts and ends",
-            "multi-label": "labels", "ctc": "frames", "segmentation": "pixels"}.get(kind, "tokens")
+            "multi-label": "labels", "ctc": "frames", "frame-classification": "frames",
+            "segmentation": "pixels"}.get(kind, "tokens")
     extra = "".join(f", {words} for {r[k]:.2%} of {units}" for k, words in _WHOLE_WORDS.items() if k in r)
     if "accuracy_stored" in r:
         extra += f", accuracy at them {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%})"

@@ -48,11 +48,14 @@ from modelstore.serving.modules import ModuleTensors
 #: the text, a one-output head's "regression" none), per token of the text (token-classification),
 #: per masked token (masked-lm: MASKED of the text's tokens), per next token of the text
 #: (causal-lm), the answer's start and end in the context (question-answering), per frame of a
-#: sound (ctc: a speech recognizer's characters or blank), per pixel of an image's label map (segmentation: on a
+#: sound (ctc: a speech recognizer's characters or blank; frame-classification: an audio frame
+#: classifier's classes, a diarization model's), per pixel of an image's label map (segmentation: on a
 #: grid of at most GRID x GRID of its pixels), or per token of the output the original generates for
 #: the text (seq2seq: encoder-decoder models, a Whisper's transcript of a sound, a
 #: VisionEncoderDecoderModel's caption of an image).
 OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassification": "classification",
+                "ForImageClassificationWithTeacher": "classification", "ForNextSentencePrediction": "classification",
+                "ForAudioFrameClassification": "frame-classification",
                 "ForAudioClassification": "classification", "ForTokenClassification": "token-classification",
                 "ForMultipleChoice": "multiple-choice", "ForXVector": "embedding",
                 "ForCTC": "ctc", "ForSemanticSegmentation": "segmentation",
@@ -309,7 +312,7 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
         logits, where = logits[:, :-1], next_tokens(batch, model)
     elif kind == "masked-lm":
         where = batch["labels"] != -100
-    elif kind == "ctc":
+    elif kind in ("ctc", "frame-classification"):
         where = real_positions(model, batch, logits.shape[:2])
     else:  # token-classification, seq2seq
         where = batch["decoder_attention_mask" if kind == "seq2seq" else "attention_mask"].bool()

@@ -294,7 +294,8 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 METRICS = ("agreement", "kl", "dare-q")
 #: The outputs writers record (spec: "Fidelity record"); a reader takes any name, for later writers'.
 OUTPUTS = ("classification", "multi-label", "multiple-choice", "token-classification", "masked-lm",
-           "question-answering", "causal-lm", "seq2seq", "ctc", "segmentation", "embedding", "zero-shot", "custom")
+           "question-answering", "causal-lm", "seq2seq", "ctc", "frame-classification", "segmentation", "embedding",
+           "zero-shot", "custom")
 #: field -> (its test, what it must be): the fields of a fidelity record, and of each of its candidates.
 _Fields = dict[str, tuple[Callable[[Any], bool], str]]
 _CANDIDATE_FIELDS: _Fields = {

@@ -127,6 +127,22 @@ def test_a_ctc_recognizer_agrees_frame_by_frame_on_the_frames_of_each_sound(tmp_
     assert as_files.keys() == as_arrays.keys() and all(torch.equal(as_files[k], as_arrays[k]) for k in as_files)
 
 
+def test_an_audio_frame_classifier_agrees_frame_by_frame(tmp_path):
+    """An audio frame classifier (a diarization model's head): one prediction per frame of each
+    sound, not of its padding, counted here with each sound run alone."""
+    from transformers import Wav2Vec2ForAudioFrameClassification
+    url, cal, f, paths, ref, stored, fe = _wav2vec2(Wav2Vec2ForAudioFrameClassification, tmp_path, 0.005, "dia",
+                                                    "frame-classification", num_labels=3)
+    frames = agree = 0
+    with torch.no_grad():
+        for p in paths:
+            a, b = (x(**_alone(fe, p)).logits[0].argmax(-1) for x in (ref, stored))
+            frames, agree = frames + len(a), agree + int((a == b).sum())
+    got = _eval_agrees(url, "dia", tmp_path, cal, f, agree, frames)
+    line = CliRunner().invoke(main, ["eval", url, "dia", "--original", str(tmp_path / "ft"), "--data", cal]).output
+    assert f"over {frames} frames of {len(paths)} sounds" in line and got["kind"] == "frame-classification", line
+
+
 @pytest.mark.parametrize("cls, output, scale, cfg", [
     ("Wav2Vec2Model", "last_hidden_state", 0.01, {}),
     ("WavLMForXVector", "embeddings", 0.002, dict(xvector_output_dim=16, tdnn_dim=(16, 16), tdnn_kernel=(3, 1),

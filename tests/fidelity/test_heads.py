@@ -392,6 +392,23 @@ def test_an_image_classifier_is_calibrated_and_evaluated_on_its_images(tmp_path)
     assert modelstore.open(url).tasks() == ["vit"]
 
 
+def test_a_distilled_deit_is_an_image_classifier(tmp_path):
+    """A DeiT fine-tuned with its distillation token (`...ForImageClassificationWithTeacher`): its
+    logits, the mean of both heads', are one prediction per image, as the record counts them here."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTImageProcessor
+    torch.manual_seed(0)
+    m = DeiTForImageClassificationWithTeacher(DeiTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        initializer_range=0.2, num_labels=3)).eval()
+    proc = ViTImageProcessor(size={"height": 32, "width": 32})
+    rows = _images(tmp_path, 24)
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.01, "deit", rows)
+    _lossy(f)
+    ref, stored = _ref_and_stored(DeiTForImageClassificationWithTeacher, url, "deit", tmp_path)
+    agree = sum(int(a.argmax() == b.argmax()) for _, a, b in _each_image(tmp_path, proc, rows, ref, stored))
+    assert f["output"] == "classification" and abs(f["agreement"] - agree / 24) <= 1 / 24
+
+
 def test_a_segmentation_model_agrees_pixel_by_pixel_on_a_grid_of_its_label_map(tmp_path):
     """A SegFormer's label map (64 x 64 for 256-pixel images) is compared on every other row and
     column (GRID: at most 32 of each), one prediction per pixel there; the record and eval count
