@@ -47,13 +47,15 @@ def _pair_rows(n: int) -> list[dict]:
     return [{"text": a, "text_pair": b} for a, b in zip(_texts(n, 3), _texts(n, 4))]
 
 
-def test_a_classifier_of_text_pairs_is_calibrated_and_evaluated_on_both_texts(tmp_path):
-    """An entailment-style classifier reads each text with its text_pair: the record's KL is that of
-    the pairs (not of the first texts alone), and eval's agreement too."""
-    from transformers import BertForSequenceClassification
+@pytest.mark.parametrize("arch, labels, scale", [("BertForSequenceClassification", 3, 0.01),
+                                                 ("BertForNextSentencePrediction", 2, 0.15)])
+def test_a_classifier_of_text_pairs_is_calibrated_and_evaluated_on_both_texts(tmp_path, arch, labels, scale):
+    """An entailment-style classifier (or a next-sentence head) reads each text with its text_pair:
+    the record's KL is that of the pairs (not of the first texts alone), and eval's agreement too."""
+    import transformers
     rows = _pair_rows(40)
-    url, cal, f, ref, stored, tok = _calibrated(BertForSequenceClassification, tmp_path, 0.01, "nli", rows,
-                                                num_labels=3, initializer_range=0.2)
+    url, cal, f, ref, stored, tok = _calibrated(getattr(transformers, arch), tmp_path, scale, "nli", rows,
+                                                num_labels=labels, initializer_range=0.2)
 
     def counts(pairs: bool) -> tuple[int, float]:
         agree, kl = 0, 0.0
