@@ -132,3 +132,34 @@ def test_a_dual_encoders_vision_tower_agrees_on_the_embedding_its_users_take(tmp
     own = torch.eye(len(rows), dtype=torch.bool)
     agree = int(((e @ e.T).masked_fill(own, -2).argmax(1) == (s @ e.T).masked_fill(own, -2).argmax(1)).sum())
     assert f["output"] == "embedding" and f["agreement"] == agree / len(rows)
+
+
+def test_a_peft_lora_of_a_dual_encoder_is_calibrated_against_the_model_peft_merges(tmp_path):
+    """A LoRA adapter of CLIP's attention (PEFT): the rank kept is measured on zero-shot matches
+    against the model PEFT's merge_and_unload makes; the record and `eval --lora` are what that
+    model's and the stored task's features give here one image and text at a time."""
+    peft = pytest.importorskip("peft")
+    from transformers import CLIPModel
+    prompts = _texts(12, 6)
+    m, proc, rows = _clip(tmp_path, prompts * 2)
+    m.save_pretrained(tmp_path / "pre")
+    proc.save_pretrained(tmp_path / "pre")
+    torch.manual_seed(3)
+    adapted = peft.get_peft_model(m, peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=0.25,
+                                                     target_modules=["q_proj", "v_proj"]))
+    adapted.save_pretrained(str(tmp_path / "lora"))
+    merged = adapted.merge_and_unload().eval()
+    cal = _jsonl(tmp_path / "c.jsonl", rows)
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    f = modelstore.open(url, mode="a").add_lora_task("clip", str(tmp_path / "lora"), calibration=cal,
+                                                     min_agreement=0.9)["fidelity"]
+    stored = modelstore.load_model("clip", url, dtype=torch.float32)
+    assert isinstance(stored, CLIPModel) and f["output"] == "zero-shot" and f["met"], f
+    assert f["setting"]["rank"] < 4 and f["agreement"] < 1  # a lower rank, lossy: the counts can differ
+    (ei, et), (si, st) = (_features(x, proc, tmp_path, rows, prompts) for x in (merged, stored))
+    agree = int(((ei @ et.T).argmax(1) == (si @ st.T).argmax(1)).sum())
+    assert f["agreement"] == agree / 24
+    r = CliRunner().invoke(main, ["eval", url, "clip", "--lora", str(tmp_path / "lora"), "--data", cal, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["top1_agreement"] == agree / 24
