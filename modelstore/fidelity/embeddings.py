@@ -128,12 +128,11 @@ def text_batch(processor: Any, texts: list[str], max_length: int, model: Any) ->
 
 def matches(model: Any, images: Mapping[str, torch.Tensor], texts: torch.Tensor) -> torch.Tensor:
     """Dual encoder `model`'s logits [B, T] of each image of `images` (a batch) against the unit
-    text features `texts` [T, H]: cosine times its logit scale, plus its bias (SigLIP), or over its
-    temperature (ALIGN), as its forward scores them."""
+    text features `texts` [T, H]: cosine times its logit scale, or over its temperature (ALIGN), as
+    its forward scores them (SigLIP's bias, the same for every text, moves no softmax over them)."""
     cos = embedded(model, images, "features") @ texts.T
     if hasattr(model, "logit_scale"):
-        bias = getattr(model, "logit_bias", None)
-        return cos * model.logit_scale.double().exp() + (0 if bias is None else bias.double())
+        return cos * model.logit_scale.double().exp()
     return cos / model.temperature.double()
 
 

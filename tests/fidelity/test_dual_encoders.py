@@ -24,10 +24,12 @@ def _lossy(f: dict) -> None:
     assert f["setting"]["kind"] != "exact" and 0.9 <= f["agreement"] < 1, f["candidates"]
 
 
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
 def _clip(tmp_path, texts: list[str]):
-    """A tiny CLIP (32-pixel images, a text tower of 32 positions) with its processor, and 24
-    images of coloured blocks under tmp_path/imgs, each row with the text after it in `texts`."""
-    from PIL import Image
+    """A tiny CLIP (32-pixel images, a text tower of 32 positions) with its processor, and
+    _images for `texts`."""
     from tokenizers import processors
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
     tok = make_tokenizer("gpt2")
@@ -37,13 +39,17 @@ def _clip(tmp_path, texts: list[str]):
     tok.pad_token = "<unk>"
     proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
                                                             crop_size={"height": 32, "width": 32}), tokenizer=tok)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    cfg = CLIPConfig(text_config=dict(tower, vocab_size=len(tok), max_position_embeddings=32, bos_token_id=0,
+    cfg = CLIPConfig(text_config=dict(TOWER, vocab_size=len(tok), max_position_embeddings=32, bos_token_id=0,
                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-                     vision_config=dict(tower, image_size=32, patch_size=8), projection_dim=16)
+                     vision_config=dict(TOWER, image_size=32, patch_size=8), projection_dim=16)
     cfg.initializer_range = 0.2
     torch.manual_seed(0)
-    m = CLIPModel(cfg).eval()
+    return CLIPModel(cfg).eval(), proc, _images(tmp_path, texts)
+
+
+def _images(tmp_path, texts: list[str]) -> list[dict]:
+    """Images of coloured blocks under tmp_path/imgs, one a text: rows of each with its text."""
+    from PIL import Image
     (tmp_path / "imgs").mkdir()
     rng = np.random.default_rng(0)
     rows = []
@@ -53,11 +59,13 @@ def _clip(tmp_path, texts: list[str]):
         a[:int(rng.integers(4, 28)), :, int(rng.integers(3))] = 255 * rng.random()
         Image.fromarray(a.astype("uint8")).save(tmp_path / "imgs" / f"{i}.png")
         rows.append({"image": f"imgs/{i}.png", "text": text})
-    return m, proc, rows
+    return rows
 
 
-def _features(model, proc, tmp_path, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit image features of each row's image and text features of each of `texts`, one at a time."""
+def _features(model, proc, tmp_path, rows: list[dict], texts: list[str],
+              **padding) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit image features of each row's image and text features of each of `texts` (tokenized
+    with `padding`), one at a time."""
     from PIL import Image
 
     def unit(x) -> torch.Tensor:
@@ -67,7 +75,7 @@ def _features(model, proc, tmp_path, rows: list[dict], texts: list[str]) -> tupl
     with torch.no_grad():
         images = [unit(model.get_image_features(**proc(images=Image.open(tmp_path / r["image"]).convert("RGB"),
                                                                return_tensors="pt"))) for r in rows]
-        words = [unit(model.get_text_features(**proc.tokenizer(t, return_tensors="pt"))) for t in texts]
+        words = [unit(model.get_text_features(**proc.tokenizer(t, return_tensors="pt", **padding))) for t in texts]
     return torch.stack(images), torch.stack(words)
 
 
@@ -163,3 +171,33 @@ def test_a_peft_lora_of_a_dual_encoder_is_calibrated_against_the_model_peft_merg
     r = CliRunner().invoke(main, ["eval", url, "clip", "--lora", str(tmp_path / "lora"), "--data", cal, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1_agreement"] == agree / 24
+
+
+def test_a_siglip_matches_with_its_texts_padded_as_it_reads_them(tmp_path):
+    """SigLIP pools its text at the last position, so transformers pads its texts to their whole
+    length: the record's matches (its logits, cosine times its scale, compared as a softmax over the
+    data's texts: its bias, one for all, moves none) are what each text padded so, and each image,
+    give run alone."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+    tok = make_tokenizer("gpt2")
+    tok.pad_token = "<unk>"
+    proc = SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    cfg = SiglipConfig(text_config=dict(TOWER, vocab_size=len(tok), max_position_embeddings=16),
+                       vision_config=dict(TOWER, image_size=32, patch_size=8))
+    torch.manual_seed(0)
+    m = SiglipModel(cfg).eval()
+    with torch.no_grad():
+        m.logit_scale.fill_(2.0)
+    prompts = _texts(12, 6)
+    rows = _images(tmp_path, prompts * 2)
+    url, cal, f = _calibrated_pair(m, proc, tmp_path, 0.01, "sig", rows)
+    _lossy(f)
+    ref = SiglipModel.from_pretrained(tmp_path / "ft").eval()
+    stored = modelstore.load_model("sig", url, dtype=torch.float32)
+    (ei, et), (si, st) = (_features(x, proc, tmp_path, rows, prompts, padding="max_length", max_length=16)
+                          for x in (ref, stored))
+    a, b = ((i @ t.T) * x.logit_scale.double().exp() for (i, t), x in (((ei, et), ref), ((si, st), stored)))
+    p, q = a.log_softmax(1), b.log_softmax(1)
+    assert f["output"] == "zero-shot" and f["max_length"] == 16
+    assert f["agreement"] == int((a.argmax(1) == b.argmax(1)).sum()) / 24
+    assert f["mean_kl"] == pytest.approx(float((p.exp() * (p - q)).sum(1).mean()), rel=1e-4)
