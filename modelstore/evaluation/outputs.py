@@ -148,8 +148,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             out = _embedding(ref, mine, batches, pooling)
         elif kind == "zero-shot":
             texts = distinct(examples.texts)
+            at = {t: i for i, t in enumerate(texts)}
             out = _zero_shot(ref, mine, batches, text_batch(preprocessor, texts, max_length, ref),
-                             torch.tensor([texts.index(t) for t in examples.texts]))
+                             torch.tensor([at[t] for t in examples.texts]))
         elif kind in ("classification", "multiple-choice"):
             out = _classifier(kind, ref, mine, batches)
         elif kind == "causal-lm":

@@ -26,10 +26,6 @@ TEMPERATURE = 0.05
 #: How a sentence-transformers model pools its tokens into one embedding (its 1_Pooling/config.json).
 POOLINGS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max",
             "pooling_mode_lasttoken": "lasttoken"}
-#: The model's own embeddings, when no pooling file names one: a dual encoder's features; the
-#: embeds of a projection model (a CLIPVisionModelWithProjection's), the x-vector of a speaker
-#: model (a WavLMForXVector's) or the pooled output of a dual encoder's tower (a CLIPVisionModel's).
-OWN = ("features", "own")
 #: The model types of dual encoders whose text batches transformers' zero-shot pipeline pads to the
 #: tokenizer's whole length (they pool a fixed position: padding to the longest would move it).
 PADDED_TO_LENGTH = ("siglip", "siglip2")
@@ -44,9 +40,10 @@ def dual(model: Any) -> bool:
 
 def pooling_of(directory: str | None, model: Any) -> str:
     """How `model` (kept in `directory`) makes one embedding of an example: the mode of its
-    sentence-transformers 1_Pooling/config.json (one of POOLINGS' values), else its own (OWN:
-    "features" for a dual encoder, "own" for a ...WithProjection or ...ForXVector model or a dual
-    encoder's vision or text tower), else "mean"."""
+    sentence-transformers 1_Pooling/config.json (one of POOLINGS' values), else its own:
+    "features" for a dual encoder (its image or text features), "own" for a ...WithProjection model
+    (its embeds), a ...ForXVector model (its x-vector) or a dual encoder's vision or text tower (its
+    pooled output); else "mean"."""
     try:
         with open(os.path.join(directory or "", "1_Pooling", "config.json"), encoding="utf-8") as fh:
             modes = json.load(fh)
@@ -136,5 +133,5 @@ def matches(model: Any, images: Mapping[str, torch.Tensor], texts: torch.Tensor)
     return cos / model.temperature.double()
 
 
-__all__ = ["OWN", "PADDED_TO_LENGTH", "POOLINGS", "TEMPERATURE", "distinct", "dual", "embedded", "matches",
+__all__ = ["PADDED_TO_LENGTH", "POOLINGS", "TEMPERATURE", "distinct", "dual", "embedded", "matches",
            "neighbours", "pooling_of", "real_positions", "text_batch"]
