@@ -57,12 +57,12 @@ from modelstore.fidelity.metrics import Agreement
 from modelstore.fidelity.runner import (
     GENERATED_TOKENS,
     check_inputs,
+    check_rows,
     encode,
     examples_in,
     fitted_length,
     forward,
     generated,
-    needs_pairs,
     next_tokens,
     output_kind,
     preprocessor_for,
@@ -133,7 +133,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             mine = load_model(task, store, cls, dtype=torch.float32)
             ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
     examples = read_data(data, getattr(config, "label2id", None), labels=kind in ("classification", "multiple-choice"))
-    needs_pairs(kind, examples.pairs, f"--data {data}", examples.choices)
+    check_rows(kind, examples.pairs, examples.choices, f"--data {data}")
     check_inputs(ref, examples.modality, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
                                     f"task {task!r}", examples.modality)

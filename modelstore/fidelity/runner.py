@@ -123,7 +123,7 @@ def _image_token(config: Any) -> int | None:
     return token if isinstance(token, int) else None
 
 
-def needs_pairs(kind: str, pairs: object, what: str, choices: object = None) -> None:
+def check_rows(kind: str, pairs: object, choices: object, what: str) -> None:
     """Refuse data without second texts for a model that reads text pairs (extractive QA), without
     choices for a multiple-choice model, and choices for another.
 
@@ -468,7 +468,7 @@ class Runner:
             raise InputError(f"task {task!r} is a {arch} with one output (a regression head): it predicts no class "
                              "whose agreement could be promised; store it with explicit settings and measure how "
                              "far its outputs move with modelstore eval")
-        needs_pairs(kind, calibration.pairs, f"calibration {calibration.name}", calibration.choices)
+        check_rows(kind, calibration.pairs, calibration.choices, f"calibration {calibration.name}")
         if kind == "embedding" and len(calibration.inputs) < 2:
             raise InputError(f"calibration {calibration.name}: an embedding model's examples are compared by their "
                              "nearest neighbours among the others; give at least two")
@@ -616,5 +616,5 @@ class Runner:
 
 
 __all__ = ["CHOICES", "GENERATED_TOKENS", "GRID", "MASKED", "OUTPUT_KINDS", "STRIDE", "WINDOWS", "Runner",
-           "check_inputs", "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "needs_pairs",
+           "check_inputs", "encode", "examples_in", "fitted_length", "forward", "generated", "modality", "check_rows",
            "next_tokens", "output_kind", "preprocessor_for", "rows_of", "runs_on", "tokenizer_for"]
