@@ -205,6 +205,19 @@ class Chunks:
                 self._decoding[i] = _decoders().submit(self._decode_fresh, i)
         return (mine.result() if mine is not None else self._decode_fresh(index))[:n]
 
+    def ahead(self, index: int) -> None:
+        """Start decoding chunk `index` and the AHEAD after it in the decoding threads, for a reader
+        that will take chunks in order from `index` on but has other work first (local compressed
+        chunks only; elsewhere nothing)."""
+        if not (self.fast and self._root is not None and self.compressed):
+            return
+        last = min(index + AHEAD, -(-int(self.array.shape[0]) // self.chunk) - 1)
+        self._advise_streak(index, last)
+        for i in range(index, last + 1):
+            if i not in self._decoding:
+                self._decoding[i] = _decoders().submit(self._decode_fresh, i)
+        self._last = index - 1
+
     def _decode_fresh(self, index: int) -> np.ndarray:
         out = empty(self.chunk, self.dtype)
         self._decode_file(index, out)

@@ -465,6 +465,11 @@ class PayloadReader:
         c0 = index * self.chunk_len(array)
         return self.read_flat(array, c0, min(c0 + self.chunk_len(array), self.array_len(array)))  # names the damage
 
+    def ahead(self, array: str, index: int) -> None:
+        """Start decoding chunk `index` of `array` and the next ones (format.chunks), for a reader
+        taking them in order that has other work before it reads them."""
+        self._chunks(array).ahead(index)
+
     def _chunks(self, array: str) -> Chunks:
         if array not in self._readers:
             self._readers[array] = Chunks(self._array(array))
@@ -589,6 +594,11 @@ class Segments:
         self._pos: dict[str, int] = {}
         self._crc: dict[str, int] = {}
         self._tail: dict[str, np.ndarray] = {}  # per array: decoded elements from _pos on, up to a chunk end
+
+    def ahead(self, array: str) -> None:
+        """Start decoding `array` from where its reads will go on, while the caller does other work."""
+        if array not in self._tail:
+            self.reader.ahead(array, self._pos.get(array, 0) // self.reader.chunk_len(array))
 
     def get(self, array: str, start: int, count: int, dtype: str, borrow: bool = False) -> torch.Tensor:
         """`array[start:start+count]` as logical dtype `dtype` on the device: a fresh tensor, or with

@@ -122,20 +122,41 @@ class Exact(TaskKind):
     def tensors(self, segments: Segments, table: list[TableEntry], base: BaseTensors, entry: TaskEntry,
                 device: torch.device, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
         """Each tensor's words XORed with its base tensor into a new tensor where the entry says
-        so; count-0 entries a copy of the base tensor. Reading and decoding the next tensor's words
-        (a worker thread, and the chunks after it in the decoding threads) overlaps the XOR of this one."""
-        for t, w in read_ahead(self._words(segments, table)):
-            dt = dtypes.torch_dtype(t["dtype"])
-            if w is None or t.get("xor"):
-                name = str(t.get("base") or t["name"])
-                b = base.fresh(name) if w is None else base.view(name)
-                if b.dtype != dt or list(b.shape) != t["shape"]:
-                    raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
-                                            "or shape; the store is damaged")
-                out = b if w is None else torch.bitwise_xor(words(b), w).view(dt).view(b.shape)
-            else:
-                out = w.view(dt).view(t["shape"])
-            yield t["name"], out.to(dtypes.output_dtype(dt, dtype))
+        so; count-0 entries a copy of the base tensor.
+
+        The words' chunks are decoded ahead in the decoding threads from the start (while the
+        first tensors are copies of the base), so the XOR of one tensor overlaps the decoding of
+        the next. Where most words lie in tensors longer than a chunk, a worker thread also reads
+        the next tensor meanwhile (a read of whole chunks waits for all of them); where tensors are
+        smaller, handing each one across threads costs more than it saves (a MiniLM's load takes
+        0.8 x the time without the worker, a model of 4096 x 4096 tensors 1.2 x: docs/performance.md).
+        Torch does the XOR and copies in this thread alone: its idle OpenMP threads spin between
+        the many short ops, taking a core from the decoding (1.5 x the CPU time).
+        """
+        entries = [t for t in table if t["kind"] == "words"]
+        for array in dict.fromkeys(t["array"] for t in entries):
+            segments.ahead(array)
+        items = self._words(segments, table)
+        spanning = sum(t["count"] for t in entries if t["count"] >= segments.reader.chunk_len(t["array"]))
+        for t, w in read_ahead(items) if 2 * spanning > sum(t["count"] for t in entries) else items:
+            with one_torch_thread():
+                out = self._tensor(t, w, base, dtype)
+            yield t["name"], out
+
+    @staticmethod
+    def _tensor(t: TableEntry, w: torch.Tensor | None, base: BaseTensors, dtype: torch.dtype | None) -> torch.Tensor:
+        """Entry `t`'s tensor from its words `w` (None: the base's tensor, copied)."""
+        dt = dtypes.torch_dtype(t["dtype"])
+        if w is None or t.get("xor"):
+            name = str(t.get("base") or t["name"])
+            b = base.fresh(name) if w is None else base.view(name)
+            if b.dtype != dt or list(b.shape) != t["shape"]:
+                raise CorruptStoreError(f"task tensor {t['name']!r} does not match its base tensor's dtype "
+                                        "or shape; the store is damaged")
+            out = b if w is None else torch.bitwise_xor(words(b), w).view(dt).view(b.shape)
+        else:
+            out = w.view(dt).view(t["shape"])
+        return out.to(dtypes.output_dtype(dt, dtype))
 
     def _words(self, segments: Segments, table: list[TableEntry]) -> Iterator[tuple[TableEntry, torch.Tensor | None]]:
         """(entry, its words on the segments' device, or None for the base's tensor), in order, checked."""

@@ -196,6 +196,57 @@ def test_many_small_tensors_per_chunk_decoded_ahead_and_damage_named(tmp_path, m
             modelstore.open(url, cache_base=cache).load("t")
 
 
+def test_load_threads(tmp_path, monkeypatch, request):
+    """How a load spreads its work: the words' first chunks are decoded in the decoding threads
+    from the start, while the first tensors are copies of the base; torch runs the XORs on one
+    thread (restored after the load, also when a caller stops reading early); and a worker thread
+    reads the next tensor only where most words lie in tensors longer than a chunk."""
+    import threading
+
+    from modelstore.format import chunks, codecs
+    from modelstore.kinds.exact import Exact
+    monkeypatch.setattr(codecs, "CHUNK_ELEMENTS", 256)
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(4)
+    pre = {"same": torch.randn(3000, generator=g), **{f"t{i}": torch.randn(100, generator=g) for i in range(12)}}
+    task = {k: v if k == "same" else v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+    small = tmp_path / "small"
+    big = {"big": torch.randn(2000, generator=g), "t": torch.randn(100, generator=g)}
+    big_task = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in big.items()}
+    for d, p, t in ((small, pre, task), (tmp_path / "big", big, big_task)):
+        d.mkdir()
+        save_file(p, str(d / "pre.safetensors"))
+        save_file(t, str(d / "task.safetensors"))
+        init(str(d / "s"), str(d / "pre.safetensors"))
+        modelstore.add_task(str(d / "s"), "t", str(d / "task.safetensors"), kind="exact")
+    decoded: dict[int, str] = {}
+    fresh, words, tensor = chunks.Chunks._decode_fresh, Exact._words, Exact._tensor
+    monkeypatch.setattr(chunks.Chunks, "_decode_fresh",
+                        lambda self, i: decoded.setdefault(i, threading.current_thread().name) and fresh(self, i))
+    read_in: list[str] = []
+
+    def spied_words(self, *a):
+        read_in.append(threading.current_thread().name)
+        yield from words(self, *a)
+
+    torch_threads: list[int] = []
+    monkeypatch.setattr(Exact, "_words", spied_words)
+    monkeypatch.setattr(Exact, "_tensor", staticmethod(
+        lambda *a: torch_threads.append(torch.get_num_threads()) or tensor(*a)))
+    _assert_bits(modelstore.open(str(small / "s")).load("t"), task)
+    assert decoded[0].startswith("modelstore-decode") and set(torch_threads) == {1}
+    assert torch.get_num_threads() == 2 and read_in == ["MainThread"]
+    stream = modelstore.open(str(small / "s")).tensors("t")
+    next(stream)
+    del stream
+    assert torch.get_num_threads() == 2
+    read_in.clear()
+    _assert_bits(modelstore.open(str(tmp_path / "big" / "s")).load("t"), big_task)
+    assert read_in == ["modelstore-ahead"] and torch.get_num_threads() == 2
+
+
 def test_head_over_a_bare_base(bert_models, tmp_path):
     """A BertForSequenceClassification fine-tune (`bert.` names, a `classifier`) over a BertModel θ0:
     its encoder XORs with the base tensors of the stripped names, the head keeps its own bits."""
