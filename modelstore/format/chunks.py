@@ -83,7 +83,8 @@ class Chunks:
         # local files are read one at a time into one buffer
         self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
-        self._streak = Streak(int(array.shape[0]) * self.dtype.itemsize)  # whole chunks' bytes
+        self.length = int(array.shape[0])
+        self._streak = Streak(self.length * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._decoding: dict[int, Future[np.ndarray]] = {}  # local chunks decoded ahead of `decoded`
         self._last = -2  # the last chunk read
@@ -187,12 +188,12 @@ class Chunks:
             Exception: whatever zarr or the storage raise (the caller names it).
         """
         c0 = index * self.chunk
-        n = min(self.chunk, int(self.array.shape[0]) - c0)
+        n = min(self.chunk, self.length - c0)
         if not (self.fast and self._root is not None and self.compressed):
             out = empty(n, self.dtype)
             self.read_into(c0, c0 + n, out)
             return out
-        count = -(-int(self.array.shape[0]) // self.chunk)
+        count = -(-self.length // self.chunk)
         # only a reader taking chunks in order gets the next ones: one that jumps (a sample) gets what it asks
         last = min(index + AHEAD, count - 1) if index == self._last + 1 else index
         self._last = index
@@ -211,7 +212,7 @@ class Chunks:
         chunks only; elsewhere nothing)."""
         if not (self.fast and self._root is not None and self.compressed):
             return
-        last = min(index + AHEAD, -(-int(self.array.shape[0]) // self.chunk) - 1)
+        last = min(index + AHEAD, -(-self.length // self.chunk) - 1)
         self._advise_streak(index, last)
         for i in range(index, last + 1):
             if i not in self._decoding:
@@ -235,7 +236,7 @@ class Chunks:
         array into the page cache in the background (modelstore/_runtime/page_advice.py: a streak's ranges
         follow one another, so each file is advised once per streak). A file that is missing is
         left to the read that needs it."""
-        stop_index = min(-(-stop // self._chunk_bytes), -(-int(self.array.shape[0]) // self.chunk))
+        stop_index = min(-(-stop // self._chunk_bytes), -(-self.length // self.chunk))
         for index in range(-(-start // self._chunk_bytes), stop_index):
             try:
                 fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
@@ -268,7 +269,7 @@ class Chunks:
         if self._root:
             return [self._read_file(i) for i in indices]
         if any(i not in self._ahead for i in indices):
-            last = -(-int(self.array.shape[0]) // self.chunk) - 1
+            last = -(-self.length // self.chunk) - 1
             want = sorted(set(indices) | set(range(indices[-1] + 1, min(last, indices[0] + self._window - 1) + 1)))
             keep = {i: b for i, b in self._ahead.items() if i >= indices[0]}
             self._ahead = {**keep, **dict(zip(want, self._get(want)))}

@@ -547,12 +547,12 @@ class PayloadReader:
         return self._by_name[name]
 
     def chunk_len(self, array: str) -> int:
-        """Elements per chunk of flat array `array`."""
-        return int(self._array(array).chunks[0])
+        """Elements per chunk of flat array `array` (asked for at every slice: zarr works it out anew)."""
+        return self._chunks(array).chunk
 
     def array_len(self, array: str) -> int:
         """Elements of flat array `array`."""
-        return int(self._array(array).shape[0])
+        return self._chunks(array).length
 
     # -- one tensor at a time (TensorSource) -----------------------------------
     def names(self) -> list[str]:
