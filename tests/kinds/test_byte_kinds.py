@@ -423,3 +423,17 @@ def test_a_tall_mask_build_merges_with_lambda_1_unless_told(bert_models, tmp_pat
             np.testing.assert_allclose(np_f32(merged[k]), want, rtol=1e-6, atol=1e-7, err_msg=f"{args} {k}")
     s = modelstore.build(str(tmp_path / "api"), bert_models["pre"], bert_models["tasks"], kind="tall-mask")
     assert s.manifest["bases"]["merged"]["merge"] == {"method": "task-arithmetic", "lam": 1.0}
+
+
+def test_nibbles_of_every_byte_and_length():
+    """int4 values two to a byte, low nibble first, as two's complement (spec section 5): every byte
+    value unpacks as numpy reads it, and packing then unpacking keeps any count, odd ones included."""
+    from modelstore.kinds.masks.packing import pack_nibbles, unpack_nibbles
+    b = np.arange(256, dtype=np.uint8)
+    want = np.stack([b & 0xF, b >> 4], axis=1).astype(np.int16)
+    want = np.where(want >= 8, want - 16, want).astype(np.int8).reshape(-1)
+    np.testing.assert_array_equal(unpack_nibbles(torch.from_numpy(b), 512).numpy(), want)
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 2, 3, 1001):
+        q = torch.randint(-8, 8, (n,), generator=g, dtype=torch.int8)
+        assert torch.equal(unpack_nibbles(torch.from_numpy(pack_nibbles(q)), n), q)
