@@ -84,6 +84,7 @@ class Chunks:
         self._window = 1 if self._root else max(1, min(WINDOW, WINDOW_BYTES // self._chunk_bytes))
         self._raw = np.empty(0, np.uint8)
         self.length = int(array.shape[0])
+        self._count = -(-self.length // self.chunk)  # chunks
         self._streak = Streak(self.length * self.dtype.itemsize)  # whole chunks' bytes
         self._ahead: dict[int, np.ndarray | None] = {}  # remote chunks fetched ahead of their reader
         self._decoding: dict[int, Future[np.ndarray]] = {}  # local chunks decoded ahead of `decoded`
@@ -147,7 +148,7 @@ class Chunks:
         self._advise_streak(first, last)
         self._last = last
         direct = self._root is not None and not self.compressed  # local raw chunks: read into `out`
-        parallel = self._root is not None and self.compressed  # local compressed: decoded in threads
+        parallel = self._threaded
         pending: list[Future[None]] = []
         try:
             for window in _windows(first, last + 1, self._window):
@@ -189,35 +190,41 @@ class Chunks:
         """
         c0 = index * self.chunk
         n = min(self.chunk, self.length - c0)
-        if not (self.fast and self._root is not None and self.compressed):
+        if not self._threaded:
             out = empty(n, self.dtype)
             self.read_into(c0, c0 + n, out)
             return out
-        count = -(-self.length // self.chunk)
         # only a reader taking chunks in order gets the next ones: one that jumps (a sample) gets what it asks
-        last = min(index + AHEAD, count - 1) if index == self._last + 1 else index
+        last = min(index + AHEAD, self._count - 1) if index == self._last + 1 else index
         self._last = index
         self._advise_streak(index, last)
         for i in [i for i in self._decoding if i < index]:  # skipped: never asked for
             self._decoding.pop(i).cancel()
         mine = self._decoding.pop(index, None)
-        for i in range(index + 1, last + 1):
-            if i not in self._decoding:
-                self._decoding[i] = _decoders().submit(self._decode_fresh, i)
+        self._submit(index + 1, last)
         return (mine.result() if mine is not None else self._decode_fresh(index))[:n]
 
     def ahead(self, index: int) -> None:
         """Start decoding chunk `index` and the AHEAD after it in the decoding threads, for a reader
         that will take chunks in order from `index` on but has other work first (local compressed
         chunks only; elsewhere nothing)."""
-        if not (self.fast and self._root is not None and self.compressed):
+        if not self._threaded:
             return
-        last = min(index + AHEAD, -(-self.length // self.chunk) - 1)
+        last = min(index + AHEAD, self._count - 1)
         self._advise_streak(index, last)
-        for i in range(index, last + 1):
+        self._submit(index, last)
+        self._last = index - 1
+
+    @property
+    def _threaded(self) -> bool:
+        """Whether chunks are local and compressed: decoded in the decoding threads."""
+        return self.fast and self._root is not None and self.compressed
+
+    def _submit(self, first: int, last: int) -> None:
+        """Chunks first..last decoding in the decoding threads, those not already."""
+        for i in range(first, last + 1):
             if i not in self._decoding:
                 self._decoding[i] = _decoders().submit(self._decode_fresh, i)
-        self._last = index - 1
 
     def _decode_fresh(self, index: int) -> np.ndarray:
         out = empty(self.chunk, self.dtype)
@@ -236,7 +243,7 @@ class Chunks:
         array into the page cache in the background (modelstore/_runtime/page_advice.py: a streak's ranges
         follow one another, so each file is advised once per streak). A file that is missing is
         left to the read that needs it."""
-        stop_index = min(-(-stop // self._chunk_bytes), -(-self.length // self.chunk))
+        stop_index = min(-(-stop // self._chunk_bytes), self._count)
         for index in range(-(-start // self._chunk_bytes), stop_index):
             try:
                 fd = os.open(os.path.join(self._root, self._key(index)), os.O_RDONLY)  # type: ignore[arg-type]
@@ -269,7 +276,7 @@ class Chunks:
         if self._root:
             return [self._read_file(i) for i in indices]
         if any(i not in self._ahead for i in indices):
-            last = -(-self.length // self.chunk) - 1
+            last = self._count - 1
             want = sorted(set(indices) | set(range(indices[-1] + 1, min(last, indices[0] + self._window - 1) + 1)))
             keep = {i: b for i, b in self._ahead.items() if i >= indices[0]}
             self._ahead = {**keep, **dict(zip(want, self._get(want)))}
