@@ -1,5 +1,5 @@
 """`python -m modelstore ...`: the command line."""
 
-from modelstore.cli import main
+from modelstore.cli import run
 
-main()
+run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -39,7 +40,12 @@ from modelstore.store import Store, env_storage_options
 EXIT_ERROR = 1  # the command could not do its work (a bad input, a missing store, an outage)
 EXIT_USAGE = 2  # click's status for a malformed command line
 EXIT_FOUND = 3  # check, verify or eval ran and found damage or a miss
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (`kill`, a container stopped, a job's time limit)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a write cleans up after it the same way."""
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -131,15 +137,27 @@ def _fidelity_options(f: Callable) -> Callable:
     return f
 
 
+def _set_quiet(ctx: click.Context, _param: click.Parameter, quiet: bool) -> None:
+    if quiet:
+        ctx.ensure_object(dict)["quiet"] = True
+
+
 def _fidelity(flags: dict[str, Any]) -> dict[str, Any]:
     """The fidelity flags given, as keywords of Store.add_task / build."""
     return {k: flags.pop(k) for k in FIDELITY_KEYS
-            if flags.get(k) not in (None, False)}
+            if flags.get(k) is not None and flags.get(k) is not False}  # a 0 is given (and refused), not left out
 
 
 class _Command(click.Command):
     """A command whose unknown options are one line. Task names start with a letter or digit
-    (format/paths.py), so `-x` where a task name goes is an unknown option, and says so."""
+    (format/paths.py), so `-x` where a task name goes is an unknown option, and says so. Each
+    command also takes the group's `-q/--quiet` after its name, where users put it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self, click.Group):
+            self.params.append(click.Option(["-q", "--quiet"], is_flag=True, expose_value=False,
+                                            callback=_set_quiet, help="as `modelstore -q COMMAND`"))
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -165,9 +183,10 @@ class _Commands(_Command, click.Group):
         except ModelStoreError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(EXIT_ERROR)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing partial was committed; earlier tasks are intact.", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:
+            click.echo(f"{'Terminated' if isinstance(e, _Terminated) else 'Interrupted'}: nothing partial was "
+                       "committed; earlier tasks are intact.", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(e, _Terminated) else EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,6 +202,17 @@ def main(ctx: click.Context, quiet: bool, storage_option: tuple[str, ...]) -> No
     """Keep many fine-tuned models of one pre-trained model as one base plus small task deltas."""
     ctx.obj = {"storage_options": env_storage_options(_json_pairs(storage_option, "--storage-option")), "quiet": quiet}
     warnings.showwarning = _warning_line
+
+
+def run() -> None:
+    """The `modelstore` program: `main`, with SIGTERM cleaned up after as Ctrl-C is (no partial
+    task), ending with status 143."""
+    def terminated(_signum: int, _frame: object) -> None:
+        raise _Terminated()
+
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)
+    main()
 
 
 def _click_type(o: Option) -> Any:
@@ -419,6 +449,8 @@ def _fidelity_line(f: FidelityRecord) -> str:
         on += f" ({f['predictions']} predictions)"
     chose = "tuned DARE's rescale, chose" if f["metric"] == "dare-q" else "chose"
     low = f"95% lower bound {f['agreement_low']:.4g}" if "agreement_low" in f else ""
+    if f["setting"].get("kind") in {k.name for k in KINDS if k.lossless} and f.get("agreement_low") == 1:
+        low = "bit for bit: agrees on any data"
     return (f"agreement {f['agreement']:.4g}{against('agreement', '>=', low)} on {on}, "
             f"mean KL {f['mean_kl']:.2g}{against('kl', '<=')}; {chose} {_setting_words(f['setting'])} "
             f"of {len(f['candidates'])} candidates")
@@ -453,7 +485,7 @@ def info(ctx: click.Context, store: str, task: str | None, as_json: bool) -> Non
     s = _open(ctx, store)
     data = s.info(task)
     if as_json:
-        _emit(data)
+        _emit({"fidelity": None, **data} if task is not None else data)  # null where not calibrated, as `ls` has it
         return
     if task is None:
         click.echo(f"store {store} (format v{data['format_version']}, generation {data['generation']}): "

@@ -55,6 +55,7 @@ from modelstore.format.payload import (
     Segments,
 )
 from modelstore.inputs.sources import Checkpoint, TensorSource, open_checkpoint
+from modelstore.inputs.vocabulary import vocabulary_differs
 from modelstore.kinds import (
     AdapterInput,
     LoraOptions,
@@ -534,6 +535,36 @@ class Store:
         return self._reading(lambda before: self._base_entry(base_id),
                              lambda e: read_model_files(self.loc, e, f"base {base_id!r}"))
 
+    def task_files(self, task: str) -> dict[str, bytes]:
+        """The tokenizer and generation files that serve `task`: its own, kept with it where its
+        fine-tune's vocabulary differs from the base's (tokens added), else its base's; checked.
+
+        Raises:
+            CorruptStoreError: a file is missing or fails its checksum.
+        """
+        def read(entry: TaskEntry) -> dict[str, bytes]:
+            own = {n: b for n, b in read_model_files(self.loc, entry, f"task {task!r}").items() if n != TASK_CONFIG}
+            return own or read_model_files(self.loc, self._base_entry(entry["base"]), f"base {entry['base']!r}")
+
+        return self._reading_task(task, read)
+
+    def _own_tokenizer(self, source: Any, base_id: str) -> dict[str, bytes]:
+        """The fine-tune's tokenizer and generation files (name -> content) where they hold
+        another vocabulary than base `base_id`'s (inputs.vocabulary), else none.
+
+        Raises:
+            InputError: a file of the fine-tune cannot be read.
+        """
+        side: Mapping[str, str] = getattr(source, "side_files", None) or {}
+        files = {}
+        for name, path in side.items():
+            try:
+                with open(path, "rb") as fh:
+                    files[name] = fh.read()
+            except OSError as e:
+                raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+        return files if files and vocabulary_differs(files, self.model_files(base_id)) else {}
+
     def task_config(self, task: str) -> str | None:
         """The text of the config.json `task` was fine-tuned with (its architecture, labels, problem
         type), kept with it and checked; its base's for tasks that keep none (written before tasks
@@ -599,7 +630,8 @@ class Store:
         base_entry = bases[base_id]
         stored = self._stored_base(base_id) if len(ids) == 1 else \
             WithOtherBases(self._stored_base(base_id), {b: self._stored_base(b) for b in ids[1:]})
-        config = task_config_file(source)  # checked before anything is written
+        # its config.json, and its tokenizer where it added tokens: checked before anything is written
+        config = {**task_config_file(source), **self._own_tokenizer(source, base_id)}
         out = self._txn.new_payload(task_dir(name))
         fields = self._txn.written(out, lambda out: {
             **kind.write(out, name, source, stored, base_entry, options, progress), **out.finish(),

@@ -36,6 +36,7 @@ def test_build_ls_info_json(built, bert_models):
     assert all(r["method"] == "peru-fft" and r["keep"] == 0.2 and 0 < r["ratio"] < 0.5 for r in rows)
     info = json.loads(run("info", built, "alpha", "--json").output)
     assert info["params"]["merge"] == {"method": "task-arithmetic", "lam": 0.4}
+    assert info["fidelity"] is None and rows[0]["fidelity"] is None  # not calibrated: null in both
     assert info["kept"] == int(0.2 * info["total"] + 0.5)
     store_info = json.loads(run("info", built, "--json").output)
     assert store_info["tasks"] == ["alpha", "beta"] and store_info["bytes"] > 0
@@ -140,6 +141,47 @@ def test_quiet_prints_nothing_on_success(built, bert_models):
     assert r.output == ""
     r = run("-q", "rm", built, "nope", code=1)
     assert r.output.startswith("Error:") and r.output.count("\n") == 1
+
+
+def test_quiet_after_the_command_and_zero_targets_refused(built, bert_models, tmp_path):
+    """`-q` goes where users put it, after the command; a target or count of 0 is refused as
+    -1 is, not taken for "not given" (0 is falsy)."""
+    assert run("add-task", built, "gamma", bert_models["tasks"]["gamma"], "-q").output == ""
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(4)))
+    for flag, value, says in [("--max-kl", "0", "--max-kl must be a positive number"),
+                              ("--min-agreement", "0", "--min-agreement must be"),
+                              ("--max-examples", "0", "--max-examples must be an integer of at least 1"),
+                              ("--max-length", "0", "--max-length")]:
+        r = run("add-task", built, "cal", bert_models["tasks"]["gamma"], "--calibration", cal, flag, value, code=1)
+        assert r.output.startswith("Error: ") and says in r.output and r.output.count("\n") == 1, r.output
+    r = run("build", tmp_path / "b", "--pretrained", bert_models["pre"], "--task", f"g={bert_models['tasks']['gamma']}",
+            "--calibration", f"g={cal}", "--max-kl", "0", code=1)
+    assert "--max-kl must be a positive number" in r.output
+    assert [r["task"] for r in json.loads(run("ls", built, "--json").output)] == ["alpha", "beta", "gamma"]
+
+
+def test_sigterm_mid_write_commits_nothing(built, bert_models):
+    """`kill` (SIGTERM) during add-task cleans up as Ctrl-C does: no task, no payload left behind,
+    one line, status 143. The signal arrives after the write has begun (its third tensor)."""
+    code = (
+        "import os, signal, sys\n"
+        "from modelstore.format.payload import PayloadWriter\n"
+        "add, n = PayloadWriter.add, []\n"
+        "def add_then_term(self, *a, **k):\n"
+        "    n.append(1)\n"
+        "    if len(n) == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return add(self, *a, **k)\n"
+        "PayloadWriter.add = add_then_term\n"
+        "from modelstore.cli import run\n"
+        f"sys.argv = ['modelstore', 'add-task', {str(built)!r}, 'gamma', {str(bert_models['tasks']['gamma'])!r}]\n"
+        "run()\n")
+    before = sorted(os.listdir(built / "tasks"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("Terminated: nothing partial was committed"), p.stderr
+    assert sorted(os.listdir(built / "tasks")) == before and not (built / "tasks" / "gamma").exists()
+    assert [r["task"] for r in json.loads(run("ls", built, "--json").output)] == ["alpha", "beta"]
 
 
 def test_console_script_piped_is_quiet(built):

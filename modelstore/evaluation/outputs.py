@@ -135,7 +135,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
     examples = read_data(data, getattr(config, "label2id", None), labels=kind in ("classification", "multiple-choice"))
     check_rows(kind, examples.pairs, examples.choices, f"--data {data}")
     check_inputs(ref, examples.modality, f"--data {data}")
-    preprocessor = preprocessor_for(original or lora, lambda: store.model_files(store.entry(task)["base"]),
+    preprocessor = preprocessor_for(original or lora, lambda: store.task_files(task),
                                     f"task {task!r}", examples.modality)
     max_length = fitted_length(max_length, config, preprocessor)
     pooling = pooling_of(original or lora, ref)

@@ -7,6 +7,7 @@ record describes the bytes that are kept, not a prediction of them."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,6 +29,7 @@ from modelstore.fidelity.search import (
     search,
     search_rank,
 )
+from modelstore.kinds import get_kind
 from modelstore.kinds.lora import LoraAdapter
 
 
@@ -106,7 +108,9 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
         "output": runner.kind,
         "agreement": score.agreement,
         # examples are the independent trials (a causal LM's tokens within a text are not)
-        "agreement_low": agreement_low(score.agreement, runner.examples),
+        # an exact task is the original bit for bit: it agrees on any data, not only on these examples
+        "agreement_low": 1.0 if get_kind(entry["kind"]).lossless and score.agreement == 1 else
+        agreement_low(score.agreement, runner.examples),
         "mean_kl": score.mean_kl,
         "examples": runner.examples,
         **({"file_rows": calibration.file_rows} if calibration.file_rows else {}),
@@ -118,7 +122,17 @@ def choose(task: str, calibration: Calibration, target: Target | None, runner: R
         "setting": _setting_of(entry, outcome.chosen.written.setting),
         "candidates": tried,
     }
+    f = entry["fidelity"]
+    if f["metric"] == "agreement" and f["met"] and not f.get("bound") and f["agreement_low"] < f["target"] - FEW_GAP:
+        warnings.warn(f"only {f['examples']} calibration examples: the agreement's 95% lower bound is "
+                      f"{f['agreement_low']:.3g}, under the target {f['target']:g}; give more examples (256 or "
+                      "more) for a promise on other data like them, or --bound", stacklevel=2)
     return entry, path
+
+
+#: How far under an agreement target its 95% lower bound may lie before a write warns that the
+#: calibration examples are too few to promise anything beyond them (2 examples: 0.43 at 0.99).
+FEW_GAP = 0.05
 
 
 def _tune_dare(trials: _Trials, dare: Setting) -> Outcome:

@@ -75,11 +75,22 @@ def _row(row: Any) -> dict[str, Any] | None:
         out.get("text"), str) else None
 
 
+def _empty(line: Any, i: int) -> str | None:
+    """Why a row with an empty text is refused, or None for another bad row."""
+    try:
+        row = line if isinstance(line, dict) else json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(row, dict) and row.get("text") == "" and not any(row.get(k) for k in ("question", *FILES)):
+        return f"{'row' if isinstance(line, dict) else 'line'} {i} has an empty \"text\"; give every row a text"
+    return None
+
+
 def _rows(path: str, flag: str) -> list[dict[str, Any]]:
     what = ('a "text" string (and optionally a "text_pair" one, or "choices", a list of two strings or more), '
             '"question" and "context" strings, or an "image" or "audio" path')
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # a byte-order mark (Excel, PowerShell) is dropped
             if path.lower().endswith(".csv"):
                 reader = csv.DictReader(fh)
                 if reader.fieldnames is None or not {"text", "question", *FILES} & set(reader.fieldnames):
@@ -97,7 +108,7 @@ def _rows(path: str, flag: str) -> list[dict[str, Any]]:
                 except ValueError:
                     row = None
                 if row is None:
-                    raise InputError(f"{flag} {path}: {bad.format(i)}")
+                    raise InputError(f"{flag} {path}: {_empty(line, i) or bad.format(i)}")
                 rows.append(row)
             return rows
     except OSError as e:
@@ -245,6 +256,9 @@ class Calibration:
                 self.sha256 = hashlib.sha256(texts + b"".join(map(self.digest, self.files))).hexdigest()
         elif not self.texts or not all(isinstance(t, str) for t in self.texts):
             raise InputError(f"calibration {self.name}: needs at least one text, and texts only")
+        elif not all(t.strip() for t in self.texts):
+            raise InputError(f"calibration {self.name}: text {[bool(t.strip()) for t in self.texts].index(False) + 1} "
+                             "is empty; give every example a text (an empty one measures nothing of the task)")
         if self.choices is not None:
             self.choices = [list(c) for c in self.choices]
             if len(self.choices) != len(self.texts) or self.pairs is not None or self.files is not None or not all(

@@ -11,6 +11,7 @@ the reference then reflects the weights, not rounding), in the checkpoint's dtyp
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -62,6 +63,9 @@ OUTPUT_KINDS = {"ForSequenceClassification": "classification", "ForImageClassifi
                 "ForMaskedLM": "masked-lm", "ForQuestionAnswering": "question-answering",
                 "ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForConditionalGeneration": "seq2seq",
                 "MTModel": "seq2seq", "EncoderDecoderModel": "seq2seq"}
+#: The output kinds of models that read one text (or no text) per example, never a pair.
+ONE_TEXT = ("token-classification", "causal-lm", "seq2seq", "ctc", "segmentation", "frame-classification",
+            "embedding")
 #: The most rows and columns of a semantic segmentation model's label map compared: every k-th of
 #: each, the smallest k that leaves at most GRID (its outputs would otherwise fill memory).
 GRID = 32
@@ -78,6 +82,9 @@ STRIDE = 0.25
 #: The batch key of a multiple-choice batch's [B, choices] mask of the choices each text has (a
 #: batch's texts with fewer choices than its most are given empty ones, left out by the mask).
 CHOICES = "choices_mask"
+#: The batch key of a token classifier's batch's special tokens ([CLS], [SEP]): not predictions of
+#: the task, whose labels they do not carry (transformers' token-classification pipeline skips them).
+SPECIAL = "special_tokens_mask"
 Check = Callable[[dict[str, tuple[int, ...]]], None]
 #: (agreeing predictions, KL sum, predictions so far, all predictions) -> the target is out of reach
 Missed = Callable[[int, float, int, int], bool]
@@ -124,16 +131,20 @@ def _image_token(config: Any) -> int | None:
 
 
 def check_rows(kind: str, pairs: object, choices: object, what: str) -> None:
-    """Refuse data without second texts for a model that reads text pairs (extractive QA), without
-    choices for a multiple-choice model, and choices for another.
+    """Refuse data without second texts for a model that reads text pairs (extractive QA), second
+    texts for a model of one text (a token classifier, an LM: they would be measured on inputs it
+    never reads), without choices for a multiple-choice model, and choices for another.
 
     Raises:
-        InputError: a question-answering model's data has no contexts, a multiple-choice model's
-            no choices, or another model's data has choices.
+        InputError: a question-answering model's data has no contexts, a one-text model's has
+            second texts, a multiple-choice model's no choices, or another model's data has choices.
     """
     if kind == "question-answering" and pairs is None:
         raise InputError(f"{what}: an extractive QA model answers a question from a context; give both in every "
                          'row ("question" and "context", or "text" and "text_pair")')
+    if kind in ONE_TEXT and pairs is not None:
+        raise InputError(f"{what}: the rows give second texts (\"text_pair\", or a question's \"context\"), which a "
+                         f"{kind} model does not read; give its rows a \"text\" only")
     if (kind == "multiple-choice") != (choices is not None):
         raise InputError(f"{what}: a multiple-choice model picks one of the choices after each text; give them in "
                          'every row ("choices", a list, or columns choice0, choice1 ...)' if choices is None else
@@ -169,7 +180,9 @@ def encode(preprocessor: Any, kind: str, texts: list[str], pairs: list[str] | No
     if kind == "question-answering" and pairs is not None and getattr(tokenizer, "is_fast", False):
         return _windows(tokenizer, texts, pairs, max_length, first)
     enc = dict(tokenizer(texts, pairs, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                         return_special_tokens_mask=kind == "masked-lm"))
+                         return_special_tokens_mask=kind in ("masked-lm", "token-classification")))
+    if kind == "token-classification":
+        enc[SPECIAL] = enc[SPECIAL].bool()
     return _masked(enc, tokenizer, first) if kind == "masked-lm" else enc
 
 
@@ -215,9 +228,19 @@ def fitted_length(max_length: int, config: Any, tokenizer: Any) -> int:
     return min(n for n in limits if isinstance(n, int) and 1 < n)
 
 
+def inputs(model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` as `model` takes it: without the QA windows' map or the choices' mask, and without
+    the token types a BERT-style tokenizer adds where the model has none (a T5 or BART given such
+    a tokenizer; transformers' pipelines drop them alike)."""
+    drop = {WINDOWS, CHOICES, SPECIAL}
+    if "token_type_ids" in batch and "token_type_ids" not in inspect.signature(model.forward).parameters:
+        drop.add("token_type_ids")
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
 def forward(model: Any, batch: Mapping[str, torch.Tensor]) -> Any:
-    """`model`'s output on `batch` (without the QA windows' map or the choices' mask, not inputs)."""
-    return model(**{k: v for k, v in batch.items() if k not in (WINDOWS, CHOICES)})
+    """`model`'s output on `batch` (its `inputs`)."""
+    return model(**inputs(model, batch))
 
 
 def examples_in(batch: Mapping[str, torch.Tensor]) -> int:
@@ -228,7 +251,7 @@ def examples_in(batch: Mapping[str, torch.Tensor]) -> int:
 def _masked(enc: dict[str, torch.Tensor], tokenizer: Any, first: int) -> dict[str, torch.Tensor]:
     if tokenizer.mask_token_id is None:
         raise InputError("a masked LM predicts masked tokens, but its tokenizer has no mask token")
-    text = ~(enc.pop("special_tokens_mask").bool() | ~enc["attention_mask"].bool())
+    text = ~(enc.pop(SPECIAL).bool() | ~enc["attention_mask"].bool())
     ids, labels = enc["input_ids"].clone(), torch.full_like(enc["input_ids"], -100)
     for k, row in enumerate(text):
         where = row.nonzero().flatten()
@@ -274,7 +297,7 @@ def generated(model: Any, batch: Mapping[str, torch.Tensor], tokens: int) -> dic
     and the generated tokens but the last) and their mask: each position predicts the next token,
     up to and including the end-of-sequence token (padding after it is not predicted)."""
     with _transformers_quiet():  # not its notes on the generation settings its config also holds
-        out = model.generate(**batch, max_new_tokens=tokens, do_sample=False, num_beams=1)
+        out = model.generate(**inputs(model, batch), max_new_tokens=tokens, do_sample=False, num_beams=1)
     eos = model.generation_config.eos_token_id
     ends = torch.isin(out[:, 1:], torch.tensor(eos if isinstance(eos, list) else [eos], device=out.device))
     # a position is real while no end-of-sequence token came before it
@@ -314,8 +337,10 @@ def rows_of(kind: str, out: Any, batch: Mapping[str, torch.Tensor],
         where = batch["labels"] != -100
     elif kind in ("ctc", "frame-classification"):
         where = real_positions(model, batch, logits.shape[:2])
-    else:  # token-classification, seq2seq
-        where = batch["decoder_attention_mask" if kind == "seq2seq" else "attention_mask"].bool()
+    elif kind == "token-classification":
+        where = batch["attention_mask"].bool() & ~batch[SPECIAL] if SPECIAL in batch else batch["attention_mask"].bool()
+    else:  # seq2seq
+        where = batch["decoder_attention_mask"].bool()
     return logits[where], where.nonzero()[:, 0]
 
 

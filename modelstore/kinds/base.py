@@ -186,6 +186,8 @@ class TaskKind:
     original_label: ClassVar[str]
     #: Whether `unmerged` gives the task without its base (`Store.load(merged=False)`).
     has_unmerged: ClassVar[bool] = False
+    #: Whether its tasks load bit for bit as their fine-tunes: they agree with them on any data.
+    lossless: ClassVar[bool] = False
     #: Native export formats besides "hf" (full weights), mapped to what they write.
     export_formats: ClassVar[Mapping[str, str]] = {}
     #: Whether `Store.add_task` and `build` make tasks of this kind from a full fine-tuned checkpoint.

@@ -71,6 +71,7 @@ class Exact(TaskKind):
     kept_label = "entries XORed with the base"
     original_label = "the full checkpoint"
     entry_kinds = ("words", "sparse")
+    lossless = True
 
     def base_id(self, bases: Collection[str], requested: str | None) -> str:
         """The merged base if the store has one (fewer bytes, see the module docstring), else θ0."""

@@ -64,7 +64,7 @@ def export(store: Store, task: str, out: str | os.PathLike[str], fmt: str = "hf"
     files = _write_shards(((n, t) for n, t in store.tensors(task, dtype=want) if n not in dropped), out, limit, task)
     if config:
         files.append(_write(out, "config.json", _config_for(config, want).encode()))
-    files += [_write(out, name, data) for name, data in store.model_files(store.entry(task)["base"]).items()]
+    files += [_write(out, name, data) for name, data in store.task_files(task).items()]
     return files
 
 

@@ -44,12 +44,14 @@ def test_worker_stays_at_most_depth_ahead_and_stops_with_its_consumer():
             made.append(i)
             yield i
 
+    before = set(threading.enumerate())  # an earlier test's abandoned generator may still hold one
     it = read_ahead(items(), depth=1)
     assert next(it) == 0
+    mine = [t for t in threading.enumerate() if t.name == "modelstore-ahead" and t not in before]
     time.sleep(0.2)
     assert len(made) <= 3  # the one consumed, one queued, one waiting to be queued
     it.close()
-    assert not any(t.name == "modelstore-ahead" for t in threading.enumerate())
+    assert len(mine) == 1 and not mine[0].is_alive()
 
 
 def test_an_abandoned_streamed_load_leaves_no_worker(tmp_path):

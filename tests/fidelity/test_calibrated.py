@@ -145,6 +145,21 @@ def test_an_unreachable_target_is_met_by_the_exact_kind(classifiers, tmp_path):
     assert all(torch.equal(got[k], v) for k, v in want.items())
 
 
+def test_an_unreachable_bound_is_met_by_the_exact_kind_on_any_data(classifiers, tmp_path):
+    """`--min-agreement 1 --bound`: no lossy candidate's bound can reach 1, and the exact task's
+    bound is 1, not the sampling bound of 128 examples: it is the original bit for bit."""
+    s = _store(classifiers, tmp_path)
+    r = CliRunner().invoke(main, ["add-task", s.url, "hard", classifiers["dense"], "--calibration",
+                                  classifiers["cal"], "--min-agreement", "1", "--bound"])
+    assert r.exit_code == 0, r.output
+    f = modelstore.open(s.url).entry("hard")["fidelity"]
+    assert f["setting"] == {"kind": "exact"} and f["met"] and f["agreement"] == 1 and f["agreement_low"] == 1
+    assert not any(c["met"] for c in f["candidates"][:-1])
+    assert metrics.agreement_low(1.0, f["examples"]) < 1
+    info = CliRunner().invoke(main, ["info", s.url, "hard"]).output
+    assert "target of the 95% bound >= 1, met; bit for bit: agrees on any data" in info
+
+
 def test_dare_rescale_tuned_on_the_calibration_data(classifiers, tmp_path):
     s = _store(classifiers, tmp_path)
     entry = s.add_task("dense", classifiers["dense"], calibration=classifiers["cal"], sparsify="dare", keep=0.05,
@@ -195,6 +210,7 @@ def test_build_calibrates_the_tasks_it_is_given_data_for(classifiers, tmp_path):
     ("", "no examples"),
     ("\x00\x9f\x92 not text", "not UTF-8"),
     ('{"txt": "a cat"}\n', 'not a JSON object with a "text"'),
+    ('{"text": "a cat"}\n{"text": ""}\n', 'line 2 has an empty "text"'),
 ])
 def test_bad_calibration_data_is_one_line_and_stores_nothing(classifiers, tmp_path, content, what):
     s = _store(classifiers, tmp_path)
@@ -203,6 +219,53 @@ def test_bad_calibration_data_is_one_line_and_stores_nothing(classifiers, tmp_pa
     r = CliRunner().invoke(main, ["add-task", s.url, "dense", classifiers["dense"], "--calibration", str(bad)])
     assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
     assert modelstore.open(s.url).tasks() == [] and _payload_dirs(s, "dense") == []
+
+
+def test_too_few_examples_to_promise_anything_are_warned_of(classifiers, tmp_path):
+    """4 examples that all agree meet 0.99, but promise nothing beyond them (bound 0.6): the
+    write goes through, saying so on stderr in one line; 128 examples do not warn."""
+    s = _store(classifiers, tmp_path)
+    few = _jsonl(tmp_path / "few.jsonl", _texts(4, 0))
+    r = CliRunner().invoke(main, ["add-task", s.url, "few", classifiers["spiky"], "--calibration", few])
+    assert r.exit_code == 0, r.output
+    f = modelstore.open(s.url).entry("few")["fidelity"]
+    assert f["met"] and f["agreement_low"] < 0.94
+    assert f"Warning: only 4 calibration examples: the agreement's 95% lower bound is {f['agreement_low']:.3g}" \
+        in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = CliRunner().invoke(main, ["add-task", s.url, "many", classifiers["spiky"], "--calibration", classifiers["cal"]])
+    assert r.exit_code == 0 and "Warning" not in r.stderr, r.stderr
+
+
+def test_a_byte_order_mark_is_read_past(classifiers, tmp_path):
+    """Excel and PowerShell start UTF-8 files with a byte-order mark: the first column is still
+    `text`, the first line still JSON, and the texts (and so the file's record) are the same."""
+    from modelstore.fidelity.data import read_data
+    rows = _texts(6, 0)
+    plain, marked = tmp_path / "plain.csv", tmp_path / "marked.csv"
+    plain.write_text("text\n" + "".join(f'"{t}"\n' for t in rows), encoding="utf-8")
+    marked.write_text("text\n" + "".join(f'"{t}"\n' for t in rows), encoding="utf-8-sig")
+    jsonl = tmp_path / "marked.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf") and jsonl.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_data(str(marked)).texts == read_data(str(plain)).texts == read_data(str(jsonl)).texts == rows
+
+
+def test_text_pairs_for_a_model_of_one_text_are_refused(classifiers, tmp_path):
+    """A token classifier reads one text: rows with second texts (or QA rows) are data for
+    another model, refused in one line before anything is written."""
+    from transformers import BertForTokenClassification
+    torch.manual_seed(0)
+    for name in ("pre", "ft"):
+        BertForTokenClassification(classifiers["cfg"]).save_pretrained(tmp_path / name)
+        classifiers["tok"].save_pretrained(tmp_path / name)
+    url = str(tmp_path / "tok")
+    modelstore.init(url, str(tmp_path / "pre"))
+    for row in ({"text": "a cat", "text_pair": "a dog"}, {"question": "a cat?", "context": "a dog"}):
+        bad = tmp_path / "pairs.jsonl"
+        bad.write_text(json.dumps(row) + "\n")
+        r = CliRunner().invoke(main, ["add-task", url, "t", str(tmp_path / "ft"), "--calibration", str(bad)])
+        assert r.exit_code == 1 and "which a token-classification model does not read" in r.output, r.output
+        assert r.output.count("\n") == 1 and modelstore.open(url).tasks() == []
 
 
 def test_calibration_of_a_model_without_predictions_is_refused(classifiers, tmp_path):
@@ -352,8 +415,8 @@ def _eval_agrees(url: str, task: str, tmp_path, cal: str, f: dict, agree: int, p
 
 
 def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path):
-    """Every token of every text is a prediction; the record's agreement and `eval`'s are what one
-    text at a time without padding gives."""
+    """Every token of every text but [CLS] and [SEP] is a prediction; the record's agreement and
+    `eval`'s are what one text at a time without padding gives."""
     from transformers import BertForTokenClassification
     tok = make_tokenizer("bert")
     torch.manual_seed(0)
@@ -366,12 +429,13 @@ def test_a_token_classifier_is_calibrated_and_evaluated_token_by_token(tmp_path)
     with torch.no_grad():
         for t in texts:
             enc = tok(t, return_tensors="pt")
-            agree += int((ref(**enc).logits[0].argmax(-1) == stored(**enc).logits[0].argmax(-1)).sum())
-            tokens += enc["input_ids"].shape[1]
+            inner = slice(1, -1)  # [CLS] first, [SEP] last
+            agree += int((ref(**enc).logits[0, inner].argmax(-1) == stored(**enc).logits[0, inner].argmax(-1)).sum())
+            tokens += enc["input_ids"].shape[1] - 2
     assert f["output"] == "token-classification" and f["met"] and f["predictions"] == tokens
     _eval_agrees(url, "ner", tmp_path, cal, f, agree, tokens)
     # --max-length cuts each example as eval's does: the same tokens, in add-task and in a build config
-    cut = sum(min(len(tok(t)["input_ids"]), 4) for t in texts)
+    cut = sum(min(len(tok(t)["input_ids"]), 4) - 2 for t in texts)
     r = CliRunner().invoke(main, ["add-task", url, "ner4", str(tmp_path / "ft"), "--calibration", cal,
                                   "--max-length", "4", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["fidelity"]["predictions"] == cut < tokens, r.output
@@ -439,13 +503,17 @@ def _greedy_counts(ref, stored, encodings: list, eos: int) -> tuple[int, int, in
     return agree, tokens, same
 
 
-@pytest.mark.parametrize("arch", ["BartForConditionalGeneration", "MarianMTModel"])
+@pytest.mark.parametrize("arch", ["BartForConditionalGeneration", "MarianMTModel", "BartForConditionalGeneration+bert"])
 def test_bart_and_marian_are_calibrated_as_encoder_decoders(tmp_path, arch):
     """BART (its decoder starts from its end token) and Marian's translation class: the record and
-    eval count what generating and teacher forcing one text at a time counts."""
+    eval count what generating and teacher forcing one text at a time counts. "+bert": a BERT
+    tokenizer's, which adds token types the model does not take."""
     import transformers
-    tok = make_tokenizer("gpt2")
-    tok.pad_token = "<unk>"
+    tok = make_tokenizer("bert" if arch.endswith("+bert") else "gpt2")
+    arch = arch.removesuffix("+bert")
+    if tok.eos_token is None:
+        tok.eos_token = tok.sep_token
+    tok.pad_token = tok.pad_token or "<unk>"
     config = transformers.BartConfig if arch.startswith("Bart") else transformers.MarianConfig
     cfg = config(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
@@ -457,8 +525,9 @@ def test_bart_and_marian_are_calibrated_as_encoder_decoders(tmp_path, arch):
     texts = _texts(12, 5)
     url, cal, f = _calibrated_pair(m, tok, tmp_path, 0.05, "s2s", texts)
     ref = getattr(transformers, arch).from_pretrained(tmp_path / "ft").eval()
-    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32),
-                                         [tok(t, return_tensors="pt") for t in texts], tok.eos_token_id)
+    encodings = [tok(t, return_tensors="pt", return_token_type_ids=False) for t in texts]
+    agree, tokens, same = _greedy_counts(ref, modelstore.load_model("s2s", url, dtype=torch.float32), encodings,
+                                         tok.eos_token_id)
     assert f["output"] == "seq2seq" and f["predictions"] == tokens and f["met"]
     assert _eval_agrees(url, "s2s", tmp_path, cal, f, agree, tokens)["same_generation"] == same / len(texts)
 

@@ -111,3 +111,48 @@ def test_model_files_travel_with_sync(gpt2_store, tmp_path):
     got = modelstore.open(dst).model_files("merged")
     assert got["tokenizer.json"] == open(os.path.join(pre, "tokenizer.json"), "rb").read()
     shutil.rmtree(dst)
+
+
+def test_a_fine_tune_that_added_tokens_is_served_with_its_own_tokenizer(tmp_path):
+    """A fine-tune that added tokens (its embeddings resized) keeps its tokenizer with the task:
+    the export tokenizes its new words as the original does and predicts what it predicts. A
+    fine-tune re-saved with the base's tokenizer keeps none (transformers rewrites the settings
+    file on every save: the vocabulary decides)."""
+    from conftest import make_tokenizer, tiny_bert_config
+    from transformers import AutoTokenizer, BertForSequenceClassification
+    tok = make_tokenizer("bert")
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(tiny_bert_config(vocab_size=len(tok), num_labels=2)).eval()
+    m.save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+    with torch.no_grad():
+        m.classifier.weight.add_(0.5)
+    m.save_pretrained(tmp_path / "same")
+    AutoTokenizer.from_pretrained(tmp_path / "pre").save_pretrained(tmp_path / "same")
+    tok.add_tokens(["zorblax", "frobnicate"])
+    m.resize_token_embeddings(len(tok))
+    with torch.no_grad():
+        m.bert.embeddings.word_embeddings.weight[-2:] = torch.randn(2, m.config.hidden_size)
+    m.save_pretrained(tmp_path / "added")
+    tok.save_pretrained(tmp_path / "added")
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    s = modelstore.open(url, mode="a")
+    for name in ("same", "added"):
+        s.add_task(name, str(tmp_path / name), kind="exact")
+    assert set(s.entry("same")["files"]) == {"config.json"}
+    assert "tokenizer.json" in s.entry("added")["files"]
+    text = "a zorblax frobnicate cat"
+    for name, want in (("same", AutoTokenizer.from_pretrained(tmp_path / "pre")), ("added", tok)):
+        out = tmp_path / f"exp-{name}"
+        r = CliRunner().invoke(main, ["export", url, name, str(out)], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        got = AutoTokenizer.from_pretrained(out)
+        assert got(text)["input_ids"] == want(text)["input_ids"]
+    ids = tok(text, return_tensors="pt")
+    assert ids["input_ids"][0].tolist() != AutoTokenizer.from_pretrained(tmp_path / "pre")(text)["input_ids"]
+    original = BertForSequenceClassification.from_pretrained(tmp_path / "added").eval()
+    exported = BertForSequenceClassification.from_pretrained(tmp_path / "exp-added").eval()
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.state_dict().items())
+    with torch.no_grad():  # the same weights: the same logits, but for the last bits a kernel may vary
+        torch.testing.assert_close(exported(**ids).logits, original(**ids).logits, rtol=1e-5, atol=1e-6)
