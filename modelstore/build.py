@@ -24,7 +24,7 @@ from modelstore.inputs.sources import (
 from modelstore.kinds import checkpoint_kind
 from modelstore.kinds.fft.sparse_delta import check_finite
 from modelstore.merging import get_method, mergeable, method_class
-from modelstore.store import Store, base_fields
+from modelstore.store import Store, base_fields, calibration_target
 
 
 def _stats_option(merge: str, tasks: Mapping[str, Any], stats: Mapping[str, str] | None) -> dict[str, Any]:
@@ -136,6 +136,8 @@ def build(store: str | os.PathLike[str], pretrained: str | os.PathLike[str],
     if (min_agreement is not None or max_kl is not None or bound) and not calibration:
         raise InputError("--min-agreement / --max-kl / --bound need --calibration NAME=FILE for the tasks they apply "
                          "to")
+    if calibration:
+        calibration_target(min_agreement, max_kl, {}, bound)  # a bad target is refused before the base is written
     # read now: bad data stores nothing
     cals = {n: as_calibration(c, max_examples, max_length) for n, c in calibration.items()}
 

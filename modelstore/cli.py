@@ -317,7 +317,11 @@ def build(ctx: click.Context, store: str, config_path: str | None, pretrained: s
                         "base_codec": base_codec}.items():
         if config_path is None or _given(ctx, name):
             setattr(cfg, name, value)
-    cfg.fidelity.update(_fidelity(merge_flags))
+    flags = _fidelity(merge_flags)
+    if {"min_agreement", "max_kl"} & set(flags):  # a target flag replaces the file's target, whichever it is
+        cfg.fidelity.pop("min_agreement", None)
+        cfg.fidelity.pop("max_kl", None)
+    cfg.fidelity.update(flags)
     cfg.kind_options.update(_given_kind_options(merge_flags))  # what is left are the merge flags
     cfg.tasks.update(_pairs(tasks, "--task"))
     cfg.stats.update(_pairs(stats, "--stats"))

@@ -734,9 +734,9 @@ class Store:
                "sparsify": sparsify, "seed": seed}
         given = {**{n: v for n, v in fft.items() if v is not None}, **options}
         if calibration is not None:
+            target = calibration_target(min_agreement, max_kl, given, bound)
             return self._add_calibrated(name, path, kind, given, as_calibration(calibration, max_examples, max_length),
-                                        _target(min_agreement, max_kl, given, bound), device, base, pretrained,
-                                        overwrite, progress)
+                                        target, device, base, pretrained, overwrite, progress)
         if min_agreement is not None or max_kl is not None or device is not None or bound:
             raise InputError("--min-agreement, --max-kl, --bound and --device apply with --calibration FILE")
         k = checkpoint_kind(kind or "fft")
@@ -878,7 +878,7 @@ class Store:
                              "of them")
         # read and checked before anything is written
         cal = None if calibration is None else as_calibration(calibration, max_examples, max_length)
-        target = None if calibration is None else _target(min_agreement, max_kl, {}, bound)
+        target = None if calibration is None else calibration_target(min_agreement, max_kl, {}, bound)
         opts = LoraOptions(rank, energy).resolved()
         check_task_name(name)
         self._refresh()
@@ -962,7 +962,7 @@ class TaskPayload(NamedTuple):
 STORAGE_MODES = ("positions",)
 
 
-def _target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any],
+def calibration_target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any],
             bound: bool = False) -> Target | None:
     """The calibration target from add_task's keywords: None for DARE's rescale tuning (an
     explicit DARE setting and no target), else min_agreement 0.99 when neither is given; with

@@ -134,6 +134,7 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
     examples = read_data(data, getattr(config, "label2id", None), labels=kind in ("classification", "multiple-choice"))
     check_rows(kind, examples.pairs, examples.choices, f"--data {data}")
+    _check_labels(examples, kind, config, data)
     check_inputs(ref, examples.modality, f"--data {data}")
     preprocessor = preprocessor_for(original or lora, lambda: store.task_files(task),
                                     f"task {task!r}", examples.modality)
@@ -163,16 +164,51 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             "examples": len(examples.inputs), "inputs": examples.modality, **out}
 
 
+def _check_labels(examples: Examples, kind: str, config: Any, data: str) -> None:
+    """Refuse a label that is no class of the model (no choice of its row, for a multiple-choice
+    model): scored, it would count as a miss of both models.
+
+    Raises:
+        InputError: naming the row (a JSON line's number, or a CSV's row after the header).
+    """
+    if examples.labels is None:
+        return
+    if kind == "multiple-choice" and examples.choices is not None:
+        sizes = [len(c) for c in examples.choices]
+    else:
+        classes = getattr(config, "num_labels", None)
+        if not isinstance(classes, int):
+            return
+        sizes = [classes] * len(examples.labels)
+    bad = next((i for i, (y, n) in enumerate(zip(examples.labels, sizes)) if not 0 <= y < n), None)
+    if bad is not None:
+        what = f"{sizes[bad]} choices" if kind == "multiple-choice" else f"{sizes[bad]} classes"
+        raise InputError(f"--data {data}: example {bad + 1} has label {examples.labels[bad]}, and the model has "
+                         f"{what} (0 to {sizes[bad] - 1}); fix the label or give the task's own data")
+
+
 def _adapted(store: Store, task: str, path: str, model: Any) -> Any:
     """`model`, holding LoRA task `task` as stored, with each weight the PEFT adapter at `path`
-    adapts set to θ0 + s·B·A (its saved tensors are stored as they are): the adapter's model."""
+    adapts set to θ0 + s·B·A and each tensor it saves whole (a classifier's head, PEFT's
+    `modules_to_save`) set to the adapter's: the adapter's model, whatever the store holds.
+
+    Raises:
+        InputError: a tensor the adapter saves does not fit the task's (another task's adapter).
+    """
     adapter, base = task_adapter(store, task, path)
     target = ModuleTensors(model)
-    placed = target.fit(task, [m.target for m in adapter.modules.values()], strict=False)
+    saved = list(adapter.saved.values())
+    placed = target.fit(task, [m.target for m in adapter.modules.values()] + [t.target for t in saved], strict=False)
     with torch.no_grad():
         for m in adapter.modules.values():
             dst = target.tensors[placed.model[m.target]]
             dst.copy_(base.get(m.target).to(torch.float64) + m.update())
+        for t in saved:
+            dst = target.tensors[placed.model[t.target]]
+            if dst.shape != t.tensor.shape:
+                raise InputError(f"--lora {path}: it saves {t.target!r} of shape {list(t.tensor.shape)}, where task "
+                                 f"{task!r} has {list(dst.shape)}; give the adapter this task was added from")
+            dst.copy_(t.tensor)
     return model.eval()
 
 

@@ -51,6 +51,11 @@ def _data(tmp_path, labels=None) -> str:
     return str(path)
 
 
+def _dir(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
 def _pair(url, original, cls):
     ref = cls.from_pretrained(original).eval()
     mine = cls.from_pretrained(original).eval()
@@ -123,6 +128,68 @@ def test_bad_eval_inputs_are_one_line_errors(models, tmp_path):
     bad.write_text('{"text": "a cat"}\n{"txt": "no"}\n')
     for args, what in [(["--data", str(bad)], 'line 2 is not a JSON object with a "text"'),
                        (["--data", str(tmp_path / "none.jsonl")], "--data"),
-                       (["--data", _data(tmp_path, ["neg", "meh"] + [0] * 6)], "label 'meh'")]:
+                       (["--data", _data(tmp_path, ["neg", "meh"] + [0] * 6)], "label 'meh'"),
+                       (["--data", _data(_dir(tmp_path, "7"), [0, 1, 7] + [0] * 5)],
+                        "example 3 has label 7, and the model has 3 classes (0 to 2)"),
+                       (["--data", _data(_dir(tmp_path, "-1"), [-1] + [0] * 7)], "example 1 has label -1")]:
         r = CliRunner().invoke(main, ["eval", url, "t", "--original", original, *args])
         assert r.exit_code == 1 and what in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_eval_against_an_adapter_runs_the_adapters_own_head(tmp_path):
+    """`eval --lora`: the original is θ0 with the adapter's updates and the head it saves whole
+    (PEFT's modules_to_save), not the stored task's head: an adapter whose head was negated
+    agrees as PEFT's merged model of it does (an independent computation), and another task's
+    adapter, with a head of another shape, is refused in one line."""
+    import shutil
+
+    import peft
+    from safetensors.torch import load_file, save_file
+    from transformers import BertForSequenceClassification, BertModel
+    tok = make_tokenizer("bert")
+    torch.manual_seed(0)
+    base = BertModel(tiny_bert_config(vocab_size=len(tok)))
+    base.save_pretrained(tmp_path / "pre")
+    tok.save_pretrained(tmp_path / "pre")
+
+    def classifier(labels: int) -> BertForSequenceClassification:
+        m = BertForSequenceClassification(tiny_bert_config(vocab_size=len(tok), num_labels=labels))
+        m.bert.load_state_dict(base.state_dict())
+        return m
+
+    for name, labels in (("ad", 2), ("three", 3)):
+        torch.manual_seed(labels)
+        pm = peft.get_peft_model(classifier(labels), peft.LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                     target_modules=["query", "value"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_B" in n or "classifier" in n:
+                    p.normal_(0, 0.5)
+        pm.save_pretrained(tmp_path / name)
+    shutil.copytree(tmp_path / "ad", tmp_path / "flip")
+    weights = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert any("classifier" in k for k in weights)
+    save_file({k: -v if "classifier" in k else v for k, v in weights.items()},
+              str(tmp_path / "flip" / "adapter_model.safetensors"))
+    url = str(tmp_path / "s")
+    modelstore.init(url, str(tmp_path / "pre"))
+    modelstore.add_lora_task(url, "t", str(tmp_path / "ad"), rank=4)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+
+    def evaluated(adapter: str, code: int = 0) -> dict:
+        r = CliRunner().invoke(main, ["eval", url, "t", "--lora", str(tmp_path / adapter), "--data", str(data),
+                                      "--json"])
+        assert r.exit_code == code, r.output
+        return json.loads(r.stdout) if code == 0 else {"error": r.output}
+
+    assert evaluated("ad")["agreement"] == 1
+    ref = peft.PeftModel.from_pretrained(classifier(2), str(tmp_path / "flip")).merge_and_unload().eval()
+    mine = modelstore.load_model("t", url, dtype=torch.float32)
+    with torch.no_grad():
+        enc = tok(TEXTS, return_tensors="pt", padding=True)
+        agree = (ref(**enc).logits.argmax(-1) == mine(**enc).logits.argmax(-1)).double().mean().item()
+    assert agree < 0.9 and evaluated("flip")["agreement"] == pytest.approx(agree)
+    error = evaluated("three", code=1)["error"]
+    assert "saves 'classifier." in error and "give the adapter this task was added from" in error
+    assert error.count("\n") == 1

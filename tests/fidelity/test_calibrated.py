@@ -221,6 +221,25 @@ def test_bad_calibration_data_is_one_line_and_stores_nothing(classifiers, tmp_pa
     assert modelstore.open(s.url).tasks() == [] and _payload_dirs(s, "dense") == []
 
 
+def test_build_refuses_a_bad_target_before_writing_and_a_flag_replaces_the_files(classifiers, tmp_path):
+    """A target out of range is refused before the base is merged and written (nothing on disk);
+    `--max-kl` on the command line replaces the config file's `min_agreement`, as flags override
+    the file."""
+    url = tmp_path / "b"
+    r = CliRunner().invoke(main, ["build", str(url), "--pretrained", classifiers["pre"], "--task",
+                                  f"spiky={classifiers['spiky']}", "--calibration", f"spiky={classifiers['cal']}",
+                                  "--min-agreement", "1.5"])
+    assert r.exit_code == 1 and "--min-agreement must be a fraction in (0, 1]" in r.output, r.output
+    assert r.output.count("\n") == 1 and not url.exists()
+    cfg = tmp_path / "store.yaml"
+    cfg.write_text(json.dumps({"pretrained": classifiers["pre"], "tasks": {"spiky": classifiers["spiky"]},
+                               "calibration": {"spiky": classifiers["cal"]}, "min_agreement": 0.97}))
+    r = CliRunner().invoke(main, ["build", str(url), "--config", str(cfg), "--max-kl", "0.05"])
+    assert r.exit_code == 0, r.output
+    f = modelstore.open(str(url)).entry("spiky")["fidelity"]
+    assert f["metric"] == "kl" and f["target"] == 0.05 and f["met"]
+
+
 def test_too_few_examples_to_promise_anything_are_warned_of(classifiers, tmp_path):
     """4 examples that all agree meet 0.99, but promise nothing beyond them (bound 0.6): the
     write goes through, saying so on stderr in one line; 128 examples do not warn."""
