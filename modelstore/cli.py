@@ -716,6 +716,8 @@ def _eval_line(r: dict[str, Any]) -> str:
     extra = "".join(f", {words} for {r[k]:.2%} of {units}" for k, words in _WHOLE_WORDS.items() if k in r)
     if "accuracy_stored" in r:
         extra += f", accuracy at them {r['accuracy_stored']:.2%} (original {r['accuracy_original']:.2%})"
+    if "exact_match_stored" in r:
+        extra += f", every label right {r['exact_match_stored']:.2%} (original {r['exact_match_original']:.2%})"
     return (f"top-1 agreement {r['top1_agreement']:.2%}, mean KL {r['mean_kl']:.3g} over {r['predictions']} {what} "
             f"of {r['examples']} {units}{extra}")
 

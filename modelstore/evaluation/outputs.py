@@ -14,9 +14,10 @@ tensors), so both run the same code.
   image with its own row's text.
 - Sequence classifiers: top-1 agreement and mean KL(original || stored) of the class
   distributions; with labels in the data, both accuracies and their difference. Multiple-choice
-  models likewise, over each text's own choices. A multi-label
-  head's every label is a yes/no prediction (and `same_labels` the fraction of texts given the
-  same set); a regression head's outputs are compared by their absolute difference.
+  models likewise, over each text's own choices. A multi-label head's every label is a yes/no
+  prediction (and `same_labels` the fraction of texts given the same set; with labels, both
+  accuracies per label and at every label of a text); a regression head's outputs are compared by
+  their absolute difference.
 - Token classifiers: top-1 agreement and mean KL over every token of the texts.
 - Masked LMs: the same over the tokens masked of each text (runner.MASKED, the same tokens every
   run), and both models' accuracy at predicting them.
@@ -132,7 +133,9 @@ def evaluate(store: Store, task: str, original: str | None, data: str, *, lora: 
             assert lora is not None
             mine = load_model(task, store, cls, dtype=torch.float32)
             ref = _adapted(store, task, lora, copy.deepcopy(mine))  # the task read once
-    examples = read_data(data, getattr(config, "label2id", None), labels=kind in ("classification", "multiple-choice"))
+    examples = read_data(data, getattr(config, "label2id", None),
+                         labels=kind in ("classification", "multiple-choice", "multi-label"),
+                         multi_hot=getattr(config, "num_labels", None) if kind == "multi-label" else None)
     check_rows(kind, examples.pairs, examples.choices, f"--data {data}")
     _check_labels(examples, kind, config, data)
     check_inputs(ref, examples.modality, f"--data {data}")
@@ -180,7 +183,8 @@ def _check_labels(examples: Examples, kind: str, config: Any, data: str) -> None
         if not isinstance(classes, int):
             return
         sizes = [classes] * len(examples.labels)
-    bad = next((i for i, (y, n) in enumerate(zip(examples.labels, sizes)) if not 0 <= y < n), None)
+    bad = next((i for i, (y, n) in enumerate(zip(examples.labels, sizes)) if isinstance(y, int) and not 0 <= y < n),
+               None)
     if bad is not None:
         what = f"{sizes[bad]} choices" if kind == "multiple-choice" else f"{sizes[bad]} classes"
         raise InputError(f"--data {data}: example {bad + 1} has label {examples.labels[bad]}, and the model has "
@@ -282,9 +286,10 @@ def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str,
     per text: a seq2seq model's on the original's greedy output (the stored task generates that
     output too exactly when its top-1 token agrees at every one of its positions)."""
     acc = Agreement()
-    texts = differ = right_ref = right_mine = 0
+    texts = differ = right_ref = right_mine = whole_ref = whole_mine = 0
+    y = None
     with torch.no_grad():
-        for enc, _ in batches:
+        for enc, y in batches:
             if kind == "seq2seq":
                 enc = generated(ref, enc, GENERATED_TOKENS)
             (a, text), (b, _) = (rows_of(kind, forward(m, enc), enc, m) for m in (ref, mine))
@@ -296,7 +301,14 @@ def _predictions(kind: str, ref: Any, mine: Any, batches: Iterator) -> dict[str,
                 truth = enc["labels"][enc["labels"] != -100]
                 right_ref += int((a.argmax(-1) == truth).sum())
                 right_mine += int((b.argmax(-1) == truth).sum())
+            if kind == "multi-label" and y is not None:  # rows: each text's labels in order, yes (1) or no (0)
+                hit_ref, hit_mine = (r.argmax(-1).view(y.shape) == y for r in (a, b))
+                right_ref, right_mine = right_ref + int(hit_ref.sum()), right_mine + int(hit_mine.sum())
+                whole_ref, whole_mine = whole_ref + int(hit_ref.all(-1).sum()), whole_mine + int(hit_mine.all(-1).sum())
     out: dict[str, Any] = {"predictions": acc.rows, "top1_agreement": acc.agreement, "mean_kl": acc.mean_kl}
+    if kind == "multi-label" and y is not None and texts:  # per label, and texts given every label right
+        out.update(accuracy_original=right_ref / acc.rows, accuracy_stored=right_mine / acc.rows,
+                   exact_match_original=whole_ref / texts, exact_match_stored=whole_mine / texts)
     if kind in _WHOLE:
         out[_WHOLE[kind]] = (texts - differ) / texts
     if kind == "masked-lm" and acc.rows:

@@ -130,7 +130,7 @@ class Examples(NamedTuple):
 
     texts: list[str]
     pairs: list[str] | None
-    labels: list[int] | None
+    labels: list[int] | list[list[int]] | None
     images: list[str] | None = None
     audio: list[str] | None = None
     choices: list[list[str]] | None = None
@@ -147,9 +147,10 @@ class Examples(NamedTuple):
 
 
 def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--data",
-              labels: bool = True) -> Examples:
+              labels: bool = True, multi_hot: int | None = None) -> Examples:
     """Texts, second texts and (when every row has one and `labels`) labels of a data file, or its
-    images' paths (see the module).
+    images' paths (see the module). With `multi_hot` (a multi-label head's number of labels), a
+    label is a list of that many 0/1 values, one per label (transformers' multi-label targets).
 
     Raises:
         InputError: the file is missing or unreadable, has no examples, a row has no text, some
@@ -158,7 +159,9 @@ def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--
     rows = _rows(path, flag)
     if not rows:
         raise InputError(f"{flag} {path}: no examples")
-    labelled = _labels(rows, label2id, path, flag) if labels else None
+    labelled: list[int] | list[list[int]] | None = None
+    if labels:
+        labelled = _labels(rows, label2id, path, flag) if multi_hot is None else _multi_hot(rows, multi_hot, path, flag)
     folder = os.path.dirname(os.path.abspath(path))
     for file in FILES:
         named, texted = [file in row for row in rows], ["text" in row for row in rows]
@@ -179,6 +182,24 @@ def read_data(path: str, label2id: dict[str, int] | None = None, flag: str = "--
     if "choices" in rows[0]:
         return Examples(texts, None, labelled, choices=[row["choices"] for row in rows])
     return Examples(texts, [row["text_pair"] for row in rows] if "text_pair" in rows[0] else None, labelled)
+
+
+def _multi_hot(rows: list[dict[str, Any]], n: int, path: str, flag: str) -> list[list[int]] | None:
+    """Each row's multi-label target, a list of `n` values 0 or 1; None where no row has one."""
+    given = ["label" in row for row in rows]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InputError(f"{flag} {path}: some rows have a label and some do not; label all or none")
+    out = []
+    for i, row in enumerate(rows, 1):
+        label = row["label"]
+        if not (isinstance(label, list) and len(label) == n and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and v in (0, 1) for v in label)):
+            raise InputError(f"{flag} {path}: row {i} has label {label!r}; a multi-label model's label is a list of "
+                             f"{n} values 0 or 1, one per label")
+        out.append([int(v) for v in label])
+    return out
 
 
 def _labels(rows: list[dict[str, Any]], label2id: dict[str, int] | None, path: str, flag: str) -> list[int] | None:

@@ -127,6 +127,30 @@ def test_a_multi_label_head_agrees_label_by_label(tmp_path):
     assert f["output"] == "multi-label" and f["predictions"] == 120
     got = _eval_agrees(url, "tags", tmp_path, cal, f, agree, 120)
     assert got["same_labels"] == pytest.approx(same / 30, abs=1 / 30)
+    # labels, a list of 0/1 per label (transformers' multi-label targets): accuracy per label and
+    # texts given every label right, of both models, counted one text at a time
+    rng = torch.Generator().manual_seed(4)
+    targets = torch.randint(0, 2, (30, 4), generator=rng)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"text": t, "label": y.tolist()}) + "\n" for t, y in zip(texts, targets)))
+    right = {"original": 0, "stored": 0}
+    whole = {"original": 0, "stored": 0}
+    with torch.no_grad():
+        for t, y in zip(texts, targets):
+            enc = tok(t, return_tensors="pt")
+            for name, m in (("original", ref), ("stored", stored)):
+                hit = (m(**enc).logits[0] > 0).long() == y
+                right[name], whole[name] = right[name] + int(hit.sum()), whole[name] + int(hit.all())
+    r = CliRunner().invoke(main, ["eval", url, "tags", "--original", str(tmp_path / "ft"), "--data", str(labelled),
+                                  "--json"])
+    got = json.loads(r.stdout)
+    for name in ("original", "stored"):
+        assert got[f"accuracy_{name}"] == pytest.approx(right[name] / 120, abs=1 / 120)
+        assert got[f"exact_match_{name}"] == pytest.approx(whole[name] / 30, abs=1 / 30)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": texts[0], "label": [1, 2, 0, 0]}) + "\n")
+    r = CliRunner().invoke(main, ["eval", url, "tags", "--original", str(tmp_path / "ft"), "--data", str(bad)])
+    assert r.exit_code == 1 and "a list of 4 values 0 or 1" in r.output and r.output.count("\n") == 1, r.output
 
 
 def test_a_regression_head_is_refused_by_calibration_and_measured_by_eval(tmp_path):
