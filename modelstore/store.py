@@ -963,7 +963,7 @@ STORAGE_MODES = ("positions",)
 
 
 def calibration_target(min_agreement: float | None, max_kl: float | None, given: Mapping[str, Any],
-            bound: bool = False) -> Target | None:
+                       bound: bool = False) -> Target | None:
     """The calibration target from add_task's keywords: None for DARE's rescale tuning (an
     explicit DARE setting and no target), else min_agreement 0.99 when neither is given; with
     `bound`, min_agreement is what the agreement's 95% lower bound must meet.

@@ -31,7 +31,8 @@ def _tokens(blob: bytes) -> Any:
     if not isinstance(data, dict):
         return blob
     added = data.get("added_tokens")
-    ids = sorted((t.get("id"), t.get("content")) for t in added if isinstance(t, dict)) \
+    # sorted by their text: a token without an id (None) must not be ordered against ids
+    ids = sorted(((t.get("id"), t.get("content")) for t in added if isinstance(t, dict)), key=repr) \
         if isinstance(added, list) else added
     return data.get("model"), ids
 
